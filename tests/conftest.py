@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models of each supported family and an offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from elastiq.paths import data_dir as find
+
+    return find()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir):
+    """A byte-level BPE tokenizer (512 tokens) trained offline on WikiText-2 lines, with a
+    ChatML template like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()[:2000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(lines, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A 2-layer random configuration of ``family`` with GQA (4 query heads, 2 KV heads)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
+
+
+def build_tiny(family: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Saved Hugging Face folders (safetensors + tokenizer) of each supported family."""
+    dirs = {}
+    for family in ("llama", "mistral", "qwen2"):
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        build_tiny(family, tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[family] = path
+    return dirs
