@@ -1,0 +1,32 @@
+"""Evaluation results as JSON and as a markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..atomic import write_text
+
+
+def to_markdown(results: dict) -> str:
+    """One row per measure: value ± standard error, items or windows, wall time."""
+    lines = [f"Model: `{results['model']}`", "",
+             "| measure | metric | value | ± stderr | n | seconds |", "|---|---|---|---|---|---|"]
+    if "wikitext2" in results:
+        p = results["wikitext2"]
+        lines.append(f"| WikiText-2 (seqlen {p['seqlen']}) | ppl | {p['ppl']:.3f} | nll ± {p['nll_stderr']:.4f} "
+                     f"| {p['windows']} windows | {p['seconds']:.0f} |")
+    for name, t in results["tasks"].items():
+        metric = t["metric"]
+        lines.append(f"| {name} | {metric} | {100 * t[metric]:.2f} | {100 * t[metric + '_stderr']:.2f} "
+                     f"| {t['n']} | {t['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, json_path: Path) -> tuple[Path, Path]:
+    """Write ``results`` to ``json_path`` and its table beside it (same name, ``.md``)."""
+    json_path = Path(json_path)
+    md_path = json_path.with_suffix(".md")
+    write_text(json_path, json.dumps(results, indent=2) + "\n")
+    write_text(md_path, to_markdown(results))
+    return json_path, md_path
