@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from .. import ElastiqError
+from .adapters import ADAPTERS
 from .wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
 
-# transformers model_type -> the GGUF general.architecture that stores it.
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-SUPPORTED_GGUF_ARCHITECTURES = frozenset(SUPPORTED_MODEL_TYPES.values())
+# GGUF general.architecture values that transformers loads as a model_type with an adapter
+# (llama.cpp's converters write Mistral as "llama").
+SUPPORTED_GGUF_ARCHITECTURES = frozenset({"llama", "qwen2"})
 
 
 class ModelLoadError(ElastiqError):
@@ -37,7 +38,7 @@ class LoadedModel:
 
 
 def _supported() -> str:
-    return (f"supported: model_type {', '.join(sorted(SUPPORTED_MODEL_TYPES))} (Llama, SmolLM, Mistral, "
+    return (f"supported: model_type {', '.join(sorted(ADAPTERS))} (Llama, SmolLM, Mistral, "
             f"Qwen2) from a Hugging Face folder with safetensors, a GGUF file of architecture "
             f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}, or a name: {', '.join(WHEEL_MODELS)}")
 
@@ -67,7 +68,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"cannot read {config_file}: {err}") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in ADAPTERS:
         raise ModelLoadError(f"{path} holds model_type {model_type!r}, which elastiq does not support; "
                              f"{_supported()}")
     if not any(path.glob("*.safetensors")):
