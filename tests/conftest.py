@@ -41,11 +41,12 @@ def tokenizer(data_dir):
 
 
 def tiny_config(family: str, vocab_size: int):
-    """A 2-layer random configuration of ``family`` with GQA (4 query heads, 2 KV heads)."""
+    """A 2-layer random configuration of ``family`` with GQA (4 query heads, 2 KV heads) and a
+    head size of 64, so that V/O ranks can be pruned in whole blocks of 32."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
 

@@ -1,0 +1,386 @@
+"""The nested checkpoint: its one writer and one reader (the contract of DESIGN.md).
+
+A checkpoint is a folder ``NAME.elastiq/`` with ``manifest.json``, ``weights.safetensors`` and
+the tokenizer files. Every tensor of a prunable group is stored with its pruned unit outermost
+(MLP channel, rotary pair per KV head, V/O rank per KV head), so the part a rate keeps is one
+contiguous byte prefix. Each tensor is hashed per *segment*, the units between two consecutive
+widths that some offered rate keeps, so that loading a rate reads and verifies exactly its bytes,
+and growing to a larger rate reads and verifies only the missing segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import ElastiqError
+
+FORMAT_VERSION = 1
+SUFFIX = ".elastiq"
+MLP, QK, VO = "mlp", "qk", "vo"  # group kinds
+QUANT_BLOCK = 32  # Q4_0 block along a matrix's input axis: a pruned input axis keeps whole blocks
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+           torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ElastiqError):
+    """A checkpoint is missing, corrupted, truncated, of an unknown version, or asked for the wrong rate."""
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Attention shape that fixes the Q/K/V/O layouts: H query heads, G KV heads, head size d."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+# --- layouts: a Hugging Face tensor <-> its storage form (pruned unit outermost) ---------------
+
+def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
+    """Reorder ``t`` so that the unit ``role`` prunes is axis 0 (contiguous copy)."""
+    G, d = heads.num_kv_heads, heads.head_dim
+    Q, P = heads.num_heads // G, d // 2
+    rest = tuple(t.shape[1:]) if role != "o" else ()
+    if role in ("rows", "whole"):
+        out = t
+    elif role == "cols":
+        out = t.T
+    elif role == "q":  # [H*d, ...] -> [P, G, Q, 2, ...]: pair p holds channels p and p + d/2
+        out = t.reshape(G, Q, 2, P, *rest).movedim(3, 0)
+    elif role == "k":  # [G*d, ...] -> [P, G, 2, ...]
+        out = t.reshape(G, 2, P, *rest).movedim(2, 0)
+    elif role == "v":  # [G*d, ...] -> [d, G, ...]
+        out = t.reshape(G, d, *rest).movedim(1, 0)
+    elif role == "o":  # [hidden, H*d] -> [d, G, Q, hidden]
+        out = t.reshape(t.shape[0], G, Q, d).permute(3, 1, 2, 0)
+    elif role == "pairs":  # [G, P] rotary pair indices -> [P, G]
+        out = t.T
+    else:
+        raise CheckpointError(f"unknown tensor role {role!r}")
+    return out.contiguous()
+
+
+def from_storage(s: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
+    """The Hugging Face form of a (possibly prefix-sliced) storage tensor ``s``."""
+    G = heads.num_kv_heads
+    Q = heads.num_heads // G
+    u = s.shape[0]
+    if role in ("rows", "whole"):
+        return s
+    if role == "cols":
+        return s.T.contiguous()
+    if role == "q":
+        return s.movedim(0, 3).reshape(G * Q * 2 * u, *s.shape[4:])
+    if role == "k":
+        return s.movedim(0, 2).reshape(G * 2 * u, *s.shape[3:])
+    if role == "v":
+        return s.movedim(0, 1).reshape(G * u, *s.shape[2:])
+    if role == "o":
+        return s.permute(3, 1, 2, 0).reshape(s.shape[3], G * Q * u)
+    if role == "pairs":
+        return s.T.contiguous()
+    raise CheckpointError(f"unknown tensor role {role!r}")
+
+
+# --- the manifest's parts ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Group:
+    """A prunable group of one block: the unit of sorting, one permutation and one kept width.
+
+    ``width`` counts the group's units: MLP channels, rotary pairs per KV head (``qk``), or V/O
+    rank per KV head (``vo``); a kept width is a multiple of ``granularity``. Each member is a
+    (tensor name, role) pair; the role fixes the tensor's storage layout (``to_storage``).
+    """
+
+    kind: str
+    layer: int
+    width: int
+    granularity: int
+    members: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "layer": self.layer, "width": self.width,
+                "granularity": self.granularity, "members": [list(m) for m in self.members]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Group":
+        return cls(d["kind"], d["layer"], d["width"], d["granularity"], tuple((m[0], m[1]) for m in d["members"]))
+
+
+@dataclass(frozen=True)
+class RateSpec:
+    """One offered rate: kept width per group, and quality measured at compression time, if any."""
+
+    rate: float
+    widths: Mapping[str, int]
+    quality: Mapping[str, float] | None = None
+
+
+def _unit_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of one unit (one index of the outermost axis) of a storage tensor."""
+    return int(np.prod(shape[1:], dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+
+
+def _kept_units(entry: Mapping, widths: Mapping[str, int]) -> int:
+    return widths[entry["group"]] if entry["group"] else entry["storage_shape"][0]
+
+
+def _kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
+    return _kept_units(entry, widths) * _unit_bytes(entry["storage_shape"], _TORCH_DTYPES[entry["dtype"]])
+
+
+def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads,
+                       itemsize: int) -> int:
+    """KV-cache bytes per token at ``widths``: per layer and KV head, 2 channels per kept rotary
+    pair in K plus the kept V rank."""
+    channels = 0
+    for g in groups:
+        if g.kind == QK:
+            channels += 2 * widths[g.name] * heads.num_kv_heads
+        elif g.kind == VO:
+            channels += widths[g.name] * heads.num_kv_heads
+    return channels * itemsize
+
+
+# --- the writer ----------------------------------------------------------------------------------
+
+def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], groups: Sequence[Group],
+                     rates: Sequence[RateSpec], heads: Heads, source: Mapping, tokenizer=None,
+                     kv_cache_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+    """Write a nested checkpoint of the sorted full-width model ``tensors`` (Hugging Face names).
+
+    The folder is assembled under a temporary name beside ``path`` and renamed into place, so an
+    interrupted write leaves no checkpoint behind.
+    """
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        raise CheckpointError(f"a checkpoint folder's name must end in {SUFFIX}, got {path.name}")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    roles = {name: (g, role) for g in groups for name, role in g.members}
+    tensors, aliases = _dedupe(tensors)
+    missing = sorted(set(roles) - set(tensors))
+    if missing:
+        raise CheckpointError(f"group tensors missing from the model: {', '.join(missing[:5])}")
+    _check_rates(groups, rates)
+
+    storage, entries = {}, {}
+    for name, t in tensors.items():
+        group, role = roles.get(name, (None, "whole"))
+        if t.dim() == 0 or t.dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {name} ({t.dtype}, {t.dim()}-d) cannot be stored; "
+                                  f"supported: tensors of 1 or more dimensions in {', '.join(_DTYPES.values())}")
+        s = to_storage(t.detach().cpu(), role, heads)
+        ends = sorted({r.widths[group.name] for r in rates} | {group.width}) if group else [s.shape[0]]
+        if group and s.shape[0] != group.width:
+            raise CheckpointError(f"tensor {name} has {s.shape[0]} units on its pruned axis, group "
+                                  f"{group.name} says {group.width}")
+        raw = s.reshape(-1).view(torch.uint8).numpy()
+        unit = _unit_bytes(s.shape, s.dtype)
+        segments, start = [], 0
+        for end in (e for e in ends if e > 0):
+            segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
+            start = end
+        storage[name] = s
+        entries[name] = {"role": role, "group": group.name if group else None, "dtype": _DTYPES[s.dtype],
+                         "shape": list(t.shape), "storage_shape": list(s.shape), "segments": segments}
+
+    kv_size = torch.empty((), dtype=kv_cache_dtype).element_size()
+    rate_table = []
+    for r in sorted(rates, key=lambda r: r.rate):
+        rate_table.append({"rate": r.rate, "widths": dict(r.widths),
+                           "weight_bytes": sum(_kept_bytes(e, r.widths) for e in entries.values()),
+                           "kv_bytes_per_token": kv_bytes_per_token(groups, r.widths, heads, kv_size),
+                           "quality": dict(r.quality) if r.quality else None})
+    manifest = {
+        "format": "elastiq-nested-checkpoint", "format_version": FORMAT_VERSION,
+        "source": dict(source),
+        "heads": {"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim},
+        "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
+        "quantization": None,
+        "groups": [g.to_dict() for g in groups],
+        "rates": rate_table,
+        "tensors": entries,
+        "aliases": aliases,
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        from safetensors.torch import save_file
+
+        save_file(storage, str(tmp / WEIGHTS), metadata={"format": "elastiq"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _dedupe(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors (the same memory under two names, as a tied lm_head) once:
+    returns the tensors to store and {alias: stored name}."""
+    stored, aliases, seen = {}, {}, {}
+    for name, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            stored[name] = t
+    return stored, aliases
+
+
+def _check_rates(groups: Sequence[Group], rates: Sequence[RateSpec]) -> None:
+    if not rates:
+        raise CheckpointError("a checkpoint offers at least one rate")
+    seen = set()
+    for r in rates:
+        if not 0 <= r.rate < 1:
+            raise CheckpointError(f"rate {r.rate} is outside [0, 1)")
+        if r.rate in seen:
+            raise CheckpointError(f"rate {r.rate} is offered twice")
+        seen.add(r.rate)
+        for g in groups:
+            w = r.widths.get(g.name)
+            if w != g.width and (w is None or not 0 < w < g.width or w % g.granularity):
+                raise CheckpointError(f"rate {r.rate}: group {g.name} needs a kept width of {g.width} or a "
+                                      f"multiple of {g.granularity} below it, got {w}")
+
+
+# --- the reader ----------------------------------------------------------------------------------
+
+class Checkpoint:
+    """An open nested checkpoint: its manifest, and reads of exactly one rate's bytes."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        manifest_file = self.path / MANIFEST
+        if not manifest_file.is_file():
+            raise CheckpointError(f"{self.path} is not a nested checkpoint (no {MANIFEST})")
+        try:
+            self.manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{manifest_file} is not valid JSON: {err}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{self.path} has format version {version!r}; this elastiq reads "
+                                  f"version {FORMAT_VERSION} only")
+        h = self.manifest["heads"]
+        self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
+        self.groups = [Group.from_dict(g) for g in self.manifest["groups"]]
+        self.tensors: dict[str, dict] = self.manifest["tensors"]
+        self.bytes_read = 0
+        self._weights = self.path / WEIGHTS
+        self._offsets = self._read_header()
+
+    @property
+    def rates(self) -> list[float]:
+        return [r["rate"] for r in self.manifest["rates"]]
+
+    def rate_entry(self, rate: float) -> dict:
+        """The rate table's row of an offered rate (an error lists the offered ones)."""
+        for r in self.manifest["rates"]:
+            if abs(r["rate"] - rate) < 1e-9:
+                return r
+        raise CheckpointError(f"rate {rate} is not offered by {self.path.name}; offered: "
+                              f"{', '.join(str(r) for r in self.rates)}")
+
+    def _read_header(self) -> dict[str, tuple[int, int]]:
+        if not self._weights.is_file():
+            raise CheckpointError(f"{self._weights} is missing")
+        size = self._weights.stat().st_size
+        with open(self._weights, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self._weights} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{self._weights} has a corrupted safetensors header") from None
+        base = 8 + n
+        offsets = {}
+        for name, entry in self.tensors.items():
+            if name not in header:
+                raise CheckpointError(f"tensor {name} is in the manifest but not in {WEIGHTS}")
+            start, end = header[name]["data_offsets"]
+            if base + end > size:
+                raise CheckpointError(f"{WEIGHTS} is truncated: tensor {name} ends at byte {base + end}, "
+                                      f"the file has {size}")
+            offsets[name] = (base + start, base + end)
+        return offsets
+
+    def read_units(self, name: str, start: int, end: int, verify: bool = True) -> torch.Tensor:
+        """Storage units [start, end) of tensor ``name``; ``start`` and ``end`` lie on segment ends."""
+        entry = self.tensors[name]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        shape = entry["storage_shape"]
+        unit = _unit_bytes(shape, dtype)
+        offset = self._offsets[name][0]
+        with open(self._weights, "rb") as f:
+            f.seek(offset + start * unit)
+            raw = f.read((end - start) * unit)
+        self.bytes_read += len(raw)
+        if verify:
+            self._verify(name, entry, raw, start, end, unit)
+        t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return t.reshape(end - start, *shape[1:])
+
+    def _verify(self, name: str, entry: dict, raw: bytes, start: int, end: int, unit: int) -> None:
+        seg_start = 0
+        for seg_end, digest in entry["segments"]:
+            if seg_start >= start and seg_end <= end:
+                chunk = raw[(seg_start - start) * unit:(seg_end - start) * unit]
+                if hashlib.sha256(chunk).hexdigest() != digest:
+                    raise CheckpointError(f"tensor {name}: units [{seg_start}, {seg_end}) fail their sha256 "
+                                          f"check; {self.path.name} is corrupted")
+            elif seg_start < end and seg_end > start:
+                raise CheckpointError(f"tensor {name}: units [{start}, {end}) do not lie on segment ends")
+            seg_start = seg_end
+
+    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The model at ``rate`` in Hugging Face form (pruned axes cut), reading only its bytes."""
+        widths = self.rate_entry(rate)["widths"]
+        out = {}
+        for name, entry in self.tensors.items():
+            s = self.read_units(name, 0, _kept_units(entry, widths), verify)
+            out[name] = from_storage(s, entry["role"], self.heads)
+        for alias, name in self.manifest["aliases"].items():
+            out[alias] = out[name]
+        return out
+
+    def tokenizer(self):
+        """The tokenizer saved with the checkpoint."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)

@@ -1,0 +1,170 @@
+"""The nested checkpoint: prefix layouts, reading exactly one rate's bytes, and every failure mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elastiq.checkpoint import (QK, VO, Checkpoint, CheckpointError, Heads, RateSpec, from_storage, to_storage,
+                                write_checkpoint)
+from elastiq.compressor.adapters import adapter_for
+
+HEADS = Heads(num_heads=4, num_kv_heads=2, head_dim=64)
+
+
+def hf_slice(t: torch.Tensor, role: str, u: int, heads: Heads = HEADS) -> torch.Tensor:
+    """Keep the first ``u`` units of ``t`` by direct indexing of the Hugging Face layout."""
+    H, G, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    rest = t.shape[1:]
+    if role == "rows":
+        return t[:u]
+    if role == "cols":
+        return t[:, :u]
+    if role == "q":  # channels [0, u) and [d/2, d/2 + u) of every query head
+        return t.reshape(H, 2, d // 2, *rest)[:, :, :u].reshape(H * 2 * u, *rest)
+    if role == "k":
+        return t.reshape(G, 2, d // 2, *rest)[:, :, :u].reshape(G * 2 * u, *rest)
+    if role == "v":
+        return t.reshape(G, d, *rest)[:, :u].reshape(G * u, *rest)
+    if role == "o":
+        return t.reshape(t.shape[0], H, d)[:, :, :u].reshape(t.shape[0], H * u)
+    raise AssertionError(role)
+
+
+@pytest.mark.parametrize("role,shape,units", [("rows", (96, 64), 32), ("cols", (64, 96), 64), ("q", (256, 64), 5),
+                                              ("q", (256,), 7), ("k", (128, 64), 3), ("k", (128,), 32),
+                                              ("v", (128, 64), 32), ("v", (128,), 32), ("o", (64, 256), 32)])
+def test_storage_prefix_is_the_hf_slice(role, shape, units):
+    t = torch.randn(shape)
+    s = to_storage(t, role, HEADS)
+    assert torch.equal(from_storage(s, role, HEADS), t)  # lossless round trip
+    assert torch.equal(from_storage(s[:units], role, HEADS), hf_slice(t, role, units))
+
+
+SMALL = {"mlp": (32, 64), QK: (20, 28), VO: (32, 64)}  # kept widths of layers 0 and 1 at rate 0.3
+
+
+def _rates(adapter) -> list[RateSpec]:
+    groups = [g for i in range(len(adapter.layers)) for g in adapter.groups(i)]
+    return [RateSpec(0.0, {g.name: g.width for g in groups}),
+            RateSpec(0.3, {g.name: SMALL[g.kind][g.layer] for g in groups}, {"ppl": 12.5})]
+
+
+def _write(tmp_path, model, tokenizer, **kwargs):
+    adapter = adapter_for(model)
+    groups = [g for i in range(len(adapter.layers)) for g in adapter.groups(i)]
+    path = write_checkpoint(tmp_path / "tiny.elastiq", model.state_dict(), groups, _rates(adapter), adapter.heads,
+                            {"model_type": model.config.model_type, "config": model.config.to_dict()},
+                            tokenizer, **kwargs)
+    return path, groups
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_read_rate_is_the_sliced_model_and_reads_only_its_bytes(family, tiny_dirs, tmp_path, tokenizer):
+    from elastiq.compressor.intake import load_model
+
+    model = load_model(tiny_dirs[family]).model
+    path, groups = _write(tmp_path, model, tokenizer)
+    ckpt = Checkpoint(path)
+    assert ckpt.rates == [0.0, 0.3]
+    state = model.state_dict()
+    for rate in ckpt.rates:
+        ckpt.bytes_read = 0
+        weights = ckpt.read_rate(rate)
+        entry = ckpt.rate_entry(rate)
+        assert ckpt.bytes_read == entry["weight_bytes"]
+        for g in groups:
+            for name, role in g.members:
+                assert torch.equal(weights[name], hf_slice(state[name], role, entry["widths"][g.name])), name
+        unpruned = set(state) - {n for g in groups for n, _ in g.members}
+        assert all(torch.equal(weights[n], state[n]) for n in unpruned)
+    assert ckpt.manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}  # tied: stored once
+    assert ckpt.rate_entry(0.3)["weight_bytes"] < ckpt.rate_entry(0.0)["weight_bytes"]
+    assert ckpt.rate_entry(0.3)["quality"] == {"ppl": 12.5}
+    assert ckpt.tokenizer().encode("Robert Boulter") == tokenizer.encode("Robert Boulter")
+
+
+def test_kv_bytes_per_token(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    ckpt = Checkpoint(path)
+    # full width: 2 layers x 2 KV heads x (64 K + 64 V channels) x 2 bytes (bf16)
+    assert ckpt.rate_entry(0.0)["kv_bytes_per_token"] == 2 * 2 * (64 + 64) * 2
+    w = ckpt.rate_entry(0.3)["widths"]
+    expected = sum(2 * (2 * w[f"layers.{i}.qk"] + w[f"layers.{i}.vo"]) for i in range(2)) * 2
+    assert ckpt.rate_entry(0.3)["kv_bytes_per_token"] == expected
+
+
+def _flip_byte(path, tensor: str, unit: int, ckpt: Checkpoint) -> None:
+    entry = ckpt.tensors[tensor]
+    unit_bytes = torch.tensor(entry["storage_shape"][1:]).prod().item() * 4
+    offset = ckpt._offsets[tensor][0] + unit * unit_bytes
+    data = bytearray((path / "weights.safetensors").read_bytes())
+    data[offset] ^= 0xFF
+    (path / "weights.safetensors").write_bytes(bytes(data))
+
+
+def test_corruption_in_a_pruned_tail_is_found_only_when_read(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    name = "model.layers.0.mlp.down_proj.weight"  # rate 0.3 keeps 32 of its 96 units
+    _flip_byte(path, name, 80, Checkpoint(path))
+    Checkpoint(path).read_rate(0.3)  # the damaged bytes are never read
+    with pytest.raises(CheckpointError, match=rf"tensor {name}: units \[32, 96\) fail their sha256 check"):
+        Checkpoint(path).read_rate(0.0)
+    assert Checkpoint(path).read_rate(0.0, verify=False)[name].shape == (64, 96)
+
+
+def test_truncated_weights(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"weights.safetensors is truncated: tensor .* ends at byte"):
+        Checkpoint(path)
+
+
+def test_unknown_format_version(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format version 99; this elastiq reads version 1 only"):
+        Checkpoint(path)
+
+
+def test_rate_not_offered(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    with pytest.raises(CheckpointError, match=r"rate 0.25 is not offered by tiny.elastiq; offered: 0.0, 0.3"):
+        Checkpoint(path).read_rate(0.25)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a nested checkpoint"):
+        Checkpoint(tmp_path)
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_llama, tmp_path, tokenizer):
+    path, _ = _write(tmp_path, tiny_llama, tokenizer)
+    with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
+        _write(tmp_path, tiny_llama, tokenizer)
+    _write(tmp_path, tiny_llama, tokenizer, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.elastiq"]
+
+
+def test_interrupted_write_leaves_nothing(tiny_llama, tmp_path, tokenizer, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path, tiny_llama, tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_widths_off_the_granularity_are_refused(tiny_llama, tmp_path, tokenizer):
+    adapter = adapter_for(tiny_llama)
+    groups = adapter.groups(0) + adapter.groups(1)
+    widths = {g.name: g.width for g in groups} | {"layers.1.mlp": 40}
+    with pytest.raises(CheckpointError, match=r"group layers.1.mlp needs a kept width of 96 or a multiple of 32"):
+        write_checkpoint(tmp_path / "x.elastiq", tiny_llama.state_dict(), groups, [RateSpec(0.1, widths)],
+                         adapter.heads, {}, tokenizer)
