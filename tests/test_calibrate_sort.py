@@ -1,0 +1,110 @@
+"""Calibration statistics against direct computation; sorting orders and keeps the function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastiq import ElastiqError
+from elastiq.checkpoint import MLP, QK, VO, Heads, to_storage
+from elastiq.compressor.adapters import adapter_for
+from elastiq.compressor.calibrate import calibrate, calibration_samples
+from elastiq.compressor.sort import pair_scores, ridge_leverage, sort_block
+from tests.conftest import build_tiny
+
+
+def test_samples_are_deterministic_windows_of_c4(tokenizer, data_dir):
+    a = calibration_samples(tokenizer, data_dir, 4, 32, seed=1)
+    assert a.shape == (4, 32) and torch.equal(a, calibration_samples(tokenizer, data_dir, 4, 32, seed=1))
+    assert not torch.equal(a, calibration_samples(tokenizer, data_dir, 4, 32, seed=2))
+    with pytest.raises(ElastiqError, match="C4 documents hold 1000000 tokens"):
+        calibration_samples(tokenizer, data_dir, 1, 1_000_000)
+
+
+def test_block_statistics_match_direct_computation(tokenizer, data_dir):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = build_tiny("llama", tokenizer)
+    adapter = adapter_for(model)
+    samples = calibration_samples(tokenizer, data_dir, 4, 32)
+    stats = dict(calibrate(adapter, samples, chunk=3, progress=False))  # chunks of 3 and 1
+    block, h = model.model.layers[0], adapter.heads
+    with torch.no_grad():
+        hidden = model(samples, output_hidden_states=True).hidden_states
+        x = block.input_layernorm(hidden[0])
+        q = block.self_attn.q_proj(x).unflatten(-1, (h.num_heads, h.head_dim)).transpose(1, 2)
+        k = block.self_attn.k_proj(x).unflatten(-1, (h.num_kv_heads, h.head_dim)).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(x, torch.arange(32)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        mid = hidden[0] + block.self_attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        m = block.post_attention_layernorm(mid)
+        act = torch.nn.functional.silu(block.mlp.gate_proj(m)) * block.mlp.up_proj(m)
+    s = stats[0]
+    assert s.tokens == 128
+    flat = x.reshape(-1, x.shape[-1]).double()
+    assert torch.allclose(s.attn, flat.T @ flat, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(s.q_sq, q.double().square().sum((0, 2)), rtol=1e-4)
+    assert torch.allclose(s.k_sq, k.double().square().sum((0, 2)), rtol=1e-4)
+    a = act.reshape(-1, act.shape[-1]).double()
+    assert torch.allclose(s.mlp, a.T @ a, rtol=1e-3, atol=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(hidden[0], hidden[1], dim=-1)
+    assert s.influence == pytest.approx((1 - cosine).mean().item(), rel=1e-4)
+
+
+def test_ridge_leverage_on_a_known_spectrum():
+    lam = 5 / 3  # ridge 1 x mean eigenvalue of diag(4, 1, 0)
+    got = ridge_leverage(torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64)))
+    assert got.tolist() == pytest.approx([4 / (4 + lam), 1 / (1 + lam), 0.0])
+
+
+def test_pair_scores_sum_both_channels_over_query_heads():
+    heads = Heads(num_heads=2, num_kv_heads=1, head_dim=4)
+    q_sq = torch.tensor([[1.0, 4.0, 9.0, 16.0], [1.0, 1.0, 1.0, 1.0]])
+    k_sq = torch.tensor([[4.0, 1.0, 1.0, 4.0]])
+    # channel scores sqrt(q)*sqrt(k): head 0 [2, 2, 3, 8], head 1 [2, 1, 1, 2]; pairs (0,2), (1,3)
+    assert pair_scores(q_sq, k_sq, heads).tolist() == [[2 + 3 + 2 + 1, 2 + 8 + 1 + 2]]
+
+
+@pytest.mark.parametrize("method", ["uniql", "magnitude"])
+def test_mlp_and_vo_sorting_keep_the_function(method, tokenizer, data_dir):
+    """Without Q/K (whose pair permutation needs the RoPE gather), transformers itself checks it."""
+    model = build_tiny("qwen2", tokenizer)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    adapter = adapter_for(model)
+    ids = torch.tensor([tokenizer.encode("Robert Boulter is an English film , television and theatre actor .")])
+    with torch.no_grad():
+        before = model(ids).logits
+    for i, stats in calibrate(adapter, calibration_samples(tokenizer, data_dir, 4, 32), progress=False):
+        sort_block(model, [g for g in adapter.groups(i) if g.kind in (MLP, VO)], adapter.heads, stats, method)
+    with torch.no_grad():
+        assert (model(ids).logits - before).abs().max() < 1e-4
+
+
+def test_magnitude_orders_units_by_norm(tokenizer, data_dir):
+    model = build_tiny("llama", tokenizer)
+    adapter = adapter_for(model)
+    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir, 2, 16), progress=False))[1]
+    pairs = sort_block(model, adapter.groups(0), adapter.heads, stats, "magnitude")
+    state = model.state_dict()
+    norms = sum(to_storage(state[f"model.layers.0.mlp.{n}"], r, adapter.heads).square().sum(1)
+                for n, r in (("gate_proj.weight", "rows"), ("up_proj.weight", "rows"), ("down_proj.weight", "cols")))
+    assert torch.all(norms[:-1] >= norms[1:])
+    assert pairs.dtype == torch.int32 and sorted(pairs[0].tolist()) == list(range(32))
+
+
+def test_uniql_orders_pairs_by_score(tokenizer, data_dir):
+    model = build_tiny("llama", tokenizer)
+    adapter = adapter_for(model)
+    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir, 2, 16), progress=False))[1]
+    pairs = sort_block(model, [g for g in adapter.groups(0) if g.kind == QK], adapter.heads, stats)
+    scores = pair_scores(stats.q_sq, stats.k_sq, adapter.heads)
+    kept = scores.gather(1, pairs.long())
+    assert torch.all(kept[:, :-1] >= kept[:, 1:])
+
+
+def test_unknown_method(tiny_llama):
+    adapter = adapter_for(tiny_llama)
+    with pytest.raises(ElastiqError, match="unknown sorting method 'random'; known: uniql, magnitude"):
+        sort_block(tiny_llama, adapter.groups(0), adapter.heads, None, "random")
