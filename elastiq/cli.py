@@ -25,6 +25,47 @@ def _cmd_run(args: argparse.Namespace) -> None:
     answer(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates are comma-separated fractions like 0.15,0.25, got {text!r}") from None
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from .compressor.compress import CompressOptions, compress
+
+    options = CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                              seed=args.seed, method=args.method, allocation=args.allocation)
+    path = compress(args.model, args.output, options, overwrite=args.overwrite)
+    print(f"elastiq: wrote {path} (calibrate + sort {options.timings['calibrate_and_sort']:.0f} s, "
+          f"of which sorting {options.timings['sort']:.1f} s)", file=sys.stderr)
+    _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint(args.checkpoint)
+    source = ckpt.manifest["source"]
+    print(f"{ckpt.path.name}: {source.get('name')} ({source.get('model_type')}), format v{ckpt.manifest['format_version']}")
+    full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
+    kinds = sorted({g.kind for g in ckpt.groups})
+    print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(f"{k} width (min-max)" for k in kinds) + " |")
+    print("|---" * (4 + len(kinds)) + "|")
+    for row in ckpt.manifest["rates"]:
+        spans = []
+        for kind in kinds:
+            ws = [row["widths"][g.name] for g in ckpt.groups if g.kind == kind]
+            spans.append(f"{min(ws)}-{max(ws)}")
+        share = f"{row['weight_bytes'] / full:.3f}" if full else "-"
+        print(f"| {row['rate']} | {row['weight_bytes'] / 1e6:.1f} | {share} | {row['kv_bytes_per_token']} | "
+              + " | ".join(spans) + " |")
+    if args.layers:
+        for row in ckpt.manifest["rates"]:
+            print(f"rate {row['rate']}: " + ", ".join(f"{n}={w}" for n, w in row["widths"].items()))
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from .compressor.intake import load_model
     from .evaluation.report import to_markdown, write_results
@@ -61,6 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     run.set_defaults(func=_cmd_run)
+
+    comp = sub.add_parser("compress", help="compress a model into a nested checkpoint", description=(
+        "Calibrate on the C4 sample, sort every prunable axis by importance (so each rate is a prefix), "
+        "allocate per-layer widths for each rate from block influence, and write one nested checkpoint "
+        "offering every rate. Rate 0 (the full sorted model) is always offered."))
+    comp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    comp.add_argument("--output", "-o", required=True, help="the checkpoint folder to write, NAME.elastiq")
+    comp.add_argument("--rates", type=_rates, default=[0.15, 0.25, 0.35],
+                      help="comma-separated fractions of prunable parameters removed, each in [0, 0.9) "
+                           "(default 0.15,0.25,0.35)")
+    comp.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
+    comp.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
+    comp.add_argument("--method", choices=["uniql", "magnitude"], default="uniql",
+                      help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; "
+                           "default) or magnitude (weight L2 norm, a baseline)")
+    comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
+                      help="per-layer widths from block influence (default) or the same ratio everywhere")
+    comp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    comp.set_defaults(func=_cmd_compress)
+
+    ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
+        "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths."))
+    ins.add_argument("checkpoint", help="a NAME.elastiq folder")
+    ins.add_argument("--layers", action="store_true", help="also list every group's kept width per rate")
+    ins.set_defaults(func=_cmd_inspect)
 
     ev = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy", description=(
         "Measure WikiText-2 perplexity (non-overlapping windows) and zero-shot accuracy on ARC-Easy, "

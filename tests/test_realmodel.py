@@ -14,3 +14,26 @@ def test_run_answers_a_prompt(capsys):
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert "smollm2-135m (llama, float32, dense)" in captured.err
+
+
+def test_sorted_smollm2_equals_the_original(tmp_path):
+    """Sorting the real model (Q/K pairs gathered for RoPE, V/O transformed) keeps its logits."""
+    import torch
+
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.compressor.compress import CompressOptions, compress
+    from elastiq.compressor.intake import load_model
+    from elastiq.runtime.model import Transformer
+
+    options = CompressOptions(rates=(0.25,), calib_samples=4, calib_seqlen=128)
+    ckpt = Checkpoint(compress("smollm2-135m", tmp_path / "smol.elastiq", options, progress=False))
+    loaded = load_model("smollm2-135m")
+    prompts = ["The capital of France is Paris, and the capital of Germany is",
+               "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+    config = ckpt.manifest["source"]["config"]
+    sorted_model = Transformer.from_weights(ckpt.read_rate(0.0), config)
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([loaded.tokenizer.encode(prompt)])
+            assert (sorted_model(ids) - loaded.model(ids).logits).abs().max() < 1e-3
+    assert ckpt.rate_entry(0.25)["weight_bytes"] < ckpt.rate_entry(0.0)["weight_bytes"]

@@ -1,0 +1,104 @@
+"""The compression pipeline: intake, calibrate, sort, allocate, write the nested checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import ElastiqError
+from ..checkpoint import QK, SUFFIX, Group, write_checkpoint
+from ..paths import data_dir
+from .adapters import adapter_for
+from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
+from .calibrate import calibrate, calibration_samples
+from .intake import load_model
+from .sort import METHODS, sort_block
+
+DEFAULT_RATES = (0.0, 0.15, 0.25, 0.35)
+
+
+@dataclass
+class CompressOptions:
+    """Everything that decides the checkpoint's contents (recorded in its manifest)."""
+
+    rates: Sequence[float] = DEFAULT_RATES
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    method: str = "uniql"
+    allocation: str = "influence"
+    ridge: float = 1.0
+    temperature: float = 2.0
+    timings: dict = field(default_factory=dict)
+
+
+def rope_pairs_name(layer: int) -> str:
+    """The checkpoint tensor holding block ``layer``'s rotary pairs' original indices [G, d/2]."""
+    return f"model.layers.{layer}.self_attn.rope_pairs"
+
+
+def compress(source: str | Path, output: str | Path, options: CompressOptions | None = None,
+             overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
+    """Compress ``source`` (a model path or name) into the nested checkpoint ``output``."""
+    options = options or CompressOptions()
+    output = Path(output)
+    if output.suffix != SUFFIX:
+        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
+    if output.exists() and not overwrite:
+        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+    if options.method not in METHODS:
+        raise ElastiqError(f"unknown sorting method {options.method!r}; known: {', '.join(METHODS)}")
+    if options.allocation not in ALLOCATIONS:
+        raise ElastiqError(f"unknown allocation {options.allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    rates = check_rates(options.rates)
+
+    loaded = load_model(source)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = adapter_for(model)
+    heads = adapter.heads
+    layer_groups = [adapter.groups(i) for i in range(len(adapter.layers))]
+    unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
+    samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
+                                  options.seed)
+
+    influence, pairs, sort_seconds = [], {}, 0.0
+    start = time.perf_counter()
+    for index, stats in calibrate(adapter, samples, progress=progress):
+        influence.append(stats.influence)
+        t = time.perf_counter()
+        pairs[rope_pairs_name(index)] = sort_block(model, layer_groups[index], heads, stats, options.method,
+                                                   options.ridge)
+        sort_seconds += time.perf_counter() - t
+    options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
+
+    t = time.perf_counter()
+    specs = allocate(layer_groups, unit, rates, influence if options.allocation == "influence" else None,
+                     options.temperature)
+    options.timings["allocate"] = time.perf_counter() - t
+    groups = [_with_pairs(g) for layer in layer_groups for g in layer]
+    source_info = {
+        "name": loaded.source, "model_type": loaded.model_type,
+        "architectures": model.config.architectures, "config": model.config.to_dict(),
+        "chat_template": tokenizer.chat_template,
+        "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
+                        "temperature": options.temperature, "calib_samples": options.calib_samples,
+                        "calib_seqlen": options.calib_seqlen, "seed": options.seed},
+        "block_influence": influence,
+    }
+    t = time.perf_counter()
+    tensors = {**model.state_dict(), **pairs}
+    path = write_checkpoint(output, tensors, groups, specs, heads, source_info, tokenizer, overwrite=overwrite)
+    options.timings["write"] = time.perf_counter() - t
+    return path
+
+
+def _with_pairs(group: Group) -> Group:
+    """A Q/K group carries its blocks' rotary pair indices, pruned with the pairs."""
+    if group.kind != QK:
+        return group
+    return Group(group.kind, group.layer, group.width, group.granularity,
+                 (*group.members, (rope_pairs_name(group.layer), "pairs")))
