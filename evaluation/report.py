@@ -9,8 +9,8 @@ from ..atomic import write_text
 
 
 def to_markdown(results: dict) -> str:
-    """One row per measure: value ± standard error, items or windows, wall time."""
-    lines = [f"Model: `{results['model']}`", "",
+    """One row per measure: value ± standard error, items or windows, wall time; then how it was made."""
+    lines = [f"Model: `{results['model']}`" + (f" ({results['model_file']})" if "model_file" in results else ""), "",
              "| measure | metric | value | ± stderr | n | seconds |", "|---|---|---|---|---|---|"]
     if "wikitext2" in results:
         p = results["wikitext2"]
@@ -20,6 +20,13 @@ def to_markdown(results: dict) -> str:
         metric = t["metric"]
         lines.append(f"| {name} | {metric} | {100 * t[metric]:.2f} | {100 * t[metric + '_stderr']:.2f} "
                      f"| {t['n']} | {t['seconds']:.0f} |")
+    lines.append("")
+    if "command" in results:
+        lines.append(f"Command: `{results['command']}`")
+    timing = f"Total wall time {results['seconds']:.0f} s"
+    if "load_seconds" in results:
+        timing += f" (model load {results['load_seconds']:.0f} s)"
+    lines.append(f"{timing}; torch {results['torch']}, {results['threads']} threads, {results['date']}.")
     return "\n".join(lines) + "\n"
 
 
