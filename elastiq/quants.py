@@ -1,0 +1,86 @@
+"""The 4-bit code format of the nested checkpoint: GGUF ``Q4_0``, and its views for each backend.
+
+One block holds 32 consecutive weights along a matrix's input axis, one fp16 scale ``d`` and
+codes ``q`` in 0..15 with w = d * (q - 8). The checkpoint stores the codes packed as GGUF packs
+them (byte j of a block: code j in the low nibble, code j + 16 in the high nibble), so a GGUF
+export copies bytes. onnxruntime's ``MatMulNBits`` packs codes 2i and 2i + 1 in one byte and torch's
+int4 CPU matmul wants its own tile layout with bf16 scales: both are repacks of the same codes,
+never a re-quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ElastiqError
+
+BLOCK = 32
+PACKED = BLOCK // 2  # bytes of codes per block
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    if w.shape[-1] % BLOCK:
+        raise ElastiqError(f"an input axis of {w.shape[-1]} is not a multiple of the Q4_0 block of {BLOCK}")
+    return w.unflatten(-1, (w.shape[-1] // BLOCK, BLOCK))
+
+
+def q4_0_scales(w: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest scales [..., K/32] (fp16) of ``w`` [..., K]: the block's largest-magnitude
+    weight maps to code 0 (d = that weight / -8), as ggml chooses them."""
+    blocks = _blocks(w.float())
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return (extreme / -8).to(torch.float16)
+
+
+def q4_0_codes(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes [..., K] (uint8, 0..15) of ``w`` [..., K] on the grid of fp16 ``scales`` [..., K/32]:
+    the scale is already fp16, so the codes fit the scale that is stored (ggml rounds after)."""
+    d = scales.float()[..., None]
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.trunc(_blocks(w.float()) * inv + 8.5).clamp(0, 15)
+    return codes.to(torch.uint8).flatten(-2)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """GGUF packing: codes [..., K] -> bytes [..., K/32, 16]."""
+    blocks = _blocks(codes)
+    return blocks[..., :PACKED] | (blocks[..., PACKED:] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Codes [..., K] from GGUF-packed bytes [..., K/32, 16]."""
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 weights [..., K] of GGUF-packed codes [..., K/32, 16] and fp16 scales [..., K/32]."""
+    codes = torch.cat((packed & 0x0F, packed >> 4), dim=-1).float() - 8
+    return (codes * scales.float()[..., None]).flatten(-2)
+
+
+def quantize_rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest Q4_0 of ``w`` [..., K]: (GGUF-packed codes, fp16 scales)."""
+    scales = q4_0_scales(w)
+    return pack(q4_0_codes(w, scales)), scales
+
+
+def gguf_blocks(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The raw GGUF ``Q4_0`` tensor data [..., K/32, 18]: each block's fp16 scale, then its codes."""
+    return torch.cat((scales[..., None].view(torch.uint8), packed), dim=-1)
+
+
+def matmulnbits(packed: torch.Tensor) -> torch.Tensor:
+    """onnxruntime ``MatMulNBits`` (bits 4, block 32) weight bytes [N, K/32, 16] of the same codes:
+    byte i of a block holds codes 2i (low nibble) and 2i + 1 (high nibble); zero point 8."""
+    codes = torch.cat((packed & 0x0F, packed >> 4), dim=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def torch_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and scales for ``torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, w, 32, s)``
+    from GGUF-packed codes [N, K/32, 16] and scales [N, K/32]: (w, bf16 scales-and-zeros
+    [K/32, N, 2] with zeros 0, so that w = (q - 8) * d exactly as Q4_0)."""
+    codes = unpack(packed).to(torch.int32)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s = scales.float().T
+    return weight, torch.stack((s, torch.zeros_like(s)), dim=-1).to(torch.bfloat16)
