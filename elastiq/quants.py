@@ -32,13 +32,18 @@ def q4_0_scales(w: torch.Tensor) -> torch.Tensor:
     return (extreme / -8).to(torch.float16)
 
 
+def round_to_grid(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Codes (float, 0..15) of ``w`` on the grid d * (q - 8), ``d`` broadcast against ``w``
+    (ggml's rule: truncate w / d + 8.5; a zero scale gives code 8)."""
+    d = d.float()
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return torch.trunc(w.float() * inv + 8.5).clamp(0, 15)
+
+
 def q4_0_codes(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Codes [..., K] (uint8, 0..15) of ``w`` [..., K] on the grid of fp16 ``scales`` [..., K/32]:
     the scale is already fp16, so the codes fit the scale that is stored (ggml rounds after)."""
-    d = scales.float()[..., None]
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    codes = torch.trunc(_blocks(w.float()) * inv + 8.5).clamp(0, 15)
-    return codes.to(torch.uint8).flatten(-2)
+    return round_to_grid(_blocks(w), scales[..., None]).to(torch.uint8).flatten(-2)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

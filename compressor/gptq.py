@@ -1,0 +1,81 @@
+"""GPTQ on the GGUF Q4_0 grid, visiting a matrix's input columns in a chosen order of whole blocks.
+
+GPTQ quantizes one input column at a time and spreads its error, weighted by the inverse
+Hessian H = X^T X of the layer's inputs, over the columns not yet quantized. The order decides
+where that compensation lands. The sorted model keeps a prefix of every pruned input axis at
+every rate, so visiting the least important columns first lets their errors flow into the
+columns every rate keeps; the forward order is the comparison. Each block of 32 columns gets its
+fp16 scale when its first column is reached, from the weights as updated so far, so orders are
+made of whole blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ElastiqError
+from ..quants import BLOCK, pack, q4_0_codes, q4_0_scales, round_to_grid
+
+ORDERS = ("least-important-first", "forward")  # for input axes that pruning cuts
+
+
+def sorted_axis_order(in_features: int, heads: int = 1, least_important_first: bool = True) -> torch.Tensor:
+    """Column order of whole 32-blocks for an input axis that pruning cuts: ``heads`` runs of a
+    sorted axis (index 0 most important), as down_proj (one run) or o_proj (one per query head).
+    Least important first: rank blocks from last to first, every head's block of a rank before
+    the next rank; otherwise the forward order."""
+    if in_features % (heads * BLOCK):
+        raise ElastiqError(f"an input axis of {in_features} is not {heads} head(s) of whole {BLOCK}-blocks")
+    columns = torch.arange(in_features)
+    if not least_important_first:
+        return columns
+    return columns.view(heads, -1, BLOCK).flip(1).flip(-1).transpose(0, 1).flatten()
+
+
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Column order of whole 32-blocks for an input axis every rate keeps (the hidden axis): the
+    blocks with the most input energy (diag H) first, so others can absorb their error (GPTQ's
+    act-order, at block granularity)."""
+    blocks = torch.arange(hessian.shape[0]).view(-1, BLOCK)
+    energy = hessian.diagonal().view(-1, BLOCK).sum(-1)
+    return blocks[energy.argsort(descending=True, stable=True)].flatten()
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp: float = 0.01,
+         batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``weight`` [out, in] given ``hessian`` [in, in] (sum of x x^T over calibration inputs)
+    visiting columns in ``order``; returns (GGUF-packed codes [out, in/32, 16], fp16 scales [out, in/32])."""
+    n = weight.shape[1]
+    if hessian.shape != (n, n) or sorted(order.tolist()) != list(range(n)):
+        raise ElastiqError(f"GPTQ needs a [{n}, {n}] Hessian and a permutation of the {n} input columns")
+    if n % BLOCK or batch % BLOCK or not torch.equal(order.view(-1, BLOCK) // BLOCK,
+                                                      (order.view(-1, BLOCK)[:, :1] // BLOCK).expand(-1, BLOCK)):
+        raise ElastiqError(f"GPTQ's column order must visit whole {BLOCK}-column blocks one after another")
+    w = weight.float()[:, order].clone()
+    h = hessian.double()[order][:, order].clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+    quantized = torch.zeros_like(w)
+    scales = torch.zeros(w.shape[0], n // BLOCK, dtype=torch.float16)
+    for i1 in range(0, n, batch):
+        i2 = min(i1 + batch, n)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % BLOCK == 0:
+                d = q4_0_scales(w1[:, i:i + BLOCK])[:, 0]
+                scales[:, (i1 + i) // BLOCK] = d
+            q = d.float() * (round_to_grid(w1[:, i], d) - 8)
+            quantized[:, i1 + i] = q
+            err = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    natural = quantized[:, order.argsort()]
+    block_scales = torch.empty_like(scales)
+    block_scales[:, order.view(-1, BLOCK)[:, 0] // BLOCK] = scales
+    return pack(q4_0_codes(natural, block_scales)), block_scales
