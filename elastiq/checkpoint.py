@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import ElastiqError
+from .quants import BLOCK, QuantizedTensor
 
 FORMAT_VERSION = 1
 SUFFIX = ".elastiq"
@@ -51,6 +52,12 @@ class Heads:
 
 # --- layouts: a Hugging Face tensor <-> its storage form (pruned unit outermost) ---------------
 
+# A quantized matrix's codes [out, in/32, 16] and scales [out, in/32] keep the output axis first,
+# so roles that prune outputs lay them out as they lay out floats; roles that prune the input
+# axis prune whole blocks and put the block axis outermost.
+BLOCK_ROLES = {"cols": "cols_blocks", "o": "o_blocks"}
+
+
 def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
     """Reorder ``t`` so that the unit ``role`` prunes is axis 0 (contiguous copy)."""
     G, d = heads.num_kv_heads, heads.head_dim
@@ -60,6 +67,10 @@ def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
         out = t
     elif role == "cols":
         out = t.T
+    elif role == "cols_blocks":  # [out, in/32, ...] -> [in/32, out, ...]
+        out = t.movedim(1, 0)
+    elif role == "o_blocks":  # [hidden, H*d/32, ...] -> [d/32, G, Q, hidden, ...]
+        out = t.reshape(t.shape[0], G, Q, -1, *t.shape[2:]).movedim(3, 0).movedim(1, 3)
     elif role == "q":  # [H*d, ...] -> [P, G, Q, 2, ...]: pair p holds channels p and p + d/2
         out = t.reshape(G, Q, 2, P, *rest).movedim(3, 0)
     elif role == "k":  # [G*d, ...] -> [P, G, 2, ...]
@@ -84,6 +95,10 @@ def from_storage(s: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
         return s
     if role == "cols":
         return s.T.contiguous()
+    if role == "cols_blocks":
+        return s.movedim(0, 1).contiguous()
+    if role == "o_blocks":
+        return s.movedim(3, 0).movedim(1, 3).reshape(s.shape[3], G * Q * u, *s.shape[4:])
     if role == "q":
         return s.movedim(0, 3).reshape(G * Q * 2 * u, *s.shape[4:])
     if role == "k":
@@ -142,7 +157,9 @@ def _unit_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 def _kept_units(entry: Mapping, widths: Mapping[str, int]) -> int:
-    return widths[entry["group"]] if entry["group"] else entry["storage_shape"][0]
+    if not entry["group"]:
+        return entry["storage_shape"][0]
+    return widths[entry["group"]] // entry.get("unit_channels", 1)
 
 
 def _kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
@@ -164,10 +181,24 @@ def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads
 
 # --- the writer ----------------------------------------------------------------------------------
 
-def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], groups: Sequence[Group],
+def _parts(name: str, t: torch.Tensor | QuantizedTensor, role: str) -> list[tuple[str, torch.Tensor, str, int, dict]]:
+    """What is stored for one model tensor: (stored name, tensor, storage role, channels per
+    unit, manifest fields). A float tensor is one part; a quantized matrix is its codes and its
+    scales, pruned in whole blocks where the role prunes its input axis."""
+    if not isinstance(t, QuantizedTensor):
+        return [(name, t, role, 1, {})]
+    block_role = BLOCK_ROLES.get(role, role)
+    unit = BLOCK if role in BLOCK_ROLES else 1
+    return [(f"{name}.q4_codes", t.codes, block_role, unit, {"part_of": name, "part": "codes"}),
+            (f"{name}.q4_scales", t.scales, block_role, unit, {"part_of": name, "part": "scales"})]
+
+
+def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | QuantizedTensor], groups: Sequence[Group],
                      rates: Sequence[RateSpec], heads: Heads, source: Mapping, tokenizer=None,
-                     kv_cache_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
-    """Write a nested checkpoint of the sorted full-width model ``tensors`` (Hugging Face names).
+                     kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a nested checkpoint of the sorted full-width model ``tensors`` (Hugging Face names;
+    a matrix may be a ``QuantizedTensor``, described by ``quantization`` in the manifest).
 
     The folder is assembled under a temporary name beside ``path`` and renamed into place, so an
     interrupted write leaves no checkpoint behind.
@@ -185,25 +216,27 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], groups: Se
     _check_rates(groups, rates)
 
     storage, entries = {}, {}
-    for name, t in tensors.items():
+    for name, tensor in tensors.items():
         group, role = roles.get(name, (None, "whole"))
-        if t.dim() == 0 or t.dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {name} ({t.dtype}, {t.dim()}-d) cannot be stored; "
-                                  f"supported: tensors of 1 or more dimensions in {', '.join(_DTYPES.values())}")
-        s = to_storage(t.detach().cpu(), role, heads)
-        ends = sorted({r.widths[group.name] for r in rates} | {group.width}) if group else [s.shape[0]]
-        if group and s.shape[0] != group.width:
-            raise CheckpointError(f"tensor {name} has {s.shape[0]} units on its pruned axis, group "
-                                  f"{group.name} says {group.width}")
-        raw = s.reshape(-1).view(torch.uint8).numpy()
-        unit = _unit_bytes(s.shape, s.dtype)
-        segments, start = [], 0
-        for end in (e for e in ends if e > 0):
-            segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
-            start = end
-        storage[name] = s
-        entries[name] = {"role": role, "group": group.name if group else None, "dtype": _DTYPES[s.dtype],
-                         "shape": list(t.shape), "storage_shape": list(s.shape), "segments": segments}
+        for stored, t, part_role, channels, fields in _parts(name, tensor, role):
+            if t.dim() == 0 or t.dtype not in _DTYPES:
+                raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
+                                      f"tensors of 1 or more dimensions in {', '.join(_DTYPES.values())}")
+            s = to_storage(t.detach().cpu(), part_role, heads)
+            if group and s.shape[0] * channels != group.width:
+                raise CheckpointError(f"tensor {stored} has {s.shape[0] * channels} channels on its pruned axis, "
+                                      f"group {group.name} says {group.width}")
+            ends = sorted({r.widths[group.name] // channels for r in rates} | {s.shape[0]}) if group else [s.shape[0]]
+            raw = s.reshape(-1).view(torch.uint8).numpy()
+            unit = _unit_bytes(s.shape, s.dtype)
+            segments, start = [], 0
+            for end in (e for e in ends if e > 0):
+                segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
+                start = end
+            storage[stored] = s
+            entries[stored] = {"role": part_role, "group": group.name if group else None, "dtype": _DTYPES[s.dtype],
+                               "shape": list(t.shape), "storage_shape": list(s.shape), "unit_channels": channels,
+                               "segments": segments, **fields}
 
     kv_size = torch.empty((), dtype=kv_cache_dtype).element_size()
     rate_table = []
@@ -217,7 +250,7 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], groups: Se
         "source": dict(source),
         "heads": {"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim},
         "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
-        "quantization": None,
+        "quantization": dict(quantization) if quantization else None,
         "groups": [g.to_dict() for g in groups],
         "rates": rate_table,
         "tensors": entries,
@@ -246,12 +279,13 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], groups: Se
     return path
 
 
-def _dedupe(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe(tensors: Mapping[str, torch.Tensor | QuantizedTensor]) -> tuple[dict, dict[str, str]]:
     """Store tied tensors (the same memory under two names, as a tied lm_head) once:
     returns the tensors to store and {alias: stored name}."""
     stored, aliases, seen = {}, {}, {}
     for name, t in tensors.items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        first = t.codes if isinstance(t, QuantizedTensor) else t
+        key = (first.data_ptr(), tuple(first.shape), tuple(first.stride()), first.dtype)
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -368,13 +402,19 @@ class Checkpoint:
                 raise CheckpointError(f"tensor {name}: units [{start}, {end}) do not lie on segment ends")
             seg_start = seg_end
 
-    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The model at ``rate`` in Hugging Face form (pruned axes cut), reading only its bytes."""
+    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | QuantizedTensor]:
+        """The model at ``rate`` in Hugging Face form (pruned axes cut; quantized matrices as
+        ``QuantizedTensor``), reading only its bytes."""
         widths = self.rate_entry(rate)["widths"]
-        out = {}
+        out, parts = {}, {}
         for name, entry in self.tensors.items():
-            s = self.read_units(name, 0, _kept_units(entry, widths), verify)
-            out[name] = from_storage(s, entry["role"], self.heads)
+            s = from_storage(self.read_units(name, 0, _kept_units(entry, widths), verify), entry["role"], self.heads)
+            if "part_of" in entry:
+                parts.setdefault(entry["part_of"], {})[entry["part"]] = s
+            else:
+                out[name] = s
+        for name, p in parts.items():
+            out[name] = QuantizedTensor(p["codes"], p["scales"])
         for alias, name in self.manifest["aliases"].items():
             out[alias] = out[name]
         return out

@@ -10,12 +10,29 @@ never a re-quantization.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import ElastiqError
 
 BLOCK = 32
 PACKED = BLOCK // 2  # bytes of codes per block
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A Q4_0 matrix [out, in]: GGUF-packed codes [out, in/32, 16] (uint8), fp16 scales [out, in/32]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * BLOCK
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales)
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:

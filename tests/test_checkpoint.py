@@ -168,3 +168,60 @@ def test_widths_off_the_granularity_are_refused(tiny_llama, tmp_path, tokenizer)
     with pytest.raises(CheckpointError, match=r"group layers.1.mlp needs a kept width of 96 or a multiple of 32"):
         write_checkpoint(tmp_path / "x.elastiq", tiny_llama.state_dict(), groups, [RateSpec(0.1, widths)],
                          adapter.heads, {}, tokenizer)
+
+
+# --- quantized checkpoints ------------------------------------------------------------------------
+
+def _quantized(model) -> dict:
+    from elastiq.quants import QuantizedTensor, quantize_rtn
+
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name] = QuantizedTensor(*quantize_rtn(t)) if t.dim() == 2 else t
+    out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied: the same object
+    return out
+
+
+@pytest.mark.parametrize("role,shape,blocks", [("cols_blocks", (64, 3, 16), 2), ("o_blocks", (64, 8, 16), 1),
+                                               ("o_blocks", (64, 8), 1)])
+def test_block_storage_prefix_is_whole_input_blocks(role, shape, blocks):
+    t = torch.randint(0, 255, shape, dtype=torch.uint8)
+    s = to_storage(t, role, HEADS)
+    assert torch.equal(from_storage(s, role, HEADS), t)
+    if role == "cols_blocks":
+        expected = t[:, :blocks]
+    else:  # o_proj's input is 4 query heads x 2 rank blocks: keep each head's first rank blocks
+        expected = t.reshape(64, 4, 2, *shape[2:])[:, :, :blocks].reshape(64, 4 * blocks, *shape[2:])
+    assert torch.equal(from_storage(s[:blocks], role, HEADS), expected)
+
+
+def test_quantized_rates_slice_whole_blocks_and_read_only_their_bytes(tiny_llama, tmp_path, tokenizer):
+    from elastiq.quants import QuantizedTensor
+
+    adapter = adapter_for(tiny_llama)
+    groups = [g for i in range(2) for g in adapter.groups(i)]
+    tensors = _quantized(tiny_llama)
+    path = write_checkpoint(tmp_path / "q.elastiq", tensors, groups, _rates(adapter), adapter.heads, {}, tokenizer,
+                            quantization={"format": "q4_0", "block": 32})
+    ckpt = Checkpoint(path)
+    assert ckpt.manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    full = ckpt.read_rate(0.0)
+    for rate in ckpt.rates:
+        ckpt.bytes_read = 0
+        weights = ckpt.read_rate(rate)
+        assert ckpt.bytes_read == ckpt.rate_entry(rate)["weight_bytes"]
+        widths = ckpt.rate_entry(rate)["widths"]
+        for g in groups:
+            for name, role in g.members:
+                q = weights[name]
+                if not isinstance(q, QuantizedTensor):
+                    continue
+                # in channels, the sliced matrix is the full one cut like a float one
+                assert torch.equal(q.dequantize(), hf_slice(tensors[name].dequantize(), role, widths[g.name])), name
+        name = "model.layers.0.mlp.down_proj.weight.q4_codes"  # the bytes of a sliced tensor are a prefix
+        kept = ckpt.read_units(name, 0, widths["layers.0.mlp"] // 32)
+        assert torch.equal(kept, ckpt.read_units(name, 0, 3)[:widths["layers.0.mlp"] // 32])
+    assert torch.equal(full["lm_head.weight"].codes, tensors["model.embed_tokens.weight"].codes)
+    state = {n: t for n, t in tiny_llama.state_dict().items() if n != "lm_head.weight"}  # tied: stored once
+    exact = sum(t.numel() // 32 * 18 if t.dim() == 2 else t.numel() * 4 for t in state.values())
+    assert ckpt.rate_entry(0.0)["weight_bytes"] == exact  # Q4_0: 18 bytes per 32 weights; norms in float32
