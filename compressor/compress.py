@@ -16,6 +16,7 @@ from .adapters import adapter_for
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_samples
 from .intake import load_model
+from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
 
 DEFAULT_RATES = (0.0, 0.15, 0.25, 0.35)
@@ -33,6 +34,7 @@ class CompressOptions:
     allocation: str = "influence"
     ridge: float = 1.0
     temperature: float = 2.0
+    rotate: bool = False
     timings: dict = field(default_factory=dict)
 
 
@@ -59,6 +61,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     loaded = load_model(source)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter_for(model)
+    if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
+        rotate_residual(model, adapter, random_orthogonal(model.config.hidden_size, options.seed))
     heads = adapter.heads
     layer_groups = [adapter.groups(i) for i in range(len(adapter.layers))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
@@ -85,7 +89,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         "architectures": model.config.architectures, "config": model.config.to_dict(),
         "chat_template": tokenizer.chat_template,
         "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
-                        "temperature": options.temperature, "calib_samples": options.calib_samples,
+                        "temperature": options.temperature, "rotation": options.rotate,
+                        "calib_samples": options.calib_samples,
                         "calib_seqlen": options.calib_seqlen, "seed": options.seed},
         "block_influence": influence,
     }

@@ -36,10 +36,20 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions, compress
 
     options = CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                              seed=args.seed, method=args.method, allocation=args.allocation)
+                              seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
     path = compress(args.model, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (calibrate + sort {options.timings['calibrate_and_sort']:.0f} s, "
           f"of which sorting {options.timings['sort']:.1f} s)", file=sys.stderr)
+    _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from .compressor.quantize import QuantizeOptions, quantize_checkpoint
+
+    options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
+                              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
+    path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+    print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
 
 
@@ -119,9 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
                            "default) or magnitude (weight L2 norm, a baseline)")
     comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
                       help="per-layer widths from block influence (default) or the same ratio everywhere")
-    comp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    comp.add_argument("--rotate", action="store_true",
+                      help="rotate the residual stream (orthogonal, fused into the weights; exact in float) "
+                           "so that 4-bit quantization meets fewer outliers; unties a tied LM head")
+    comp.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed (default 0)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=_cmd_compress)
+
+    qua = sub.add_parser("quantize", help="quantize a nested checkpoint to 4 bits", description=(
+        "Quantize every matrix of a float nested checkpoint to GGUF Q4_0 (blocks of 32 along the input axis, "
+        "one fp16 scale each) with GPTQ through the already-quantized earlier blocks, or round-to-nearest. "
+        "Every rate stays a prefix of whole blocks of the same codes."))
+    qua.add_argument("checkpoint", help="a float NAME.elastiq folder (from elastiq compress)")
+    qua.add_argument("--output", "-o", required=True, help="the quantized checkpoint folder to write, NAME.elastiq")
+    qua.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ (default) or round-to-nearest")
+    qua.add_argument("--order", choices=["least-important-first", "forward"], default="least-important-first",
+                     help="GPTQ's column order on pruned input axes (down_proj, o_proj): least important first, so "
+                          "error compensation flows into the columns every rate keeps (default), or forward")
+    qua.add_argument("--bits", type=int, default=4, help="bits per weight: 4 (the only supported width)")
+    qua.add_argument("--block-size", type=int, default=32, help="weights per scale: 32 (the only supported size)")
+    qua.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
+    qua.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
+    qua.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    qua.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    qua.set_defaults(func=_cmd_quantize)
 
     ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
         "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths."))

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import ElastiqError
 from ..kernels.rope import apply_rope, rope_tables
+from ..quants import QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, torch.Tensor], config: Mapping) -> "Transformer":
+    def from_weights(cls, weights: Mapping[str, torch.Tensor | QuantizedTensor], config: Mapping) -> "Transformer":
         """The model of ``weights`` (Hugging Face names, any rate's widths, optional
         ``model.layers.{i}.self_attn.rope_pairs`` [G, u]; pairs 0..u-1 when absent) and the
-        Hugging Face config dict ``config``. The tensors become the parameters (no copy)."""
+        Hugging Face config dict ``config``. The tensors become the parameters (no copy);
+        quantized matrices are dequantized to float32 (the int4 matmul path is not built yet)."""
+        weights = {k: v.dequantize() if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
         inv_freq, attention_scaling = _rotary_frequencies(config)
         args = ModelArgs.from_weights(weights, config, attention_scaling)
         with torch.device("meta"):

@@ -11,6 +11,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
@@ -73,3 +75,37 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(path)
         dirs[family] = path
     return dirs
+
+
+@pytest.fixture(scope="session")
+def models(tokenizer, tmp_path_factory):
+    """Tiny Llama and Qwen2 folders (Qwen2 with non-zero biases) and their logits on TEXT."""
+    out = {}
+    for family in ("llama", "qwen2"):
+        model = build_tiny(family, tokenizer, seed=3)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.data.normal_(0, 0.5)
+        path = tmp_path_factory.mktemp(f"src-{family}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        with torch.no_grad():
+            out[family] = (path, model(torch.tensor([tokenizer.encode(TEXT)])).logits)
+    return out
+
+
+def masked_weights(weights: dict, ckpt, rate: float) -> dict:
+    """``weights`` (the full model of checkpoint ``ckpt``; quantized matrices are dequantized)
+    with every unit that ``rate`` prunes set to zero."""
+    from elastiq.checkpoint import from_storage, to_storage
+    from elastiq.quants import QuantizedTensor
+
+    out = {k: (v.dequantize() if isinstance(v, QuantizedTensor) else v.clone()) for k, v in weights.items()}
+    widths = ckpt.rate_entry(rate)["widths"]
+    for g in ckpt.groups:
+        for name, role in g.members:
+            if role != "pairs":
+                s = to_storage(out[name], role, ckpt.heads)
+                s[widths[g.name]:] = 0
+                out[name] = from_storage(s, role, ckpt.heads)
+    return out

@@ -5,49 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastiq.checkpoint import Checkpoint, from_storage, to_storage
+from elastiq.checkpoint import Checkpoint
 from elastiq.cli import main
 from elastiq.compressor import compress as compress_module
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.runtime.model import Transformer
-from tests.conftest import build_tiny
-
-TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
-
-
-@pytest.fixture(scope="module")
-def models(tokenizer, tmp_path_factory):
-    """Tiny Llama and Qwen2 folders (Qwen2 with non-zero biases) and their logits on TEXT."""
-    out = {}
-    for family in ("llama", "qwen2"):
-        model = build_tiny(family, tokenizer, seed=3)
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.data.normal_(0, 0.5)
-        path = tmp_path_factory.mktemp(f"src-{family}")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        with torch.no_grad():
-            out[family] = (path, model(torch.tensor([tokenizer.encode(TEXT)])).logits)
-    return out
+from tests.conftest import TEXT, masked_weights
 
 
 def _compress(src, dest, data_dir, **kwargs):
     options = CompressOptions(rates=(0.15, 0.25, 0.35), calib_samples=4, calib_seqlen=32, **kwargs)
     return compress(src, dest, options, data=data_dir, progress=False)
-
-
-def _masked_full(ckpt: Checkpoint, rate: float) -> dict[str, torch.Tensor]:
-    """The full sorted model with every unit that ``rate`` prunes set to zero."""
-    weights = {k: v.clone() for k, v in ckpt.read_rate(0.0).items()}
-    widths = ckpt.rate_entry(rate)["widths"]
-    for g in ckpt.groups:
-        for name, role in g.members:
-            if role != "pairs":
-                s = to_storage(weights[name], role, ckpt.heads)
-                s[widths[g.name]:] = 0
-                weights[name] = from_storage(s, role, ckpt.heads)
-    return weights
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -62,7 +30,7 @@ def test_sorted_model_equals_original_and_rates_equal_masked(family, method, mod
         assert (full - reference).abs().max() < 1e-3  # sorting alone does not change the model
         for rate in (0.15, 0.25, 0.35):
             sliced = Transformer.from_weights(ckpt.read_rate(rate), config)(ids)
-            masked = Transformer.from_weights(_masked_full(ckpt, rate), config)(ids)
+            masked = Transformer.from_weights(masked_weights(ckpt.read_rate(0.0), ckpt, rate), config)(ids)
             assert (sliced - masked).abs().max() < 1e-4, rate
             assert (sliced - full).abs().max() > 1e-3, rate  # pruning did remove something
     assert ckpt.manifest["source"]["compression"]["method"] == method
@@ -119,3 +87,16 @@ def test_output_must_be_an_elastiq_folder(models, data_dir, tmp_path):
 
     with pytest.raises(ElastiqError, match=r"must be a folder named \*.elastiq"):
         _compress(models["llama"][0], tmp_path / "m.safetensors", data_dir)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotated_compression_keeps_the_model(family, models, tokenizer, data_dir, tmp_path):
+    src, reference = models[family]
+    ckpt = Checkpoint(_compress(src, tmp_path / "r.elastiq", data_dir, rotate=True))
+    assert ckpt.manifest["source"]["compression"]["rotation"] is True
+    assert ckpt.manifest["source"]["config"]["tie_word_embeddings"] is False  # the folded head is its own
+    assert ckpt.manifest["aliases"] == {}
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        full = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.manifest["source"]["config"])(ids)
+    assert (full - reference).abs().max() < 1e-3

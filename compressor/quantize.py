@@ -1,0 +1,145 @@
+"""Quantization stage: a float nested checkpoint in, the same checkpoint with Q4_0 matrices out.
+
+The full sorted model runs in elastiq's own elastic model (a sorted model needs the RoPE gather),
+block by block over C4 windows, and each block's matrices are quantized with the Hessians of
+inputs that came through the already-quantized earlier blocks (GPTQ's sequential pass). Every
+rate is then a prefix of whole blocks of the same codes: slicing never re-quantizes. Embeddings
+and the LM head are quantized round-to-nearest (stored once when tied).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ElastiqError
+from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, write_checkpoint
+from ..paths import data_dir
+from ..quants import BLOCK, QuantizedTensor, dequantize, quantize_rtn
+from ..runtime.model import Transformer
+from .calibrate import calibration_samples
+from .gptq import ORDERS, act_order, gptq, sorted_axis_order
+
+METHODS = ("gptq", "rtn")
+# Matrices of a block, and the input each reads (matrices that read the same input share its Hessian).
+READS = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+         "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+         "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+
+
+@dataclass
+class QuantizeOptions:
+    """How to quantize (recorded in the manifest's ``quantization``)."""
+
+    method: str = "gptq"
+    order: str = "least-important-first"
+    bits: int = 4
+    block_size: int = BLOCK
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
+    timings: dict = field(default_factory=dict)
+
+
+def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
+    if options.bits != 4 or options.block_size != BLOCK:
+        raise ElastiqError(f"only {BLOCK}-weight blocks of 4 bits (GGUF Q4_0) are supported; "
+                           f"got {options.bits} bits in blocks of {options.block_size}")
+    if options.method not in METHODS:
+        raise ElastiqError(f"unknown quantization method {options.method!r}; known: {', '.join(METHODS)}")
+    if options.order not in ORDERS:
+        raise ElastiqError(f"unknown column order {options.order!r}; known: {', '.join(ORDERS)}")
+    if ckpt.manifest["quantization"]:
+        raise ElastiqError(f"{ckpt.path} is already quantized ({ckpt.manifest['quantization']['format']}); "
+                           "quantize the float checkpoint that `elastiq compress` wrote")
+    for g in ckpt.groups:
+        if g.kind in (MLP, VO) and g.width % BLOCK:
+            raise ElastiqError(f"group {g.name} has {g.width} channels on a matrix's input axis, not a multiple "
+                               f"of the {BLOCK}-weight block")
+
+
+def _order(name: str, h: torch.Tensor, in_features: int, heads: int, least_important_first: bool) -> torch.Tensor:
+    """Column order: sorted (pruned) input axes by the chosen order, the hidden axis by act-order."""
+    if name == "mlp.down_proj":
+        return sorted_axis_order(in_features, 1, least_important_first)
+    if name == "self_attn.o_proj":
+        return sorted_axis_order(in_features, heads, least_important_first)
+    return act_order(h)
+
+
+@torch.no_grad()
+def quantize_checkpoint(source: str | Path, output: str | Path, options: QuantizeOptions | None = None,
+                        overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
+    """Quantize the float nested checkpoint ``source`` into ``output``."""
+    options = options or QuantizeOptions()
+    ckpt = Checkpoint(source)
+    _check(options, ckpt)
+    output = Path(output)
+    if output.suffix != SUFFIX:
+        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
+    if output.exists() and not overwrite:
+        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+
+    start = time.perf_counter()
+    weights = ckpt.read_rate(0.0)
+    config = ckpt.manifest["source"]["config"]
+    model = Transformer.from_weights(weights, config)
+    tokenizer = ckpt.tokenizer()
+    samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
+                                  options.seed)
+    positions = torch.arange(samples.shape[1])
+    hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
+    quantized: dict[str, QuantizedTensor] = {}
+    for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
+        hessians = _block_hessians(block, hidden, positions, model.inv_freq) if options.method == "gptq" else {}
+        for name, reads in READS.items():
+            linear = block.get_submodule(name)
+            if options.method == "gptq":
+                h = hessians[reads]
+                order = _order(name, h, linear.in_features, model.args.num_heads,
+                               options.order == "least-important-first")
+                codes, scales = gptq(linear.weight, h, order, options.damp)
+            else:
+                codes, scales = quantize_rtn(linear.weight)
+            linear.weight.copy_(dequantize(codes, scales))  # later blocks see this block quantized
+            quantized[f"model.layers.{index}.{name}.weight"] = QuantizedTensor(codes, scales)
+        hidden = [block(x, positions, model.inv_freq) for x in hidden]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weights and name not in quantized:
+            tied = name == "lm_head.weight" and weights[name] is weights["model.embed_tokens.weight"]
+            quantized[name] = quantized["model.embed_tokens.weight"] if tied else QuantizedTensor(*quantize_rtn(weights[name]))
+    options.timings["quantize"] = time.perf_counter() - start
+
+    tensors = {**weights, **quantized}
+    rates = [RateSpec(r["rate"], r["widths"], r["quality"]) for r in ckpt.manifest["rates"]]
+    spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
+            "order": options.order, "calib_samples": options.calib_samples, "calib_seqlen": options.calib_seqlen,
+            "seed": options.seed, "damp": options.damp, "embeddings": "rtn"}
+    return write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
+                            quantization=spec, overwrite=overwrite)
+
+
+def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], positions: torch.Tensor,
+                    inv_freq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sum of x x^T (float64) over the calibration tokens, for each distinct input of the block's matrices."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def collect(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return collect
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in set(READS.values())]
+    try:
+        for x in hidden:
+            block(x, positions, inv_freq)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
