@@ -28,7 +28,6 @@ from .quants import BLOCK, QuantizedTensor
 FORMAT_VERSION = 1
 SUFFIX = ".elastiq"
 MLP, QK, VO = "mlp", "qk", "vo"  # group kinds
-QUANT_BLOCK = 32  # Q4_0 block along a matrix's input axis: a pruned input axis keeps whole blocks
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...checkpoint import MLP, QK, QUANT_BLOCK, VO, Group, Heads
+from ...checkpoint import MLP, QK, VO, Group, Heads
+from ...quants import BLOCK
 from .base import ModelAdapter
 
 
@@ -38,7 +39,7 @@ class LlamaAdapter(ModelAdapter):
         d = self.heads.head_dim
         return [
             # down_proj's input axis is pruned: whole quantization blocks.
-            Group(MLP, index, self.config.intermediate_size, QUANT_BLOCK,
+            Group(MLP, index, self.config.intermediate_size, BLOCK,
                   ((p + "mlp.gate_proj.weight", "rows"), (p + "mlp.up_proj.weight", "rows"),
                    (p + "mlp.down_proj.weight", "cols"))),
             # Whole rotary pairs (channel j with j + d/2), shared by a KV head and its query heads.
@@ -46,7 +47,7 @@ class LlamaAdapter(ModelAdapter):
                   ((p + "self_attn.q_proj.weight", "q"), (p + "self_attn.k_proj.weight", "k"),
                    *self._biases(p, "q", "k"))),
             # V rank per KV head; o_proj's input axis is pruned: whole quantization blocks.
-            Group(VO, index, d, QUANT_BLOCK,
+            Group(VO, index, d, BLOCK,
                   ((p + "self_attn.v_proj.weight", "v"), (p + "self_attn.o_proj.weight", "o"),
                    *self._biases(p, "v"))),
         ]
