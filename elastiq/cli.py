@@ -93,6 +93,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"elastiq: wrote {json_path} and {md_path}", file=sys.stderr)
 
 
+def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """Options shared by the stages that calibrate on C4 and write a checkpoint."""
+    parser.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compressor.wheel_models import DEFAULT_MODEL
     from .evaluation.suite import ALL_MEASURES
@@ -122,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rates", type=_rates, default=[0.15, 0.25, 0.35],
                       help="comma-separated fractions of prunable parameters removed, each in [0, 0.9) "
                            "(default 0.15,0.25,0.35)")
-    comp.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
-    comp.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     comp.add_argument("--method", choices=["uniql", "magnitude"], default="uniql",
                       help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; "
                            "default) or magnitude (weight L2 norm, a baseline)")
@@ -132,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rotate", action="store_true",
                       help="rotate the residual stream (orthogonal, fused into the weights; exact in float) "
                            "so that 4-bit quantization meets fewer outliers; unties a tied LM head")
-    comp.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed (default 0)")
-    comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_calibration_args(comp, "calibration sampling and rotation seed (default 0)")
     comp.set_defaults(func=_cmd_compress)
 
     qua = sub.add_parser("quantize", help="quantize a nested checkpoint to 4 bits", description=(
@@ -148,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "error compensation flows into the columns every rate keeps (default), or forward")
     qua.add_argument("--bits", type=int, default=4, help="bits per weight: 4 (the only supported width)")
     qua.add_argument("--block-size", type=int, default=32, help="weights per scale: 32 (the only supported size)")
-    qua.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
-    qua.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
-    qua.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    qua.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_calibration_args(qua, "calibration sampling seed (default 0)")
     qua.set_defaults(func=_cmd_quantize)
 
     ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
