@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ElastiqError
-from ..kernels.rope import apply_rope, rope_tables
+from ..kernels import apply_rope_gather
 from ..quants import QuantizedTensor
 
 
@@ -125,28 +125,29 @@ class Attention(nn.Module):
         self.register_buffer("rope_pairs", torch.zeros(G, u, dtype=torch.long))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, T, 2u], k [B, G, T, 2u], v [B, G, T, r] of hidden states ``x`` [B, T, hidden]."""
+        """q [B, T, H, 2u], k [B, T, G, 2u], v [B, T, G, r] of hidden states ``x`` [B, T, hidden]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.qk_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.qk_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.qk_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.qk_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_dim)
         return q, k, v
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE at ``positions``: the query heads of KV group g use group g's frequencies."""
-        cos, sin = rope_tables(inv_freq, self.rope_pairs, positions, self.attention_scaling)
-        return apply_rope(q, cos, sin, self.num_heads // self.num_kv_heads), apply_rope(k, cos, sin, 1)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        """RoPE in place at ``positions``: the query heads of KV group g use group g's frequencies
+        (``elastiq.kernels`` picks the Triton kernel on a GPU, the torch path elsewhere)."""
+        apply_rope_gather(q, k, positions, inv_freq, self.rope_pairs, self.attention_scaling)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention, each KV head expanded to its query heads: [B, H, T, r]."""
+        """Causal attention over [B, T, heads, dim] inputs, each KV head expanded to its query
+        heads: [B, H, T, r]."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         repeats = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
-        q, k = self.rotate(q, k, positions, inv_freq)
+        self.rotate(q, k, positions, inv_freq)
         y = self.attend(q, k, v)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
