@@ -1,1 +1,1 @@
-"""x"""
+"""Cloud side: model intake, calibration, sorting, allocation, rotation, quantization, checkpoint writing."""

@@ -1,1 +1,1 @@
-"""x"""
+"""Evaluation: WikiText-2 perplexity and zero-shot accuracy with lm-evaluation-harness's definitions."""
