@@ -59,6 +59,33 @@ def ppl_by_rate(ckpt: Checkpoint, tokens: torch.Tensor, windows: int) -> dict[st
     return out
 
 
+def to_markdown(results: dict) -> str:
+    """Perplexity per variant and rate; weight bytes and compression against float16, both the
+    same rate's weights and the dense (rate 0) model, as UniQL reports it."""
+    rates = [str(r) for r in results["rates"]]
+    lines = [f"Command: `{results['command']}`", "",
+             f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF as the float source), sorted (elastiq sort + influence "
+             f"allocation), WikiText-2 perplexity over the first {results['windows']} windows of 2048 tokens. "
+             f"Quantized weights are dequantized to float32 to run. GPTQ calibration: {results['calib_samples']} "
+             f"C4 windows of {results['calib_seqlen']} tokens.", "",
+             "| model | " + " | ".join(f"ppl @ {r}" for r in rates) + " | quantize s |", "|---" * (len(rates) + 2) + "|"]
+    for name, f in results["float"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{f['ppl'][r]:.2f}" for r in rates) + " | - |")
+    for name, v in results["variants"].items():
+        lines.append(f"| Q4_0 {name} | " + " | ".join(f"{v['ppl'][r]:.2f}" for r in rates) + f" | {v['seconds']:.0f} |")
+    lines += ["", "| weights | " + " | ".join(f"rate {r}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    dense = results["float"]["float32"]["fp16_bytes"][rates[0]]  # the original model in float16, tied head
+    for rotated, variant, label in ((False, "RTN", "tied head"), (True, "rotation + RTN", "rotated, untied head")):
+        fp16 = results["float"]["float32 (rotated)" if rotated else "float32"]["fp16_bytes"]
+        q4 = results["variants"][variant]["bytes"]
+        lines += [f"| float16, {label} (MB) | " + " | ".join(f"{fp16[r] / 1e6:.1f}" for r in rates) + " |",
+                  f"| Q4_0, {label} (MB) | " + " | ".join(f"{q4[r] / 1e6:.1f}" for r in rates) + " |",
+                  f"| vs float16 at the same rate, {label} | " + " | ".join(f"{fp16[r] / q4[r]:.2f}x" for r in rates) + " |",
+                  f"| vs the dense float16 model, {label} | " + " | ".join(f"{dense / q4[r]:.2f}x" for r in rates)
+                  + " |"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=5)
@@ -93,30 +120,10 @@ def main() -> None:
         }
         write_text(Path(args.output), json.dumps(results, indent=2) + "\n")  # partial results survive a stop
 
-    head = "| model | " + " | ".join(f"ppl @ {r}" for r in RATES) + " | quantize s |"
-    lines = [f"Command: `{results['command']}`", "",
-             f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF as the float source), sorted (elastiq sort + influence "
-             f"allocation), WikiText-2 perplexity over the first {args.windows} windows of 2048 tokens. Quantized "
-             f"weights are dequantized to float32 to run. GPTQ calibration: {args.calib_samples} C4 windows of "
-             f"{args.calib_seqlen} tokens.", "", head, "|---" * (len(RATES) + 2) + "|"]
-    for name, f in results["float"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{f['ppl'][str(r)]:.2f}" for r in RATES) + " | - |")
-    for name, v in results["variants"].items():
-        lines.append(f"| Q4_0 {name} | " + " | ".join(f"{v['ppl'][str(r)]:.2f}" for r in RATES)
-                     + f" | {v['seconds']:.0f} |")
-    lines += ["", "| weights | " + " | ".join(f"rate {r}" for r in RATES) + " |", "|---" * (len(RATES) + 1) + "|"]
-    for name, f in results["float"].items():
-        lines.append(f"| float16, {name.split(' ', 1)[-1] if 'rotated' in name else 'tied head'} (MB) | "
-                     + " | ".join(f"{f['fp16_bytes'][str(r)] / 1e6:.1f}" for r in RATES) + " |")
-    for name in ("RTN", "rotation + RTN"):
-        v = results["variants"][name]
-        lines.append(f"| Q4_0{' rotated (untied head)' if 'rotation' in name else ''} (MB) | "
-                     + " | ".join(f"{v['bytes'][str(r)] / 1e6:.1f}" for r in RATES) + " |")
-        lines.append(f"| compression vs float16{' (rotated)' if 'rotation' in name else ''} | "
-                     + " | ".join(f"{v['ratio_vs_fp16'][str(r)]:.2f}x" for r in RATES) + " |")
     write_text(Path(args.output), json.dumps(results, indent=2) + "\n")
-    write_text(Path(args.output).with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = to_markdown(results)
+    write_text(Path(args.output).with_suffix(".md"), table)
+    print(table)
 
 
 if __name__ == "__main__":
