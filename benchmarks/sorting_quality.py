@@ -79,13 +79,13 @@ def main() -> None:
                                   calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
         path = compress("smollm2-135m", cache_dir() / "bench" / f"smollm2-{name}.elastiq", options, overwrite=True)
         ckpt = Checkpoint(path)
-        config = ckpt.manifest["source"]["config"]
+        config, tokenizer = ckpt.manifest["source"]["config"], ckpt.tokenizer()
         variant = {"timings": dict(options.timings), "rates": {}}
         for rate in RATES:
             start = time.perf_counter()
             model = Transformer.from_weights(ckpt.read_rate(rate), config).eval()
             with torch.inference_mode():
-                r = run_suite(model, ckpt.tokenizer(), f"{name}@{rate}", windows=args.windows, limit=args.items)
+                r = run_suite(model, tokenizer, f"{name}@{rate}", windows=args.windows, limit=args.items)
             r["weight_bytes"] = ckpt.rate_entry(rate)["weight_bytes"]
             r["seconds"] = time.perf_counter() - start
             variant["rates"][str(rate)] = r

@@ -102,6 +102,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compressor.compress import DEFAULT_RATES
     from .compressor.wheel_models import DEFAULT_MODEL
     from .evaluation.suite import ALL_MEASURES
 
@@ -127,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "offering every rate. Rate 0 (the full sorted model) is always offered."))
     comp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     comp.add_argument("--output", "-o", required=True, help="the checkpoint folder to write, NAME.elastiq")
-    comp.add_argument("--rates", type=_rates, default=[0.15, 0.25, 0.35],
+    comp.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
                       help="comma-separated fractions of prunable parameters removed, each in [0, 0.9) "
-                           "(default 0.15,0.25,0.35)")
+                           f"(default {','.join(str(r) for r in DEFAULT_RATES if r)}; rate 0 is always offered)")
     comp.add_argument("--method", choices=["uniql", "magnitude"], default="uniql",
                       help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; "
                            "default) or magnitude (weight L2 norm, a baseline)")
