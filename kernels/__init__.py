@@ -4,6 +4,9 @@
 stored pair indices. It runs the fused Triton kernel (``rope_triton``) on CUDA tensors when Triton
 is importable, or on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests),
 and the torch path built from ``rope.py`` otherwise. Triton is imported only when it is used.
+
+``prepare_q4`` repacks a checkpoint's Q4_0 matrix once for the device that will multiply by it,
+and ``q4_linear`` multiplies activations by it (W4A16): torch's int4 CPU matmul (``q4.py``) on CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 
 import torch
 
+from .q4 import Q4Weight, check_q4_args, prepare_int4pack, q4_linear_torch
 from .rope import apply_rope, rope_tables
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,6 +80,23 @@ def check_rope_gather_args(q: torch.Tensor, k: torch.Tensor, positions: torch.Te
     devices = {t.device for t in (q, k, positions, inv_freq, pairs)}
     if len(devices) > 1:
         raise ValueError(f"q, k, positions, inv_freq and pairs must be on one device; got {sorted(map(str, devices))}")
+
+
+def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device | str = "cpu") -> Q4Weight:
+    """The Q4_0 matrix [N, K] of GGUF-packed ``codes`` [N, K/32, 16] (uint8) and ``scales``
+    [N, K/32] (float16), repacked for ``q4_linear`` on ``device``; the codes are never re-quantized.
+    This is the one place that picks a path, and so the layout the weight is held in."""
+    check_q4_args(codes, scales)
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise ValueError(f"the 4-bit matmul runs on cpu (torch int4); got device {device}")
+    return prepare_int4pack(codes, scales)
+
+
+def q4_linear(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] times ``weight`` [N, K] transposed, plus ``bias`` [N]: [..., N] in x's dtype,
+    by the path ``weight`` was prepared for (bfloat16 activations on CPU)."""
+    return q4_linear_torch(x, weight, bias)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
