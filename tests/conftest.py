@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the repository root on sys.path, where the folder kernels/ would shadow
+# PyPI's `kernels` package (transformers imports that name to probe for it). elastiq is imported
+# from its installed package, never from the root, so the root is dropped before anything imports.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -10,7 +10,7 @@ from elastiq.checkpoint import MLP, QK, VO, Heads, to_storage
 from elastiq.compressor.adapters import adapter_for
 from elastiq.compressor.calibrate import calibrate, calibration_samples
 from elastiq.compressor.sort import pair_scores, ridge_leverage, sort_block
-from tests.conftest import build_tiny
+from conftest import build_tiny
 
 
 def test_samples_are_deterministic_windows_of_c4(tokenizer, data_dir):

@@ -10,7 +10,7 @@ from elastiq.cli import main
 from elastiq.compressor import compress as compress_module
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.runtime.model import Transformer
-from tests.conftest import TEXT, masked_weights
+from conftest import TEXT, masked_weights
 
 
 def _compress(src, dest, data_dir, **kwargs):

@@ -17,7 +17,7 @@ from elastiq.checkpoint import MLP, QK, VO, Checkpoint, Group, RateSpec, write_c
 from elastiq.compressor.adapters import adapter_for
 from elastiq.kernels.rope import apply_rope, rope_tables
 from elastiq.runtime.model import Transformer
-from tests.conftest import build_tiny
+from conftest import build_tiny
 
 H, G, D = 4, 2, 64  # tiny_config's query heads, KV heads and head size
 Q, P = H // G, D // 2

@@ -10,7 +10,7 @@ import torch
 
 from elastiq.cli import main
 from elastiq.compressor.intake import ModelLoadError, gguf_architecture, load_model
-from tests.conftest import build_tiny
+from conftest import build_tiny
 
 
 def _write_gguf(path, arch: str) -> None:

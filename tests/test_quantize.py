@@ -12,7 +12,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.quants import QuantizedTensor
 from elastiq.runtime.model import Transformer
-from tests.conftest import TEXT, masked_weights
+from conftest import TEXT, masked_weights
 
 
 @pytest.fixture(scope="module")

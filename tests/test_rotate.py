@@ -13,7 +13,7 @@ from elastiq import ElastiqError
 from elastiq.compressor.adapters import adapter_for
 from elastiq.compressor.rotate import NORM_READERS, random_orthogonal, rotate_residual
 from elastiq.runtime.model import Transformer
-from tests.conftest import build_tiny
+from conftest import build_tiny
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -91,7 +91,7 @@ def test_writer_biases_are_rotated(tokenizer, ids):
     """Llama with attention and MLP biases: o_proj and down_proj biases sit in the residual stream."""
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_config
+    from conftest import tiny_config
 
     config = tiny_config("llama", len(tokenizer))
     config.attention_bias = config.mlp_bias = True
