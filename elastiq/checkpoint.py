@@ -17,7 +17,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,10 +58,11 @@ BLOCK_ROLES = {"cols": "cols_blocks", "o": "o_blocks"}
 
 
 def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
-    """Reorder ``t`` so that the unit ``role`` prunes is axis 0 (contiguous copy)."""
-    G, d = heads.num_kv_heads, heads.head_dim
-    Q, P = heads.num_heads // G, d // 2
-    rest = tuple(t.shape[1:]) if role != "o" else ()
+    """Reorder ``t`` (full, or already cut to some rate's width) so that the unit ``role``
+    prunes is axis 0 (contiguous copy)."""
+    G = heads.num_kv_heads
+    Q = heads.num_heads // G
+    rest = tuple(t.shape[1:]) if role != "o" else ()  # the pruned axis is -1: t may already be sliced
     if role in ("rows", "whole"):
         out = t
     elif role == "cols":
@@ -71,13 +72,13 @@ def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
     elif role == "o_blocks":  # [hidden, H*d/32, ...] -> [d/32, G, Q, hidden, ...]
         out = t.reshape(t.shape[0], G, Q, -1, *t.shape[2:]).movedim(3, 0).movedim(1, 3)
     elif role == "q":  # [H*d, ...] -> [P, G, Q, 2, ...]: pair p holds channels p and p + d/2
-        out = t.reshape(G, Q, 2, P, *rest).movedim(3, 0)
+        out = t.reshape(G, Q, 2, -1, *rest).movedim(3, 0)
     elif role == "k":  # [G*d, ...] -> [P, G, 2, ...]
-        out = t.reshape(G, 2, P, *rest).movedim(2, 0)
+        out = t.reshape(G, 2, -1, *rest).movedim(2, 0)
     elif role == "v":  # [G*d, ...] -> [d, G, ...]
-        out = t.reshape(G, d, *rest).movedim(1, 0)
+        out = t.reshape(G, -1, *rest).movedim(1, 0)
     elif role == "o":  # [hidden, H*d] -> [d, G, Q, hidden]
-        out = t.reshape(t.shape[0], G, Q, d).permute(3, 1, 2, 0)
+        out = t.reshape(t.shape[0], G, Q, -1).permute(3, 1, 2, 0)
     elif role == "pairs":  # [G, P] rotary pair indices -> [P, G]
         out = t.T
     else:
@@ -374,22 +375,25 @@ class Checkpoint:
         return offsets
 
     def read_units(self, name: str, start: int, end: int, verify: bool = True) -> torch.Tensor:
-        """Storage units [start, end) of tensor ``name``; ``start`` and ``end`` lie on segment ends."""
+        """Storage units [start, end) of tensor ``name``; ``start`` and ``end`` lie on segment ends.
+        The bytes are read straight into the returned tensor's memory (no second copy)."""
         entry = self.tensors[name]
         dtype = _TORCH_DTYPES[entry["dtype"]]
         shape = entry["storage_shape"]
         unit = _unit_bytes(shape, dtype)
-        offset = self._offsets[name][0]
+        buf = torch.empty((end - start) * unit, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         with open(self._weights, "rb") as f:
-            f.seek(offset + start * unit)
-            raw = f.read((end - start) * unit)
-        self.bytes_read += len(raw)
+            f.seek(self._offsets[name][0] + start * unit)
+            got = f.readinto(view)
+        if got != len(view):
+            raise CheckpointError(f"tensor {name}: {WEIGHTS} ended after {got} of {len(view)} bytes; it is truncated")
+        self.bytes_read += got
         if verify:
-            self._verify(name, entry, raw, start, end, unit)
-        t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        return t.reshape(end - start, *shape[1:])
+            self._verify(name, entry, view, start, end, unit)
+        return buf.view(dtype).reshape(end - start, *shape[1:])
 
-    def _verify(self, name: str, entry: dict, raw: bytes, start: int, end: int, unit: int) -> None:
+    def _verify(self, name: str, entry: dict, raw: memoryview, start: int, end: int, unit: int) -> None:
         seg_start = 0
         for seg_end, digest in entry["segments"]:
             if seg_start >= start and seg_end <= end:
@@ -401,22 +405,66 @@ class Checkpoint:
                 raise CheckpointError(f"tensor {name}: units [{start}, {end}) do not lie on segment ends")
             seg_start = seg_end
 
-    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | QuantizedTensor]:
-        """The model at ``rate`` in Hugging Face form (pruned axes cut; quantized matrices as
-        ``QuantizedTensor``), reading only its bytes."""
+    def _stored_parts(self) -> dict[str, dict[str, str]]:
+        """{model tensor name: {part: stored name}}, in the stored order; a float tensor is its own
+        single part ``""``, a quantized matrix has parts ``codes`` and ``scales``."""
+        parts: dict[str, dict[str, str]] = {}
+        for stored, entry in self.tensors.items():
+            parts.setdefault(entry.get("part_of", stored), {})[entry.get("part", "")] = stored
+        return parts
+
+    @staticmethod
+    def _assemble(parts: Mapping[str, torch.Tensor]) -> torch.Tensor | QuantizedTensor:
+        return parts[""] if "" in parts else QuantizedTensor(parts["codes"], parts["scales"])
+
+    def iter_rate(self, rate: float, verify: bool = True) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """The model at ``rate``, one tensor at a time in Hugging Face form (pruned axes cut;
+        quantized matrices as ``QuantizedTensor``), reading only its bytes; an alias of a tied
+        tensor comes last and is the same object as the tensor it names. Loading tensor by
+        tensor keeps one tensor's raw bytes in memory at a time."""
         widths = self.rate_entry(rate)["widths"]
-        out, parts = {}, {}
-        for name, entry in self.tensors.items():
-            s = from_storage(self.read_units(name, 0, _kept_units(entry, widths), verify), entry["role"], self.heads)
-            if "part_of" in entry:
-                parts.setdefault(entry["part_of"], {})[entry["part"]] = s
-            else:
-                out[name] = s
-        for name, p in parts.items():
-            out[name] = QuantizedTensor(p["codes"], p["scales"])
+        yielded = {}
+        for name, stored in self._stored_parts().items():
+            parts = {part: from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
+                                        self.tensors[s]["role"], self.heads) for part, s in stored.items()}
+            t = self._assemble(parts)
+            if name in self.manifest["aliases"].values():
+                yielded[name] = t
+            yield name, t
         for alias, name in self.manifest["aliases"].items():
-            out[alias] = out[name]
-        return out
+            yield alias, yielded[name]
+
+    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | QuantizedTensor]:
+        """The model at ``rate`` as one dict (see ``iter_rate``)."""
+        return dict(self.iter_rate(rate, verify))
+
+    def resize(self, name: str, tensor: torch.Tensor | QuantizedTensor, rate: float, new_rate: float,
+               verify: bool = True) -> torch.Tensor | QuantizedTensor:
+        """Tensor ``name`` held at ``rate`` (Hugging Face form, as ``iter_rate`` gave it) at ``new_rate``:
+        a narrower width is cut from ``tensor`` without reading the file; a wider one reads and
+        verifies only the units it lacks. Unpruned tensors come back as they are."""
+        old, new = self.rate_entry(rate)["widths"], self.rate_entry(new_rate)["widths"]
+        stored = self._stored_parts()[self.manifest["aliases"].get(name, name)]
+        held = {"": tensor} if not isinstance(tensor, QuantizedTensor) else {"codes": tensor.codes,
+                                                                            "scales": tensor.scales}
+        if set(held) != set(stored):
+            raise CheckpointError(f"tensor {name} is stored as parts {sorted(stored)}, got {sorted(held)}")
+        parts = {}
+        for part, s in stored.items():
+            entry = self.tensors[s]
+            have, want = _kept_units(entry, old), _kept_units(entry, new)
+            if have == want:
+                parts[part] = held[part]
+                continue
+            units = to_storage(held[part], entry["role"], self.heads)
+            if units.shape[0] != have:
+                raise CheckpointError(f"tensor {s}: rate {rate} keeps {have} units, the tensor given has {units.shape[0]}")
+            if want < have:
+                units = units[:want]
+            else:
+                units = torch.cat((units, self.read_units(s, have, want, verify).to(units.device)))
+            parts[part] = from_storage(units, entry["role"], self.heads)
+        return self._assemble(parts)
 
     def tokenizer(self):
         """The tokenizer saved with the checkpoint."""
