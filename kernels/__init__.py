@@ -6,7 +6,10 @@ is importable, or on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpret
 and the torch path built from ``rope.py`` otherwise. Triton is imported only when it is used.
 
 ``prepare_q4`` repacks a checkpoint's Q4_0 matrix once for the device that will multiply by it,
-and ``q4_linear`` multiplies activations by it (W4A16): torch's int4 CPU matmul (``q4.py``) on CPU.
+and ``q4_linear`` multiplies activations by it (W4A16): with the Triton kernel (``w4a16_triton``)
+where ``apply_rope_gather`` would use Triton (CUDA, or CPU under the interpreter), with torch's int4
+CPU matmul (``q4.py``) otherwise. The path is chosen when the weight is prepared, since each path
+holds the weight in its own layout, and ``q4_linear`` follows the weight.
 """
 
 from __future__ import annotations
@@ -88,15 +91,30 @@ def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device |
     This is the one place that picks a path, and so the layout the weight is held in."""
     check_q4_args(codes, scales)
     device = torch.device(device)
+    if _use_triton_on(device):
+        from .w4a16_triton import prepare_w4a16
+
+        return prepare_w4a16(codes, scales, device)
     if device.type != "cpu":
-        raise ValueError(f"the 4-bit matmul runs on cpu (torch int4); got device {device}")
+        raise ValueError(f"the 4-bit matmul runs on cpu (torch int4), or on cuda when Triton is importable; "
+                         f"got device {device}")
     return prepare_int4pack(codes, scales)
 
 
 def q4_linear(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., K] times ``weight`` [N, K] transposed, plus ``bias`` [N]: [..., N] in x's dtype,
-    by the path ``weight`` was prepared for (bfloat16 activations on CPU)."""
+    by the path ``weight`` was prepared for (Triton: float16 or bfloat16; torch on CPU: bfloat16)."""
+    if weight.path == "triton":
+        from .w4a16_triton import w4a16_linear
+
+        return w4a16_linear(x, weight, bias)
     return q4_linear_torch(x, weight, bias)
+
+
+def _use_triton_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, or on the CPU under Triton's interpreter."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cuda" or interpreted) and _triton_importable()
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -11,18 +11,64 @@ relative: 2^-7 in bfloat16, 2^-10 in float16; S = |x| @ |W|^T; y = x @ W^T):
   scales in bf16; the Triton kernel dequantizes to x's dtype for tl.dot): eps * S.
 The "exact scales" cases use scales of 5 significant bits, so every weight d * (q - 8) is exact
 in bf16 and only the first two terms remain: a wrong code, scale or block is off by far more.
+
+The Triton kernel runs under ``TRITON_INTERPRET=1``, set while ``w4a16_triton`` is imported
+(``triton.jit`` picks the interpreter then) and around each Triton test; the CPU tests run with
+it unset. Triton 3.9's interpreter multiplies the raw uint16 bit patterns of bfloat16 operands
+in ``tl.dot`` (triton-lang/triton#11584; the fix, #11585, was declined: "we just don't support
+it yet"), so the Triton tests widen bfloat16 dot operands to float32 first, exactly, as a GPU's
+MMA does; everything else in the kernel runs as the interpreter has it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
+from elastiq import kernels
 from elastiq.kernels import Q4Weight, prepare_q4, q4_linear
 from elastiq.kernels.q4 import q4_linear_torch
 from elastiq.quants import dequantize
 
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        from elastiq.kernels import w4a16_triton
+    finally:
+        if _previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed; its kernel's CPU tests need its interpreter")
+
 EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """CPU tensors take the torch path unless a test asks for the interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Triton's interpreter for CPU tensors, with bfloat16 ``tl.dot`` operands widened (see above)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(builder, a, b, acc, *args):
+        a, b = (builder.cast_impl(t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return create_dot(builder, a, b, acc, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", widened)
 
 
 def make_weight(N: int, K: int, exact: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,3 +205,103 @@ def test_cpu_path_takes_bfloat16_only():
     weight = prepare_q4(*make_weight(96, 64, False))
     with pytest.raises(TypeError, match="the torch 4-bit path takes bfloat16 activations; got torch.float16"):
         q4_linear(make_x((1, 64), torch.float16), weight)
+
+
+# Decode (M = 1, the GEMV tiles), a few tokens (M = 7: MMA tiles of 16 rows, 9 masked), a prompt
+# (M = 64) and a longer one (M = 130: two row tiles of 128), over the runtime's N and K.
+TRITON_SHAPES = [(1, 576, 1536, torch.bfloat16), (1, 486, 480, torch.float16), (7, 486, 576, torch.float16),
+                 (7, 1536, 480, torch.bfloat16), (64, 96, 1536, torch.float16), (64, 1536, 576, torch.bfloat16),
+                 (130, 576, 480, torch.bfloat16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("exact", [True, False], ids=["exact scales", "fp16 scales"])
+@pytest.mark.parametrize("M,N,K,dtype", TRITON_SHAPES)
+def test_triton_kernel_matches_float_reference(interpret, M, N, K, dtype, exact):
+    codes, scales = make_weight(N, K, exact)
+    x = make_x((M, K), dtype)
+    bias = make_x((N,), dtype, seed=2)
+    weight = prepare_q4(codes, scales)
+    assert weight.path == "triton"
+    check_against_reference(q4_linear(x, weight, bias), x, codes, scales, bias, exact)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,dtype", [(1, 486, 576, torch.bfloat16), (7, 96, 480, torch.float16),
+                                         (64, 576, 1536, torch.bfloat16)])
+def test_triton_kernel_without_split_k(interpret, monkeypatch, M, N, K, dtype):
+    """On a one-SM device nothing is split: the kernel adds the bias and rounds to x's dtype itself."""
+    monkeypatch.setattr(w4a16_triton, "_multiprocessors", lambda device: 1)
+    assert w4a16_triton.w4a16_config(M, N, K, 1)["SPLIT_K"] == 1
+    codes, scales = make_weight(N, K, True)
+    x = make_x((M, K), dtype)
+    bias = make_x((N,), dtype, seed=2)
+    check_against_reference(q4_linear(x, prepare_q4(codes, scales), bias), x, codes, scales, bias, True)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K", [(1, 576, 1536), (1, 49152, 576), (7, 486, 576), (64, 8192, 2048),
+                                   (4096, 1536, 576), (1, 2048, 8192)])
+def test_split_k_fills_the_gpu_without_empty_splits(M, N, K):
+    """Output tiles times K splits reach the SM count unless the K tiles (or 16 splits) run out,
+    and every split has at least one K tile."""
+    sms = 132
+    c = w4a16_triton.w4a16_config(M, N, K, sms)
+    tiles = -(-M // c["BLOCK_M"]) * -(-N // c["BLOCK_N"])
+    k_tiles = -(-K // c["BLOCK_K"])
+    assert tiles * c["SPLIT_K"] >= sms or c["SPLIT_K"] in (k_tiles, w4a16_triton.MAX_SPLIT_K)
+    assert (c["SPLIT_K"] - 1) * c["tiles_per_split"] < k_tiles <= c["SPLIT_K"] * c["tiles_per_split"]
+    assert c["BLOCK_K"] % 32 == 0 and (c["BLOCK_M"] == 1) == (M == 1)
+
+
+@needs_triton
+def test_triton_layout_is_the_checkpoint_bytes_block_major(interpret):
+    """The Triton weight holds the checkpoint's bytes, only moved block-major: codes [K/32, N, 16]
+    and fp16 scales [K/32, N], no padding, the checkpoint's size in memory."""
+    codes, scales = make_weight(486, 480, False)
+    weight = prepare_q4(codes, scales)
+    assert torch.equal(weight.packed, codes.transpose(0, 1)) and torch.equal(weight.scales, scales.T)
+    assert weight.nbytes == codes.nbytes + scales.nbytes == 486 * 480 // 2 + 486 * 480 // 32 * 2
+
+
+@needs_triton
+def test_triton_leading_dims_and_no_tokens(interpret):
+    weight = prepare_q4(*make_weight(96, 64, True))
+    x = make_x((2, 3, 64), torch.float16)
+    out = q4_linear(x, weight)
+    assert out.shape == (2, 3, 96) and out.is_contiguous()
+    assert torch.equal(out, q4_linear(x.reshape(6, 64), weight).reshape(2, 3, 96))
+    assert q4_linear(x[:, :0], weight).shape == (2, 0, 96)
+
+
+@needs_triton
+def test_dispatch(monkeypatch):
+    """prepare_q4 picks the Triton layout for CPU tensors only under TRITON_INTERPRET=1, and
+    q4_linear runs the path its weight was prepared for."""
+    codes, scales = make_weight(96, 64, True)
+    cpu = prepare_q4(codes, scales)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = prepare_q4(codes, scales)
+    assert (cpu.path, interpreted.path) == ("torch", "triton")
+    calls = []
+    monkeypatch.setattr(w4a16_triton, "w4a16_linear", lambda *args: calls.append("triton"))
+    monkeypatch.setattr(kernels, "q4_linear_torch", lambda *args: calls.append("torch"))
+    x = make_x((1, 64), torch.bfloat16)
+    q4_linear(x, interpreted)
+    q4_linear(x, cpu)
+    assert calls == ["triton", "torch"]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(_bad_linear_arguments(prepare_q4(*make_weight(96, 64, False)), torch.float16)))
+def test_triton_linear_refuses_bad_input(interpret, case):
+    args, error, message = _bad_linear_arguments(prepare_q4(*make_weight(96, 64, False)), torch.float16)[case]
+    with pytest.raises(error, match=message):
+        w4a16_triton.w4a16_linear(*args)
+
+
+@needs_triton
+def test_triton_path_takes_half_precision_only(interpret):
+    weight = prepare_q4(*make_weight(96, 64, False))
+    with pytest.raises(TypeError, match="the triton 4-bit path takes float16 or bfloat16 activations; got torch.float32"):
+        q4_linear(make_x((1, 64), torch.float32), weight)
