@@ -1,0 +1,142 @@
+"""One rate of a nested checkpoint as a Hugging Face folder that stock transformers loads.
+
+A stock Llama / Mistral / Qwen2 config has one head size and one MLP width for every layer, and
+RoPE that turns pair p of a head at frequency p. A pruned rate has per-layer widths and permuted
+rotary pairs, so it is written back at the original sizes with zeros where units were pruned:
+
+- q/k rows: kept pair i of KV group g returns to its original pair p = ``rope_pairs[g, i]``,
+  channels p and p + d/2 of the head (Hugging Face's rotate-half layout), so stock RoPE turns it
+  at its own frequency; pruned pairs are zero rows and add nothing to q.k. The attention scale is
+  that of the original head size, as in the elastic runtime;
+- v rows and o_proj columns: a head's kept V/O rank r takes its first r channels, the rest are
+  zero (zero values times zero columns add nothing);
+- MLP: the kept channels take the first rows of gate/up and columns of down, the rest are zero
+  (silu(0) * 0 = 0). transformers 5 has no stock causal LM with per-layer MLP widths that loads
+  without ``trust_remote_code`` (DeciLM / Nemotron-NAS are remote code; Gemma3n's per-layer widths
+  belong to another architecture), so zero-filling is the one stock form.
+
+The folder therefore holds the full-size model: it does not save memory or compute (use the ONNX
+or GGUF export for that), it is exact, and anything that reads a Hugging Face folder can read it.
+Weights are float (4-bit matrices dequantized), in safetensors; the tokenizer and its chat
+template are saved beside them. The folder is assembled under a temporary name and renamed into
+place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .. import ElastiqError
+from ..checkpoint import Checkpoint
+from ..quants import QuantizedTensor
+from ..runtime.model import ModelArgs, _rotary_frequencies
+
+WEIGHTS = "model.safetensors"
+
+
+class HfExportError(ElastiqError):
+    """A checkpoint, rate or output folder that cannot be exported as a Hugging Face folder."""
+
+
+def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
+    """Write rate ``rate`` of the nested checkpoint ``checkpoint`` as the Hugging Face folder
+    ``output`` (replacing an earlier export there, never another folder) and return its path."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / "config.json").is_file())):
+        raise HfExportError(f"{output} exists and is not an earlier Hugging Face export (no config.json); "
+                            "give a new folder, an empty one, or an earlier export to replace")
+    ckpt = Checkpoint(checkpoint)
+    ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
+    source = ckpt.manifest["source"]["config"]
+    weights = {k: v.dequantize() if isinstance(v, QuantizedTensor) else v for k, v in ckpt.read_rate(rate).items()}
+    args = ModelArgs.from_weights(weights, source, _rotary_frequencies(source)[1])
+    state = full_size(weights, args, source["intermediate_size"])
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = AutoConfig.for_model(**source)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    except OSError as err:
+        raise HfExportError(f"cannot write {output}: {err.strerror or err}") from None
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        ckpt.tokenizer().save_pretrained(tmp)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise HfExportError(f"cannot write {output}: {err.strerror or err}") from None
+        raise
+    return output
+
+
+def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate_size: int) -> dict[str, torch.Tensor]:
+    """``weights`` (float, Hugging Face names, one rate) at the original head size and MLP width:
+    kept units at the positions above, zeros elsewhere, and the ``rope_pairs`` tensors consumed."""
+    H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
+    out = dict(weights)
+    for i, layer in enumerate(args.layers):
+        p = f"model.layers.{i}."
+        u, r, m = layer.rope_pairs, layer.v_rank, layer.intermediate_size
+        pairs = out.pop(p + "self_attn.rope_pairs", None)
+        pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
+        if (pairs < 0).any() or (pairs >= d // 2).any() or any(len(set(row.tolist())) != u for row in pairs):
+            raise HfExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
+                                f"of the {G} KV heads, got {pairs.tolist()}")
+        rows = {"self_attn.q_proj": (qk_rows(pairs, H // G, d), H * d),
+                "self_attn.k_proj": (qk_rows(pairs, 1, d), G * d),
+                "self_attn.v_proj": (head_prefix(G, r, d), G * d),
+                "mlp.gate_proj": (torch.arange(m), intermediate_size),
+                "mlp.up_proj": (torch.arange(m), intermediate_size)}
+        for proj, (index, total) in rows.items():
+            for kind in ("weight", "bias"):
+                if (name := f"{p}{proj}.{kind}") in out:
+                    out[name] = _scatter_rows(out[name], index, total)
+        for proj, index, total in (("self_attn.o_proj", head_prefix(H, r, d), H * d),
+                                   ("mlp.down_proj", torch.arange(m), intermediate_size)):
+            name = f"{p}{proj}.weight"
+            out[name] = _scatter_rows(out[name].T, index, total).T.contiguous()
+    return out
+
+
+def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """Full-size row of each q (or k, with ``heads_per_group`` 1) row of a pruned head: row
+    h*2u + s*u + i (half s of kept pair i of head h, KV group g = h // heads_per_group) goes to
+    channel s*d/2 + pairs[g, i] of head h."""
+    G, u = pairs.shape
+    h = torch.arange(G * heads_per_group)
+    half = torch.arange(2)[:, None] * (head_dim // 2)
+    rows = h[:, None, None] * head_dim + half + pairs.long()[h // heads_per_group][:, None, :]
+    return rows.reshape(-1)
+
+
+def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
+    """Full-size channel of each channel of ``num_heads`` heads that keep their first ``kept``."""
+    return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
+
+
+def _scatter_rows(t: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """``t`` with row j moved to row ``index[j]`` of ``total`` rows; the other rows are zero."""
+    out = t.new_zeros((total, *t.shape[1:]))
+    out[index] = t
+    return out
