@@ -41,10 +41,6 @@ class Q4Weight:
         """Bytes the prepared tensors hold in memory (what the runtime's memory prediction counts)."""
         return self.packed.nbytes + self.scales.nbytes
 
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
 
 def check_q4_args(codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Raise ValueError (shapes) or TypeError (dtypes) unless ``codes`` [N, K/32, 16] uint8 and

@@ -95,7 +95,7 @@ def w4a16_config(M: int, N: int, K: int, multiprocessors: int) -> dict[str, int]
     split until the output tiles times the splits cover every SM once (each split keeps at least
     one K tile)."""
     if M == 1:
-        config = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)
+        config = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     elif M <= 16:
         config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     elif M <= 64:
