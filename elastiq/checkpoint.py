@@ -434,6 +434,26 @@ class Checkpoint:
         for alias, name in self.manifest["aliases"].items():
             yield alias, yielded[name]
 
+    def shapes(self, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, bool]]:
+        """Each model tensor at ``rate`` without reading it: (Hugging Face shape, stored dtype,
+        quantized); a quantized matrix's shape is [N, K] and its dtype that of its codes. Aliases
+        of tied tensors are left out (``aliases`` names them)."""
+        widths = self.rate_entry(rate)["widths"]
+        out = {}
+        for name, stored in self._stored_parts().items():
+            entry = self.tensors[stored["codes" if "codes" in stored else ""]]
+            kept = [_kept_units(entry, widths), *entry["storage_shape"][1:]]
+            shape = tuple(from_storage(torch.empty(kept, device="meta"), entry["role"], self.heads).shape)
+            if "codes" in stored:
+                shape = (shape[0], shape[1] * BLOCK)
+            out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], "codes" in stored)
+        return out
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """{alias: stored name} of tied tensors (a tied LM head names the embedding)."""
+        return dict(self.manifest["aliases"])
+
     def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | QuantizedTensor]:
         """The model at ``rate`` as one dict (see ``iter_rate``)."""
         return dict(self.iter_rate(rate, verify))

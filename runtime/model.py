@@ -6,6 +6,11 @@ This module runs such a model in plain torch (after gpt-fast's ``model.py``): th
 off the tensors' shapes, RoPE gathers each KV group's frequencies by its stored pair indices
 (``elastiq.kernels.rope``), and the attention scale stays that of the original head size.
 Modules carry Hugging Face's names, so a Hugging Face state dict loads by dropping ``model.``.
+
+Two ways to run it: a full causal pass over ``input_ids`` (evaluation, calibration), or
+incremental decoding through a per-layer ``KVCache`` (``setup_caches``, then ``forward(ids,
+start=position)``). 4-bit matrices either become float (the reference) or stay packed in
+``Q4Linear`` / ``Q4Embedding`` and multiply through ``elastiq.kernels.q4_linear`` (``int4=True``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ElastiqError
-from ..kernels import apply_rope_gather
-from ..quants import QuantizedTensor
+from ..kernels import Q4Weight, apply_rope_gather, prepare_q4, q4_linear
+from ..quants import QuantizedTensor, dequantize
+
+Weight = torch.Tensor | QuantizedTensor | Q4Weight
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,18 @@ class LayerArgs:
     rope_pairs: int
     v_rank: int
     biases: frozenset[str]  # the projections that carry a bias, as "self_attn.q_proj"
+
+    @classmethod
+    def of(cls, block: Mapping[str, Weight], num_kv_heads: int, index: int) -> "LayerArgs":
+        """The widths of block ``index`` read off its tensors' shapes (names within the block)."""
+        k_rows = _rows(block["self_attn.k_proj.weight"])
+        v_rows = _rows(block["self_attn.v_proj.weight"])
+        if k_rows % (2 * num_kv_heads) or v_rows % num_kv_heads:
+            raise ElastiqError(f"layer {index}: k_proj has {k_rows} rows and v_proj {v_rows}; expected whole rotary "
+                               f"pairs and whole V ranks for each of the {num_kv_heads} KV heads")
+        biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
+        return cls(_rows(block["mlp.gate_proj.weight"]), k_rows // (2 * num_kv_heads), v_rows // num_kv_heads,
+                   biases)
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,7 @@ class ModelArgs:
     layers: tuple[LayerArgs, ...]
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, torch.Tensor], config: Mapping,
+    def from_weights(cls, weights: Mapping[str, Weight], config: Mapping,
                      attention_scaling: float) -> "ModelArgs":
         """Read each block's widths off the shapes of its tensors in ``weights`` (Hugging Face names)."""
         if config.get("hidden_act", "silu") != "silu":
@@ -57,18 +76,9 @@ class ModelArgs:
                                "the elastic model runs SwiGLU (silu)")
         num_heads = config["num_attention_heads"]
         num_kv_heads = config.get("num_key_value_heads") or num_heads
-        layers = []
-        for i in range(config["num_hidden_layers"]):
-            p = f"model.layers.{i}."
-            k_rows = weights[p + "self_attn.k_proj.weight"].shape[0]
-            v_rows = weights[p + "self_attn.v_proj.weight"].shape[0]
-            if k_rows % (2 * num_kv_heads) or v_rows % num_kv_heads:
-                raise ElastiqError(f"layer {i}: k_proj has {k_rows} rows and v_proj {v_rows}; expected whole rotary "
-                                   f"pairs and whole V ranks for each of the {num_kv_heads} KV heads")
-            biases = frozenset(name.removeprefix(p).removesuffix(".bias") for name in weights
-                               if name.startswith(p) and name.endswith(".bias"))
-            layers.append(LayerArgs(weights[p + "mlp.gate_proj.weight"].shape[0], k_rows // (2 * num_kv_heads),
-                                    v_rows // num_kv_heads, biases))
+        layers = tuple(LayerArgs.of({k.removeprefix(f"model.layers.{i}."): t for k, t in weights.items()
+                                     if k.startswith(f"model.layers.{i}.")}, num_kv_heads, i)
+                       for i in range(config["num_hidden_layers"]))
         layer_types = config.get("layer_types")
         windowed = config.get("sliding_window") and (layer_types is None or "sliding_attention" in layer_types)
         return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=num_heads,
@@ -76,7 +86,7 @@ class ModelArgs:
                    head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
                    rms_norm_eps=config["rms_norm_eps"], tie_word_embeddings=config.get("tie_word_embeddings", False),
                    attention_scaling=attention_scaling,
-                   sliding_window=config["sliding_window"] if windowed else None, layers=tuple(layers))
+                   sliding_window=config["sliding_window"] if windowed else None, layers=layers)
 
 
 class RMSNorm(nn.Module):
@@ -93,15 +103,81 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Q4Linear(nn.Module):
+    """A linear layer whose Q4_0 weight stays packed (``elastiq.kernels.prepare_q4``): 4.5 bits a
+    weight in memory, multiplied by the W4A16 kernels in the activations' dtype (bf16 on CPU)."""
+
+    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q4_linear(x, self.weight, self.bias)
+
+
+class Q4Embedding(nn.Module):
+    """Token embeddings kept as Q4_0 codes: a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, weight: QuantizedTensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.codes[ids], self.scales[ids]).to(self.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys [B, G, S, 2u] and values [B, G, S, r] of one layer for up to S positions."""
+
+    def __init__(self, batch: int, max_seq: int, kv_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, kv_heads, max_seq, k_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(batch, kv_heads, max_seq, v_dim, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, G, T, .] at positions start..start+T-1; return the cache up to there."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ElastiqError(f"position {end - 1} is beyond the KV cache of {self.k.shape[2]} tokens; "
+                               "set up the caches for a longer context")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _linear(weight: torch.Tensor | Q4Weight, bias: torch.Tensor | None) -> nn.Module:
+    """The module of one projection, holding ``weight`` (and ``bias``) without a copy."""
+    if isinstance(weight, Q4Weight):
+        return Q4Linear(weight, bias)
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _norm(weight: torch.Tensor, eps: float) -> RMSNorm:
+    with torch.device("meta"):
+        norm = RMSNorm(weight.shape[0], eps)
+    norm.weight = nn.Parameter(weight, requires_grad=False)
+    return norm
+
+
 class FeedForward(nn.Module):
     """SwiGLU MLP of a block's own width."""
 
-    def __init__(self, args: ModelArgs, layer: LayerArgs):
+    def __init__(self, w: Mapping[str, torch.Tensor | Q4Weight]):
         super().__init__()
-        dim, width = args.hidden_size, layer.intermediate_size
-        self.gate_proj = nn.Linear(dim, width, bias="mlp.gate_proj" in layer.biases)
-        self.up_proj = nn.Linear(dim, width, bias="mlp.up_proj" in layer.biases)
-        self.down_proj = nn.Linear(width, dim, bias="mlp.down_proj" in layer.biases)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, _linear(w[f"{name}.weight"], w.get(f"{name}.bias")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -111,18 +187,17 @@ class Attention(nn.Module):
     """Grouped-query attention with q/k heads of 2u channels, value heads of r channels, and
     RoPE frequencies gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair)."""
 
-    def __init__(self, args: ModelArgs, layer: LayerArgs):
+    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight]):
         super().__init__()
         H, G, u, r = args.num_heads, args.num_kv_heads, layer.rope_pairs, layer.v_rank
         self.num_heads, self.num_kv_heads = H, G
         self.qk_dim, self.v_dim = 2 * u, r
         self.scale = 1 / math.sqrt(args.head_dim)  # pruning drops terms of q.k, it does not rescale it
         self.attention_scaling = args.attention_scaling
-        self.q_proj = nn.Linear(args.hidden_size, H * 2 * u, bias="self_attn.q_proj" in layer.biases)
-        self.k_proj = nn.Linear(args.hidden_size, G * 2 * u, bias="self_attn.k_proj" in layer.biases)
-        self.v_proj = nn.Linear(args.hidden_size, G * r, bias="self_attn.v_proj" in layer.biases)
-        self.o_proj = nn.Linear(H * r, args.hidden_size, bias="self_attn.o_proj" in layer.biases)
-        self.register_buffer("rope_pairs", torch.zeros(G, u, dtype=torch.long))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, _linear(w[f"{name}.weight"], w.get(f"{name}.bias")))
+        self.register_buffer("rope_pairs", w["rope_pairs"])
+        self.kv_cache: KVCache | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, H, 2u], k [B, T, G, 2u], v [B, T, G, r] of hidden states ``x`` [B, T, hidden]."""
@@ -137,98 +212,164 @@ class Attention(nn.Module):
         (``elastiq.kernels`` picks the Triton kernel on a GPU, the torch path elsewhere)."""
         apply_rope_gather(q, k, positions, inv_freq, self.rope_pairs, self.attention_scaling)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over [B, T, heads, dim] inputs, each KV head expanded to its query
-        heads: [B, H, T, r]."""
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        repeats = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Attention of queries q [B, H, T, 2u] over keys k [B, G, S, 2u] and values v [B, G, S, r]
+        (each KV head serving its H/G query heads): [B, H, T, r]. The queries sit at positions
+        ``start``..``start``+T-1 of the S keys (``start`` None: the same T positions, causal)."""
+        T, S = q.shape[2], k.shape[2]
+        if start is None or (start == 0 and T == S):
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token sees every cached position
+        else:
+            mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+            causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
         self.rotate(q, k, positions, inv_freq)
-        y = self.attend(q, k, v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if start is not None:
+            if self.kv_cache is None:
+                raise ElastiqError("decoding at a position needs the KV caches: call setup_caches first")
+            k, v = self.kv_cache.update(start, k, v)
+        y = self.attend(q, k, v, start)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
     """Pre-norm decoder block: x + attention(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, args: ModelArgs, layer: LayerArgs):
+    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight]):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = FeedForward(args, layer)
+        self.input_layernorm = _norm(w["input_layernorm.weight"], args.rms_norm_eps)
+        self.self_attn = Attention(args, layer, {k.removeprefix("self_attn."): t for k, t in w.items()
+                                                 if k.startswith("self_attn.")})
+        self.post_attention_layernorm = _norm(w["post_attention_layernorm.weight"], args.rms_norm_eps)
+        self.mlp = FeedForward({k.removeprefix("mlp."): t for k, t in w.items() if k.startswith("mlp.")})
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, inv_freq)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                start: int | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Transformer(nn.Module):
     """Embeddings, blocks of per-layer widths, final norm and LM head (tied to the embeddings
-    when the config says so: then one parameter)."""
+    when the config says so: then one parameter, or for 4-bit weights one set of codes that the
+    embedding gathers from and the head multiplies by in its packed form)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], inv_freq: torch.Tensor,
+                 dtype: torch.dtype):
         super().__init__()
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args, layer) for layer in args.layers)
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", torch.zeros(args.head_dim // 2))  # rotary frequencies of the original head
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.args, self.dtype = args, dtype
+        embed = weights["embed_tokens.weight"]
+        if isinstance(embed, QuantizedTensor):
+            self.embed_tokens = Q4Embedding(embed, dtype)
+        else:
+            with torch.device("meta"):
+                self.embed_tokens = nn.Embedding(*embed.shape)
+            self.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i)) for i, layer in enumerate(args.layers))
+        self.norm = _norm(weights["norm.weight"], args.rms_norm_eps)
+        self.lm_head = _linear(weights["lm_head.weight"], None)
+        if args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.embed_tokens.weight  # tied: one parameter
+        self.register_buffer("inv_freq", inv_freq)  # rotary frequencies of the original head
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] of the full causal sequence ``input_ids`` [B, T]; right padding
-        leaves the logits at real positions unchanged."""
+    def forward(self, input_ids: torch.Tensor, start: int | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] of ``input_ids`` [B, T]: with ``start`` None, the full causal
+        sequence from position 0 without caches (right padding leaves the logits at real positions
+        unchanged); with ``start``, the tokens at positions start..start+T-1 attending to the KV
+        caches. ``last_only`` computes the logits of the last position only ([B, 1, vocab])."""
         T = input_ids.shape[1]
-        if self.args.sliding_window is not None and T > self.args.sliding_window:
-            raise ElastiqError(f"{T} tokens exceed the model's sliding attention window of "
+        end = T if start is None else start + T
+        if self.args.sliding_window is not None and end > self.args.sliding_window:
+            raise ElastiqError(f"{end} tokens exceed the model's sliding attention window of "
                                f"{self.args.sliding_window}, which this runtime does not implement; "
                                f"pass at most {self.args.sliding_window} tokens")
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+        positions = torch.arange(end - T, end, device=input_ids.device)
+        x = self.embed_tokens(input_ids).to(self.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.inv_freq)
-        return self.lm_head(self.norm(x))
+            x = layer(x, positions, self.inv_freq, start)
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
+
+    def setup_caches(self, batch: int, max_seq: int) -> None:
+        """Give every layer an empty KV cache of ``max_seq`` positions in the model's dtype."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch, max_seq, attn.num_kv_heads, attn.qk_dim, attn.v_dim, self.dtype,
+                                    self.inv_freq.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, torch.Tensor | QuantizedTensor], config: Mapping) -> "Transformer":
+    def from_weights(cls, weights: Mapping[str, Weight], config: Mapping, dtype: torch.dtype = torch.float32,
+                     int4: bool = False) -> "Transformer":
         """The model of ``weights`` (Hugging Face names, any rate's widths, optional
         ``model.layers.{i}.self_attn.rope_pairs`` [G, u]; pairs 0..u-1 when absent) and the
-        Hugging Face config dict ``config``. The tensors become the parameters (no copy);
-        quantized matrices are dequantized to float32 (the int4 matmul path is not built yet)."""
-        weights = {k: v.dequantize() if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
+        Hugging Face config dict ``config``, computing in ``dtype``. Float tensors become the
+        parameters without a copy when they already have ``dtype``. 4-bit matrices
+        (``QuantizedTensor``) are dequantized to ``dtype`` (the reference), or with ``int4`` kept
+        packed for the 4-bit kernels (then ``dtype`` must suit them: bfloat16 on CPU); weights
+        already prepared (``Q4Weight``, as ``resident`` makes them) are used as they are."""
+        weights = {name.removeprefix("model."): t for name, t in weights.items()}
+        if config.get("tie_word_embeddings"):
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        weights = {name: resident(name, t, dtype, int4) for name, t in weights.items()}
         inv_freq, attention_scaling = _rotary_frequencies(config)
-        args = ModelArgs.from_weights(weights, config, attention_scaling)
-        with torch.device("meta"):
-            model = cls(args)
-        state = {name.removeprefix("model."): t for name, t in weights.items()}
-        device = state["embed_tokens.weight"].device
-        if args.tie_word_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        state["inv_freq"] = inv_freq.to(device)
+        args = ModelArgs.from_weights({f"model.{k}": t for k, t in weights.items()}, config, attention_scaling)
+        device = _device(weights["norm.weight"])
         for i, layer in enumerate(args.layers):
-            pairs = state.get(f"layers.{i}.self_attn.rope_pairs")
+            name = f"layers.{i}.self_attn.rope_pairs"
+            pairs = weights.get(name)
             if pairs is None:
                 pairs = torch.arange(layer.rope_pairs, device=device).expand(args.num_kv_heads, -1)
             if pairs.shape != (args.num_kv_heads, layer.rope_pairs):
                 raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the k_proj rows say "
                                    f"{(args.num_kv_heads, layer.rope_pairs)}")
-            state[f"layers.{i}.self_attn.rope_pairs"] = pairs.long()
-        model.load_state_dict(state, assign=True)
-        if args.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model.eval().requires_grad_(False)
+            weights[name] = pairs.long()
+        return cls(args, weights, inv_freq.to(device), dtype).eval()
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":
         """The elastic model of a transformers causal LM, sharing its tensors."""
         return cls.from_weights(model.state_dict(), model.config.to_dict())
+
+
+def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
+    """Tensor ``name`` in the form the model holds it: floats in ``dtype``, integers (rotary pair
+    indices) in int64; 4-bit matrices dequantized, or with ``int4`` prepared for the 4-bit matmul (the token
+    embedding stays as codes, since a lookup needs rows, not a matmul)."""
+    if isinstance(t, QuantizedTensor):
+        if not int4:
+            return t.dequantize().to(dtype)
+        if name.removeprefix("model.") == "embed_tokens.weight":
+            return t
+        return prepare_q4(t.codes, t.scales, t.codes.device)
+    if isinstance(t, Q4Weight):
+        return t
+    return t.to(dtype) if t.is_floating_point() else t.long()
+
+
+def block_weights(weights: Mapping[str, Weight], index: int) -> dict[str, Weight]:
+    """The tensors of block ``index`` by their names within the block."""
+    prefix = f"layers.{index}."
+    return {k.removeprefix(prefix): t for k, t in weights.items() if k.startswith(prefix)}
+
+
+def _rows(t: Weight) -> int:
+    return t.out_features if isinstance(t, Q4Weight) else t.shape[0]
+
+
+def _device(t: Weight) -> torch.device:
+    return t.device if not isinstance(t, QuantizedTensor) else t.codes.device
 
 
 def _rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:

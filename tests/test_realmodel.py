@@ -10,10 +10,12 @@ pytestmark = pytest.mark.realmodel
 
 
 def test_run_answers_a_prompt(capsys):
+    """The README's main command: compress the default model once (cached), pick a rate from free
+    memory, load only its bytes, and answer through the 4-bit runtime."""
     assert main(["run", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
-    assert "smollm2-135m (llama, float32, dense)" in captured.err
+    assert "the least-pruned rate whose predicted" in captured.err and "loaded rate" in captured.err
 
 
 def test_sorted_smollm2_equals_the_original(tmp_path):

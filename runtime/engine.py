@@ -1,0 +1,133 @@
+"""A nested checkpoint running at one rate: load only that rate's bytes, generate, switch rate.
+
+``Engine`` opens a checkpoint, loads the chosen rate tensor by tensor (each tensor's raw bytes are
+dropped once it is in the form the model holds), and keeps a ``Generator`` whose KV cache serves
+the conversation. ``set_rate`` changes every block in place, one block at a time: a smaller rate
+is cut from the weights in memory without touching the file, a larger one reads and verifies only
+the units it lacks (``Checkpoint.resize``). The KV cache has the old widths, so it is emptied and
+the next turn re-fills the context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import ElastiqError
+from ..checkpoint import Checkpoint
+from ..kernels.q4_layout import unprepare_q4
+from ..quants import QuantizedTensor
+from .generate import Generator
+from .model import Block, KVCache, LayerArgs, Q4Linear, Transformer, resident
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One rate change: from and to, seconds taken, and bytes read from the checkpoint."""
+
+    old_rate: float
+    new_rate: float
+    seconds: float
+    bytes_read: int
+
+
+class Engine:
+    """The model of ``checkpoint`` at ``rate`` on ``device``, with a KV cache of ``ctx`` positions.
+
+    Activations are bfloat16 when the checkpoint is 4-bit (its matrices stay packed and multiply
+    through the int4 kernels), float32 for a float checkpoint, unless ``dtype`` says otherwise.
+    ``verify`` checks the sha256 of every segment read.
+    """
+
+    def __init__(self, checkpoint: str | Path | Checkpoint, rate: float, ctx: int = 2048,
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True):
+        self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        self.config = self.ckpt.manifest["source"]["config"]
+        check_ctx(self.config, ctx)
+        self.int4 = self.ckpt.manifest["quantization"] is not None
+        self.dtype = dtype or (torch.bfloat16 if self.int4 else torch.float32)
+        self.device, self.verify, self.ctx = torch.device(device), verify, ctx
+        self.ckpt.rate_entry(rate)  # an unoffered rate fails before anything is read
+        start, read = time.perf_counter(), self.ckpt.bytes_read
+        weights = {}
+        for name, t in self.ckpt.iter_rate(rate, verify):
+            if name not in self.ckpt.aliases:  # a tied head is re-tied from the config
+                weights[name] = resident(name, _to(t, self.device), self.dtype, self.int4)
+        self.model = Transformer.from_weights(weights, self.config, self.dtype, self.int4)
+        del weights
+        self.rate = rate
+        self.load_seconds = time.perf_counter() - start
+        self.load_bytes = self.ckpt.bytes_read - read
+        self.generator = Generator(self.model, ctx)
+        self.tokenizer = self.ckpt.tokenizer()
+
+    def set_rate(self, rate: float) -> Switch:
+        """Move to ``rate``: cut narrower weights from memory, or read only the missing units of
+        wider ones; block by block, so at most one block is held twice."""
+        self.ckpt.rate_entry(rate)
+        start, read = time.perf_counter(), self.ckpt.bytes_read
+        old = self.rate
+        if rate != old:
+            self.generator.reset()  # free the old caches before the weights change
+            self.model.clear_caches()
+            layers = []
+            for i, block in enumerate(self.model.layers):
+                held = _held(block)
+                new = {}
+                for local, t in held.items():
+                    t = self.ckpt.resize(f"model.layers.{i}.{local}", t, old, rate, self.verify)
+                    new[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
+                del held
+                layers.append(LayerArgs.of(new, self.model.args.num_kv_heads, i))
+                self.model.layers[i] = Block(self.model.args, layers[-1], new)
+            self.model.args = replace(self.model.args, layers=tuple(layers))
+            self.rate = rate
+            self.generator.reset(self.model)
+        return Switch(old, rate, time.perf_counter() - start, self.ckpt.bytes_read - read)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights the model holds (each shared tensor once; the KV cache is not counted)."""
+        seen, total = set(), 0
+        for module in self.model.modules():
+            if isinstance(module, KVCache):
+                continue
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if isinstance(module, Q4Linear):
+                tensors += [module.weight.packed, module.weight.scales]
+            for t in tensors:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.nbytes
+        return total
+
+
+def check_ctx(config: dict, ctx: int) -> None:
+    """Refuse a context the model was not trained for (its ``max_position_embeddings``)."""
+    limit = config.get("max_position_embeddings")
+    if ctx < 2 or (limit and ctx > limit):
+        raise ElastiqError(f"--ctx {ctx} is outside what the model supports: 2 to {limit} positions "
+                           "(max_position_embeddings of its config)")
+
+
+def _to(t: torch.Tensor | QuantizedTensor, device: torch.device) -> torch.Tensor | QuantizedTensor:
+    if isinstance(t, QuantizedTensor):
+        return QuantizedTensor(t.codes.to(device), t.scales.to(device))
+    return t.to(device)
+
+
+def _held(block: Block) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """A block's tensors by their names within the block, 4-bit matrices back as codes."""
+    out = {}
+    for name, module in block.named_modules():
+        if isinstance(module, Q4Linear):
+            out[f"{name}.weight"] = QuantizedTensor(*unprepare_q4(module.weight))
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias
+        elif isinstance(module, nn.Linear) or name.endswith("layernorm"):
+            out.update({f"{name}.{p}": t.data for p, t in module.named_parameters(recurse=False)})
+    out["self_attn.rope_pairs"] = block.self_attn.rope_pairs
+    return out

@@ -1,0 +1,202 @@
+"""How much memory the device has free, what each offered rate would take, and which rate fits.
+
+Free memory is the least of: what the OS says is available (psutil), what the process's cgroup
+still allows (cgroup v2 ``memory.max`` - ``memory.current``, or v1 ``memory.limit_in_bytes`` -
+``memory.usage_in_bytes``), and on a GPU what CUDA reports free. A rate's footprint is predicted
+from the checkpoint's shapes alone, counting what the runtime will hold:
+
+- weights: each tensor in the form the model keeps it (``runtime.model.resident``: floats in the
+  compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``);
+- KV cache: ``ctx`` positions of every layer's kept key and value channels;
+- workspace: the larger of a prefill chunk's activations and loading's transient copies;
+- baseline: the process's own resident memory before loading (Python, torch, the tokenizer).
+
+The benchmark ``benchmarks/runtime.py`` compares this prediction with the measured peak RSS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .. import ElastiqError
+from ..checkpoint import Checkpoint, kv_bytes_per_token
+from ..kernels.q4_layout import q4_nbytes
+from ..quants import BLOCK, PACKED
+from .generate import PREFILL_CHUNK
+
+SAFETY_MARGIN = 0.9  # use at most this share of the free memory
+_UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """Bytes free for the runtime and which measurement bounded them."""
+
+    bytes: int
+    source: str
+
+
+def free_memory(device: torch.device | str = "cpu", cgroup_root: Path = Path("/sys/fs/cgroup"),
+                proc_cgroup: Path = Path("/proc/self/cgroup")) -> FreeMemory:
+    """Free memory on ``device``: CUDA's free bytes on a GPU; else the smaller of psutil's
+    available memory and the room left under the process's cgroup limit, if one is set."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return FreeMemory(free, f"torch.cuda.mem_get_info on {torch.cuda.get_device_name(device)}")
+    best = FreeMemory(psutil.virtual_memory().available, "psutil available memory")
+    room = _cgroup_room(cgroup_root, proc_cgroup)
+    if room is not None and room.bytes < best.bytes:
+        best = room
+    return best
+
+
+def _cgroup_room(root: Path, proc_cgroup: Path) -> FreeMemory | None:
+    """Limit minus usage of the process's memory cgroup (v2, else v1), or None without a limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            files = [(root / path / "memory.max", root / path / "memory.current"),
+                     (root / "memory.max", root / "memory.current")]
+            version = "v2"
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            files = [(base / path / "memory.limit_in_bytes", base / path / "memory.usage_in_bytes"),
+                     (base / "memory.limit_in_bytes", base / "memory.usage_in_bytes")]
+            version = "v1"
+        else:
+            continue
+        for limit_file, usage_file in files:
+            try:
+                limit_text, usage = limit_file.read_text().strip(), int(usage_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or int(limit_text) >= _UNLIMITED_V1:
+                return None
+            limit = int(limit_text)
+            return FreeMemory(max(limit - usage, 0), f"cgroup {version} limit {limit / 2**20:.0f} MiB minus "
+                                                     f"{usage / 2**20:.0f} MiB in use ({limit_file})")
+    return None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Predicted bytes of running one rate."""
+
+    rate: float
+    weights: int
+    kv_cache: int
+    workspace: int
+    baseline: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace + self.baseline
+
+
+def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtype, int4: bool,
+                      baseline: int, path: str = "torch") -> Footprint:
+    """The footprint of ``rate`` run with ``ctx`` positions of KV cache, activations in ``dtype``,
+    4-bit matrices kept packed for the kernel ``path`` ("torch" or "triton") when ``int4``, on top of
+    a process that already holds ``baseline`` bytes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    config = ckpt.manifest["source"]["config"]
+    tied = bool(config.get("tie_word_embeddings"))
+    shapes = ckpt.shapes(rate)
+    weights, transient = 0, 0
+    for name, (shape, stored_dtype, quantized) in shapes.items():
+        numel = math.prod(shape)
+        stored = numel * stored_dtype.itemsize if not quantized else numel // BLOCK * (PACKED + 2)
+        if quantized and int4:
+            held = stored if name.endswith("embed_tokens.weight") else q4_nbytes(*shape, path)
+        elif quantized or stored_dtype.is_floating_point:
+            held = numel * itemsize
+        else:
+            held = numel * 8  # integer tensors (rope pair indices) are held as int64
+        weights += held
+        transient = max(transient, 2 * stored + held)  # raw bytes, their re-laid copy, the held form
+    weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
+    embed_shape, _, embed_quantized = shapes["model.embed_tokens.weight"]
+    if tied and embed_quantized and int4:
+        weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy
+    widths = ckpt.rate_entry(rate)["widths"]
+    kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], ckpt.heads.num_heads
+    widest_mlp = max(shape[0] for name, (shape, _, _) in shapes.items() if name.endswith("gate_proj.weight"))
+    chunk = min(PREFILL_CHUNK, ctx)
+    # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the MLP's
+    # gate, up and product; plus attention scores and probabilities over the context (float32), and
+    # the last position's logits.
+    activations = chunk * ((8 * hidden + 3 * widest_mlp) * itemsize + 2 * heads * ctx * 4) + vocab * 4
+    return Footprint(rate, weights, kv, max(activations, transient), baseline)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``1.5GiB``, ``800MB``, ``512MiB`` or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "K": 2**10, "M": 2**20, "G": 2**30}
+    number = text.strip().upper().rstrip()
+    unit = ""
+    while number and not (number[-1].isdigit() or number[-1] == "."):
+        unit = number[-1] + unit
+        number = number[:-1]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit.strip() not in units or value <= 0:
+        raise ElastiqError(f"memory size {text!r} is not understood; write e.g. 1.5GiB, 800MB, 512MiB or bytes")
+    return int(value * units[unit.strip()])
+
+
+@dataclass(frozen=True)
+class RatePlan:
+    """The rate to load, every offered rate's predicted footprint, and why that rate."""
+
+    rate: float
+    footprints: list[Footprint]
+    reason: str
+
+
+def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype, int4: bool,
+              memory_budget: int | None = None, device: str | torch.device = "cpu",
+              margin: float = SAFETY_MARGIN) -> RatePlan:
+    """Pick the rate to run: ``rate`` when given (it must be offered), else the least-pruned rate
+    whose predicted footprint fits ``memory_budget`` (bytes for the whole process) or, without one,
+    this process's current memory plus ``margin`` of the free memory."""
+    baseline = psutil.Process().memory_info().rss
+    path = "triton" if torch.device(device).type == "cuda" else "torch"
+    footprints = [predict_footprint(ckpt, r, ctx, dtype, int4, baseline, path) for r in ckpt.rates]
+    if rate is not None:
+        ckpt.rate_entry(rate)
+        chosen = next(f for f in footprints if abs(f.rate - rate) < 1e-9)
+        return RatePlan(chosen.rate, footprints, f"rate {rate} as asked (predicted {chosen.total / 2**20:.0f} MiB)")
+    if memory_budget is not None:
+        budget, source = memory_budget, f"--memory-budget {memory_budget / 2**20:.0f} MiB"
+    else:
+        free = free_memory(device)
+        budget = baseline + int(free.bytes * margin)
+        source = (f"{free.bytes / 2**20:.0f} MiB free ({free.source}) x margin {margin} + "
+                  f"{baseline / 2**20:.0f} MiB this process holds")
+    fitting = [f for f in sorted(footprints, key=lambda f: f.rate) if f.total <= budget]
+    if not fitting:
+        table = ", ".join(f"rate {f.rate}: {f.total / 2**20:.0f} MiB" for f in footprints)
+        raise ElastiqError(f"no offered rate fits the budget of {budget / 2**20:.0f} MiB ({source}); the rates need "
+                           f"{table}. Free memory, shorten --ctx, or pass --rate / --memory-budget")
+    chosen = fitting[0]
+    reason = f"rate {chosen.rate}: the least-pruned rate whose predicted {chosen.total / 2**20:.0f} MiB fits " \
+             f"the budget of {budget / 2**20:.0f} MiB ({source})"
+    if chosen is not min(footprints, key=lambda f: f.rate):
+        skipped = [f for f in footprints if f.rate < chosen.rate]
+        reason += "; " + ", ".join(f"rate {f.rate} needs {f.total / 2**20:.0f} MiB" for f in skipped)
+    return RatePlan(chosen.rate, footprints, reason)

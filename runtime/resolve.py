@@ -1,0 +1,50 @@
+"""What ``elastiq run`` and ``elastiq chat`` were given, as a nested checkpoint.
+
+A checkpoint folder is used as it is. A model (a known name such as the default
+``smollm2-135m``, a Hugging Face folder or a GGUF file) is compressed once with the default
+pipeline (sort at the default rates, then GPTQ to 4 bits) into the cache, and found there on
+every later run; each stage writes under a temporary name, so an interrupted first run leaves
+no checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import MANIFEST, SUFFIX
+from ..paths import cache_dir
+
+
+def cached_checkpoint_path(source: str) -> Path:
+    """Where the 4-bit checkpoint of model ``source`` is cached: a readable slug of the name plus
+    a hash of the resolved path (two folders with one name must not share a checkpoint)."""
+    path = Path(source).expanduser()
+    key = str(path.resolve()) if path.exists() else source
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or source).strip("-.") or "model"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_dir() / "checkpoints" / f"{slug}-{digest}-q4{SUFFIX}"
+
+
+def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
+    """The nested checkpoint for ``source``: the folder itself, or the cached compression of a
+    model, made on first use (compress at the default rates, then GPTQ to Q4_0)."""
+    path = Path(source).expanduser()
+    if (path / MANIFEST).is_file():
+        return path
+    target = cached_checkpoint_path(source)
+    if (target / MANIFEST).is_file():
+        return target
+    from ..compressor.compress import compress
+    from ..compressor.quantize import quantize_checkpoint
+
+    log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
+        "(calibrate and sort, then GPTQ to 4 bits: a few minutes on a laptop CPU)")
+    float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
+    compress(source, float_ckpt, overwrite=True)
+    quantize_checkpoint(float_ckpt, target, overwrite=True)
+    shutil.rmtree(float_ckpt)
+    return target

@@ -1,0 +1,239 @@
+"""The device side: KV-cache decoding, the 4-bit model, loading one rate's bytes, switching rate
+in memory, memory prediction and rate choice, generation, chat and the run command."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from elastiq import ElastiqError
+from elastiq.checkpoint import Checkpoint, CheckpointError
+from elastiq.cli import main
+from elastiq.compressor.compress import CompressOptions, compress
+from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
+from elastiq.kernels import prepare_q4
+from elastiq.kernels.q4_layout import int4pack_layout, q4_nbytes, unprepare_q4
+from elastiq.quants import quantize_rtn
+from elastiq.runtime.chat import chat, template_ids
+from elastiq.runtime.engine import Engine
+from elastiq.runtime.generate import Generator, Sampling
+from elastiq.runtime.memory import free_memory, parse_size, plan_rate, predict_footprint
+from elastiq.runtime.model import Transformer
+from conftest import TEXT
+
+RATES = (0.0, 0.15, 0.35)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(models, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
+    """Float checkpoints of tiny Llama and Qwen2 (biases), and a 4-bit one of each (RTN)."""
+    out = {}
+    for family in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(family)
+        options = CompressOptions(rates=RATES[1:], calib_samples=4, calib_seqlen=32)
+        float_path = compress(models[family][0], folder / "f.elastiq", options, data=data_dir, progress=False)
+        q4_path = quantize_checkpoint(float_path, folder / "q.elastiq", QuantizeOptions(method="rtn"),
+                                      data=data_dir, progress=False)
+        out[family], out[f"{family}-q4"] = Checkpoint(float_path), Checkpoint(q4_path)
+    return out
+
+
+def _reference(ckpt: Checkpoint, rate: float) -> Transformer:
+    """The float32 model of ``rate`` without caches (4-bit matrices dequantized)."""
+    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cached_decoding_equals_the_full_pass(family, checkpoints, tokenizer):
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    for rate in RATES:
+        model = _reference(checkpoints[family], rate)
+        with torch.no_grad():
+            full = model(ids)
+            model.setup_caches(1, 64)
+            steps = [model(ids[:, :5], start=0), model(ids[:, 5:12], start=5)]  # a chunk after a chunk
+            steps += [model(ids[:, t:t + 1], start=t) for t in range(12, ids.shape[1])]
+        assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5, rate
+
+
+def test_the_4bit_model_matches_its_dequantized_reference(checkpoints, tokenizer):
+    """Packed int4 weights with bf16 activations against the same codes dequantized to float32."""
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    ckpt = checkpoints["qwen2-q4"]
+    for rate in RATES:
+        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
+                                          dtype=torch.bfloat16, int4=True)
+        assert sum(1 for m in packed.modules() if type(m).__name__ == "Q4Linear") == 2 * 7 + 1  # 7 per block, head
+        with torch.no_grad():
+            got, want = packed(ids).float(), _reference(ckpt, rate)(ids)
+        # bf16 activations carry 8 significant bits through 2 blocks: a few percent of the logit scale
+        assert (got - want).abs().max() < 0.05 * want.abs().max(), rate
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64)])
+def test_prepared_weights_give_back_their_codes_and_predict_their_size(shape):
+    codes, scales = quantize_rtn(torch.randn(*shape))
+    weight = prepare_q4(codes, scales)
+    assert weight.nbytes == q4_nbytes(*shape, weight.path)
+    back_codes, back_scales = unprepare_q4(weight)
+    assert torch.equal(back_codes, codes)
+    again = prepare_q4(back_codes, back_scales)
+    assert torch.equal(again.packed, weight.packed) and torch.equal(again.scales, weight.scales)
+    assert int4pack_layout() in ("avx512", "avx2", "scalar")
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"), reason="triton is not installed")
+def test_triton_prepared_weights_give_back_their_codes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    codes, scales = quantize_rtn(torch.randn(96, 64))
+    weight = prepare_q4(codes, scales)
+    assert weight.path == "triton" and weight.nbytes == q4_nbytes(96, 64, "triton")
+    back_codes, back_scales = unprepare_q4(weight)
+    assert torch.equal(back_codes, codes) and torch.equal(back_scales, scales)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-q4"])
+def test_engine_reads_only_its_rate_and_switches_in_memory(name, checkpoints, tokenizer):
+    ckpt = checkpoints[name]
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    engine = Engine(ckpt.path, 0.15, ctx=64)
+    entry = lambda r: engine.ckpt.rate_entry(r)["weight_bytes"]  # noqa: E731
+    assert engine.load_bytes == entry(0.15)
+    fresh = {r: Engine(ckpt.path, r, ctx=64).model for r in RATES}
+    for rate, expected_read in ((0.35, 0), (0.0, entry(0.0) - entry(0.35)), (0.15, 0), (0.35, 0)):
+        switch = engine.set_rate(rate)
+        assert switch.bytes_read == expected_read, (rate, switch)
+        with torch.no_grad():
+            assert torch.equal(engine.model(ids), fresh[rate](ids)), rate  # bit for bit a fresh load
+    assert engine.set_rate(0.35).bytes_read == 0  # the same rate: nothing to do
+
+
+def test_footprint_prediction_counts_what_the_engine_holds(checkpoints):
+    for name in ("llama", "qwen2-q4"):
+        ckpt = checkpoints[name]
+        for rate in RATES:
+            engine = Engine(ckpt.path, rate, ctx=64)
+            f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
+            assert f.weights == engine.weight_bytes(), (name, rate)
+            caches = sum(layer.self_attn.kv_cache.k.nbytes + layer.self_attn.kv_cache.v.nbytes
+                         for layer in engine.model.layers)
+            assert f.kv_cache == caches
+            assert f.workspace > 0 and f.total == f.weights + f.kv_cache + f.workspace
+
+
+def test_rate_plan_picks_the_least_pruned_rate_that_fits(checkpoints):
+    ckpt = checkpoints["llama-q4"]
+    plans = {r: plan_rate(ckpt, r, 64, torch.bfloat16, True) for r in RATES}
+    totals = {r: p.footprints[RATES.index(r)].total for r, p in plans.items()}
+    assert totals[0.0] > totals[0.15] > totals[0.35]
+    assert plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.0]).rate == 0.0
+    plan = plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.15] + 1)
+    assert plan.rate == 0.15 and "rate 0.0 needs" in plan.reason
+    with pytest.raises(ElastiqError, match=r"no offered rate fits the budget of .* rate 0.35: \d+ MiB"):
+        plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.35] - 1)
+    with pytest.raises(CheckpointError, match="rate 0.3 is not offered .* offered: 0.0, 0.15, 0.35"):
+        plan_rate(ckpt, 0.3, 64, torch.bfloat16, True)
+    assert plan_rate(ckpt, None, 64, torch.bfloat16, True).rate == 0.0  # this machine has room for a tiny model
+
+
+def test_free_memory_honours_cgroup_limits(tmp_path):
+    unlimited = free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "none")
+    assert unlimited.source == "psutil available memory" and unlimited.bytes > 0
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "memory.max").write_text(f"{300 * 2**20}\n")
+    (tmp_path / "app" / "memory.current").write_text(f"{100 * 2**20}\n")
+    (tmp_path / "v2").write_text("0::/app\n")
+    v2 = free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v2")
+    assert v2.bytes == 200 * 2**20 and "cgroup v2" in v2.source
+    (tmp_path / "app" / "memory.max").write_text("max\n")
+    assert free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v2").source == "psutil available memory"
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{64 * 2**20}\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text(f"{16 * 2**20}\n")
+    (tmp_path / "v1").write_text("5:cpu,cpuacct:/\n4:memory:/\n")
+    v1 = free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v1")
+    assert v1.bytes == 48 * 2**20 and "cgroup v1" in v1.source
+
+
+def test_sizes_parse_and_bad_ones_say_what_is_accepted():
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("800MB") == 800 * 10**6 and parse_size("4096") == 4096
+    with pytest.raises(ElastiqError, match="write e.g. 1.5GiB"):
+        parse_size("lots")
+
+
+def test_greedy_generation_equals_argmax_of_full_passes(checkpoints, tokenizer):
+    ckpt = checkpoints["llama"]
+    model = _reference(ckpt, 0.15)
+    prompt = tokenizer.encode(TEXT)[:10]
+    with torch.no_grad():
+        expected = list(prompt)
+        for _ in range(12):
+            expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
+    generator = Generator(model, 64)
+    seen = []
+    stats = generator.generate(prompt, 12, on_token=seen.append)
+    assert stats.tokens == seen == expected[10:]
+    assert generator.cached == expected[:-1]  # the last token is run on the next call
+    again = generator.generate(expected[:-1] + [expected[-1]], 3)  # a follow-up reuses the whole cache
+    assert again.reused == len(expected) - 1 and again.prefilled == 1
+    stop = expected[12]
+    stopped = Generator(model, 64).generate(prompt, 12, stop=[stop])
+    assert stopped.tokens == expected[10:expected.index(stop, 10) + 1]
+    first = Generator(model, 64).generate(prompt, 8, Sampling(temperature=1.0, top_k=5, seed=7)).tokens
+    assert first == Generator(model, 64).generate(prompt, 8, Sampling(temperature=1.0, top_k=5, seed=7)).tokens
+    with pytest.raises(ElastiqError, match="the context holds 8"):
+        Generator(model, 8).generate(tokenizer.encode(TEXT), 2)
+
+
+def test_chat_switches_rate_and_continues_the_conversation(checkpoints):
+    engine = Engine(checkpoints["llama-q4"].path, 0.0, ctx=128)
+    out = []
+    messages = chat(engine, ["Hello there", "/rate 0.35", "How are you", "/rate 0.3", "/rate", "/quit", "never"],
+                    out.append, max_new_tokens=6)
+    text = "".join(out)
+    assert "rate 0.0 -> 0.35" in text and "0.0 MB read" in text and "conversation re-filled" in text
+    assert "[error: rate 0.3 is not offered" in text and "rate 0.35; offered: 0.0, 0.15, 0.35" in text
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    # the reply after the switch is what a fresh engine at 0.35 says to the same conversation
+    fresh = Engine(checkpoints["llama-q4"].path, 0.35, ctx=128)
+    ids = template_ids(fresh.tokenizer, messages[:3], add_generation_prompt=True)
+    expected = fresh.generator.generate(ids, 6, stop=[fresh.tokenizer.eos_token_id]).tokens
+    assert fresh.tokenizer.decode(expected, skip_special_tokens=True) == messages[3]["content"]
+
+
+def test_run_command_says_which_rate_and_why(checkpoints, capsys):
+    path = str(checkpoints["qwen2-q4"].path)
+    assert main(["run", path, "--prompt", "Hello", "--max-new-tokens", "4", "--ctx", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "rate 0.0: the least-pruned rate whose predicted" in err and "loaded rate 0.0" in err
+    assert main(["run", path, "--prompt", "Hello", "--max-new-tokens", "4", "--ctx", "64", "--rate", "0.35"]) == 0
+    assert "rate 0.35 as asked" in capsys.readouterr().err
+    assert main(["run", path, "--prompt", "Hello", "--ctx", "100000"]) == 2
+    assert "--ctx 100000 is outside what the model supports: 2 to 256" in capsys.readouterr().err
+    assert main(["run", path, "--prompt", "Hello", "--memory-budget", "1MiB", "--ctx", "64"]) == 2
+    assert "no offered rate fits the budget of 1 MiB" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_names_the_tensor(checkpoints, tmp_path):
+    import shutil
+
+    path = shutil.copytree(checkpoints["llama-q4"].path, tmp_path / "bad.elastiq")
+    ckpt = Checkpoint(path)
+    name = "model.layers.1.mlp.up_proj.weight.q4_codes"
+    start, _ = ckpt._offsets[name]
+    with open(path / "weights.safetensors", "r+b") as f:
+        f.seek(start)
+        byte = f.read(1)
+        f.seek(start)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=f"tensor {name}: units .* fail their sha256 check"):
+        Engine(path, 0.0, ctx=64)
+    Engine(path, 0.0, ctx=64, verify=False)  # --no-verify loads it
+    size = os.path.getsize(path / "weights.safetensors")
+    with open(path / "weights.safetensors", "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match="is truncated: tensor .* ends at byte"):
+        Engine(path, 0.0, ctx=64)
