@@ -16,13 +16,57 @@ def _positive(text: str) -> int:
     return value
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
-    from .compressor.intake import load_model
-    from .runtime.answer import answer
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
-    loaded = load_model(args.model)
-    print(f"elastiq: {loaded.source} ({loaded.model_type}, float32, dense)", file=sys.stderr)
-    answer(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+
+def _open_engine(args: argparse.Namespace):
+    """Resolve the model argument to a checkpoint, plan its rate from free memory, and load it."""
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .runtime.engine import Engine, check_ctx
+    from .runtime.memory import plan_rate
+    from .runtime.resolve import resolve_checkpoint
+
+    ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
+    check_ctx(ckpt.manifest["source"]["config"], args.ctx)
+    int4 = ckpt.manifest["quantization"] is not None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
+        (torch.bfloat16 if int4 else torch.float32)
+    plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget)
+    _log(f"elastiq: {ckpt.path}: {plan.reason}")
+    engine = Engine(ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify)
+    _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
+         f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB")
+    return engine
+
+
+def _sampling(args: argparse.Namespace):
+    from .runtime.generate import Sampling
+
+    return Sampling(args.temperature, args.top_k, args.seed)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .runtime.chat import reply
+
+    engine = _open_engine(args)
+    messages = [{"role": "user", "content": args.prompt}]
+    _, stats = reply(engine, messages, args.max_new_tokens, _sampling(args), lambda s: print(s, end="", flush=True))
+    print()
+    _log(f"elastiq: rate {engine.rate}: prefill {stats.prefilled} tokens at {stats.prefill_tok_s:.0f} tok/s, "
+         f"decode {stats.decoded} tokens at {stats.decode_tok_s:.1f} tok/s")
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from .runtime.chat import HELP, chat
+
+    engine = _open_engine(args)
+    _log(f"elastiq: chatting at rate {engine.rate}; {HELP}")
+    interactive = sys.stdin.isatty()
+    chat(engine, sys.stdin, lambda s: print(s, end="", flush=True), args.max_new_tokens, _sampling(args),
+         args.memory_budget, prompt=(lambda: print("> ", end="", flush=True)) if interactive else (lambda: None))
 
 
 def _rates(text: str) -> list[float]:
@@ -50,6 +94,18 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
                               calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
+    _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
+
+
+def _cmd_recover(args: argparse.Namespace) -> None:
+    from .compressor.recover import RecoverOptions, recover_checkpoint
+
+    options = RecoverOptions(method=args.method, rate=args.rate, steps=args.steps, lr=args.lr, rank=args.rank,
+                             alpha=args.alpha, batch=args.batch, seqlen=args.seqlen, samples=args.samples,
+                             distill=args.distill, temperature=args.temperature, bf16=not args.no_bf16,
+                             seed=args.seed, save_every=args.save_every)
+    path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+    print(f"elastiq: wrote {path} (training {options.timings['train']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
 
 
@@ -101,6 +157,44 @@ def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> No
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+def _rate_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate is an offered fraction like 0.25, or auto; got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    from .runtime.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ElastiqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Options shared by the commands that run a checkpoint."""
+    from .compressor.wheel_models import DEFAULT_MODEL
+
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"a NAME.elastiq checkpoint folder, or a model to compress first: {model_help}")
+    parser.add_argument("--rate", type=_rate_or_auto, default="auto",
+                        help="an offered pruning rate, or auto: the least-pruned rate that fits (default auto)")
+    parser.add_argument("--memory-budget", type=_size,
+                        help="bytes the whole process may use, e.g. 600MiB or 2GB (default: what is free now)")
+    parser.add_argument("--ctx", type=_positive, default=2048, help="context length the KV cache holds (default 2048)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="activation dtype: auto is bfloat16 for a 4-bit checkpoint, float32 for a float one")
+    parser.add_argument("--max-new-tokens", type=_positive, default=256, help="reply length cap (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    parser.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bytes read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compressor.compress import DEFAULT_RATES
     from .compressor.wheel_models import DEFAULT_MODEL
@@ -113,14 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"elastiq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="answer a prompt with a model", description=(
-        "Load a model and answer one prompt through its chat template, streaming the reply."))
-    run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    run = sub.add_parser("run", help="answer a prompt at the rate that fits free memory", description=(
+        "Answer one prompt through the model's chat template, streaming the reply. Given a nested checkpoint it "
+        "loads the least-pruned rate whose predicted footprint (weights + KV cache for --ctx + workspace + this "
+        "process) fits the free memory, reading only that rate's bytes; given a model it first compresses it "
+        "once (sort at the default rates, GPTQ to 4 bits) into the cache."))
+    _add_runtime_args(run, model_help)
     run.add_argument("--prompt", "-p", required=True, help="the user message to answer")
-    run.add_argument("--max-new-tokens", type=_positive, default=128, help="reply length cap (default 128)")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
-    run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     run.set_defaults(func=_cmd_run)
+
+    chat = sub.add_parser("chat", help="converse with a checkpoint, switching rate between turns", description=(
+        "An interactive conversation (one message per line on stdin). /rate R switches to an offered rate "
+        "(shrinking in memory, growing by reading only the missing bytes) and re-fills the conversation; "
+        "/rate auto picks the rate that fits the free memory now; /quit ends."))
+    _add_runtime_args(chat, model_help)
+    chat.set_defaults(func=_cmd_chat)
 
     comp = sub.add_parser("compress", help="compress a model into a nested checkpoint", description=(
         "Calibrate on the C4 sample, sort every prunable axis by importance (so each rate is a prefix), "
@@ -156,6 +257,35 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--block-size", type=int, default=32, help="weights per scale: 32 (the only supported size)")
     _add_calibration_args(qua, "calibration sampling seed (default 0)")
     qua.set_defaults(func=_cmd_quantize)
+
+    rec = sub.add_parser("recover", help="fine-tune a nested checkpoint with LoRA at every rate", description=(
+        "Recovery fine-tuning of a float nested checkpoint: LoRA on every projection, trained on the C4 sample "
+        "with the channel masks of a rate drawn at each step (nested), or LoRAShear's progressive structured "
+        "pruning to one rate (lorashear); merged back, every rate stays a prefix. State is saved beside the "
+        "output every --save-every steps, and the same command resumes an interrupted run."))
+    rec.add_argument("checkpoint", help="a float NAME.elastiq folder (from elastiq compress; recover before quantizing)")
+    rec.add_argument("--output", "-o", required=True, help="the checkpoint folder to write, NAME.elastiq")
+    rec.add_argument("--method", choices=["nested", "lorashear"], default="nested",
+                     help="nested: every offered rate, larger ones drawn more often (default); lorashear: prune to "
+                          "--rate and offer rates 0 and R")
+    rec.add_argument("--rate", type=float, default=0.25, help="LoRAShear's pruning rate, in (0, 0.9) (default 0.25)")
+    rec.add_argument("--steps", type=_positive, default=200, help="optimizer steps (default 200)")
+    rec.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights (default 3e-4)")
+    rec.add_argument("--rank", type=_positive, default=8, help="LoRA rank (default 8)")
+    rec.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
+                                                                "(default 16)")
+    rec.add_argument("--batch", type=_positive, default=4, help="C4 windows per step (default 4)")
+    rec.add_argument("--seqlen", type=_positive, default=256, help="tokens per window (default 256)")
+    rec.add_argument("--samples", type=_positive, default=512, help="C4 windows in the training pool (default 512)")
+    rec.add_argument("--distill", type=float, default=0.0,
+                     help="weight of self-distillation, KL of the masked pass against the full-width pass "
+                          "(default 0: off)")
+    rec.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    rec.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    rec.add_argument("--save-every", type=_positive, default=25, help="steps between state saves (default 25)")
+    rec.add_argument("--seed", type=int, default=0, help="data, rate draw and LoRA initialisation seed (default 0)")
+    rec.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    rec.set_defaults(func=_cmd_recover)
 
     ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
         "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths."))
