@@ -226,7 +226,7 @@ def merged_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dic
 
 # --- checks ----------------------------------------------------------------------------------------
 
-def _check(options: RecoverOptions, ckpt: Checkpoint, output: Path, overwrite: bool, data: Path) -> None:
+def _check_options(options: RecoverOptions, ckpt: Checkpoint, data: Path) -> None:
     positive = {"steps": options.steps, "rank": options.rank, "batch": options.batch, "samples": options.samples,
                 "save_every": options.save_every, "prune_periods": options.prune_periods,
                 "heldout": options.heldout}
@@ -251,10 +251,6 @@ def _check(options: RecoverOptions, ckpt: Checkpoint, output: Path, overwrite: b
     if ckpt.manifest["quantization"]:
         raise RecoverError(f"{ckpt.path} is quantized ({ckpt.manifest['quantization']['format']}); recover the "
                            "float checkpoint that `elastiq compress` wrote, then quantize the result")
-    if output.suffix != SUFFIX:
-        raise RecoverError(f"the output must be a folder named *{SUFFIX}, got {output}")
-    if output.exists() and not overwrite:
-        raise RecoverError(f"{output} exists; pass --overwrite to replace it")
     if not (data / C4_SAMPLE).is_file():
         raise RecoverError(f"training data {data / C4_SAMPLE} is missing; recovery trains on the C4 sample of the "
                            "shared data folder (set $ELASTIQ_DATA to the folder that holds c4/)")
@@ -453,6 +449,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
             progress: bool = True) -> Recovered:
     """Train LoRA on the full-width model of the float checkpoint ``ckpt`` as ``options`` say and
     merge it; resume from (and keep saving to) the state folder ``state`` if given."""
+    _check_options(options, ckpt, data)
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)
     config = ckpt.manifest["source"]["config"]
@@ -549,7 +546,11 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     ckpt = Checkpoint(checkpoint)
     output = Path(output)
     data = data or data_dir()
-    _check(options, ckpt, output, overwrite, data)
+    if output.suffix != SUFFIX:
+        raise RecoverError(f"the output must be a folder named *{SUFFIX}, got {output}")
+    if output.exists() and not overwrite:
+        raise RecoverError(f"{output} exists; pass --overwrite to replace it")
+    _check_options(options, ckpt, data)
     state = state_dir(output)
     result = recover(ckpt, options, data, state, progress)
     weights = result.weights

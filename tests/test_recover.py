@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
-from elastiq.compressor import recover as recover_module
 from elastiq.compressor.calibrate import calibration_samples
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
