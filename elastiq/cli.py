@@ -34,9 +34,10 @@ def _open_engine(args: argparse.Namespace):
     int4 = ckpt.manifest["quantization"] is not None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
         (torch.bfloat16 if int4 else torch.float32)
+    tokenizer = ckpt.tokenizer()  # before planning: the tokenizer is part of the process's baseline
     plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget)
     _log(f"elastiq: {ckpt.path}: {plan.reason}")
-    engine = Engine(ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify)
+    engine = Engine(ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify, tokenizer=tokenizer)
     _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
          f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB")
     return engine

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from ..quants import BLOCK, PACKED, torch_int4
 
 INT4PACK_N = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+REPACK_TILE = 64  # rows of the widest int4pack tile (AVX-512); smaller tiles divide it
+REPACK_BYTES = 16 << 20  # int32 codes repacked at a time
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,18 @@ def check_q4_linear_args(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor |
 
 def prepare_int4pack(codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
     """The torch path's ``Q4Weight`` (CPU) of checked codes and scales: N padded with zero rows
-    (codes 0, scale 0) to a multiple of 16, then ``quants.torch_int4``."""
+    (codes 0, scale 0) to a multiple of 16, then ``quants.torch_int4``. torch's repack takes the
+    codes as int32, 8x their packed bytes, so a large matrix is repacked in row blocks of at most
+    ``REPACK_BYTES`` of int32 codes: each a whole number of the layout's 64-row tiles, so that the
+    blocks' bytes concatenate to the whole matrix's."""
     N, blocks, _ = codes.shape
     pad = -N % INT4PACK_N
     codes = F.pad(codes.cpu(), (0, 0, 0, 0, 0, pad))
     scales = F.pad(scales.cpu(), (0, 0, 0, pad))
-    packed, scales_and_zeros = torch_int4(codes, scales)
+    rows = max(REPACK_TILE, REPACK_BYTES // (blocks * BLOCK * 4) // REPACK_TILE * REPACK_TILE)
+    parts = [torch_int4(codes[i:i + rows], scales[i:i + rows]) for i in range(0, N + pad, rows)]
+    packed = parts[0][0] if len(parts) == 1 else torch.cat([p for p, _ in parts])
+    scales_and_zeros = parts[0][1] if len(parts) == 1 else torch.cat([z for _, z in parts], dim=1)
     return Q4Weight(N, blocks * BLOCK, "torch", packed, scales_and_zeros)
 
 

@@ -22,6 +22,7 @@ from ..checkpoint import Checkpoint
 from ..kernels.q4_layout import unprepare_q4
 from ..quants import QuantizedTensor
 from .generate import Generator
+from .memory import return_freed_memory
 from .model import Block, KVCache, LayerArgs, Q4Linear, Transformer, resident
 
 
@@ -40,11 +41,14 @@ class Engine:
 
     Activations are bfloat16 when the checkpoint is 4-bit (its matrices stay packed and multiply
     through the int4 kernels), float32 for a float checkpoint, unless ``dtype`` says otherwise.
-    ``verify`` checks the sha256 of every segment read.
+    ``verify`` checks the sha256 of every segment read. ``tokenizer`` is the checkpoint's, loaded
+    here unless given: a caller that plans the rate first loads it before measuring its own memory,
+    since the tokenizer is part of the runtime's baseline (~60 MB for a 49k vocabulary).
     """
 
     def __init__(self, checkpoint: str | Path | Checkpoint, rate: float, ctx: int = 2048,
-                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True):
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True,
+                 tokenizer=None):
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         self.config = self.ckpt.manifest["source"]["config"]
         check_ctx(self.config, ctx)
@@ -52,6 +56,8 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.int4 else torch.float32)
         self.device, self.verify, self.ctx = torch.device(device), verify, ctx
         self.ckpt.rate_entry(rate)  # an unoffered rate fails before anything is read
+        self.tokenizer = tokenizer or self.ckpt.tokenizer()
+        return_freed_memory()
         start, read = time.perf_counter(), self.ckpt.bytes_read
         weights = {}
         for name, t in self.ckpt.iter_rate(rate, verify):
@@ -59,11 +65,11 @@ class Engine:
                 weights[name] = resident(name, _to(t, self.device), self.dtype, self.int4)
         self.model = Transformer.from_weights(weights, self.config, self.dtype, self.int4)
         del weights
+        return_freed_memory()
         self.rate = rate
         self.load_seconds = time.perf_counter() - start
         self.load_bytes = self.ckpt.bytes_read - read
         self.generator = Generator(self.model, ctx)
-        self.tokenizer = self.ckpt.tokenizer()
 
     def set_rate(self, rate: float) -> Switch:
         """Move to ``rate``: cut narrower weights from memory, or read only the missing units of
@@ -86,6 +92,7 @@ class Engine:
                 self.model.layers[i] = Block(self.model.args, layers[-1], new)
             self.model.args = replace(self.model.args, layers=tuple(layers))
             self.rate = rate
+            return_freed_memory()
             self.generator.reset(self.model)
         return Switch(old, rate, time.perf_counter() - start, self.ckpt.bytes_read - read)
 

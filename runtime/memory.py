@@ -16,6 +16,8 @@ The benchmark ``benchmarks/runtime.py`` compares this prediction with the measur
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +27,37 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, kv_bytes_per_token
+from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..quants import BLOCK, PACKED
 from .generate import PREFILL_CHUNK
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
 _UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+MMAP_THRESHOLD = 1 << 20  # allocations from this size get their own mapping, returned to the OS on free
+
+
+def return_freed_memory() -> None:
+    """Make freed memory leave the process (glibc; a no-op elsewhere). Loading and switching make
+    many short-lived buffers of a few MB; glibc's default raises its mmap threshold as they are
+    freed and then keeps such buffers in its heap, which held ~2x the weights in resident memory.
+    A fixed threshold of 1 MiB maps each large buffer on its own, and ``malloc_trim`` releases
+    what the heap still holds."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -124,7 +151,10 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         else:
             held = numel * 8  # integer tensors (rope pair indices) are held as int64
         weights += held
-        transient = max(transient, 2 * stored + held)  # raw bytes, their re-laid copy, the held form
+        if quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
+            transient = max(transient, min(4 * numel, REPACK_BYTES) + 2 * held)
+        else:  # the raw bytes and their re-laid copy, while the held form is made
+            transient = max(transient, 2 * stored + held)
     weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
     embed_shape, _, embed_quantized = shapes["model.embed_tokens.weight"]
     if tied and embed_quantized and int4:
@@ -174,6 +204,7 @@ def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype
     """Pick the rate to run: ``rate`` when given (it must be offered), else the least-pruned rate
     whose predicted footprint fits ``memory_budget`` (bytes for the whole process) or, without one,
     this process's current memory plus ``margin`` of the free memory."""
+    return_freed_memory()  # what the heap keeps from earlier work is not part of the baseline
     baseline = psutil.Process().memory_info().rss
     path = "triton" if torch.device(device).type == "cuda" else "torch"
     footprints = [predict_footprint(ckpt, r, ctx, dtype, int4, baseline, path) for r in ckpt.rates]

@@ -373,10 +373,18 @@ def _device(t: Weight) -> torch.device:
 
 
 def _rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:
-    """inv_freq [d/2] of the original head size d and the cos/sin scaling factor, from
-    transformers' own rotary embedding, so that every RoPE type it supports is computed as it does."""
+    """inv_freq [d/2] of the original head size d and the cos/sin scaling factor, computed as
+    transformers computes them: the default formula from the config dict itself, or transformers'
+    own initialiser of a scaled RoPE type (building a transformers config object costs ~160 MB of
+    memory, which a device running the default type is spared)."""
+    rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
+                                             "rope_theta": config.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers import AutoConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rotary = LlamaRotaryEmbedding(AutoConfig.for_model(**config))
-    return rotary.inv_freq.float(), float(rotary.attention_scaling)
+    hf_config = AutoConfig.for_model(**config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[hf_config.rope_parameters["rope_type"]](hf_config)
+    return inv_freq.float(), float(scaling)

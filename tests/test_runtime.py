@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint, CheckpointError
@@ -15,7 +16,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.kernels import prepare_q4
 from elastiq.kernels.q4_layout import int4pack_layout, q4_nbytes, unprepare_q4
-from elastiq.quants import quantize_rtn
+from elastiq.quants import quantize_rtn, torch_int4
 from elastiq.runtime.chat import chat, template_ids
 from elastiq.runtime.engine import Engine
 from elastiq.runtime.generate import Generator, Sampling
@@ -73,11 +74,14 @@ def test_the_4bit_model_matches_its_dequantized_reference(checkpoints, tokenizer
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64)])
+@pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64), (7300, 576)])
 def test_prepared_weights_give_back_their_codes_and_predict_their_size(shape):
     codes, scales = quantize_rtn(torch.randn(*shape))
     weight = prepare_q4(codes, scales)
     assert weight.nbytes == q4_nbytes(*shape, weight.path)
+    if shape[0] > 7232:  # repacked in row blocks: the same bytes as torch's repack of the whole
+        whole, whole_scales = torch_int4(F.pad(codes, (0, 0, 0, 0, 0, 12)), F.pad(scales, (0, 0, 0, 12)))
+        assert torch.equal(weight.packed, whole) and torch.equal(weight.scales, whole_scales)
     back_codes, back_scales = unprepare_q4(weight)
     assert torch.equal(back_codes, codes)
     again = prepare_q4(back_codes, back_scales)
