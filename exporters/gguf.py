@@ -1,0 +1,289 @@
+"""GGUF export of one rate of a nested checkpoint, for llama.cpp.
+
+llama.cpp keeps one head size for every layer, so a pruned head is written back at full size:
+kept rotary pair i of KV group g returns to its original pair ``rope_pairs[g, i]`` (channels p and
+p + d/2 of the rotate-half layout) and the pruned pairs become zero rows; a head's V/O rank keeps
+its first r channels and the tail becomes zero rows of v and zero input columns of o_proj. Zero
+channels add nothing to q.k or to the output, so the model is the same. Q/K rows then take the
+permutation llama.cpp's Hugging Face converter applies (rotate-half to interleaved pairs). MLP
+widths differ per layer, which the ``llama`` architecture cannot say: such a rate is written as
+``deci`` with a per-layer ``feed_forward_length``; a rate of uniform width stays ``llama``.
+
+4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
+zero row or column is blocks of scale 0); float checkpoints are written as F16 (or F32); norms
+and biases as F32. The file is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import gguf
+import numpy as np
+import torch
+
+from .. import ElastiqError
+from ..checkpoint import Checkpoint
+from ..quants import BLOCK, QuantizedTensor, gguf_blocks
+from ..runtime.model import ModelArgs, _rotary_frequencies
+
+FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+               "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
+# Qwen2's pre-tokenizer split, which llama.cpp's "qwen2" pre-tokenizer implements
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+ZERO_CODES = 0x88  # two codes of 8: w = d * (8 - 8) = 0 whatever the scale
+
+
+class ExportError(ElastiqError):
+    """A checkpoint, rate or output path that cannot be exported as asked."""
+
+
+# --- pruned heads back to full size ---------------------------------------------------------------
+
+Weight = torch.Tensor | QuantizedTensor
+
+
+def _rows(t: Weight, index: torch.Tensor, total: int) -> Weight:
+    """``t`` with row j moved to row ``index[j]`` of ``total`` rows; the other rows are zero."""
+    if isinstance(t, QuantizedTensor):
+        codes = torch.full((total, *t.codes.shape[1:]), ZERO_CODES, dtype=torch.uint8)
+        scales = torch.zeros((total, *t.scales.shape[1:]), dtype=t.scales.dtype)
+        codes[index], scales[index] = t.codes, t.scales
+        return QuantizedTensor(codes, scales)
+    out = t.new_zeros((total, *t.shape[1:]))
+    out[index] = t
+    return out
+
+
+def _columns(t: Weight, index: torch.Tensor, total: int) -> Weight:
+    """``t`` with input column j moved to column ``index[j]`` of ``total``; the others zero. A
+    quantized matrix moves whole blocks, so ``index`` must map blocks of 32 onto blocks."""
+    if not isinstance(t, QuantizedTensor):
+        return _rows(t.T, index, total).T.contiguous()
+    blocks = index.view(-1, BLOCK)
+    starts = blocks[:, 0]
+    if (starts % BLOCK).any() or not torch.equal(blocks, starts[:, None] + torch.arange(BLOCK)):
+        raise ExportError("a pruned input axis of a 4-bit matrix must keep whole blocks of 32 channels")
+    moved = _rows(QuantizedTensor(t.codes.movedim(1, 0), t.scales.T), starts // BLOCK, total // BLOCK)
+    return QuantizedTensor(moved.codes.movedim(0, 1).contiguous(), moved.scales.T.contiguous())
+
+
+def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """Full-size interleaved row of each q (or k, with ``heads_per_group`` 1) row of a pruned head.
+
+    Pruned row h*2u + s*u + i is half s of kept pair i of head h (KV group g = h // heads_per_group);
+    that pair is original pair p = pairs[g, i], which llama.cpp's interleaved layout keeps at
+    channels 2p and 2p + 1 of the head."""
+    G, u = pairs.shape
+    h = torch.arange(G * heads_per_group)
+    rows = h[:, None, None] * head_dim + 2 * pairs.long()[h // heads_per_group][:, None, :] + torch.arange(2)[:, None]
+    return rows.reshape(-1)
+
+
+def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
+    """Full-size channel of each channel of ``num_heads`` heads that keep their first ``kept``."""
+    return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
+
+
+def full_heads(weights: Mapping[str, Weight], args: ModelArgs) -> dict[str, Weight]:
+    """``weights`` (Hugging Face names, one rate) with every attention projection at full head
+    size in llama.cpp's layout, and the ``rope_pairs`` tensors consumed."""
+    H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
+    out = dict(weights)
+    for i, layer in enumerate(args.layers):
+        p = f"model.layers.{i}.self_attn."
+        u, r = layer.rope_pairs, layer.v_rank
+        pairs = out.pop(p + "rope_pairs", None)
+        pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
+        if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
+                len(set(row.tolist())) != u for row in pairs):
+            raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
+                              f"of the {G} KV heads, got {pairs.tolist()}")
+        rows = {"q_proj": (qk_rows(pairs, H // G, d), H * d), "k_proj": (qk_rows(pairs, 1, d), G * d),
+                "v_proj": (head_prefix(G, r, d), G * d)}
+        for proj, (index, total) in rows.items():
+            for kind in ("weight", "bias"):
+                if (name := f"{p}{proj}.{kind}") in out:
+                    out[name] = _rows(out[name], index, total)
+        out[p + "o_proj.weight"] = _columns(out[p + "o_proj.weight"], head_prefix(H, r, d), H * d)
+    return out
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def _byte_level(spec: Mapping) -> bool:
+    return spec.get("type") == "ByteLevel" and not spec.get("add_prefix_space") and spec.get("use_regex", True)
+
+
+def pre_tokenizer_name(spec: Mapping | None) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) of a Hugging Face byte-level BPE pre-tokenizer:
+    read off its structure, so a tokenizer trained anew gets the same name as the one it copies."""
+    if spec and _byte_level(spec):
+        return "gpt-2"  # the GPT-2 regex, then bytes to unicode
+    parts = (spec or {}).get("pretokenizers", [])
+    if (spec or {}).get("type") == "Sequence" and len(parts) == 2 and _byte_level(parts[1]) \
+            and parts[0] == {"type": "Digits", "individual_digits": True}:
+        return "smollm"  # every digit alone, then the GPT-2 regex
+    if (spec or {}).get("type") == "Sequence" and len(parts) == 2 and parts[1].get("type") == "ByteLevel" \
+            and not parts[1].get("use_regex", True) and parts[0].get("type") == "Split" \
+            and parts[0].get("pattern") == {"Regex": QWEN2_REGEX} and parts[0].get("behavior") == "Isolated":
+        return "qwen2"
+    raise ExportError(f"the tokenizer's pre-tokenizer {json.dumps(spec)} has no llama.cpp equivalent here; "
+                      "accepted: ByteLevel with the GPT-2 regex (gpt-2), individual Digits then that ByteLevel "
+                      "(smollm), Qwen2's Split then ByteLevel (qwen2)")
+
+
+def add_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> None:
+    """Tokenizer metadata as llama.cpp's converter writes a GPT-2 style BPE tokenizer: tokens with
+    their types, merges, special token ids, whether BOS/EOS are added, and the chat template."""
+    tok = ckpt.tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    # llama.cpp normalizes nothing; NFC (Qwen2's) is dropped as its converter drops it, which
+    # changes nothing for text that is already NFC, as most text is
+    if spec["model"]["type"] != "BPE" or spec.get("normalizer") not in (None, {"type": "NFC"}):
+        raise ExportError(f"only byte-level BPE tokenizers with no normalizer or NFC can be written to GGUF; this "
+                          f"one is {spec['model']['type']} with normalizer {json.dumps(spec.get('normalizer'))}")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    if max(vocab) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(vocab)}, the model's vocabulary only {vocab_size}")
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in vocab:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            text = vocab[i] if added[i].normalized else tok.decode(tok.encode(vocab[i], add_special_tokens=False))
+            tokens.append(text)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(vocab[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=vocab_size)
+    special.chat_template = ckpt.manifest["source"].get("chat_template") or special.chat_template
+    plain, marked = tok.encode("a", add_special_tokens=False), tok.encode("a")  # what encoding adds, measured
+    special.add_special_token["bos"] = len(marked) > len(plain) and marked[0] == tok.bos_token_id
+    special.add_special_token["eos"] = len(marked) > len(plain) and marked[-1] == tok.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
+
+
+# --- the file ------------------------------------------------------------------------------------
+
+def _writable(output: Path) -> Path:
+    """``output`` as a file path whose folder exists."""
+    if output.is_dir():
+        raise ExportError(f"{output} is a directory; give the path of the .gguf file to write")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create the folder of {output}: {err.strerror}") from None
+    return output
+
+
+def _array(t: Weight, float_type: type) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """A tensor's GGUF data: Q4_0 blocks copied from the codes, 1-d tensors in F32, matrices in
+    ``float_type``."""
+    if isinstance(t, QuantizedTensor):
+        rows = t.codes.shape[0]
+        return gguf_blocks(t.codes, t.scales).reshape(rows, -1).numpy(), gguf.GGMLQuantizationType.Q4_0
+    return t.float().numpy().astype(np.float32 if t.dim() == 1 else float_type), None
+
+
+def rope_factors(config: Mapping, head_dim: int) -> tuple[float, torch.Tensor | None]:
+    """RoPE base and llama.cpp's per-pair frequency divisors (``rope_freqs``, None when all are 1)
+    that give transformers' frequencies for ``config`` exactly as the runtime computes them."""
+    inv_freq, scaling = _rotary_frequencies(config)
+    if scaling != 1:
+        raise ExportError(f"RoPE parameters {config.get('rope_parameters')} scale attention by {scaling}; "
+                          "GGUF export supports RoPE types that only change the frequencies (default, linear, llama3)")
+    base = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+    default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factors = (default / inv_freq.double()).float()
+    return float(base), None if torch.allclose(factors, torch.ones_like(factors), rtol=1e-6, atol=0) else factors
+
+
+def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_type: str = "f16") -> Path:
+    """Write ``rate`` of the nested checkpoint ``checkpoint`` to the GGUF file ``output`` for
+    llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise) and return its path.
+
+    4-bit matrices are copied as Q4_0; float matrices are written as ``float_type`` (f16 or f32).
+    """
+    if float_type not in FLOAT_TYPES:
+        raise ExportError(f"float type {float_type!r} is not accepted; accepted: {', '.join(FLOAT_TYPES)}")
+    ckpt = Checkpoint(checkpoint)
+    ckpt.rate_entry(rate)  # an error lists the offered rates
+    output = _writable(Path(output))
+    weights = ckpt.read_rate(rate)
+    config = ckpt.manifest["source"]["config"]
+    args = ModelArgs.from_weights(weights, config, attention_scaling=1.0)  # rope_factors refuses any other
+    base, factors = rope_factors(config, args.head_dim)
+    widths = [layer.intermediate_size for layer in args.layers]
+    arch = gguf.MODEL_ARCH.LLAMA if len(set(widths)) == 1 else gguf.MODEL_ARCH.DECI
+    names = gguf.get_tensor_name_map(arch, len(args.layers))
+
+    tensors = full_heads(weights, args)
+    if args.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # llama.cpp reads the tied head from token_embd
+    dtype, file_type = FLOAT_TYPES[float_type]
+    if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
+        file_type = gguf.LlamaFileType.MOSTLY_Q4_0
+    data = []
+    for name, t in tensors.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"tensor {name} has no GGUF name in llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} "
+                              "architecture; this model cannot be written to GGUF")
+        data.append((gguf_name, *_array(t, dtype)))
+    if factors is not None:
+        data.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy(), None))
+
+    n = len(args.layers)
+    context = config["max_position_embeddings"]
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        open(tmp, "xb").close()
+    except OSError as err:
+        raise ExportError(f"cannot write {output}: {err.strerror}") from None
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_name(f"{ckpt.manifest['source'].get('name') or ckpt.path.stem} at rate {rate}")
+        writer.add_block_count(n)
+        # the runtime refuses text beyond a sliding window, and llama.cpp's llama/deci have none:
+        # the file claims only the context on which both agree
+        writer.add_context_length(min(context, args.sliding_window or context))
+        writer.add_embedding_length(args.hidden_size)
+        uniform = arch == gguf.MODEL_ARCH.LLAMA
+        writer.add_feed_forward_length(widths[0] if uniform else widths)
+        writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
+        writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_rope_freq_base(base)
+        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+        writer.add_vocab_size(args.vocab_size)
+        writer.add_file_type(file_type)
+        if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_vocab(writer, ckpt, args.vocab_size)
+        for name, array, raw_dtype in data:
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
