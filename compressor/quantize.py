@@ -90,10 +90,12 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     config = ckpt.manifest["source"]["config"]
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
-    samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
-                                  options.seed)
-    positions = torch.arange(samples.shape[1])
-    hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
+    hidden, positions = [], None  # round-to-nearest needs no calibration activations
+    if options.method == "gptq":
+        samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
+                                      options.seed)
+        positions = torch.arange(samples.shape[1])
+        hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, QuantizedTensor] = {}
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
         hessians = _block_hessians(block, hidden, positions, model.inv_freq) if options.method == "gptq" else {}
@@ -118,7 +120,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     tensors = {**weights, **quantized}
     rates = [RateSpec(r["rate"], r["widths"], r["quality"]) for r in ckpt.manifest["rates"]]
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
-            "order": options.order, "calib_samples": options.calib_samples, "calib_seqlen": options.calib_seqlen,
+            "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
+            "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn"}
     return write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
                             quantization=spec, overwrite=overwrite)
