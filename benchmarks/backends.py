@@ -1,0 +1,184 @@
+"""Backends side by side: torch, llama.cpp and onnxruntime at every rate of one 4-bit checkpoint.
+
+For SmolLM2-135M-Instruct's nested 4-bit checkpoint (GPTQ, least-important-first), each rate is
+exported once per backend into the cache beside the checkpoint (export seconds and file size),
+then every (backend, rate) runs in its own process, one after another, as ``elastiq run --backend``
+opens it: ``plan_rate`` predicts the footprint for that backend (the backend's package imported and
+the tokenizer loaded first, as the CLI does), ``open_engine`` loads the cached export, and the
+engine's generator prefills a 128-token WikiText-2 prompt and decodes 64 greedy tokens (medians of
+--repeats). Peak RSS (``ru_maxrss``) is compared with the prediction. The 1-minute load average is
+recorded before and after: the machine is shared.
+
+    nice python benchmarks/backends.py      # writes benchmarks/results/backends.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from elastiq.atomic import write_text
+from elastiq.paths import cache_dir
+
+RESULTS = Path(__file__).parent / "results"
+CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
+BACKENDS = ("torch", "llama.cpp", "onnxruntime")
+
+
+def _prompt(tokenizer, n: int) -> list[int]:
+    """``n`` tokens of WikiText-2 text (the same prompt for every backend)."""
+    from elastiq.evaluation.perplexity import WIKITEXT2_TEST
+    from elastiq.paths import data_dir
+
+    text = (data_dir() / WIKITEXT2_TEST).read_text(encoding="utf-8")[:20 * n]
+    return tokenizer.encode(text)[:n]
+
+
+# --- children: each runs in its own process and prints one JSON line --------------------------
+
+def child_export(spec: dict) -> dict:
+    """Export one rate for one backend into the cache, afresh."""
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.runtime.backends import cached_export, export_path
+
+    ckpt = Checkpoint(spec["checkpoint"])
+    export_path(ckpt, spec["rate"], spec["backend"]).unlink(missing_ok=True)
+    path, seconds = cached_export(ckpt, spec["rate"], spec["backend"])
+    return {"export_s": seconds, "file_bytes": path.stat().st_size, "file": str(path)}
+
+
+def child_run(spec: dict) -> dict:
+    import torch
+
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.runtime.backends import open_engine
+    from elastiq.runtime.memory import plan_rate
+
+    torch.set_num_threads(spec["threads"])
+    ckpt = Checkpoint(spec["checkpoint"])
+    int4 = ckpt.manifest["quantization"] is not None
+    dtype = torch.bfloat16 if int4 and spec["backend"] == "torch" else torch.float32
+    tokenizer = ckpt.tokenizer()  # as `elastiq run` does: part of the baseline
+    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, backend=spec["backend"])
+    footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
+    engine = open_engine(spec["backend"], ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
+    assert getattr(engine, "export_seconds", None) is None, "the export should have been cached"
+    ids = _prompt(tokenizer, spec["prompt_tokens"])
+    prefill, decode, tokens = [], [], None
+    for _ in range(spec["repeats"]):
+        engine.generator.reset()
+        stats = engine.generator.generate(ids, spec["decode_tokens"])
+        prefill.append(stats.prefill_tok_s)
+        decode.append((stats.decoded - 1) / stats.decode_s)  # the last token is sampled, not run
+        tokens = stats.tokens
+    return {"load_s": engine.load_seconds, "load_bytes": engine.load_bytes,
+            "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "predicted": footprint.total,
+            "predicted_parts": {"weights": footprint.weights, "kv_cache": footprint.kv_cache,
+                                "workspace": footprint.workspace, "baseline": footprint.baseline},
+            "tokens": tokens}
+
+
+CHILDREN = {"export": child_export, "run": child_run}
+
+
+def _run_child(kind: str, spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode:
+        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def to_markdown(results: dict) -> str:
+    load = results["load_average"]
+    loaded = max(load["before"], load["after"]) > 2
+    lines = [f"# Backends: torch, llama.cpp and onnxruntime per rate ({results['device']})", "",
+             f"Command: `{results['command']}`", "",
+             f"Checkpoint `{Path(results['checkpoint']).name}` (SmolLM2-135M-Instruct, GPTQ Q4_0). Prompt "
+             f"{results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
+             f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
+             "ran in its own process, one after another, opening the engine as `elastiq run --backend B --rate R` "
+             "does. torch computes in bfloat16 on the checkpoint's int4 codes; llama.cpp runs the GGUF export "
+             "(Q4_0, Q8_0 activations, f16 KV cache at the full head size); onnxruntime the ONNX export "
+             "(MatMulNBits, float32). Peak RSS is `ru_maxrss`; predicted is `plan_rate`'s footprint for that "
+             "backend (weights + KV cache + workspace + the process before loading). Agreement: greedy tokens "
+             "equal to torch's at the same rate before the first difference.", "",
+             f"1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"
+             + (": **timings were taken on a loaded 2-core machine** shared with other jobs, so speeds are lower "
+                "bounds and their ratios are noisy." if loaded else "."), "",
+             "| backend | rate | prefill tok/s | decode tok/s | load s | export s | export MB | peak RSS MiB | "
+             "predicted MiB | predicted / measured | tokens agreeing with torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        export_s = f"{row['export_s']:.1f}" if row.get("export_s") is not None else "-"
+        size = f"{row['file_bytes'] / 1e6:.1f}" if row.get("file_bytes") else "-"
+        lines.append(f"| {row['backend']} | {row['rate']} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | "
+                     f"{row['load_s']:.2f} | {export_s} | {size} | {_mib(row['peak_rss'])} | "
+                     f"{_mib(row['predicted'])} | {row['predicted'] / row['peak_rss']:.3f} | "
+                     f"{row['agree']}/{len(row['tokens'])} |")
+    lines += ["", "Predicted parts (MiB): weights / KV cache / workspace / baseline:", "",
+              "| backend | rate | weights | KV cache | workspace | baseline |", "|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        p = row["predicted_parts"]
+        lines.append(f"| {row['backend']} | {row['rate']} | {_mib(p['weights'])} | {_mib(p['kv_cache'])} | "
+                     f"{_mib(p['workspace'])} | {_mib(p['baseline'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--rates", default="0.0,0.15,0.25,0.35")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        return
+
+    import torch
+
+    common = {"checkpoint": args.checkpoint, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+              "ctx": args.ctx, "repeats": args.repeats, "threads": args.threads}
+    rates = [float(r) for r in args.rates.split(",")]
+    results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]),
+               "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+               "load_average": {"before": os.getloadavg()[0]}, "rows": []}
+    exports = {}
+    for backend in BACKENDS[1:]:
+        for rate in rates:
+            exports[backend, rate] = _run_child("export", {**common, "backend": backend, "rate": rate})
+            print(backend, rate, exports[backend, rate], file=sys.stderr)
+    torch_tokens = {}
+    for rate in rates:
+        for backend in BACKENDS:
+            row = {"backend": backend, "rate": rate, **exports.get((backend, rate), {}),
+                   **_run_child("run", {**common, "backend": backend, "rate": rate})}
+            torch_tokens.setdefault(rate, row["tokens"])
+            row["agree"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], torch_tokens[rate])) if a != b),
+                                len(row["tokens"]))
+            results["rows"].append(row)
+            print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
+    results["load_average"]["after"] = os.getloadavg()[0]
+    write_text(RESULTS / "backends.json", json.dumps(results, indent=1))
+    write_text(RESULTS / "backends.md", to_markdown(results))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
