@@ -25,19 +25,28 @@ def _open_engine(args: argparse.Namespace):
     import torch
 
     from .checkpoint import Checkpoint
-    from .runtime.engine import Engine, check_ctx
+    from .runtime.backends import open_engine
+    from .runtime.engine import check_ctx
     from .runtime.memory import plan_rate
     from .runtime.resolve import resolve_checkpoint
 
     ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
     check_ctx(ckpt.manifest["source"]["config"], args.ctx)
+    if args.backend != "torch" and args.dtype != "auto":
+        raise ElastiqError(f"--dtype {args.dtype} applies to the torch backend; {args.backend} computes in its own "
+                           "types (float32 activations): leave --dtype auto")
     int4 = ckpt.manifest["quantization"] is not None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
         (torch.bfloat16 if int4 else torch.float32)
     tokenizer = ckpt.tokenizer()  # before planning: the tokenizer is part of the process's baseline
-    plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget)
-    _log(f"elastiq: {ckpt.path}: {plan.reason}")
-    engine = Engine(ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify, tokenizer=tokenizer)
+    plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget,
+                     backend=args.backend)
+    _log(f"elastiq: {ckpt.path}: {plan.reason}" + ("" if args.backend == "torch" else f" on {args.backend}"))
+    engine = open_engine(args.backend, ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify,
+                         tokenizer=tokenizer)
+    if args.backend != "torch":
+        how = "cached" if engine.export_seconds is None else f"exported in {engine.export_seconds:.1f} s"
+        _log(f"elastiq: {args.backend} runs {engine.export} ({how})")
     _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
          f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB")
     return engine
@@ -108,6 +117,18 @@ def _cmd_recover(args: argparse.Namespace) -> None:
     path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (training {options.timings['train']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    import time
+
+    from .exporters import export
+
+    start = time.perf_counter()
+    path = export(args.checkpoint, args.rate, args.format, args.output)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    _log(f"elastiq: wrote {path} ({args.format}, rate {args.rate}, {size / 1e6:.1f} MB) in "
+         f"{time.perf_counter() - start:.1f} s")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -194,6 +215,9 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bytes read")
+    parser.add_argument("--backend", choices=["torch", "llama.cpp", "onnxruntime"], default="torch",
+                        help="torch (default) runs the checkpoint itself; llama.cpp and onnxruntime run the rate's "
+                             "GGUF or ONNX export, written once into NAME.elastiq.exports beside the checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0, help="data, rate draw and LoRA initialisation seed (default 0)")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     rec.set_defaults(func=_cmd_recover)
+
+    exp = sub.add_parser("export", help="write one rate as GGUF, ONNX or a Hugging Face folder", description=(
+        "Write one offered rate of a nested checkpoint for another runtime: gguf (llama.cpp; per-layer widths "
+        "through the deci architecture, 4-bit codes copied bit-exact as Q4_0), onnx (onnxruntime decoder with KV "
+        "cache, 4-bit matrices as MatMulNBits on the same codes) or hf (a transformers folder, float, pruned units "
+        "zero-filled at full size). Written under a temporary name and renamed into place."))
+    exp.add_argument("checkpoint", help="a NAME.elastiq folder")
+    exp.add_argument("--rate", type=float, required=True, help="an offered rate (elastiq inspect lists them)")
+    exp.add_argument("--format", choices=["gguf", "onnx", "hf"], required=True, help="what to write")
+    exp.add_argument("--output", "-o", required=True,
+                     help="the file to write (.gguf, .onnx) or, for hf, the folder")
+    exp.set_defaults(func=_cmd_export)
 
     ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
         "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths."))

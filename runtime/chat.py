@@ -52,7 +52,8 @@ def switch(engine: Engine, arg: str, messages: list[dict], memory_budget: int | 
     if not arg:
         return f"rate {engine.rate}; offered: {', '.join(str(r) for r in engine.ckpt.rates)}"
     if arg == "auto":
-        plan = plan_rate(engine.ckpt, None, engine.ctx, engine.dtype, engine.int4, memory_budget, engine.device)
+        plan = plan_rate(engine.ckpt, None, engine.ctx, engine.dtype, engine.int4, memory_budget, engine.device,
+                         backend=engine.backend)
         rate, why = plan.rate, plan.reason
     else:
         try:

@@ -46,6 +46,8 @@ class Engine:
     since the tokenizer is part of the runtime's baseline (~60 MB for a 49k vocabulary).
     """
 
+    backend = "torch"
+
     def __init__(self, checkpoint: str | Path | Checkpoint, rate: float, ctx: int = 2048,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True,
                  tokenizer=None):
