@@ -6,7 +6,7 @@ then every (backend, rate) runs in its own process, one after another, as ``elas
 opens it: ``plan_rate`` predicts the footprint for that backend (the backend's package imported and
 the tokenizer loaded first, as the CLI does), ``open_engine`` loads the cached export, and the
 engine's generator prefills a 128-token WikiText-2 prompt and decodes 64 greedy tokens (medians of
---repeats). Peak RSS (``ru_maxrss``) is compared with the prediction. The 1-minute load average is
+--repeats). Peak RSS (``VmHWM``) is compared with the prediction. The 1-minute load average is
 recorded before and after: the machine is shared.
 
     nice python benchmarks/backends.py      # writes benchmarks/results/backends.{json,md}
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,22 +24,12 @@ from pathlib import Path
 
 from elastiq.atomic import write_text
 from elastiq.paths import cache_dir
+from measure import peak_rss, prompt_ids
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 
-
-def _prompt(tokenizer, n: int) -> list[int]:
-    """``n`` tokens of WikiText-2 text (the same prompt for every backend)."""
-    from elastiq.evaluation.perplexity import WIKITEXT2_TEST
-    from elastiq.paths import data_dir
-
-    text = (data_dir() / WIKITEXT2_TEST).read_text(encoding="utf-8")[:20 * n]
-    return tokenizer.encode(text)[:n]
-
-
-# --- children: each runs in its own process and prints one JSON line --------------------------
 
 def child_export(spec: dict) -> dict:
     """Export one rate for one backend into the cache, afresh."""
@@ -69,7 +58,7 @@ def child_run(spec: dict) -> dict:
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
     engine = open_engine(spec["backend"], ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
     assert getattr(engine, "export_seconds", None) is None, "the export should have been cached"
-    ids = _prompt(tokenizer, spec["prompt_tokens"])
+    ids = prompt_ids(tokenizer, spec["prompt_tokens"])
     prefill, decode, tokens = [], [], None
     for _ in range(spec["repeats"]):
         engine.generator.reset()
@@ -79,7 +68,7 @@ def child_run(spec: dict) -> dict:
         tokens = stats.tokens
     return {"load_s": engine.load_seconds, "load_bytes": engine.load_bytes,
             "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "predicted": footprint.total,
+            "peak_rss": peak_rss(), "predicted": footprint.total,
             "predicted_parts": {"weights": footprint.weights, "kv_cache": footprint.kv_cache,
                                 "workspace": footprint.workspace, "baseline": footprint.baseline},
             "tokens": tokens}
@@ -111,7 +100,7 @@ def to_markdown(results: dict) -> str:
              "ran in its own process, one after another, opening the engine as `elastiq run --backend B --rate R` "
              "does. torch computes in bfloat16 on the checkpoint's int4 codes; llama.cpp runs the GGUF export "
              "(Q4_0, Q8_0 activations, f16 KV cache at the full head size); onnxruntime the ONNX export "
-             "(MatMulNBits, float32). Peak RSS is `ru_maxrss`; predicted is `plan_rate`'s footprint for that "
+             "(MatMulNBits, float32). Peak RSS is the process's `VmHWM`; predicted is `plan_rate`'s footprint for that "
              "backend (weights + KV cache + workspace + the process before loading). Agreement: greedy tokens "
              "equal to torch's at the same rate before the first difference.", "",
              f"1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"

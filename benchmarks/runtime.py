@@ -5,7 +5,7 @@ model with the shapes of a ~1B Llama, whose weights are meaningless but whose sp
 are those of a real one), every measurement runs in a fresh process so that its peak RSS is its own:
 
 - elastiq at each offered rate: load time and bytes read, prefill and decode tokens/s (medians
-  of --repeats), peak RSS (``ru_maxrss``) against the predicted footprint;
+  of --repeats), peak RSS (``VmHWM``) against the predicted footprint;
 - the dense float32 transformers model, and llama.cpp (llama-cpp-python) on the same base model:
   SmolLM2's own GGUF from the wheel (Q4_1), and for the random model its rate-0 GGUF export (Q4_0);
 - switching rate: shrink (0 -> largest rate) and grow (back), against loading the target afresh.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,24 +27,12 @@ from pathlib import Path
 import torch
 
 from elastiq.paths import cache_dir
+from measure import peak_rss, prompt_ids
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
                  rope_theta=100000.0)
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _prompt(tokenizer, n: int) -> list[int]:
-    """``n`` tokens of WikiText-2 text (the same prompt for every runner)."""
-    from elastiq.evaluation.perplexity import WIKITEXT2_TEST
-    from elastiq.paths import data_dir
-
-    text = (data_dir() / WIKITEXT2_TEST).read_text(encoding="utf-8")[:20 * n]
-    return tokenizer.encode(text)[:n]
 
 
 # --- children: each runs in its own process and prints one JSON line --------------------------
@@ -63,7 +50,7 @@ def child_elastiq(spec: dict) -> dict:
     plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4)  # baseline: this process before loading
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
     engine = Engine(ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
-    ids = _prompt(engine.tokenizer, spec["prompt_tokens"])
+    ids = prompt_ids(engine.tokenizer, spec["prompt_tokens"])
     prefill, decode = [], []
     for _ in range(spec["repeats"]):
         engine.generator.reset()
@@ -73,7 +60,7 @@ def child_elastiq(spec: dict) -> dict:
     return {"load_s": engine.load_seconds, "bytes_read": engine.load_bytes,
             "file_bytes": (ckpt.path / "weights.safetensors").stat().st_size,
             "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "peak_rss": _peak_rss(), "predicted": footprint.total, "predicted_parts": {
+            "peak_rss": peak_rss(), "predicted": footprint.total, "predicted_parts": {
                 "weights": footprint.weights, "kv_cache": footprint.kv_cache, "workspace": footprint.workspace,
                 "baseline": footprint.baseline}, "held_weights": engine.weight_bytes()}
 
@@ -113,7 +100,7 @@ def child_hf(spec: dict) -> dict:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **RANDOM_1B)).eval()
     load = time.perf_counter() - start
-    ids = torch.tensor([_prompt(tokenizer, spec["prompt_tokens"])])
+    ids = torch.tensor([prompt_ids(tokenizer, spec["prompt_tokens"])])
     prefill, decode = [], []
     with torch.inference_mode():
         for _ in range(spec["repeats"]):
@@ -128,7 +115,7 @@ def child_hf(spec: dict) -> dict:
                 token = out.logits[:, -1:].argmax(-1)
             decode.append((spec["decode_tokens"] - 1) / (time.perf_counter() - start))
     return {"load_s": load, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "peak_rss": _peak_rss()}
+            "peak_rss": peak_rss()}
 
 
 def child_llamacpp(spec: dict) -> dict:
@@ -138,7 +125,7 @@ def child_llamacpp(spec: dict) -> dict:
     start = time.perf_counter()
     llm = Llama(model_path=spec["gguf"], n_ctx=spec["ctx"], n_threads=spec["threads"], n_batch=512, verbose=False)
     load = time.perf_counter() - start
-    ids = _prompt(AutoTokenizer.from_pretrained(spec["tokenizer"]), spec["prompt_tokens"])
+    ids = prompt_ids(AutoTokenizer.from_pretrained(spec["tokenizer"]), spec["prompt_tokens"])
     prefill, decode = [], []
     for _ in range(spec["repeats"]):
         llm.reset()
@@ -150,7 +137,7 @@ def child_llamacpp(spec: dict) -> dict:
             llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
         decode.append((spec["decode_tokens"] - 1) / (time.perf_counter() - start))
     return {"load_s": load, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "peak_rss": _peak_rss()}
+            "peak_rss": peak_rss()}
 
 
 CHILDREN = {"elastiq": child_elastiq, "switch": child_switch, "hf": child_hf, "llamacpp": child_llamacpp}
@@ -174,8 +161,9 @@ def smollm2_checkpoint() -> Path:
 
 
 def random_1b_checkpoint(tokenizer_dir: Path) -> Path:
-    """A nested 4-bit checkpoint of a random ~1B Llama: sorted on a token of calibration (its
-    weights are random, so the order means nothing), uniform allocation, RTN."""
+    """A nested 4-bit checkpoint of a random ~1B Llama: its weights are random, so any order means
+    nothing: sorted by weight magnitude (uniql's 8192-wide ridge solves would cost minutes per block
+    here for no benefit), uniform allocation, RTN."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from elastiq.compressor.compress import CompressOptions, compress
@@ -194,8 +182,9 @@ def random_1b_checkpoint(tokenizer_dir: Path) -> Path:
         tokenizer.save_pretrained(source)
         del model
     float_ckpt = root / "random-1b-float.elastiq"
-    compress(source, float_ckpt, CompressOptions(calib_samples=2, calib_seqlen=64, allocation="uniform"),
-             overwrite=True)
+    if not (float_ckpt / "manifest.json").is_file():
+        compress(source, float_ckpt, CompressOptions(calib_samples=2, calib_seqlen=64, method="magnitude",
+                                                     allocation="uniform"), overwrite=True)
     quantize_checkpoint(float_ckpt, target, QuantizeOptions(method="rtn"), overwrite=True)
     return target
 
@@ -214,7 +203,7 @@ def to_markdown(results: dict) -> str:
     lines = [f"# Runtime: speed, memory, load and switch per rate ({results['device']})", "",
              f"Prompt {results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
              f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
-             "ran in its own process, one after another. Peak RSS is `ru_maxrss`; predicted is the runtime's "
+             "ran in its own process, one after another. Peak RSS is the process's `VmHWM`; predicted is the runtime's "
              "own footprint prediction that picks the rate (weights + KV cache + workspace + the process "
              "before loading).", ""]
     for model in results["models"]:
@@ -271,7 +260,7 @@ def main() -> None:
                 write_gguf(ckpt, 0.0, gguf)
             note = ("Random weights with the shapes of a ~1B Llama (hidden 2048, 16 layers, 32 query / 8 KV heads, "
                     "MLP 8192, SmolLM2's 49152-token vocabulary, tied embeddings; 1.07B parameters): meaningful for "
-                    "speed and memory only. Sorted on a token of calibration, uniform allocation, RTN Q4_0. llama.cpp "
+                    "speed and memory only. Sorted by magnitude, uniform allocation, RTN Q4_0. llama.cpp "
                     "runs elastiq's rate-0 GGUF export (Q4_0); transformers runs a random float32 model of the same "
                     "shapes.")
         ckpt = Checkpoint(ckpt)

@@ -1,0 +1,24 @@
+"""Measurements shared by the runtime benchmarks: a process's peak memory and the prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, which exec resets (Linux's
+    ``ru_maxrss`` keeps the value the parent had when it forked, so a large parent would mask
+    every child's own peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM; peak RSS needs Linux")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """``n`` tokens of WikiText-2 text: the same prompt for every runner."""
+    from elastiq.evaluation.perplexity import WIKITEXT2_TEST
+    from elastiq.paths import data_dir
+
+    text = (data_dir() / WIKITEXT2_TEST).read_text(encoding="utf-8")[:20 * n]
+    return tokenizer.encode(text)[:n]
