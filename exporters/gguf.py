@@ -29,7 +29,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, QuantizedTensor, gguf_blocks
-from ..runtime.model import ModelArgs, _rotary_frequencies
+from ..runtime.model import ModelArgs, rotary_frequencies
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
                "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
@@ -202,7 +202,7 @@ def _array(t: Weight, float_type: type) -> tuple[np.ndarray, gguf.GGMLQuantizati
 def rope_factors(config: Mapping, head_dim: int) -> tuple[float, torch.Tensor | None]:
     """RoPE base and llama.cpp's per-pair frequency divisors (``rope_freqs``, None when all are 1)
     that give transformers' frequencies for ``config`` exactly as the runtime computes them."""
-    inv_freq, scaling = _rotary_frequencies(config)
+    inv_freq, scaling = rotary_frequencies(config)
     if scaling != 1:
         raise ExportError(f"RoPE parameters {config.get('rope_parameters')} scale attention by {scaling}; "
                           "GGUF export supports RoPE types that only change the frequencies (default, linear, llama3)")

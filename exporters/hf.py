@@ -34,7 +34,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from ..quants import QuantizedTensor
-from ..runtime.model import ModelArgs, _rotary_frequencies
+from ..runtime.model import ModelArgs, rotary_frequencies
 
 WEIGHTS = "model.safetensors"
 
@@ -58,7 +58,7 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
     source = ckpt.manifest["source"]["config"]
     weights = {k: v.dequantize() if isinstance(v, QuantizedTensor) else v for k, v in ckpt.read_rate(rate).items()}
-    args = ModelArgs.from_weights(weights, source, _rotary_frequencies(source)[1])
+    args = ModelArgs.from_weights(weights, source, rotary_frequencies(source)[1])
     state = full_size(weights, args, source["intermediate_size"])
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)

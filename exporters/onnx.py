@@ -36,7 +36,7 @@ import torch
 from .. import ElastiqError, __version__
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, QuantizedTensor, matmulnbits
-from ..runtime.model import ModelArgs, _rotary_frequencies
+from ..runtime.model import ModelArgs, rotary_frequencies
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13
@@ -74,7 +74,7 @@ def build_model(weights: Mapping[str, torch.Tensor | QuantizedTensor], config: M
     from onnx import TensorProto, helper
 
     _check_config(config)
-    inv_freq, attention_scaling = _rotary_frequencies(config)
+    inv_freq, attention_scaling = rotary_frequencies(config)
     args = ModelArgs.from_weights(weights, config, attention_scaling)
     size = sum(_nbytes(t) for t in {id(t): t for t in weights.values()}.values())
     if size > MAX_BYTES:

@@ -200,18 +200,20 @@ class RatePlan:
 
 def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype, int4: bool,
               memory_budget: int | None = None, device: str | torch.device = "cpu",
-              margin: float = SAFETY_MARGIN, backend: str = "torch") -> RatePlan:
+              margin: float = SAFETY_MARGIN, backend: str = "torch", baseline: int | None = None) -> RatePlan:
     """Pick the rate to run: ``rate`` when given (it must be offered), else the least-pruned rate
     whose predicted footprint fits ``memory_budget`` (bytes for the whole process) or, without one,
     this process's current memory plus ``margin`` of the free memory. ``backend`` is the runtime that
     will hold the rate: torch, or llama.cpp / onnxruntime on an export (``backends``), whose package
-    is imported first so that it is part of the baseline."""
+    is imported first so that it is part of the baseline. ``baseline`` is the process's memory
+    before loading, measured here unless given."""
     if backend != "torch":
         from .backends import predict_backend_footprint, require
 
         require(backend)
-    return_freed_memory()  # what the heap keeps from earlier work is not part of the baseline
-    baseline = psutil.Process().memory_info().rss
+    if baseline is None:
+        return_freed_memory()  # what the heap keeps from earlier work is not part of the baseline
+        baseline = psutil.Process().memory_info().rss
     path = "triton" if torch.device(device).type == "cuda" else "torch"
     footprints = [predict_footprint(ckpt, r, ctx, dtype, int4, baseline, path) if backend == "torch" else
                   predict_backend_footprint(ckpt, r, ctx, backend, baseline) for r in ckpt.rates]

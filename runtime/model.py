@@ -323,7 +323,7 @@ class Transformer(nn.Module):
         if config.get("tie_word_embeddings"):
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         weights = {name: resident(name, t, dtype, int4) for name, t in weights.items()}
-        inv_freq, attention_scaling = _rotary_frequencies(config)
+        inv_freq, attention_scaling = rotary_frequencies(config)
         args = ModelArgs.from_weights({f"model.{k}": t for k, t in weights.items()}, config, attention_scaling)
         device = _device(weights["norm.weight"])
         for i, layer in enumerate(args.layers):
@@ -372,7 +372,7 @@ def _device(t: Weight) -> torch.device:
     return t.device if not isinstance(t, QuantizedTensor) else t.codes.device
 
 
-def _rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:
+def rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:
     """inv_freq [d/2] of the original head size d and the cos/sin scaling factor, computed as
     transformers computes them: the default formula from the config dict itself, or transformers'
     own initialiser of a scaled RoPE type (building a transformers config object costs ~160 MB of

@@ -39,8 +39,10 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
     if (target / MANIFEST).is_file():
         return target
     from ..compressor.compress import compress
+    from ..compressor.intake import check_source
     from ..compressor.quantize import quantize_checkpoint
 
+    check_source(source)
     log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
         "(calibrate and sort, then GPTQ to 4 bits: a few minutes on a laptop CPU)")
     float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))

@@ -16,6 +16,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _import_triton_language_interpreted() -> None:
+    """Triton decorates its own library functions (``tl.sum``, ``tl.max`` ...) once, when
+    ``triton.language`` is first imported, as interpreted functions only if TRITON_INTERPRET=1
+    then; a kernel run by the interpreter cannot call compiled ones. transformers imports Triton
+    too, so the session imports it first under the interpreter. Kernels stay off the interpreter
+    unless a test sets the variable (the dispatch reads it at each call)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_language_interpreted()
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."

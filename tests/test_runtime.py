@@ -130,14 +130,15 @@ def test_footprint_prediction_counts_what_the_engine_holds(checkpoints):
 
 def test_rate_plan_picks_the_least_pruned_rate_that_fits(checkpoints):
     ckpt = checkpoints["llama-q4"]
-    plans = {r: plan_rate(ckpt, r, 64, torch.bfloat16, True) for r in RATES}
+    base = 300 * 2**20  # a fixed process baseline, so that every plan sees the same totals
+    plans = {r: plan_rate(ckpt, r, 64, torch.bfloat16, True, baseline=base) for r in RATES}
     totals = {r: p.footprints[RATES.index(r)].total for r, p in plans.items()}
     assert totals[0.0] > totals[0.15] > totals[0.35]
-    assert plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.0]).rate == 0.0
-    plan = plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.15] + 1)
+    assert plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.0], baseline=base).rate == 0.0
+    plan = plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.15] + 1, baseline=base)
     assert plan.rate == 0.15 and "rate 0.0 needs" in plan.reason
     with pytest.raises(ElastiqError, match=r"no offered rate fits the budget of .* rate 0.35: \d+ MiB"):
-        plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.35] - 1)
+        plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.35] - 1, baseline=base)
     with pytest.raises(CheckpointError, match="rate 0.3 is not offered .* offered: 0.0, 0.15, 0.35"):
         plan_rate(ckpt, 0.3, 64, torch.bfloat16, True)
     assert plan_rate(ckpt, None, 64, torch.bfloat16, True).rate == 0.0  # this machine has room for a tiny model
