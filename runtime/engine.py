@@ -75,28 +75,42 @@ class Engine:
 
     def set_rate(self, rate: float) -> Switch:
         """Move to ``rate``: cut narrower weights from memory, or read only the missing units of
-        wider ones; block by block, so at most one block is held twice."""
+        wider ones; block by block, so at most one block is held twice. If a read fails (a
+        corrupted segment), the blocks already switched are cut back and the engine stays at its
+        old rate."""
         self.ckpt.rate_entry(rate)
         start, read = time.perf_counter(), self.ckpt.bytes_read
         old = self.rate
         if rate != old:
-            self.generator.reset()  # free the old caches before the weights change
-            self.model.clear_caches()
-            layers = []
-            for i, block in enumerate(self.model.layers):
-                held = _held(block)
-                new = {}
-                for local, t in held.items():
-                    t = self.ckpt.resize(f"model.layers.{i}.{local}", t, old, rate, self.verify)
-                    new[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
-                del held
-                layers.append(LayerArgs.of(new, self.model.args.num_kv_heads, i))
-                self.model.layers[i] = Block(self.model.args, layers[-1], new)
-            self.model.args = replace(self.model.args, layers=tuple(layers))
-            self.rate = rate
-            return_freed_memory()
-            self.generator.reset(self.model)
+            self.model.clear_caches()  # their widths are the old rate's
+            switched = []
+            try:
+                for i in range(len(self.model.layers)):
+                    self._switch_block(i, old, rate)
+                    switched.append(i)
+                self.rate = rate
+            except BaseException:
+                for i in switched:
+                    self._switch_block(i, rate, old)
+                raise
+            finally:
+                return_freed_memory()
+                self.generator.reset(self.model)
         return Switch(old, rate, time.perf_counter() - start, self.ckpt.bytes_read - read)
+
+    def _switch_block(self, index: int, old: float, new: float) -> None:
+        """Replace block ``index`` (held at rate ``old``) by its weights at rate ``new``."""
+        held = _held(self.model.layers[index])
+        weights = {}
+        for local, t in held.items():
+            t = self.ckpt.resize(f"model.layers.{index}.{local}", t, old, new, self.verify)
+            weights[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
+        del held
+        layer = LayerArgs.of(weights, self.model.args.num_kv_heads, index)
+        self.model.layers[index] = Block(self.model.args, layer, weights)
+        layers = list(self.model.args.layers)
+        layers[index] = layer
+        self.model.args = replace(self.model.args, layers=tuple(layers))
 
     def weight_bytes(self) -> int:
         """Bytes of weights the model holds (each shared tensor once; the KV cache is not counted)."""

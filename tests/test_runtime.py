@@ -242,3 +242,24 @@ def test_a_damaged_checkpoint_names_the_tensor(checkpoints, tmp_path):
         f.truncate(size - 100)
     with pytest.raises(CheckpointError, match="is truncated: tensor .* ends at byte"):
         Engine(path, 0.0, ctx=64)
+
+
+def test_a_failed_grow_leaves_the_engine_at_its_rate(checkpoints, tmp_path, tokenizer):
+    import shutil
+
+    path = shutil.copytree(checkpoints["llama-q4"].path, tmp_path / "tail.elastiq")
+    name = "model.layers.1.mlp.up_proj.weight.q4_codes"
+    _, end = Checkpoint(path)._offsets[name]
+    with open(path / "weights.safetensors", "r+b") as f:  # the last unit: only rate 0 reads it
+        f.seek(end - 1)
+        byte = f.read(1)
+        f.seek(end - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    engine = Engine(path, 0.35, ctx=64)
+    with pytest.raises(CheckpointError, match=f"tensor {name}: units .* fail their sha256 check"):
+        engine.set_rate(0.0)  # layer 0 grows first, then layer 1's read fails
+    assert engine.rate == 0.35
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids), Engine(path, 0.35, ctx=64).model(ids))
+    assert engine.generator.generate(tokenizer.encode(TEXT)[:8], 3).decoded == 3
