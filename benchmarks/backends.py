@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from elastiq.atomic import write_text
 from elastiq.paths import cache_dir
-from measure import peak_rss, prompt_ids
+from measure import mib, peak_rss, prompt_ids, run_child
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
@@ -84,18 +83,6 @@ def child_dense(spec: dict) -> dict:
 CHILDREN = {"export": child_export, "run": child_run, "dense": child_dense}
 
 
-def _run_child(kind: str, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if out.returncode:
-        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f}"
-
-
 def to_markdown(results: dict) -> str:
     load = results["load_average"]
     loaded = max(load["before"], load["after"]) > 2
@@ -120,19 +107,19 @@ def to_markdown(results: dict) -> str:
         export_s = f"{row['export_s']:.1f}" if row.get("export_s") is not None else "-"
         size = f"{row['file_bytes'] / 1e6:.1f}" if row.get("file_bytes") else "-"
         lines.append(f"| {row['backend']} | {row['rate']} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | "
-                     f"{row['load_s']:.2f} | {export_s} | {size} | {_mib(row['peak_rss'])} | "
-                     f"{_mib(row['predicted'])} | {row['predicted'] / row['peak_rss']:.3f} | "
+                     f"{row['load_s']:.2f} | {export_s} | {size} | {mib(row['peak_rss'])} | "
+                     f"{mib(row['predicted'])} | {row['predicted'] / row['peak_rss']:.3f} | "
                      f"{row['agree']}/{len(row['tokens'])} |")
     dense = results["dense"]
     lines += ["", f"llama.cpp on the dense base model (the wheel's SmolLM2-135M-Instruct Q4_1 GGUF), same prompt and "
               f"settings: prefill {dense['prefill_tok_s']:.0f} tok/s, decode {dense['decode_tok_s']:.1f} tok/s, load "
-              f"{dense['load_s']:.2f} s, peak RSS {_mib(dense['peak_rss'])} MiB."]
+              f"{dense['load_s']:.2f} s, peak RSS {mib(dense['peak_rss'])} MiB."]
     lines += ["", "Predicted parts (MiB): weights / KV cache / workspace / baseline:", "",
               "| backend | rate | weights | KV cache | workspace | baseline |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         p = row["predicted_parts"]
-        lines.append(f"| {row['backend']} | {row['rate']} | {_mib(p['weights'])} | {_mib(p['kv_cache'])} | "
-                     f"{_mib(p['workspace'])} | {_mib(p['baseline'])} |")
+        lines.append(f"| {row['backend']} | {row['rate']} | {mib(p['weights'])} | {mib(p['kv_cache'])} | "
+                     f"{mib(p['workspace'])} | {mib(p['baseline'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,19 +149,19 @@ def main() -> None:
     exports = {}
     for backend in BACKENDS[1:]:
         for rate in rates:
-            exports[backend, rate] = _run_child("export", {**common, "backend": backend, "rate": rate})
+            exports[backend, rate] = run_child(__file__, "export", {**common, "backend": backend, "rate": rate})
             print(backend, rate, exports[backend, rate], file=sys.stderr)
     torch_tokens = {}
     for rate in rates:
         for backend in BACKENDS:
             row = {"backend": backend, "rate": rate, **exports.get((backend, rate), {}),
-                   **_run_child("run", {**common, "backend": backend, "rate": rate})}
+                   **run_child(__file__, "run", {**common, "backend": backend, "rate": rate})}
             torch_tokens.setdefault(rate, row["tokens"])
             row["agree"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], torch_tokens[rate])) if a != b),
                                 len(row["tokens"]))
             results["rows"].append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
-    results["dense"] = _run_child("dense", common)
+    results["dense"] = run_child(__file__, "dense", common)
     print("dense", results["dense"], file=sys.stderr)
     results["load_average"]["after"] = os.getloadavg()[0]
     write_text(RESULTS / "backends.json", json.dumps(results, indent=1))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -22,3 +26,17 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
     text = (data_dir() / WIKITEXT2_TEST).read_text(encoding="utf-8")[:20 * n]
     return tokenizer.encode(text)[:n]
+
+
+def run_child(script: str, kind: str, spec: dict) -> dict:
+    """Run ``script --child KIND SPEC`` in a fresh process (its peak memory is its own) and return
+    the JSON object it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec)], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode:
+        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"

