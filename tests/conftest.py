@@ -138,3 +138,24 @@ def masked_weights(weights: dict, ckpt, rate: float) -> dict:
                 s[widths[g.name]:] = 0
                 out[name] = from_storage(s, role, ckpt.heads)
     return out
+
+
+@pytest.fixture(scope="session")
+def nested_checkpoints(models, data_dir, tmp_path_factory) -> dict:
+    """Nested checkpoints of the tiny Llama and Qwen2 (biased q/k/v) offering rates 0, 0.15 and
+    0.35: float ("llama", "qwen2") and 4-bit by round-to-nearest ("llama-q4", "qwen2-q4")."""
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.compressor.compress import CompressOptions, compress
+    from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("nested")
+    out = {}
+    for family in ("llama", "qwen2"):
+        path = compress(models[family][0], root / f"{family}.elastiq",
+                        CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=32), data=data_dir,
+                        progress=False)
+        out[family] = Checkpoint(path)
+        out[f"{family}-q4"] = Checkpoint(quantize_checkpoint(path, root / f"{family}-q4.elastiq",
+                                                             QuantizeOptions(method="rtn"), data=data_dir,
+                                                             progress=False))
+    return out

@@ -7,34 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from elastiq.checkpoint import Checkpoint, CheckpointError
-from elastiq.compressor.compress import CompressOptions, compress
-from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
+from elastiq.checkpoint import CheckpointError
 from elastiq.exporters.hf import HfExportError, write_hf
 from elastiq.runtime.model import Transformer
 from conftest import TEXT
 
-RATES = (0.15, 0.35)
 TOLERANCE = 1e-5  # max abs logit difference (measured: 3.6e-7); the tiny models' logits are of order 1
 
 
-@pytest.fixture(scope="module")
-def checkpoints(models, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
-    """Float Llama and Qwen2 (biased q/k/v) checkpoints, and a 4-bit Llama (RTN)."""
-    root = tmp_path_factory.mktemp("hf-ckpt")
-    out = {}
-    for family in ("llama", "qwen2"):
-        out[family] = Checkpoint(compress(models[family][0], root / f"{family}.elastiq",
-                                          CompressOptions(rates=RATES, calib_samples=4, calib_seqlen=32),
-                                          data=data_dir, progress=False))
-    out["llama-q4"] = Checkpoint(quantize_checkpoint(out["llama"].path, root / "llama-q4.elastiq",
-                                                     QuantizeOptions(method="rtn"), data=data_dir, progress=False))
-    return out
-
-
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4"])
-def test_transformers_logits_equal_the_runtime_at_every_rate(name, checkpoints, tokenizer, tmp_path):
-    ckpt = checkpoints[name]
+def test_transformers_logits_equal_the_runtime_at_every_rate(name, nested_checkpoints, tokenizer, tmp_path):
+    ckpt = nested_checkpoints[name]
     config = ckpt.manifest["source"]["config"]
     ids = torch.tensor([tokenizer.encode(TEXT)])
     for rate in ckpt.rates:
@@ -46,8 +29,8 @@ def test_transformers_logits_equal_the_runtime_at_every_rate(name, checkpoints, 
             assert (model(ids).logits - expected).abs().max() < TOLERANCE, (name, rate)
 
 
-def test_tokenizer_and_chat_template_are_saved(checkpoints, tokenizer, tmp_path):
-    loaded = AutoTokenizer.from_pretrained(write_hf(checkpoints["llama"].path, 0.15, tmp_path / "m"))
+def test_tokenizer_and_chat_template_are_saved(nested_checkpoints, tokenizer, tmp_path):
+    loaded = AutoTokenizer.from_pretrained(write_hf(nested_checkpoints["llama"].path, 0.15, tmp_path / "m"))
     assert loaded.encode(TEXT) == tokenizer.encode(TEXT)
     assert loaded.chat_template == tokenizer.chat_template
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
@@ -55,8 +38,8 @@ def test_tokenizer_and_chat_template_are_saved(checkpoints, tokenizer, tmp_path)
         "tokenizer_config.json"]
 
 
-def test_kept_rotary_pairs_return_to_their_original_channels(checkpoints, tmp_path):
-    ckpt = checkpoints["qwen2"]
+def test_kept_rotary_pairs_return_to_their_original_channels(nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints["qwen2"]
     model = AutoModelForCausalLM.from_pretrained(write_hf(ckpt.path, 0.35, tmp_path / "m"))
     weights, d, G = ckpt.read_rate(0.35), 64, ckpt.heads.num_kv_heads
     pruned_mlp = []
@@ -83,8 +66,8 @@ def _nonzero(rows: torch.Tensor) -> list[int]:
     return (rows.abs().sum(-1) > 0).nonzero().flatten().tolist()
 
 
-def test_bad_inputs_fail_clearly_and_leave_no_folder(checkpoints, tmp_path):
-    ckpt = checkpoints["llama"]
+def test_bad_inputs_fail_clearly_and_leave_no_folder(nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints["llama"]
     with pytest.raises(CheckpointError, match=r"rate 0.5 is not offered by llama.elastiq; offered: 0.0, 0.15, 0.35"):
         write_hf(ckpt.path, 0.5, tmp_path / "m")
     (tmp_path / "mine").mkdir()

@@ -10,8 +10,6 @@ import torch
 from onnx import numpy_helper
 
 from elastiq.checkpoint import Checkpoint, CheckpointError
-from elastiq.compressor.compress import CompressOptions, compress
-from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.exporters.onnx import OnnxExportError, build_model, write_onnx
 from elastiq.quants import QuantizedTensor, matmulnbits
 from elastiq.runtime.model import Transformer
@@ -19,21 +17,6 @@ from conftest import TEXT
 
 RATES = (0.15, 0.35)
 TOLERANCE = 1e-5  # max abs logit difference (measured: 3.3e-7); the tiny models' logits are of order 1
-
-
-@pytest.fixture(scope="module")
-def checkpoints(models, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
-    """Float Llama and Qwen2 (biased q/k/v) checkpoints, and a 4-bit Llama and Qwen2 (RTN)."""
-    root = tmp_path_factory.mktemp("onnx-ckpt")
-    out = {}
-    for family in ("llama", "qwen2"):
-        path = compress(models[family][0], root / f"{family}.elastiq",
-                        CompressOptions(rates=RATES, calib_samples=4, calib_seqlen=32), data=data_dir, progress=False)
-        out[family] = Checkpoint(path)
-        out[f"{family}-q4"] = Checkpoint(quantize_checkpoint(path, root / f"{family}-q4.elastiq",
-                                                             QuantizeOptions(method="rtn"), data=data_dir,
-                                                             progress=False))
-    return out
 
 
 def _session(path):
@@ -62,8 +45,8 @@ def _runtime_logits(ckpt: Checkpoint, rate: float, ids: torch.Tensor) -> np.ndar
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4", "qwen2-q4"])
-def test_prefill_and_cached_decode_equal_the_runtime_at_every_rate(name, checkpoints, tokenizer, tmp_path):
-    ckpt = checkpoints[name]
+def test_prefill_and_cached_decode_equal_the_runtime_at_every_rate(name, nested_checkpoints, tokenizer, tmp_path):
+    ckpt = nested_checkpoints[name]
     ids = np.array([tokenizer.encode(TEXT)], dtype=np.int64)
     T = ids.shape[1]
     assert ckpt.rates == [0.0, *RATES]
@@ -79,8 +62,8 @@ def test_prefill_and_cached_decode_equal_the_runtime_at_every_rate(name, checkpo
         assert cache["past_key_values.0.key"].shape[2] == T
 
 
-def test_batch_with_left_padding_equals_each_sequence_alone(checkpoints, tokenizer, tmp_path):
-    ckpt = checkpoints["qwen2-q4"]
+def test_batch_with_left_padding_equals_each_sequence_alone(nested_checkpoints, tokenizer, tmp_path):
+    ckpt = nested_checkpoints["qwen2-q4"]
     long, short = tokenizer.encode(TEXT)[:12], tokenizer.encode(TEXT)[12:20]
     pad = len(long) - len(short)
     ids = np.array([long, [0] * pad + short], dtype=np.int64)
@@ -93,8 +76,8 @@ def test_batch_with_left_padding_equals_each_sequence_alone(checkpoints, tokeniz
         assert np.abs(logits[row, start:] - expected).max() < TOLERANCE, row
 
 
-def test_cache_shapes_follow_each_layers_widths(checkpoints, tmp_path):
-    ckpt = checkpoints["llama"]
+def test_cache_shapes_follow_each_layers_widths(nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints["llama"]
     session = _session(write_onnx(ckpt.path, 0.35, tmp_path / "m.onnx"))
     weights, G = ckpt.read_rate(0.35), ckpt.heads.num_kv_heads
     inputs = {i.name: i.shape for i in session.get_inputs()}
@@ -109,8 +92,8 @@ def test_cache_shapes_follow_each_layers_widths(checkpoints, tmp_path):
         assert outputs[f"present.{i}.value"] == ["batch_size", G, "total_sequence_length", v_rows // G]
 
 
-def test_matmulnbits_weights_are_the_checkpoints_codes(checkpoints, tmp_path):
-    ckpt = checkpoints["qwen2-q4"]
+def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints["qwen2-q4"]
     model = onnx.load(write_onnx(ckpt.path, 0.15, tmp_path / "m.onnx"))
     weights = ckpt.read_rate(0.15)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -130,8 +113,8 @@ def test_matmulnbits_weights_are_the_checkpoints_codes(checkpoints, tmp_path):
     assert not [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits]
 
 
-def test_bad_inputs_fail_clearly_and_leave_no_file(checkpoints, tmp_path):
-    ckpt = checkpoints["llama"]
+def test_bad_inputs_fail_clearly_and_leave_no_file(nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints["llama"]
     with pytest.raises(CheckpointError, match=r"rate 0.2 is not offered by llama.elastiq; offered: 0.0, 0.15, 0.35"):
         write_onnx(ckpt.path, 0.2, tmp_path / "m.onnx")
     with pytest.raises(OnnxExportError, match="file name must end in .onnx, got m.gguf"):

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
-from elastiq.compressor.compress import CompressOptions, compress
-from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.kernels import prepare_q4
 from elastiq.kernels.q4_layout import int4pack_layout, q4_nbytes, unprepare_q4
 from elastiq.quants import quantize_rtn, torch_int4
@@ -27,30 +25,16 @@ from conftest import TEXT
 RATES = (0.0, 0.15, 0.35)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(models, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
-    """Float checkpoints of tiny Llama and Qwen2 (biases), and a 4-bit one of each (RTN)."""
-    out = {}
-    for family in ("llama", "qwen2"):
-        folder = tmp_path_factory.mktemp(family)
-        options = CompressOptions(rates=RATES[1:], calib_samples=4, calib_seqlen=32)
-        float_path = compress(models[family][0], folder / "f.elastiq", options, data=data_dir, progress=False)
-        q4_path = quantize_checkpoint(float_path, folder / "q.elastiq", QuantizeOptions(method="rtn"),
-                                      data=data_dir, progress=False)
-        out[family], out[f"{family}-q4"] = Checkpoint(float_path), Checkpoint(q4_path)
-    return out
-
-
 def _reference(ckpt: Checkpoint, rate: float) -> Transformer:
     """The float32 model of ``rate`` without caches (4-bit matrices dequantized)."""
     return Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_cached_decoding_equals_the_full_pass(family, checkpoints, tokenizer):
+def test_cached_decoding_equals_the_full_pass(family, nested_checkpoints, tokenizer):
     ids = torch.tensor([tokenizer.encode(TEXT)])
     for rate in RATES:
-        model = _reference(checkpoints[family], rate)
+        model = _reference(nested_checkpoints[family], rate)
         with torch.no_grad():
             full = model(ids)
             model.setup_caches(1, 64)
@@ -59,10 +43,10 @@ def test_cached_decoding_equals_the_full_pass(family, checkpoints, tokenizer):
         assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5, rate
 
 
-def test_the_4bit_model_matches_its_dequantized_reference(checkpoints, tokenizer):
+def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, tokenizer):
     """Packed int4 weights with bf16 activations against the same codes dequantized to float32."""
     ids = torch.tensor([tokenizer.encode(TEXT)])
-    ckpt = checkpoints["qwen2-q4"]
+    ckpt = nested_checkpoints["qwen2-q4"]
     for rate in RATES:
         packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
                                           dtype=torch.bfloat16, int4=True)
@@ -100,8 +84,8 @@ def test_triton_prepared_weights_give_back_their_codes(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-q4"])
-def test_engine_reads_only_its_rate_and_switches_in_memory(name, checkpoints, tokenizer):
-    ckpt = checkpoints[name]
+def test_engine_reads_only_its_rate_and_switches_in_memory(name, nested_checkpoints, tokenizer):
+    ckpt = nested_checkpoints[name]
     ids = torch.tensor([tokenizer.encode(TEXT)])
     engine = Engine(ckpt.path, 0.15, ctx=64)
     entry = lambda r: engine.ckpt.rate_entry(r)["weight_bytes"]  # noqa: E731
@@ -115,9 +99,9 @@ def test_engine_reads_only_its_rate_and_switches_in_memory(name, checkpoints, to
     assert engine.set_rate(0.35).bytes_read == 0  # the same rate: nothing to do
 
 
-def test_footprint_prediction_counts_what_the_engine_holds(checkpoints):
+def test_footprint_prediction_counts_what_the_engine_holds(nested_checkpoints):
     for name in ("llama", "qwen2-q4"):
-        ckpt = checkpoints[name]
+        ckpt = nested_checkpoints[name]
         for rate in RATES:
             engine = Engine(ckpt.path, rate, ctx=64)
             f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
@@ -128,8 +112,8 @@ def test_footprint_prediction_counts_what_the_engine_holds(checkpoints):
             assert f.workspace > 0 and f.total == f.weights + f.kv_cache + f.workspace
 
 
-def test_rate_plan_picks_the_least_pruned_rate_that_fits(checkpoints):
-    ckpt = checkpoints["llama-q4"]
+def test_rate_plan_picks_the_least_pruned_rate_that_fits(nested_checkpoints):
+    ckpt = nested_checkpoints["llama-q4"]
     base = 300 * 2**20  # a fixed process baseline, so that every plan sees the same totals
     plans = {r: plan_rate(ckpt, r, 64, torch.bfloat16, True, baseline=base) for r in RATES}
     totals = {r: p.footprints[RATES.index(r)].total for r, p in plans.items()}
@@ -169,8 +153,8 @@ def test_sizes_parse_and_bad_ones_say_what_is_accepted():
         parse_size("lots")
 
 
-def test_greedy_generation_equals_argmax_of_full_passes(checkpoints, tokenizer):
-    ckpt = checkpoints["llama"]
+def test_greedy_generation_equals_argmax_of_full_passes(nested_checkpoints, tokenizer):
+    ckpt = nested_checkpoints["llama"]
     model = _reference(ckpt, 0.15)
     prompt = tokenizer.encode(TEXT)[:10]
     with torch.no_grad():
@@ -193,8 +177,8 @@ def test_greedy_generation_equals_argmax_of_full_passes(checkpoints, tokenizer):
         Generator(model, 8).generate(tokenizer.encode(TEXT), 2)
 
 
-def test_chat_switches_rate_and_continues_the_conversation(checkpoints):
-    engine = Engine(checkpoints["llama-q4"].path, 0.0, ctx=128)
+def test_chat_switches_rate_and_continues_the_conversation(nested_checkpoints):
+    engine = Engine(nested_checkpoints["llama-q4"].path, 0.0, ctx=128)
     out = []
     messages = chat(engine, ["Hello there", "/rate 0.35", "How are you", "/rate 0.3", "/rate", "/quit", "never"],
                     out.append, max_new_tokens=6)
@@ -203,14 +187,14 @@ def test_chat_switches_rate_and_continues_the_conversation(checkpoints):
     assert "[error: rate 0.3 is not offered" in text and "rate 0.35; offered: 0.0, 0.15, 0.35" in text
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     # the reply after the switch is what a fresh engine at 0.35 says to the same conversation
-    fresh = Engine(checkpoints["llama-q4"].path, 0.35, ctx=128)
+    fresh = Engine(nested_checkpoints["llama-q4"].path, 0.35, ctx=128)
     ids = template_ids(fresh.tokenizer, messages[:3], add_generation_prompt=True)
     expected = fresh.generator.generate(ids, 6, stop=[fresh.tokenizer.eos_token_id]).tokens
     assert fresh.tokenizer.decode(expected, skip_special_tokens=True) == messages[3]["content"]
 
 
-def test_run_command_says_which_rate_and_why(checkpoints, capsys):
-    path = str(checkpoints["qwen2-q4"].path)
+def test_run_command_says_which_rate_and_why(nested_checkpoints, capsys):
+    path = str(nested_checkpoints["qwen2-q4"].path)
     assert main(["run", path, "--prompt", "Hello", "--max-new-tokens", "4", "--ctx", "64"]) == 0
     err = capsys.readouterr().err
     assert "rate 0.0: the least-pruned rate whose predicted" in err and "loaded rate 0.0" in err
@@ -222,10 +206,10 @@ def test_run_command_says_which_rate_and_why(checkpoints, capsys):
     assert "no offered rate fits the budget of 1 MiB" in capsys.readouterr().err
 
 
-def test_a_damaged_checkpoint_names_the_tensor(checkpoints, tmp_path):
+def test_a_damaged_checkpoint_names_the_tensor(nested_checkpoints, tmp_path):
     import shutil
 
-    path = shutil.copytree(checkpoints["llama-q4"].path, tmp_path / "bad.elastiq")
+    path = shutil.copytree(nested_checkpoints["llama-q4"].path, tmp_path / "bad.elastiq")
     ckpt = Checkpoint(path)
     name = "model.layers.1.mlp.up_proj.weight.q4_codes"
     start, _ = ckpt._offsets[name]
@@ -244,10 +228,10 @@ def test_a_damaged_checkpoint_names_the_tensor(checkpoints, tmp_path):
         Engine(path, 0.0, ctx=64)
 
 
-def test_a_failed_grow_leaves_the_engine_at_its_rate(checkpoints, tmp_path, tokenizer):
+def test_a_failed_grow_leaves_the_engine_at_its_rate(nested_checkpoints, tmp_path, tokenizer):
     import shutil
 
-    path = shutil.copytree(checkpoints["llama-q4"].path, tmp_path / "tail.elastiq")
+    path = shutil.copytree(nested_checkpoints["llama-q4"].path, tmp_path / "tail.elastiq")
     name = "model.layers.1.mlp.up_proj.weight.q4_codes"
     _, end = Checkpoint(path)._offsets[name]
     with open(path / "weights.safetensors", "r+b") as f:  # the last unit: only rate 0 reads it
