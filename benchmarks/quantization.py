@@ -1,12 +1,14 @@
-"""4-bit quantization of SmolLM2-135M-Instruct's nested checkpoint: size, perplexity, wall time.
+"""4-bit quantization of SmolLM2-135M-Instruct's nested checkpoint: size, quality, wall time.
 
 Quantizes the sorted float checkpoint (elastiq's sort + influence allocation; ``--rotate``d for
 the rotation rows) with round-to-nearest and with GPTQ in both column orders, then measures:
 (a) each rate's weight bytes against the same weights in float16; (b) WikiText-2 perplexity on
-the first ``--windows`` windows of 2048 tokens at every rate, beside the float model; (c) the
-wall time of each quantization. Writes benchmarks/results/quantization.{json,md}.
+the first ``--windows`` windows of 2048 tokens and the five zero-shot tasks on their first
+``--items`` items, at every rate, beside the float model, with paired differences (per window,
+per item) between the column orders and with/without rotation; (c) the wall time of each
+quantization. Writes benchmarks/results/quantization.{json,md}.
 
-    python benchmarks/quantization.py --windows 5
+    python benchmarks/quantization.py --windows 4 --items 50
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,19 +26,30 @@ from elastiq.atomic import write_text
 from elastiq.checkpoint import Checkpoint
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-from elastiq.evaluation.perplexity import perplexity, wikitext2_tokens
-from elastiq.paths import cache_dir, data_dir
+from elastiq.evaluation.suite import ALL_MEASURES, run_suite
+from elastiq.evaluation.zeroshot import mean_stderr
+from elastiq.paths import cache_dir
 from elastiq.runtime.model import Transformer
+
+from sorting_quality import row  # the script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.0, 0.15, 0.25, 0.35)
-VARIANTS = {  # name: (rotated float checkpoint?, method, order)
-    "RTN": (False, "rtn", "forward"),
-    "GPTQ least-important-first": (False, "gptq", "least-important-first"),
-    "GPTQ forward": (False, "gptq", "forward"),
-    "rotation + RTN": (True, "rtn", "forward"),
-    "rotation + GPTQ least-important-first": (True, "gptq", "least-important-first"),
+TASKS = ALL_MEASURES[1:]
+VARIANTS = {  # name: (rotated float checkpoint?, QuantizeOptions fields)
+    "RTN": (False, {"method": "rtn", "order": "forward"}),
+    "GPTQ least-important-first": (False, {"method": "gptq", "order": "least-important-first"}),
+    "GPTQ forward": (False, {"method": "gptq", "order": "forward"}),
+    "rotation + RTN": (True, {"method": "rtn", "order": "forward"}),
+    "rotation + GPTQ least-important-first": (True, {"method": "gptq", "order": "least-important-first"}),
+    "rotation + GPTQ forward": (True, {"method": "gptq", "order": "forward"}),
 }
+PAIRS = (  # (a, b): a - b, paired per window and per item
+    ("GPTQ least-important-first", "GPTQ forward"),
+    ("rotation + GPTQ least-important-first", "rotation + GPTQ forward"),
+    ("rotation + GPTQ least-important-first", "GPTQ least-important-first"),
+    ("GPTQ least-important-first", "RTN"),
+)
 
 
 def float_checkpoint(rotate: bool) -> Path:
@@ -48,81 +60,122 @@ def float_checkpoint(rotate: bool) -> Path:
     return path
 
 
-def ppl_by_rate(ckpt: Checkpoint, tokens: torch.Tensor, windows: int) -> dict[str, float]:
-    config = ckpt.manifest["source"]["config"]
+def evaluate(ckpt: Checkpoint, windows: int, items: int) -> dict[str, dict]:
+    """Perplexity and the five tasks at every rate (quantized weights dequantized to float32)."""
+    config, tokenizer = ckpt.manifest["source"]["config"], ckpt.tokenizer()
     out = {}
     for rate in RATES:
         model = Transformer.from_weights(ckpt.read_rate(rate), config)
         with torch.inference_mode():
-            out[str(rate)] = perplexity(model, tokens, 2048, windows, progress=False)["ppl"]
-        print(f"  rate {rate}: ppl {out[str(rate)]:.2f}", flush=True)
+            out[str(rate)] = run_suite(model, tokenizer, f"{ckpt.path.name}@{rate}", windows=windows, limit=items,
+                                       progress=False)
+        print("  " + row(ckpt.path.name, rate, out[str(rate)]), flush=True)
     return out
 
 
+def paired(a: dict, b: dict) -> dict:
+    """a - b at one rate: WikiText-2 NLL per window, and accuracy per item pooled over the five tasks."""
+    dnll = [x - y for x, y in zip(a["wikitext2"]["window_nll"], b["wikitext2"]["window_nll"])]
+    dacc = []
+    for task in TASKS:
+        metric = a["tasks"][task]["metric"]
+        dacc += [x - y for x, y in zip(a["tasks"][task]["per_item"][metric], b["tasks"][task]["per_item"][metric])]
+    return {"nll": sum(dnll) / len(dnll), "nll_stderr": mean_stderr(dnll),
+            "acc": sum(dacc) / len(dacc), "acc_stderr": mean_stderr(dacc), "items": len(dacc)}
+
+
+def mean_acc(r: dict) -> float:
+    return sum(t[t["metric"]] for t in r["tasks"].values()) / len(r["tasks"])
+
+
 def to_markdown(results: dict) -> str:
-    """Perplexity per variant and rate; weight bytes and compression against float16, both the
-    same rate's weights and the dense (rate 0) model, as UniQL reports it."""
+    """Quality per variant and rate, paired differences, sizes and compression against float16."""
     rates = [str(r) for r in results["rates"]]
-    lines = [f"Command: `{results['command']}`", "",
+    lines = [*(f"Command: `{c}`" for c in results["commands"]), "",
              f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF as the float source), sorted (elastiq sort + influence "
-             f"allocation), WikiText-2 perplexity over the first {results['windows']} windows of 2048 tokens. "
-             f"Quantized weights are dequantized to float32 to run. GPTQ calibration: {results['calib_samples']} "
-             f"C4 windows of {results['calib_seqlen']} tokens.", "",
-             "| model | " + " | ".join(f"ppl @ {r}" for r in rates) + " | quantize s |", "|---" * (len(rates) + 2) + "|"]
-    for name, f in results["float"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{f['ppl'][r]:.2f}" for r in rates) + " | - |")
-    for name, v in results["variants"].items():
-        lines.append(f"| Q4_0 {name} | " + " | ".join(f"{v['ppl'][r]:.2f}" for r in rates) + f" | {v['seconds']:.0f} |")
+             f"allocation). WikiText-2 perplexity over the first {results['windows']} windows of 2048 tokens; "
+             f"accuracy ± standard error on the first {results['items']} items of each task. Quantized weights are "
+             f"dequantized to float32 to run. GPTQ calibration: {results['calib_samples']} C4 windows of "
+             f"{results['calib_seqlen']} tokens. The rotated float model's outputs equal the float model's "
+             "(tests/test_rotate.py), so it has no row of its own.", "",
+             "| model | rate | WikiText-2 ppl | " + " | ".join(
+                 f"{t} ({results['float']['0.0']['tasks'][t]['metric']})" for t in TASKS) + " | mean acc |",
+             "|---" * (len(TASKS) + 4) + "|"]
+    for rate in rates:
+        lines.append(row("float32", rate, results["float"][rate]))
+        lines += [row(f"Q4_0 {name}", rate, v["eval"][rate]) for name, v in results["variants"].items()]
+    lines += ["", f"Paired differences a − b (per window; per item over the five tasks, {results['items']} items "
+              "each): negative Δ NLL and positive Δ acc favour a.", "",
+              "| a | b | rate | Δ WikiText-2 NLL | Δ acc (points) |", "|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        if a in results["variants"] and b in results["variants"]:
+            for rate in rates:
+                d = paired(results["variants"][a]["eval"][rate], results["variants"][b]["eval"][rate])
+                lines.append(f"| {a} | {b} | {rate} | {d['nll']:+.4f} ± {d['nll_stderr']:.4f} | "
+                             f"{100 * d['acc']:+.2f} ± {100 * d['acc_stderr']:.2f} |")
+    lines += ["", "| variant | quantize s |", "|---|---|"]
+    lines += [f"| {name} | {v['seconds']:.0f} |" for name, v in results["variants"].items()]
     lines += ["", "| weights | " + " | ".join(f"rate {r}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
-    dense = results["float"]["float32"]["fp16_bytes"][rates[0]]  # the original model in float16, tied head
-    for rotated, variant, label in ((False, "RTN", "tied head"), (True, "rotation + RTN", "rotated, untied head")):
-        fp16 = results["float"]["float32 (rotated)" if rotated else "float32"]["fp16_bytes"]
-        q4 = results["variants"][variant]["bytes"]
-        lines += [f"| float16, {label} (MB) | " + " | ".join(f"{fp16[r] / 1e6:.1f}" for r in rates) + " |",
-                  f"| Q4_0, {label} (MB) | " + " | ".join(f"{q4[r] / 1e6:.1f}" for r in rates) + " |",
-                  f"| vs float16 at the same rate, {label} | " + " | ".join(f"{fp16[r] / q4[r]:.2f}x" for r in rates) + " |",
-                  f"| vs the dense float16 model, {label} | " + " | ".join(f"{dense / q4[r]:.2f}x" for r in rates)
-                  + " |"]
+    dense = results["fp16_bytes"]["tied"][rates[0]]  # the original model in float16, tied head
+    for name, v in results["variants"].items():
+        if "GPTQ least-important-first" not in name:
+            continue
+        fp16 = results["fp16_bytes"]["untied" if name.startswith("rotation") else "tied"]
+        q4 = v["bytes"]
+        lines += [f"| {name} (MB) | " + " | ".join(f"{q4[r] / 1e6:.1f}" for r in rates) + " |",
+                  "| vs float16 at the same rate | " + " | ".join(f"{fp16[r] / q4[r]:.2f}x" for r in rates) + " |",
+                  "| vs the dense float16 model | " + " | ".join(f"{dense / q4[r]:.2f}x" for r in rates) + " |"]
+    lines += ["", "float16 sizes: tied head (the source model) " + ", ".join(
+        f"{results['fp16_bytes']['tied'][r] / 1e6:.1f}" for r in rates) + " MB; rotated (untied head) " + ", ".join(
+        f"{results['fp16_bytes']['untied'][r] / 1e6:.1f}" for r in rates) + " MB at rates " + ", ".join(rates) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=4, help="WikiText-2 windows of 2048 tokens")
+    parser.add_argument("--items", type=int, default=50, help="first N items per task")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the variants --output already holds when it was measured with the same settings")
     parser.add_argument("--output", default=str(RESULTS / "quantization.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    results = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "windows": args.windows,
-               "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen, "rates": list(RATES),
-               "threads": torch.get_num_threads(), "float": {}, "variants": {}}
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    settings = {"windows": args.windows, "items": args.items, "calib_samples": args.calib_samples,
+                "calib_seqlen": args.calib_seqlen, "rates": list(RATES)}
+    output = Path(args.output)
+    previous = json.loads(output.read_text()) if args.keep and output.exists() else {}
+    if previous and any(previous.get(k) != v for k, v in settings.items()):
+        sys.exit(f"{output} was measured with other settings; run without --keep to measure everything again")
+    results = previous or {**settings, "commands": [], "threads": torch.get_num_threads(), "variants": {}}
+    results["commands"].append(command)
     floats = {rotate: Checkpoint(float_checkpoint(rotate)) for rotate in (False, True)}
-    tokens = wikitext2_tokens(floats[False].tokenizer(), data_dir())
-    for rotate, ckpt in floats.items():
-        name = "float32 (rotated)" if rotate else "float32"
-        print(name, flush=True)
-        results["float"][name] = {"ppl": ppl_by_rate(ckpt, tokens, args.windows),
-                                  "fp16_bytes": {str(r): ckpt.rate_entry(r)["weight_bytes"] // 2 for r in RATES}}
-    for name, (rotate, method, order) in VARIANTS.items():
-        print(name, flush=True)
-        options = QuantizeOptions(method=method, order=order, calib_samples=args.calib_samples,
-                                  calib_seqlen=args.calib_seqlen)
-        out = cache_dir() / "bench" / f"smollm2-q4-{method}-{order}{'-rotated' if rotate else ''}.elastiq"
-        ckpt = Checkpoint(quantize_checkpoint(floats[rotate].path, out, options, overwrite=True))
-        fp16 = results["float"]["float32 (rotated)" if rotate else "float32"]["fp16_bytes"]
+    results["fp16_bytes"] = {"untied" if rotate else "tied": {str(r): c.rate_entry(r)["weight_bytes"] // 2
+                                                               for r in RATES} for rotate, c in floats.items()}
+    if "float" not in results:
+        print("float32", flush=True)
+        results["float"] = evaluate(floats[False], args.windows, args.items)
+    for name, (rotate, fields) in VARIANTS.items():
+        if name in results["variants"]:
+            continue
+        print(name, f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        options = QuantizeOptions(**fields, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+        slug = "-".join(str(v) for v in fields.values())
+        out = cache_dir() / "bench" / f"smollm2-q4-{slug}{'-rotated' if rotate else ''}.elastiq"
+        ckpt = Checkpoint(quantize_checkpoint(floats[rotate].path, out, options, overwrite=True, progress=False))
         results["variants"][name] = {
-            "seconds": options.timings["quantize"],
+            "seconds": options.timings["quantize"], "load_average": os.getloadavg()[0],
             "bytes": {str(r): ckpt.rate_entry(r)["weight_bytes"] for r in RATES},
-            "ratio_vs_fp16": {str(r): fp16[str(r)] / ckpt.rate_entry(r)["weight_bytes"] for r in RATES},
-            "ppl": ppl_by_rate(ckpt, tokens, args.windows),
+            "eval": evaluate(ckpt, args.windows, args.items),
         }
-        write_text(Path(args.output), json.dumps(results, indent=2) + "\n")  # partial results survive a stop
+        write_text(output, json.dumps(results, indent=2) + "\n")  # partial results survive a stop
 
-    write_text(Path(args.output), json.dumps(results, indent=2) + "\n")
+    write_text(output, json.dumps(results, indent=2) + "\n")
     table = to_markdown(results)
-    write_text(Path(args.output).with_suffix(".md"), table)
+    write_text(output.with_suffix(".md"), table)
     print(table)
 
 

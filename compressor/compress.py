@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .. import ElastiqError
 from ..checkpoint import QK, SUFFIX, Group, write_checkpoint
 from ..paths import data_dir
