@@ -3,8 +3,9 @@
 The full sorted model runs in elastiq's own elastic model (a sorted model needs the RoPE gather),
 block by block over C4 windows, and each block's matrices are quantized with the Hessians of
 inputs that came through the already-quantized earlier blocks (GPTQ's sequential pass). Every
-rate is then a prefix of whole blocks of the same codes: slicing never re-quantizes. Embeddings
-and the LM head are quantized round-to-nearest (stored once when tied).
+rate is then a prefix of whole blocks of the same codes: slicing never re-quantizes. The token
+embedding and the LM head are quantized round-to-nearest, to Q4_0 or, with ``embedding_bits=8``,
+to Q8_0 (stored once when tied).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, write_checkpoint
 from ..paths import data_dir
-from ..quants import BLOCK, QuantizedTensor, dequantize, quantize_rtn
+from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from ..runtime.model import Transformer
 from .calibrate import calibration_samples
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 
 METHODS = ("gptq", "rtn")
+EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM head: their format
 # Matrices of a block, and the input each reads (matrices that read the same input share its Hessian).
 READS = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
          "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
@@ -39,6 +41,7 @@ class QuantizeOptions:
     order: str = "least-important-first"
     bits: int = 4
     block_size: int = BLOCK
+    embedding_bits: int = 4
     calib_samples: int = 32
     calib_seqlen: int = 512
     seed: int = 0
@@ -50,6 +53,9 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
     if options.bits != 4 or options.block_size != BLOCK:
         raise ElastiqError(f"only {BLOCK}-weight blocks of 4 bits (GGUF Q4_0) are supported; "
                            f"got {options.bits} bits in blocks of {options.block_size}")
+    if options.embedding_bits not in EMBEDDING_FORMATS:
+        raise ElastiqError(f"the token embedding and LM head are quantized to 4 or 8 bits (GGUF Q4_0 or Q8_0); "
+                           f"got {options.embedding_bits}")
     if options.method not in METHODS:
         raise ElastiqError(f"unknown quantization method {options.method!r}; known: {', '.join(METHODS)}")
     if options.order not in ORDERS:
@@ -96,7 +102,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                                       options.seed)
         positions = torch.arange(samples.shape[1])
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
-    quantized: dict[str, QuantizedTensor] = {}
+    quantized: dict[str, Quantized] = {}
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
         hessians = _block_hessians(block, hidden, positions, model.inv_freq) if options.method == "gptq" else {}
         for name, reads in READS.items():
@@ -114,7 +120,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in weights and name not in quantized:
             tied = name == "lm_head.weight" and weights[name] is weights["model.embed_tokens.weight"]
-            quantized[name] = quantized["model.embed_tokens.weight"] if tied else QuantizedTensor(*quantize_rtn(weights[name]))
+            quantized[name] = quantized["model.embed_tokens.weight"] if tied else _quantize_embedding(
+                weights[name], options.embedding_bits)
     options.timings["quantize"] = time.perf_counter() - start
 
     tensors = {**weights, **quantized}
@@ -122,9 +129,15 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
             "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
             "calib_seqlen": options.calib_seqlen,
-            "seed": options.seed, "damp": options.damp, "embeddings": "rtn"}
+            "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
+            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}
     return write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
                             quantization=spec, overwrite=overwrite)
+
+
+def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:
+    """Round-to-nearest of the token embedding or LM head [vocab, hidden] to Q4_0 or Q8_0."""
+    return QuantizedTensor(*quantize_rtn(w)) if bits == 4 else quantize_q8_0(w)
 
 
 def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], positions: torch.Tensor,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import ElastiqError
-from .quants import BLOCK, QuantizedTensor
+from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
 FORMAT_VERSION = 1
 SUFFIX = ".elastiq"
@@ -181,24 +181,26 @@ def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads
 
 # --- the writer ----------------------------------------------------------------------------------
 
-def _parts(name: str, t: torch.Tensor | QuantizedTensor, role: str) -> list[tuple[str, torch.Tensor, str, int, dict]]:
+def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str, torch.Tensor, str, int, dict]]:
     """What is stored for one model tensor: (stored name, tensor, storage role, channels per
-    unit, manifest fields). A float tensor is one part; a quantized matrix is its codes and its
-    scales, pruned in whole blocks where the role prunes its input axis."""
-    if not isinstance(t, QuantizedTensor):
+    unit, manifest fields). A float tensor is one part; a quantized matrix (Q4_0 or Q8_0) is its
+    codes and its scales, pruned in whole blocks where the role prunes its input axis."""
+    if type(t) not in FORMAT_NAMES:
         return [(name, t, role, 1, {})]
     block_role = BLOCK_ROLES.get(role, role)
     unit = BLOCK if role in BLOCK_ROLES else 1
-    return [(f"{name}.q4_codes", t.codes, block_role, unit, {"part_of": name, "part": "codes"}),
-            (f"{name}.q4_scales", t.scales, block_role, unit, {"part_of": name, "part": "scales"})]
+    fmt = FORMAT_NAMES[type(t)]
+    prefix = f"{name}.{fmt.split('_')[0]}"  # q4 / q8
+    return [(f"{prefix}_codes", t.codes, block_role, unit, {"part_of": name, "part": "codes", "format": fmt}),
+            (f"{prefix}_scales", t.scales, block_role, unit, {"part_of": name, "part": "scales", "format": fmt})]
 
 
-def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | QuantizedTensor], groups: Sequence[Group],
+def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
                      rates: Sequence[RateSpec], heads: Heads, source: Mapping, tokenizer=None,
                      kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None,
                      overwrite: bool = False) -> Path:
     """Write a nested checkpoint of the sorted full-width model ``tensors`` (Hugging Face names;
-    a matrix may be a ``QuantizedTensor``, described by ``quantization`` in the manifest).
+    a matrix may be a ``QuantizedTensor`` or a ``Q8Tensor``, described by ``quantization`` in the manifest).
 
     The folder is assembled under a temporary name beside ``path`` and renamed into place, so an
     interrupted write leaves no checkpoint behind.
@@ -279,12 +281,12 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | QuantizedT
     return path
 
 
-def _dedupe(tensors: Mapping[str, torch.Tensor | QuantizedTensor]) -> tuple[dict, dict[str, str]]:
+def _dedupe(tensors: Mapping[str, torch.Tensor | Quantized]) -> tuple[dict, dict[str, str]]:
     """Store tied tensors (the same memory under two names, as a tied lm_head) once:
     returns the tensors to store and {alias: stored name}."""
     stored, aliases, seen = {}, {}, {}
     for name, t in tensors.items():
-        first = t.codes if isinstance(t, QuantizedTensor) else t
+        first = t.codes if type(t) in FORMAT_NAMES else t
         key = (first.data_ptr(), tuple(first.shape), tuple(first.stride()), first.dtype)
         if key in seen:
             aliases[name] = seen[key]
@@ -413,13 +415,25 @@ class Checkpoint:
             parts.setdefault(entry.get("part_of", stored), {})[entry.get("part", "")] = stored
         return parts
 
-    @staticmethod
-    def _assemble(parts: Mapping[str, torch.Tensor]) -> torch.Tensor | QuantizedTensor:
-        return parts[""] if "" in parts else QuantizedTensor(parts["codes"], parts["scales"])
+    def format(self, name: str) -> str | None:
+        """The code format of model tensor ``name`` ("q4_0", "q8_0"), None for a float tensor."""
+        return self._format(self._stored_parts()[self.manifest["aliases"].get(name, name)])
 
-    def iter_rate(self, rate: float, verify: bool = True) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    def _format(self, stored: Mapping[str, str]) -> str | None:
+        return None if "" in stored else self.tensors[stored["codes"]].get("format", "q4_0")
+
+    def _assemble(self, name: str, stored: Mapping[str, str],
+                  parts: Mapping[str, torch.Tensor]) -> torch.Tensor | Quantized:
+        if "" in parts:
+            return parts[""]
+        fmt = self._format(stored)
+        if fmt not in FORMATS:
+            raise CheckpointError(f"tensor {name} is stored as {fmt!r}; this elastiq reads {', '.join(FORMATS)}")
+        return FORMATS[fmt](parts["codes"], parts["scales"])
+
+    def iter_rate(self, rate: float, verify: bool = True) -> Iterator[tuple[str, torch.Tensor | Quantized]]:
         """The model at ``rate``, one tensor at a time in Hugging Face form (pruned axes cut;
-        quantized matrices as ``QuantizedTensor``), reading only its bytes; an alias of a tied
+        quantized matrices as ``QuantizedTensor`` or ``Q8Tensor``), reading only its bytes; an alias of a tied
         tensor comes last and is the same object as the tensor it names. Loading tensor by
         tensor keeps one tensor's raw bytes in memory at a time."""
         widths = self.rate_entry(rate)["widths"]
@@ -427,17 +441,17 @@ class Checkpoint:
         for name, stored in self._stored_parts().items():
             parts = {part: from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
                                         self.tensors[s]["role"], self.heads) for part, s in stored.items()}
-            t = self._assemble(parts)
+            t = self._assemble(name, stored, parts)
             if name in self.manifest["aliases"].values():
                 yielded[name] = t
             yield name, t
         for alias, name in self.manifest["aliases"].items():
             yield alias, yielded[name]
 
-    def shapes(self, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, bool]]:
+    def shapes(self, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, str | None]]:
         """Each model tensor at ``rate`` without reading it: (Hugging Face shape, stored dtype,
-        quantized); a quantized matrix's shape is [N, K] and its dtype that of its codes. Aliases
-        of tied tensors are left out (``aliases`` names them)."""
+        code format or None); a quantized matrix's shape is [N, K] and its dtype that of its
+        codes. Aliases of tied tensors are left out (``aliases`` names them)."""
         widths = self.rate_entry(rate)["widths"]
         out = {}
         for name, stored in self._stored_parts().items():
@@ -446,7 +460,7 @@ class Checkpoint:
             shape = tuple(from_storage(torch.empty(kept, device="meta"), entry["role"], self.heads).shape)
             if "codes" in stored:
                 shape = (shape[0], shape[1] * BLOCK)
-            out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], "codes" in stored)
+            out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], self._format(stored))
         return out
 
     @property
@@ -454,19 +468,19 @@ class Checkpoint:
         """{alias: stored name} of tied tensors (a tied LM head names the embedding)."""
         return dict(self.manifest["aliases"])
 
-    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | QuantizedTensor]:
+    def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | Quantized]:
         """The model at ``rate`` as one dict (see ``iter_rate``)."""
         return dict(self.iter_rate(rate, verify))
 
-    def resize(self, name: str, tensor: torch.Tensor | QuantizedTensor, rate: float, new_rate: float,
-               verify: bool = True) -> torch.Tensor | QuantizedTensor:
+    def resize(self, name: str, tensor: torch.Tensor | Quantized, rate: float, new_rate: float,
+               verify: bool = True) -> torch.Tensor | Quantized:
         """Tensor ``name`` held at ``rate`` (Hugging Face form, as ``iter_rate`` gave it) at ``new_rate``:
         a narrower width is cut from ``tensor`` without reading the file; a wider one reads and
         verifies only the units it lacks. Unpruned tensors come back as they are."""
         old, new = self.rate_entry(rate)["widths"], self.rate_entry(new_rate)["widths"]
         stored = self._stored_parts()[self.manifest["aliases"].get(name, name)]
-        held = {"": tensor} if not isinstance(tensor, QuantizedTensor) else {"codes": tensor.codes,
-                                                                            "scales": tensor.scales}
+        held = {"": tensor} if type(tensor) not in FORMAT_NAMES else {"codes": tensor.codes,
+                                                                      "scales": tensor.scales}
         if set(held) != set(stored):
             raise CheckpointError(f"tensor {name} is stored as parts {sorted(stored)}, got {sorted(held)}")
         parts = {}
@@ -484,7 +498,7 @@ class Checkpoint:
             else:
                 units = torch.cat((units, self.read_units(s, have, want, verify).to(units.device)))
             parts[part] = from_storage(units, entry["role"], self.heads)
-        return self._assemble(parts)
+        return self._assemble(name, stored, parts)
 
     def tokenizer(self):
         """The tokenizer saved with the checkpoint."""

@@ -1,11 +1,13 @@
-"""The 4-bit code format of the nested checkpoint: GGUF ``Q4_0``, and its views for each backend.
+"""The code formats of the nested checkpoint: GGUF ``Q4_0`` (every quantized matrix) and ``Q8_0``
+(the token embedding and LM head, when asked for 8 bits), and their views for each backend.
 
-One block holds 32 consecutive weights along a matrix's input axis, one fp16 scale ``d`` and
+One ``Q4_0`` block holds 32 consecutive weights along a matrix's input axis, one fp16 scale ``d`` and
 codes ``q`` in 0..15 with w = d * (q - 8). The checkpoint stores the codes packed as GGUF packs
 them (byte j of a block: code j in the low nibble, code j + 16 in the high nibble), so a GGUF
 export copies bytes. onnxruntime's ``MatMulNBits`` packs codes 2i and 2i + 1 in one byte and torch's
 int4 CPU matmul wants its own tile layout with bf16 scales: both are repacks of the same codes,
-never a re-quantization.
+never a re-quantization. A ``Q8_0`` block holds 32 weights as int8 codes ``q`` and one fp16
+scale, w = d * q, stored as GGUF stores them (the scale, then the 32 codes).
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales)
+
+
+@dataclass(frozen=True)
+class Q8Tensor:
+    """A Q8_0 matrix [out, in]: int8 codes [out, in/32, 32], fp16 scales [out, in/32]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * BLOCK
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_q8_0(self.codes, self.scales)
+
+
+Quantized = QuantizedTensor | Q8Tensor
+FORMATS = {"q4_0": QuantizedTensor, "q8_0": Q8Tensor}  # the manifest's name of each format
+FORMAT_NAMES = {cls: name for name, cls in FORMATS.items()}
+BLOCK_BYTES = {"q4_0": PACKED + 2, "q8_0": BLOCK + 2}  # codes and the fp16 scale of one block
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -106,3 +129,29 @@ def torch_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     s = scales.float().T
     return weight, torch.stack((s, torch.zeros_like(s)), dim=-1).to(torch.bfloat16)
+
+
+def quantize_q8_0(w: torch.Tensor) -> Q8Tensor:
+    """Round-to-nearest Q8_0 of ``w`` [..., K]: d = max |w| / 127 per block, rounded to fp16
+    before the codes round(w / d) are chosen (so they fit the stored scale)."""
+    blocks = _blocks(w.float())
+    scales = (blocks.abs().amax(-1) / 127).to(torch.float16)
+    d = scales.float()[..., None]
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return Q8Tensor(torch.round(blocks * inv).clamp(-128, 127).to(torch.int8), scales)
+
+
+def dequantize_q8_0(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 weights [..., K] of Q8_0 codes [..., K/32, 32] and fp16 scales [..., K/32]."""
+    return (codes.float() * scales.float()[..., None]).flatten(-2)
+
+
+def gguf_q8_0_blocks(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The raw GGUF ``Q8_0`` tensor data [..., K/32, 34]: each block's fp16 scale, then its codes."""
+    return torch.cat((scales[..., None].view(torch.uint8), codes.view(torch.uint8)), dim=-1)
+
+
+def matmulnbits_q8(codes: torch.Tensor) -> torch.Tensor:
+    """onnxruntime ``MatMulNBits`` / ``GatherBlockQuantized`` (bits 8, block 32) weight bytes
+    [N, K/32, 32] of Q8_0 codes: q + 128 (the top bit flipped), for the default zero point 128."""
+    return codes.view(torch.uint8) ^ 0x80

@@ -10,7 +10,7 @@ widths differ per layer, which the ``llama`` architecture cannot say: such a rat
 ``deci`` with a per-layer ``feed_forward_length``; a rate of uniform width stays ``llama``.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
-zero row or column is blocks of scale 0); float checkpoints are written as F16 (or F32); norms
+zero row or column is blocks of scale 0), and an 8-bit embedding or head as ``Q8_0`` blocks; float checkpoints are written as F16 (or F32); norms
 and biases as F32. The file is written under a temporary name and renamed into place.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
-from ..quants import BLOCK, QuantizedTensor, gguf_blocks
+from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from ..runtime.model import ModelArgs, rotary_frequencies
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -45,7 +45,7 @@ class ExportError(ElastiqError):
 
 # --- pruned heads back to full size ---------------------------------------------------------------
 
-Weight = torch.Tensor | QuantizedTensor
+Weight = torch.Tensor | QuantizedTensor | Q8Tensor
 
 
 def _rows(t: Weight, index: torch.Tensor, total: int) -> Weight:
@@ -191,11 +191,14 @@ def _writable(output: Path) -> Path:
 
 
 def _array(t: Weight, float_type: type) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-    """A tensor's GGUF data: Q4_0 blocks copied from the codes, 1-d tensors in F32, matrices in
-    ``float_type``."""
+    """A tensor's GGUF data: Q4_0 or Q8_0 blocks copied from the codes, 1-d tensors in F32,
+    matrices in ``float_type``."""
     if isinstance(t, QuantizedTensor):
         rows = t.codes.shape[0]
         return gguf_blocks(t.codes, t.scales).reshape(rows, -1).numpy(), gguf.GGMLQuantizationType.Q4_0
+    if isinstance(t, Q8Tensor):
+        rows = t.codes.shape[0]
+        return gguf_q8_0_blocks(t.codes, t.scales).reshape(rows, -1).numpy(), gguf.GGMLQuantizationType.Q8_0
     return t.float().numpy().astype(np.float32 if t.dim() == 1 else float_type), None
 
 
@@ -216,7 +219,8 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     """Write ``rate`` of the nested checkpoint ``checkpoint`` to the GGUF file ``output`` for
     llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise) and return its path.
 
-    4-bit matrices are copied as Q4_0; float matrices are written as ``float_type`` (f16 or f32).
+    4-bit matrices are copied as Q4_0 and 8-bit ones as Q8_0; float matrices are written as
+    ``float_type`` (f16 or f32).
     """
     if float_type not in FLOAT_TYPES:
         raise ExportError(f"float type {float_type!r} is not accepted; accepted: {', '.join(FLOAT_TYPES)}")

@@ -33,7 +33,7 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
-from ..quants import QuantizedTensor
+from ..quants import Quantized
 from ..runtime.model import ModelArgs, rotary_frequencies
 
 WEIGHTS = "model.safetensors"
@@ -57,7 +57,8 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
     source = ckpt.manifest["source"]["config"]
-    weights = {k: v.dequantize() if isinstance(v, QuantizedTensor) else v for k, v in ckpt.read_rate(rate).items()}
+    weights = {k: v.dequantize() if isinstance(v, Quantized) else v
+               for k, v in ckpt.read_rate(rate).items()}
     args = ModelArgs.from_weights(weights, source, rotary_frequencies(source)[1])
     state = full_size(weights, args, source["intermediate_size"])
     if args.tie_word_embeddings:

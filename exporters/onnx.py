@@ -15,7 +15,9 @@ its own widths and the graph should say plainly what it computes. It follows
   ``quants.matmulnbits`` of the checkpoint's codes and whose scales are its fp16 scales as float32
   (exact; the op wants the activations' type). A 4-bit embedding stays 4-bit: com.microsoft
   ``GatherBlockQuantized`` reads the same B (viewed as [vocab, blocks, 16] with the quantized axis
-  last), so a tied LM head and embedding share one initializer;
+  last), so a tied LM head and embedding share one initializer. An 8-bit (Q8_0) embedding and head
+  use the same two ops with bits 8, B being the codes plus 128 (``quants.matmulnbits_q8``) for
+  the default zero point of 128;
 - a float matrix is a ``Gemm`` with transB=1, so weights keep their [out, in] layout and a tied
   float embedding is stored once.
 
@@ -35,7 +37,7 @@ import torch
 
 from .. import ElastiqError, __version__
 from ..checkpoint import Checkpoint
-from ..quants import BLOCK, QuantizedTensor, matmulnbits
+from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
 from ..runtime.model import ModelArgs, rotary_frequencies
 
 OPSET = 21
@@ -66,7 +68,7 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     return output
 
 
-def build_model(weights: Mapping[str, torch.Tensor | QuantizedTensor], config: Mapping,
+def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping,
                 metadata: Mapping[str, str] | None = None):
     """The ``onnx.ModelProto`` of one rate's ``weights`` (Hugging Face names, as
     ``Checkpoint.read_rate`` returns them) and the Hugging Face config dict ``config``."""
@@ -207,36 +209,40 @@ def _check_config(config: Mapping) -> None:
                               "(a config whose sliding_window is null)")
 
 
-def _nbytes(t: torch.Tensor | QuantizedTensor) -> int:
-    if isinstance(t, QuantizedTensor):
+def _nbytes(t: torch.Tensor | Quantized) -> int:
+    if isinstance(t, Quantized):
         return t.codes.numel() + 4 * t.scales.numel()
     return t.numel() * 4
 
 
-def _embed(g: _Graph, table: torch.Tensor | QuantizedTensor, ids: str) -> str:
+def _embed(g: _Graph, table: torch.Tensor | Quantized, ids: str) -> str:
     """Hidden states [N, hidden] of the flat token ids ``ids``: a Gather of a float table, or a
-    GatherBlockQuantized of the 4-bit one (the same B and scales as its MatMulNBits)."""
+    GatherBlockQuantized of the 4- or 8-bit one (the same B and scales as its MatMulNBits)."""
     name = "model.embed_tokens.weight"
-    if not isinstance(table, QuantizedTensor):
+    if not isinstance(table, Quantized):
         return g.op("Gather", g.weight(table, name, "float", lambda: table.float()), ids)
-    b, scales = _q4_initializers(g, table, name)
+    b, scales, bits = _quantized_initializers(g, table, name)
     rows = g.op("GatherBlockQuantized", b, ids, g.op("Unsqueeze", scales, g.const([2])), domain=MS,
-                bits=4, block_size=BLOCK, gather_axis=0, quantize_axis=2)  # [N, blocks, 32]
+                bits=bits, block_size=BLOCK, gather_axis=0, quantize_axis=2)  # [N, blocks, 32]
     return g.op("Reshape", rows, g.const([-1, table.shape[1]]))
 
 
-def _q4_initializers(g: _Graph, t: QuantizedTensor, name: str) -> tuple[str, str]:
-    return (g.weight(t.codes, f"{name}.matmulnbits", "B", lambda: matmulnbits(t.codes)),
-            g.weight(t.scales, f"{name}.scales", "scales", lambda: t.scales.float()))
+def _quantized_initializers(g: _Graph, t: Quantized, name: str) -> tuple[str, str, int]:
+    """The B and float32 scales initializers of a Q4_0 or Q8_0 matrix, and its bits."""
+    if isinstance(t, Q8Tensor):
+        b, bits = g.weight(t.codes, f"{name}.matmulnbits", "B", lambda: matmulnbits_q8(t.codes)), 8
+    else:
+        b, bits = g.weight(t.codes, f"{name}.matmulnbits", "B", lambda: matmulnbits(t.codes)), 4
+    return b, g.weight(t.scales, f"{name}.scales", "scales", lambda: t.scales.float()), bits
 
 
 def _linear(g: _Graph, weights: Mapping, prefix: str, x: str) -> str:
     """``x`` [N, in] times the transposed weight ``prefix.weight`` [out, in], plus its bias if any."""
     w, bias = weights[prefix + ".weight"], weights.get(prefix + ".bias")
-    if isinstance(w, QuantizedTensor):
-        b, scales = _q4_initializers(g, w, prefix + ".weight")
+    if isinstance(w, Quantized):
+        b, scales, bits = _quantized_initializers(g, w, prefix + ".weight")
         n, k = w.shape
-        y = g.op("MatMulNBits", x, b, scales, domain=MS, K=k, N=n, bits=4, block_size=BLOCK)
+        y = g.op("MatMulNBits", x, b, scales, domain=MS, K=k, N=n, bits=bits, block_size=BLOCK)
         return y if bias is None else g.op("Add", y, g.weight(bias, prefix + ".bias", "float", lambda: bias.float()))
     inputs = [x, g.weight(w, prefix + ".weight", "float", lambda: w.float())]
     if bias is not None:

@@ -40,7 +40,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, Checkpoint, kv_bytes_per_token
 from ..exporters import export
-from ..quants import BLOCK, PACKED
+from ..quants import BLOCK, BLOCK_BYTES
 from .engine import Engine, Switch, check_ctx
 from .generate import PREFILL_CHUNK, CachedGenerator
 from .memory import Footprint
@@ -52,7 +52,6 @@ LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cel
 # The ONNX decoder returns logits for every position of a call, [chunk, vocab] float32 and copies
 # of it: a smaller chunk than torch's (which computes the last position's logits only) bounds that.
 ONNX_PREFILL_CHUNK = 64
-Q4_0_BLOCK_BYTES = PACKED + 2  # 16 bytes of codes and an fp16 scale per 32 weights
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 
 
@@ -103,13 +102,13 @@ def cached_export(ckpt: Checkpoint, rate: float, backend: str) -> tuple[Path, fl
 
 def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
     """Bytes of the tensors ``write_gguf`` writes for ``rate`` (pruned heads back at full size,
-    Q4_0 or F16 matrices, F32 vectors, each padded to the alignment), and of the Q4_0 matrices a
-    matmul uses (the ones llama.cpp repacks; a tied head is the embedding's)."""
+    Q4_0, Q8_0 or F16 matrices, F32 vectors, each padded to the alignment), and of the Q4_0
+    matrices a matmul uses (the ones llama.cpp repacks; a tied head is the embedding's)."""
     config, heads = ckpt.manifest["source"]["config"], ckpt.heads
     full = {"q_proj": heads.num_heads * heads.head_dim, "k_proj": heads.num_kv_heads * heads.head_dim,
             "v_proj": heads.num_kv_heads * heads.head_dim}
     total = matmul = 0
-    for name, (shape, _, quantized) in ckpt.shapes(rate).items():
+    for name, (shape, _, fmt) in ckpt.shapes(rate).items():
         if name.endswith("rope_pairs"):
             continue  # consumed by the full-size layout
         parts = name.split(".")
@@ -118,10 +117,10 @@ def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
         elif len(parts) > 2 and parts[-2] == "o_proj":
             shape = (shape[0], heads.num_heads * heads.head_dim)
         numel = math.prod(shape)
-        nbytes = numel // BLOCK * Q4_0_BLOCK_BYTES if quantized else numel * (2 if len(shape) == 2 else 4)
+        nbytes = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * (2 if len(shape) == 2 else 4)
         total += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
         used_by_matmul = not name.endswith("embed_tokens.weight") or config.get("tie_word_embeddings")
-        if quantized and len(shape) == 2 and shape[0] % 8 == 0 and used_by_matmul:
+        if fmt == "q4_0" and len(shape) == 2 and shape[0] % 8 == 0 and used_by_matmul:
             matmul += nbytes
     return total, matmul
 
@@ -139,13 +138,13 @@ def _gguf_vocab(ckpt: Checkpoint, vocab_size: int) -> int:
 
 
 def _onnx_weights(ckpt: Checkpoint, rate: float) -> int:
-    """Bytes of the initializers ``write_onnx`` writes for ``rate``: MatMulNBits codes (4 bits) and
-    float32 scales, float32 matrices and vectors; a tied tensor once."""
+    """Bytes of the initializers ``write_onnx`` writes for ``rate``: MatMulNBits codes (4 or 8
+    bits) and float32 scales, float32 matrices and vectors; a tied tensor once."""
     total = 0
-    for name, (shape, stored_dtype, quantized) in ckpt.shapes(rate).items():
+    for name, (shape, stored_dtype, fmt) in ckpt.shapes(rate).items():
         numel = math.prod(shape)
-        if quantized:
-            total += numel // 2 + numel // BLOCK * 4
+        if fmt:
+            total += (numel if fmt == "q8_0" else numel // 2) + numel // BLOCK * 4
         elif stored_dtype.is_floating_point:
             total += numel * 4
     return total

@@ -20,7 +20,7 @@ from torch import nn
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from ..kernels.q4_layout import unprepare_q4
-from ..quants import QuantizedTensor
+from ..quants import Quantized, QuantizedTensor
 from .generate import Generator
 from .memory import return_freed_memory
 from .model import Block, KVCache, LayerArgs, Q4Linear, Transformer, resident
@@ -136,9 +136,9 @@ def check_ctx(config: dict, ctx: int) -> None:
                            "(max_position_embeddings of its config)")
 
 
-def _to(t: torch.Tensor | QuantizedTensor, device: torch.device) -> torch.Tensor | QuantizedTensor:
-    if isinstance(t, QuantizedTensor):
-        return QuantizedTensor(t.codes.to(device), t.scales.to(device))
+def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Quantized:
+    if isinstance(t, Quantized):
+        return type(t)(t.codes.to(device), t.scales.to(device))
     return t.to(device)
 
 

@@ -29,7 +29,7 @@ from .. import ElastiqError
 from ..checkpoint import Checkpoint, kv_bytes_per_token
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
-from ..quants import BLOCK, PACKED
+from ..quants import BLOCK, BLOCK_BYTES
 from .generate import PREFILL_CHUNK
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
@@ -141,10 +141,13 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     tied = bool(config.get("tie_word_embeddings"))
     shapes = ckpt.shapes(rate)
     weights, transient = 0, 0
-    for name, (shape, stored_dtype, quantized) in shapes.items():
+    for name, (shape, stored_dtype, fmt) in shapes.items():
         numel = math.prod(shape)
-        stored = numel * stored_dtype.itemsize if not quantized else numel // BLOCK * (PACKED + 2)
-        if quantized and int4:
+        quantized = fmt is not None
+        stored = numel // BLOCK * BLOCK_BYTES[fmt] if quantized else numel * stored_dtype.itemsize
+        if fmt == "q8_0" and int4:
+            held = numel + numel // BLOCK * itemsize  # int8 codes, scales in the activations' dtype
+        elif quantized and int4:
             held = stored if name.endswith("embed_tokens.weight") else q4_nbytes(*shape, path)
         elif quantized or stored_dtype.is_floating_point:
             held = numel * itemsize
@@ -156,9 +159,9 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         else:  # the raw bytes and their re-laid copy, while the held form is made
             transient = max(transient, 2 * stored + held)
     weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
-    embed_shape, _, embed_quantized = shapes["model.embed_tokens.weight"]
-    if tied and embed_quantized and int4:
-        weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy
+    embed_shape, _, embed_format = shapes["model.embed_tokens.weight"]
+    if tied and embed_format == "q4_0" and int4:
+        weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)
     widths = ckpt.rate_entry(rate)["widths"]
     kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
     hidden, vocab, heads = config["hidden_size"], config["vocab_size"], ckpt.heads.num_heads

@@ -9,8 +9,9 @@ Modules carry Hugging Face's names, so a Hugging Face state dict loads by droppi
 
 Two ways to run it: a full causal pass over ``input_ids`` (evaluation, calibration), or
 incremental decoding through a per-layer ``KVCache`` (``setup_caches``, then ``forward(ids,
-start=position)``). 4-bit matrices either become float (the reference) or stay packed in
-``Q4Linear`` / ``Q4Embedding`` and multiply through ``elastiq.kernels.q4_linear`` (``int4=True``).
+start=position)``). Quantized matrices either become float (the reference) or stay packed
+(``int4=True``): Q4_0 in ``Q4Linear`` / ``Q4Embedding`` through ``elastiq.kernels.q4_linear``, an
+8-bit (Q8_0) embedding and head in ``Q8Embedding`` / ``Q8Linear`` sharing one ``Q8Weight``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from torch import nn
 
 from .. import ElastiqError
 from ..kernels import Q4Weight, apply_rope_gather, prepare_q4, q4_linear
-from ..quants import QuantizedTensor, dequantize
+from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
+from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
-Weight = torch.Tensor | QuantizedTensor | Q4Weight
+Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,33 @@ class Q4Embedding(nn.Module):
         return dequantize(self.codes[ids], self.scales[ids]).to(self.dtype)
 
 
+class Q8Linear(nn.Module):
+    """A linear layer (the LM head) whose Q8_0 weight stays 8-bit (``elastiq.kernels.q8``)."""
+
+    def __init__(self, weight: Q8Weight):
+        super().__init__()
+        self.weight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q8_linear(x, self.weight)
+
+
+class Q8Embedding(nn.Module):
+    """Token embeddings kept as Q8_0 codes, shared with a tied ``Q8Linear`` head."""
+
+    def __init__(self, weight: Q8Weight):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return q8_embedding(ids, self.weight)
+
+
 class KVCache(nn.Module):
     """Keys [B, G, S, 2u] and values [B, G, S, r] of one layer for up to S positions."""
 
@@ -152,10 +181,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def _linear(weight: torch.Tensor | Q4Weight, bias: torch.Tensor | None) -> nn.Module:
+def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | None) -> nn.Module:
     """The module of one projection, holding ``weight`` (and ``bias``) without a copy."""
     if isinstance(weight, Q4Weight):
         return Q4Linear(weight, bias)
+    if isinstance(weight, Q8Weight):
+        return Q8Linear(weight)
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -259,8 +290,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Embeddings, blocks of per-layer widths, final norm and LM head (tied to the embeddings
-    when the config says so: then one parameter, or for 4-bit weights one set of codes that the
-    embedding gathers from and the head multiplies by in its packed form)."""
+    when the config says so: then one parameter or one ``Q8Weight``; a tied Q4_0 embedding keeps
+    its codes for lookups and the head its own packed form for the int4 matmul)."""
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], inv_freq: torch.Tensor,
                  dtype: torch.dtype):
@@ -269,6 +300,8 @@ class Transformer(nn.Module):
         embed = weights["embed_tokens.weight"]
         if isinstance(embed, QuantizedTensor):
             self.embed_tokens = Q4Embedding(embed, dtype)
+        elif isinstance(embed, Q8Weight):
+            self.embed_tokens = Q8Embedding(embed)
         else:
             with torch.device("meta"):
                 self.embed_tokens = nn.Embedding(*embed.shape)
@@ -315,14 +348,22 @@ class Transformer(nn.Module):
         """The model of ``weights`` (Hugging Face names, any rate's widths, optional
         ``model.layers.{i}.self_attn.rope_pairs`` [G, u]; pairs 0..u-1 when absent) and the
         Hugging Face config dict ``config``, computing in ``dtype``. Float tensors become the
-        parameters without a copy when they already have ``dtype``. 4-bit matrices
-        (``QuantizedTensor``) are dequantized to ``dtype`` (the reference), or with ``int4`` kept
-        packed for the 4-bit kernels (then ``dtype`` must suit them: bfloat16 on CPU); weights
-        already prepared (``Q4Weight``, as ``resident`` makes them) are used as they are."""
+        parameters without a copy when they already have ``dtype``. Quantized matrices
+        (``QuantizedTensor``, ``Q8Tensor``) are dequantized to ``dtype`` (the reference), or with
+        ``int4`` kept packed for the quantized kernels (then ``dtype`` must suit them: bfloat16 on
+        CPU); weights already prepared (``Q4Weight``, ``Q8Weight``, as ``resident`` makes them)
+        are used as they are. A tied embedding and head are made resident once."""
         weights = {name.removeprefix("model."): t for name, t in weights.items()}
         if config.get("tie_word_embeddings"):
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        weights = {name: resident(name, t, dtype, int4) for name, t in weights.items()}
+        q8: dict[int, Weight] = {}  # a tied Q8_0 embedding and head share one resident form
+        for name, t in weights.items():
+            if not isinstance(t, Q8Tensor):
+                weights[name] = resident(name, t, dtype, int4)
+            elif id(t) in q8:
+                weights[name] = q8[id(t)]
+            else:
+                weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
         inv_freq, attention_scaling = rotary_frequencies(config)
         args = ModelArgs.from_weights({f"model.{k}": t for k, t in weights.items()}, config, attention_scaling)
         device = _device(weights["norm.weight"])
@@ -345,15 +386,18 @@ class Transformer(nn.Module):
 
 def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
     """Tensor ``name`` in the form the model holds it: floats in ``dtype``, integers (rotary pair
-    indices) in int64; 4-bit matrices dequantized, or with ``int4`` prepared for the 4-bit matmul (the token
-    embedding stays as codes, since a lookup needs rows, not a matmul)."""
+    indices) in int64; quantized matrices dequantized, or with ``int4`` prepared for their kernels
+    (a Q4_0 token embedding stays as codes, since a lookup needs rows, not a matmul; a Q8_0 one is
+    held block-major for both)."""
+    if isinstance(t, Q8Tensor):
+        return prepare_q8(t.codes, t.scales, dtype, t.codes.device) if int4 else t.dequantize().to(dtype)
     if isinstance(t, QuantizedTensor):
         if not int4:
             return t.dequantize().to(dtype)
         if name.removeprefix("model.") == "embed_tokens.weight":
             return t
         return prepare_q4(t.codes, t.scales, t.codes.device)
-    if isinstance(t, Q4Weight):
+    if isinstance(t, (Q4Weight, Q8Weight)):
         return t
     return t.to(dtype) if t.is_floating_point() else t.long()
 
@@ -365,11 +409,11 @@ def block_weights(weights: Mapping[str, Weight], index: int) -> dict[str, Weight
 
 
 def _rows(t: Weight) -> int:
-    return t.out_features if isinstance(t, Q4Weight) else t.shape[0]
+    return t.out_features if isinstance(t, (Q4Weight, Q8Weight)) else t.shape[0]
 
 
 def _device(t: Weight) -> torch.device:
-    return t.device if not isinstance(t, QuantizedTensor) else t.codes.device
+    return t.codes.device if isinstance(t, (QuantizedTensor, Q8Tensor, Q8Weight)) else t.device
 
 
 def rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:

@@ -127,9 +127,9 @@ def masked_weights(weights: dict, ckpt, rate: float) -> dict:
     """``weights`` (the full model of checkpoint ``ckpt``; quantized matrices are dequantized)
     with every unit that ``rate`` prunes set to zero."""
     from elastiq.checkpoint import from_storage, to_storage
-    from elastiq.quants import QuantizedTensor
+    from elastiq.quants import Quantized
 
-    out = {k: (v.dequantize() if isinstance(v, QuantizedTensor) else v.clone()) for k, v in weights.items()}
+    out = {k: (v.dequantize() if isinstance(v, Quantized) else v.clone()) for k, v in weights.items()}
     widths = ckpt.rate_entry(rate)["widths"]
     for g in ckpt.groups:
         for name, role in g.members:
@@ -143,19 +143,24 @@ def masked_weights(weights: dict, ckpt, rate: float) -> dict:
 @pytest.fixture(scope="session")
 def nested_checkpoints(models, data_dir, tmp_path_factory) -> dict:
     """Nested checkpoints of the tiny Llama and Qwen2 (biased q/k/v) offering rates 0, 0.15 and
-    0.35: float ("llama", "qwen2") and 4-bit by round-to-nearest ("llama-q4", "qwen2-q4")."""
+    0.35: float ("llama", "qwen2") and 4-bit by round-to-nearest ("llama-q4", "qwen2-q4"); with an
+    8-bit embedding and head: "llama-q8" (tied) and "qwen2-q8", quantized from "qwen2-rotated"
+    (the rotation unties the head)."""
     from elastiq.checkpoint import Checkpoint
     from elastiq.compressor.compress import CompressOptions, compress
     from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 
     root = tmp_path_factory.mktemp("nested")
     out = {}
-    for family in ("llama", "qwen2"):
-        path = compress(models[family][0], root / f"{family}.elastiq",
-                        CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=32), data=data_dir,
-                        progress=False)
+    for family, rotate in (("llama", False), ("qwen2", False), ("qwen2-rotated", True)):
+        path = compress(models[family.removesuffix("-rotated")][0], root / f"{family}.elastiq",
+                        CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=32, rotate=rotate),
+                        data=data_dir, progress=False)
         out[family] = Checkpoint(path)
-        out[f"{family}-q4"] = Checkpoint(quantize_checkpoint(path, root / f"{family}-q4.elastiq",
-                                                             QuantizeOptions(method="rtn"), data=data_dir,
-                                                             progress=False))
+    quantized = {"llama-q4": ("llama", 4), "qwen2-q4": ("qwen2", 4), "llama-q8": ("llama", 8),
+                 "qwen2-q8": ("qwen2-rotated", 8)}
+    for name, (source, bits) in quantized.items():
+        out[name] = Checkpoint(quantize_checkpoint(out[source].path, root / f"{name}.elastiq",
+                                                   QuantizeOptions(method="rtn", embedding_bits=bits), data=data_dir,
+                                                   progress=False))
     return out

@@ -44,7 +44,8 @@ NEAR_TIE = {"llama.cpp": 0.05, "onnxruntime": 1e-4}
 @pytest.fixture(scope="module")
 def checkpoints(tokenizer, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
     """A tiny Llama whose greedy output depends on the context (unit-gain blocks, small tied
-    embeddings, a final norm of 20: see test_export_gguf), as a float and a 4-bit (RTN) checkpoint."""
+    embeddings, a final norm of 20: see test_export_gguf), as a float and a 4-bit (RTN) checkpoint,
+    and 4-bit with an 8-bit embedding."""
     model = build_tiny("llama", tokenizer, seed=5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +59,9 @@ def checkpoints(tokenizer, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
     float_path = compress(root / "src", root / "f.elastiq", options, data=data_dir, progress=False)
     q4_path = quantize_checkpoint(float_path, root / "q.elastiq", QuantizeOptions(method="rtn"), data=data_dir,
                                   progress=False)
-    return {"float": Checkpoint(float_path), "q4": Checkpoint(q4_path)}
+    q8_path = quantize_checkpoint(float_path, root / "q8.elastiq", QuantizeOptions(method="rtn", embedding_bits=8),
+                                  data=data_dir, progress=False)
+    return {"float": Checkpoint(float_path), "q4": Checkpoint(q4_path), "q8": Checkpoint(q8_path)}
 
 
 def _reference(ckpt: Checkpoint, rate: float) -> Transformer:
@@ -175,8 +178,9 @@ def test_chat_switches_rate_on_each_backend(backend, checkpoints):
     assert fresh.tokenizer.decode(expected, skip_special_tokens=True) == messages[3]["content"]
 
 
-def test_footprints_predict_what_each_backend_holds(checkpoints, tmp_path):
-    ckpt = Checkpoint(shutil.copytree(checkpoints["q4"].path, tmp_path / "m.elastiq"))
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_footprints_predict_what_each_backend_holds(name, checkpoints, tmp_path):
+    ckpt = Checkpoint(shutil.copytree(checkpoints[name].path, tmp_path / "m.elastiq"))
     for backend in ENGINES:
         for rate in RATES:
             before = predict_backend_footprint(ckpt, rate, 100, backend, baseline=0)

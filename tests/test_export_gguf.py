@@ -15,7 +15,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.exporters import FORMATS, export
 from elastiq.exporters.gguf import ExportError, pre_tokenizer_name, qk_rows, rope_factors, write_gguf
-from elastiq.quants import gguf_blocks
+from elastiq.quants import gguf_blocks, gguf_q8_0_blocks
 from elastiq.runtime.model import Transformer
 from conftest import TEXT, build_tiny
 
@@ -49,8 +49,9 @@ def sources(tokenizer, tmp_path_factory) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def checkpoints(sources, data_dir, tmp_path_factory) -> dict[str, object]:
-    """Tiny nested checkpoints: Llama in float (per-layer widths) and in Q4_0, Llama with one MLP
-    width for every layer, and Qwen2 (q/k/v biases) in float."""
+    """Tiny nested checkpoints: Llama in float (per-layer widths), in Q4_0, and in Q4_0 with a Q8_0
+    embedding (tied head); Llama with one MLP width for every layer; Qwen2 (q/k/v biases) in float,
+    and rotated (so with an untied head) in Q4_0 with a Q8_0 embedding and head."""
     root = tmp_path_factory.mktemp("gguf-src")
 
     def make(family: str, name: str, **kwargs):
@@ -58,10 +59,11 @@ def checkpoints(sources, data_dir, tmp_path_factory) -> dict[str, object]:
         return compress(sources[family], root / f"{name}.elastiq", options, data=data_dir, progress=False)
 
     out = {"llama": make("llama", "llama"), "uniform": make("llama", "uniform", allocation="uniform"),
-           "qwen2": make("qwen2", "qwen2")}
-    out["llama-q4"] = quantize_checkpoint(out["llama"], root / "llama-q4.elastiq",
-                                          QuantizeOptions(method="gptq", calib_samples=4, calib_seqlen=32),
-                                          data=data_dir, progress=False)
+           "qwen2": make("qwen2", "qwen2"), "qwen2-rotated": make("qwen2", "qwen2-rotated", rotate=True)}
+    for name, source, bits in (("llama-q4", "llama", 4), ("llama-q8", "llama", 8), ("qwen2-q8", "qwen2-rotated", 8)):
+        out[name] = quantize_checkpoint(out[source], root / f"{name}.elastiq",
+                                        QuantizeOptions(method="gptq", calib_samples=4, calib_seqlen=32,
+                                                        embedding_bits=bits), data=data_dir, progress=False)
     return out
 
 
@@ -118,12 +120,14 @@ def _greedy_llama(llm, ids: list[int], steps: int) -> list[int]:
 # to float32 summation order: 1e-4 of the largest logit. Over the whole sequence, F32 files agree to
 # that bound too; F16 and Q4_0 files are held to what their rounding was measured to cost on these
 # unit-gain models (F16 weights and activations: 0.2% of the largest logit; Q4_0's Q8_0 activations:
-# 3.4%). The runtime itself is not rounded there: the bound is the export's whole error. Under Q4_0's
-# bound most of the tiny model's greedy steps are near ties, so fewer decisive steps are required;
-# SmolLM2's greedy agreement is measured in benchmarks/results/export_gguf.md.
+# 3.4%; with a Q8_0 embedding and head, 2.4%). The runtime itself is not rounded there: the bound is
+# the export's whole error. Under these bounds most of the tiny model's greedy steps are near ties,
+# so fewer decisive steps are required; SmolLM2's greedy agreement is measured in
+# benchmarks/results/export_gguf.md.
 CASES = {"llama": ("llama", "f32", None, 1e-4, 32), "llama-f16": ("llama", "f16", _f16, 3e-3, 32),
          "uniform": ("uniform", "f32", None, 1e-4, 32), "qwen2": ("qwen2", "f32", None, 1e-4, 32),
-         "llama-q4": ("llama-q4", "f16", _q8_0, 5e-2, 8)}
+         "llama-q4": ("llama-q4", "f16", _q8_0, 5e-2, 8), "llama-q8": ("llama-q8", "f16", _q8_0, 3e-2, 8),
+         "qwen2-q8": ("qwen2-q8", "f16", _q8_0, 3e-2, 8)}
 
 
 @pytest.mark.parametrize("rate", RATES)
@@ -186,6 +190,24 @@ def test_q4_0_blocks_are_the_checkpoint_codes(checkpoints, tmp_path):
     assert data[rows].tobytes() == gguf_blocks(q.codes, q.scales).numpy().tobytes()
     others = np.setdiff1d(np.arange(4 * 64), rows)
     assert len(others) > 0 and not data[others][..., :2].any()  # fp16 scale 0
+
+
+@pytest.mark.parametrize("name", ["llama-q8", "qwen2-q8"])
+def test_q8_0_embedding_and_head_are_the_checkpoint_codes(name, checkpoints, tmp_path):
+    ckpt = Checkpoint(checkpoints[name])
+    weights = ckpt.read_rate(0.15)
+    reader = gguf.GGUFReader(write_gguf(ckpt.path, 0.15, tmp_path / "q8.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    names = {"token_embd.weight": "model.embed_tokens.weight"}
+    if name == "qwen2-q8":
+        names["output.weight"] = "lm_head.weight"
+    else:
+        assert "output.weight" not in tensors
+    for gguf_name, hf in names.items():
+        t, w = tensors[gguf_name], weights[hf]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        assert bytes(t.data) == gguf_q8_0_blocks(w.codes, w.scales).numpy().tobytes(), gguf_name
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
 
 
 @pytest.mark.parametrize("name,pre", [("llama", "gpt-2"), ("qwen2", "qwen2")])

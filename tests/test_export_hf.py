@@ -15,7 +15,7 @@ from conftest import TEXT
 TOLERANCE = 1e-5  # max abs logit difference (measured: 3.6e-7); the tiny models' logits are of order 1
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4", "qwen2-q8"])
 def test_transformers_logits_equal_the_runtime_at_every_rate(name, nested_checkpoints, tokenizer, tmp_path):
     ckpt = nested_checkpoints[name]
     config = ckpt.manifest["source"]["config"]

@@ -44,7 +44,7 @@ def _runtime_logits(ckpt: Checkpoint, rate: float, ids: torch.Tensor) -> np.ndar
         return model(ids).numpy()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4", "qwen2-q4"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4", "qwen2-q4", "llama-q8", "qwen2-q8"])
 def test_prefill_and_cached_decode_equal_the_runtime_at_every_rate(name, nested_checkpoints, tokenizer, tmp_path):
     ckpt = nested_checkpoints[name]
     ids = np.array([tokenizer.encode(TEXT)], dtype=np.int64)
@@ -111,6 +111,25 @@ def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_p
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert gather.input[0] == "model.embed_tokens.weight.matmulnbits"  # one B for the tied embedding and head
     assert not [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("name", ["llama-q8", "qwen2-q8"])
+def test_8bit_embedding_and_head_are_the_checkpoints_codes_plus_128(name, nested_checkpoints, tmp_path):
+    ckpt = nested_checkpoints[name]
+    model = onnx.load(write_onnx(ckpt.path, 0.35, tmp_path / "m.onnx"))
+    weights = ckpt.read_rate(0.35)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(
+        ("model.embed_tokens", "lm_head"))]
+    assert len(head) == 1 and head[0].input[1] == ("model.embed_tokens.weight.matmulnbits" if name == "llama-q8"
+                                                   else "lm_head.weight.matmulnbits")
+    for node, hf in ((gather, "model.embed_tokens.weight"), (head[0], "lm_head.weight")):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["bits"] == 8 and len(node.input) == 3  # no zero points: the default 128
+        t = weights[hf]
+        b = node.input[0] if node is gather else node.input[1]
+        assert np.array_equal(inits[b].astype(np.int16) - 128, t.codes.numpy())
 
 
 def test_bad_inputs_fail_clearly_and_leave_no_file(nested_checkpoints, tmp_path):

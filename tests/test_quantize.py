@@ -10,7 +10,7 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.cli import main
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-from elastiq.quants import QuantizedTensor
+from elastiq.quants import BLOCK, Q8Tensor, QuantizedTensor
 from elastiq.runtime.model import Transformer
 from conftest import TEXT, masked_weights
 
@@ -49,6 +49,34 @@ def test_quantized_rates_equal_the_masked_quantized_model(method, order, float_c
     assert ckpt.rate_entry(0.0)["weight_bytes"] < 0.3 * source.rate_entry(0.0)["weight_bytes"]
 
 
+def test_8bit_embedding_and_head_are_q8_0_and_closer_to_the_float_model(nested_checkpoints, data_dir, tmp_path,
+                                                                        tokenizer):
+    """The rotated Qwen2 has an untied head: both it and the embedding become Q8_0, the blocks stay
+    Q4_0 with the same codes, and the model moves closer to the float one than with Q4_0 there."""
+    source = nested_checkpoints["qwen2-rotated"]
+    q8 = nested_checkpoints["qwen2-q8"]
+    q4 = Checkpoint(quantize_checkpoint(source.path, tmp_path / "q4.elastiq", _small(method="rtn"), data=data_dir,
+                                        progress=False))
+    assert q8.manifest["quantization"]["embedding_format"] == "q8_0"
+    assert q4.manifest["quantization"]["embedding_format"] == "q4_0"
+    w8, w4 = q8.read_rate(0.0), q4.read_rate(0.0)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert isinstance(w8[name], Q8Tensor) and isinstance(w4[name], QuantizedTensor), name
+        assert q8.format(name) == "q8_0" and q8.shapes(0.0)[name][2] == "q8_0"
+    block = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(w8[block].codes, w4[block].codes) and q8.format(block) == "q4_0"
+    vocab, hidden = w8["lm_head.weight"].shape
+    extra = 2 * vocab * hidden // BLOCK * (BLOCK - BLOCK // 2)  # two matrices, 16 more code bytes per block
+    assert q8.rate_entry(0.0)["weight_bytes"] - q4.rate_entry(0.0)["weight_bytes"] == extra
+    config = source.manifest["source"]["config"]
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        dense = Transformer.from_weights(source.read_rate(0.0), config)(ids)
+        error8 = (Transformer.from_weights(w8, config)(ids) - dense).abs().mean()
+        error4 = (Transformer.from_weights(w4, config)(ids) - dense).abs().mean()
+    assert error8 < error4
+
+
 def test_already_quantized_and_bad_options_are_refused(float_checkpoint, data_dir, tmp_path):
     path = quantize_checkpoint(float_checkpoint, tmp_path / "q.elastiq", _small(method="rtn"), data=data_dir,
                                progress=False)
@@ -58,6 +86,8 @@ def test_already_quantized_and_bad_options_are_refused(float_checkpoint, data_di
         quantize_checkpoint(float_checkpoint, tmp_path / "x.elastiq", _small(bits=3), data=data_dir)
     with pytest.raises(ElastiqError, match="got 4 bits in blocks of 64"):
         quantize_checkpoint(float_checkpoint, tmp_path / "x.elastiq", _small(block_size=64), data=data_dir)
+    with pytest.raises(ElastiqError, match="quantized to 4 or 8 bits .* got 6"):
+        quantize_checkpoint(float_checkpoint, tmp_path / "x.elastiq", _small(embedding_bits=6), data=data_dir)
     assert not (tmp_path / "x.elastiq").exists()
 
 
@@ -68,3 +98,6 @@ def test_cli_quantize(float_checkpoint, tmp_path, capsys):
     assert "| 0.35 |" in capsys.readouterr().out
     assert main(["quantize", str(float_checkpoint), "-o", str(out), "--bits", "8"]) == 2
     assert "only 32-weight blocks of 4 bits" in capsys.readouterr().err
+    assert main(["quantize", str(float_checkpoint), "-o", str(out), "--method", "rtn", "--embedding-bits", "8",
+                 "--overwrite"]) == 0
+    assert Checkpoint(out).format("model.embed_tokens.weight") == "q8_0"

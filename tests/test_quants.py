@@ -1,4 +1,4 @@
-"""Q4_0 codes: the GGUF grid and packing bit for bit, and every backend's view of the same codes."""
+"""Q4_0 and Q8_0 codes: the GGUF grids and packing bit for bit, and every backend's view of the same codes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from elastiq import ElastiqError
-from elastiq.quants import (dequantize, gguf_blocks, matmulnbits, pack, q4_0_codes, q4_0_scales, quantize_rtn,
-                            torch_int4, unpack)
+from elastiq.quants import (dequantize, gguf_blocks, gguf_q8_0_blocks, matmulnbits, matmulnbits_q8, pack, q4_0_codes,
+                            q4_0_scales, quantize_q8_0, quantize_rtn, torch_int4, unpack)
 
 
 def _weights(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
@@ -86,3 +86,36 @@ def test_torch_int4_matmul_uses_the_same_grid():
 def test_input_axis_must_hold_whole_blocks():
     with pytest.raises(ElastiqError, match="an input axis of 40 is not a multiple of the Q4_0 block of 32"):
         quantize_rtn(torch.zeros(2, 40))
+
+
+def test_q8_0_codes_fit_their_fp16_scale_and_gguf_reads_them_back():
+    w = _weights()
+    t = quantize_q8_0(w)
+    assert t.codes.dtype == torch.int8 and t.codes.shape == (48, 8, 32) and t.scales.dtype == torch.float16
+    assert t.shape == (48, 256)
+    d = t.scales.float()[..., None]
+    error = (t.dequantize() - w).view(48, 8, 32).abs()
+    assert (error <= d / 2 + 1e-7).all()  # round to nearest on the stored scale's grid
+    assert (t.scales[3, 0] == 0) and (t.codes[3, 0] == 0).all()  # an all-zero block
+    assert t.codes[5, 1, 8] == -127  # the outlier is the block's extreme
+    raw = gguf_q8_0_blocks(t.codes, t.scales).numpy().reshape(48, -1)
+    assert raw.shape == (48, 8 * 34)
+    assert np.array_equal(gguf_dequantize(raw, GGMLQuantizationType.Q8_0), t.dequantize().numpy())
+
+
+def test_q8_0_bytes_match_gguf_quantize_when_the_scale_is_exact_in_fp16():
+    g = torch.Generator().manual_seed(2)
+    d = 2.0 ** -torch.randint(4, 9, (16, 4, 1), generator=g).float()
+    codes = torch.randint(-126, 127, (16, 4, 32), generator=g).float()
+    codes[..., 5] = 127  # every block's extreme: 127 d, so gguf's d = max / 127 is exact
+    noise = (torch.rand(16, 4, 32, generator=g) - 0.5) * 0.8
+    w = ((codes + noise) * d).flatten(-2)
+    w[..., 5::32] = (127 * d).squeeze(-1)
+    t = quantize_q8_0(w)
+    theirs = gguf_quantize(w.numpy(), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(gguf_q8_0_blocks(t.codes, t.scales).numpy().reshape(16, -1), theirs)
+
+
+def test_matmulnbits_q8_is_the_codes_plus_128():
+    t = quantize_q8_0(_weights())
+    assert torch.equal(matmulnbits_q8(t.codes).int() - 128, t.codes.int())

@@ -1,5 +1,6 @@
-"""The device side: KV-cache decoding, the 4-bit model, loading one rate's bytes, switching rate
-in memory, memory prediction and rate choice, generation, chat and the run command."""
+"""The device side: KV-cache decoding, the 4-bit model and its 8-bit embedding and head, loading
+one rate's bytes, switching rate in memory, memory prediction and rate choice, generation, chat and
+the run command."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
 from elastiq.kernels import prepare_q4
 from elastiq.kernels.q4_layout import int4pack_layout, q4_nbytes, unprepare_q4
-from elastiq.quants import quantize_rtn, torch_int4
+from elastiq.kernels.q8 import INT8PACK_ROWS, prepare_q8, q8_embedding, q8_linear
+from elastiq.quants import quantize_q8_0, quantize_rtn, torch_int4
 from elastiq.runtime.chat import chat, template_ids
 from elastiq.runtime.engine import Engine
 from elastiq.runtime.generate import Generator, Sampling
@@ -58,6 +60,45 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("name", ["llama-q8", "qwen2-q8"])
+def test_the_8bit_embedding_and_head_match_their_dequantized_reference(name, nested_checkpoints, tokenizer):
+    """Q8_0 embedding and head held as 8-bit codes (one copy when tied) against float32."""
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    ckpt = nested_checkpoints[name]
+    for rate in RATES:
+        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
+                                          dtype=torch.bfloat16, int4=True)
+        head, embed = packed.lm_head, packed.embed_tokens
+        assert type(head).__name__ == "Q8Linear" and type(embed).__name__ == "Q8Embedding"
+        assert (head.codes is embed.codes) == (name == "llama-q8")  # tied: one copy
+        with torch.no_grad():
+            got, want = packed(ids).float(), _reference(ckpt, rate)(ids)
+            last = packed(ids, last_only=True).float()  # one row: the int8 matmul path
+        assert (got - want).abs().max() < 0.05 * want.abs().max(), rate
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+        assert (last[:, 0] - got[:, -1]).abs().max() < 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, INT8PACK_ROWS, 40])
+def test_q8_matmul_and_lookup_equal_the_dequantized_matrix(rows):
+    """Both paths of the 8-bit matmul (blockwise int8 for a few rows, dequantized slices for
+    more) and the lookup against the dequantized matrix with the bf16 scales the runtime holds."""
+    torch.manual_seed(0)
+    t = quantize_q8_0(torch.randn(20000, 96))  # more output rows than one dequantized slice
+    weight = prepare_q8(t.codes, t.scales, torch.bfloat16)
+    assert weight.codes.shape == (3, 20000, 32) and weight.nbytes == 20000 * 96 + 20000 * 3 * 2
+    w = (t.codes.double() * t.scales.bfloat16().double()[..., None]).flatten(-2)
+    x = torch.randn(rows, 96).bfloat16()
+    want = x.double() @ w.T
+    got = q8_linear(x, weight).double()
+    assert got.shape == (rows, 20000)
+    assert (got - want).abs().max() < 2 ** -7 * want.abs().max()  # bf16 outputs and partial sums
+    ids = torch.tensor([[5, 19999, 0]])
+    assert torch.equal(q8_embedding(ids, weight).double(), w[ids].bfloat16().double())
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 96\]"):
+        q8_linear(torch.randn(1, 64).bfloat16(), weight)
+
+
 @pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64), (7300, 576)])
 def test_prepared_weights_give_back_their_codes_and_predict_their_size(shape):
     codes, scales = quantize_rtn(torch.randn(*shape))
@@ -83,7 +124,7 @@ def test_triton_prepared_weights_give_back_their_codes(monkeypatch):
     assert torch.equal(back_codes, codes) and torch.equal(back_scales, scales)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2-q4"])
+@pytest.mark.parametrize("name", ["llama", "qwen2-q4", "qwen2-q8"])
 def test_engine_reads_only_its_rate_and_switches_in_memory(name, nested_checkpoints, tokenizer):
     ckpt = nested_checkpoints[name]
     ids = torch.tensor([tokenizer.encode(TEXT)])
@@ -100,7 +141,7 @@ def test_engine_reads_only_its_rate_and_switches_in_memory(name, nested_checkpoi
 
 
 def test_footprint_prediction_counts_what_the_engine_holds(nested_checkpoints):
-    for name in ("llama", "qwen2-q4"):
+    for name in ("llama", "qwen2-q4", "llama-q8", "qwen2-q8"):
         ckpt = nested_checkpoints[name]
         for rate in RATES:
             engine = Engine(ckpt.path, rate, ctx=64)

@@ -1,0 +1,86 @@
+"""8-bit block matmul and lookup for the token embedding and LM head stored as GGUF ``Q8_0``.
+
+A ``Q8_0`` matrix [N, K] (int8 codes [N, K/32, 32], fp16 scales [N, K/32], w = d * q; see
+``elastiq.quants``) is held block-major, codes [K/32, N, 32] and scales [K/32, N], so that block b
+of every row is one contiguous [N, 32] matrix. A tied embedding and head share that one copy: the
+lookup gathers rows of every block, the matmul multiplies block by block.
+
+On CPU, a few rows of activations (decoding, the last position of a prefill) go through torch's
+int8 weight-only matmul ``aten._weight_int8pack_mm`` once per block (its scales are per output
+row, which is what one block's scales are) and accumulate in float32: 1 byte a weight read once,
+about 3x faster than a bfloat16 ``F.linear`` of the dequantized head on SmolLM2's 49152 x 576.
+That op takes its scales in the activations' dtype, so they are held in it (bfloat16 on CPU, as
+torch's int4 path holds the Q4_0 scales). More rows, or other devices, dequantize the weight a
+slice of rows at a time and use ``F.linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..quants import BLOCK
+
+INT8PACK_ROWS = 8  # activation rows up to which the blockwise int8 matmul beats dequantizing
+DEQUANT_ROWS = 8192  # output rows dequantized at a time otherwise
+
+
+@dataclass(frozen=True)
+class Q8Weight:
+    """A Q8_0 matrix [N, K] held block-major: codes [K/32, N, 32] (int8), scales [K/32, N]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[0] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+
+def prepare_q8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> Q8Weight:
+    """The Q8_0 matrix of ``codes`` [N, K/32, 32] (int8) and ``scales`` [N, K/32] (float16), held
+    block-major on ``device`` with its scales in ``dtype`` (the activations')."""
+    if codes.dim() != 3 or codes.shape[-1] != BLOCK or scales.shape != codes.shape[:2]:
+        raise ValueError(f"expected Q8_0 codes [N, K/32, {BLOCK}] and scales [N, K/32]; got codes "
+                         f"{tuple(codes.shape)}, scales {tuple(scales.shape)}")
+    if codes.dtype != torch.int8 or scales.dtype != torch.float16:
+        raise TypeError(f"Q8_0 codes must be int8 and scales float16; got {codes.dtype} and {scales.dtype}")
+    return Q8Weight(codes.to(device).movedim(1, 0).contiguous(), scales.to(device, dtype).T.contiguous())
+
+
+def q8_embedding(ids: torch.Tensor, weight: Q8Weight) -> torch.Tensor:
+    """Rows ``ids`` [...] of the matrix, dequantized: [..., K] in the scales' dtype."""
+    codes = weight.codes[:, ids].movedim(0, -2)  # [..., K/32, 32]
+    scales = weight.scales[:, ids].movedim(0, -1)  # [..., K/32]
+    return (codes.to(scales.dtype) * scales[..., None]).flatten(-2)
+
+
+def q8_linear(x: torch.Tensor, weight: Q8Weight) -> torch.Tensor:
+    """``x`` [..., K] times the matrix [N, K] transposed: [..., N] in x's dtype."""
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"x must be [..., {weight.in_features}] for a [{weight.out_features}, "
+                         f"{weight.in_features}] weight; got {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.device.type == "cpu" and rows.shape[0] <= INT8PACK_ROWS and x.dtype == weight.scales.dtype:
+        out = torch.zeros(rows.shape[0], weight.out_features, dtype=torch.float32)
+        for b in range(weight.codes.shape[0]):
+            out += torch.ops.aten._weight_int8pack_mm(rows[:, b * BLOCK:(b + 1) * BLOCK].contiguous(),
+                                                      weight.codes[b], weight.scales[b])
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
+    parts = []
+    for start in range(0, weight.out_features, DEQUANT_ROWS):
+        codes = weight.codes[:, start:start + DEQUANT_ROWS]
+        w = (codes.to(x.dtype) * weight.scales[:, start:start + DEQUANT_ROWS, None].to(x.dtype))
+        parts.append(F.linear(rows, w.movedim(0, 1).flatten(1)))
+    return torch.cat(parts, dim=-1).view(*x.shape[:-1], -1)
