@@ -1,12 +1,30 @@
-"""Measurements shared by the runtime benchmarks: a process's peak memory and the prompt."""
+"""What the benchmarks share: a process's peak memory, the prompt, child processes, and writing
+results (a JSON and its markdown table, quoting the command that made them)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from elastiq.atomic import write_text
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as its results quote it."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def save_results(output: Path, results: dict, table: str | None = None) -> None:
+    """Write ``results`` to ``output`` (JSON) and, when given, ``table`` beside it (.md), then print
+    the table; each file is replaced whole (``atomic.write_text``)."""
+    write_text(output, json.dumps(results, indent=2) + "\n")
+    if table is not None:
+        write_text(output.with_suffix(".md"), table)
+        print(table)
 
 
 def peak_rss() -> int:

@@ -1,7 +1,8 @@
 """4-bit quantization of SmolLM2-135M-Instruct's nested checkpoint: size, quality, wall time.
 
 Quantizes the sorted float checkpoint (elastiq's sort + influence allocation; ``--rotate``d for
-the rotation rows) with round-to-nearest and with GPTQ in both column orders, then measures:
+the rotation rows) with round-to-nearest and with GPTQ in both column orders, with the token
+embedding and LM head at 4 bits and, for GPTQ least-important-first, at 8 bits; then measures:
 (a) each rate's weight bytes against the same weights in float16; (b) WikiText-2 perplexity on
 the first ``--windows`` windows of 2048 tokens and the five zero-shot tasks on their first
 ``--items`` items, at every rate, beside the float model, with paired differences (per window,
@@ -16,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from elastiq.atomic import write_text
 from elastiq.checkpoint import Checkpoint
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
@@ -31,7 +30,8 @@ from elastiq.evaluation.zeroshot import mean_stderr
 from elastiq.paths import cache_dir
 from elastiq.runtime.model import Transformer
 
-from sorting_quality import row  # the script's folder is on sys.path
+from measure import command_line, save_results  # the script's folder is on sys.path
+from sorting_quality import row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.0, 0.15, 0.25, 0.35)
@@ -43,12 +43,18 @@ VARIANTS = {  # name: (rotated float checkpoint?, QuantizeOptions fields)
     "rotation + RTN": (True, {"method": "rtn", "order": "forward"}),
     "rotation + GPTQ least-important-first": (True, {"method": "gptq", "order": "least-important-first"}),
     "rotation + GPTQ forward": (True, {"method": "gptq", "order": "forward"}),
+    "GPTQ least-important-first, 8-bit embedding": (
+        False, {"method": "gptq", "order": "least-important-first", "embedding_bits": 8}),
+    "rotation + GPTQ least-important-first, 8-bit embedding and head": (
+        True, {"method": "gptq", "order": "least-important-first", "embedding_bits": 8}),
 }
 PAIRS = (  # (a, b): a - b, paired per window and per item
     ("GPTQ least-important-first", "GPTQ forward"),
     ("rotation + GPTQ least-important-first", "rotation + GPTQ forward"),
     ("rotation + GPTQ least-important-first", "GPTQ least-important-first"),
     ("GPTQ least-important-first", "RTN"),
+    ("GPTQ least-important-first, 8-bit embedding", "GPTQ least-important-first"),
+    ("rotation + GPTQ least-important-first, 8-bit embedding and head", "rotation + GPTQ least-important-first"),
 )
 
 
@@ -143,7 +149,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     settings = {"windows": args.windows, "items": args.items, "calib_samples": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "rates": list(RATES)}
     output = Path(args.output)
@@ -151,7 +156,7 @@ def main() -> None:
     if previous and any(previous.get(k) != v for k, v in settings.items()):
         sys.exit(f"{output} was measured with other settings; run without --keep to measure everything again")
     results = previous or {**settings, "commands": [], "threads": torch.get_num_threads(), "variants": {}}
-    results["commands"].append(command)
+    results["commands"].append(command_line())
     floats = {rotate: Checkpoint(float_checkpoint(rotate)) for rotate in (False, True)}
     results["fp16_bytes"] = {"untied" if rotate else "tied": {str(r): c.rate_entry(r)["weight_bytes"] // 2
                                                                for r in RATES} for rotate, c in floats.items()}
@@ -171,12 +176,8 @@ def main() -> None:
             "bytes": {str(r): ckpt.rate_entry(r)["weight_bytes"] for r in RATES},
             "eval": evaluate(ckpt, args.windows, args.items),
         }
-        write_text(output, json.dumps(results, indent=2) + "\n")  # partial results survive a stop
-
-    write_text(output, json.dumps(results, indent=2) + "\n")
-    table = to_markdown(results)
-    write_text(output.with_suffix(".md"), table)
-    print(table)
+        save_results(output, results)  # partial results survive a stop
+    save_results(output, results, to_markdown(results))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str,
     """What is stored for one model tensor: (stored name, tensor, storage role, channels per
     unit, manifest fields). A float tensor is one part; a quantized matrix (Q4_0 or Q8_0) is its
     codes and its scales, pruned in whole blocks where the role prunes its input axis."""
-    if type(t) not in FORMAT_NAMES:
+    if not isinstance(t, Quantized):
         return [(name, t, role, 1, {})]
     block_role = BLOCK_ROLES.get(role, role)
     unit = BLOCK if role in BLOCK_ROLES else 1
@@ -286,7 +286,7 @@ def _dedupe(tensors: Mapping[str, torch.Tensor | Quantized]) -> tuple[dict, dict
     returns the tensors to store and {alias: stored name}."""
     stored, aliases, seen = {}, {}, {}
     for name, t in tensors.items():
-        first = t.codes if type(t) in FORMAT_NAMES else t
+        first = t.codes if isinstance(t, Quantized) else t
         key = (first.data_ptr(), tuple(first.shape), tuple(first.stride()), first.dtype)
         if key in seen:
             aliases[name] = seen[key]
@@ -433,8 +433,8 @@ class Checkpoint:
 
     def iter_rate(self, rate: float, verify: bool = True) -> Iterator[tuple[str, torch.Tensor | Quantized]]:
         """The model at ``rate``, one tensor at a time in Hugging Face form (pruned axes cut;
-        quantized matrices as ``QuantizedTensor`` or ``Q8Tensor``), reading only its bytes; an alias of a tied
-        tensor comes last and is the same object as the tensor it names. Loading tensor by
+        quantized matrices as ``QuantizedTensor`` or ``Q8Tensor``), reading only its bytes; an alias
+        of a tied tensor comes last and is the same object as the tensor it names. Loading tensor by
         tensor keeps one tensor's raw bytes in memory at a time."""
         widths = self.rate_entry(rate)["widths"]
         yielded = {}
@@ -479,8 +479,7 @@ class Checkpoint:
         verifies only the units it lacks. Unpruned tensors come back as they are."""
         old, new = self.rate_entry(rate)["widths"], self.rate_entry(new_rate)["widths"]
         stored = self._stored_parts()[self.manifest["aliases"].get(name, name)]
-        held = {"": tensor} if type(tensor) not in FORMAT_NAMES else {"codes": tensor.codes,
-                                                                      "scales": tensor.scales}
+        held = {"codes": tensor.codes, "scales": tensor.scales} if isinstance(tensor, Quantized) else {"": tensor}
         if set(held) != set(stored):
             raise CheckpointError(f"tensor {name} is stored as parts {sorted(stored)}, got {sorted(held)}")
         parts = {}

@@ -101,7 +101,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from .compressor.quantize import QuantizeOptions, quantize_checkpoint
 
     options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
-                              embedding_bits=args.embedding_bits, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
+                              embedding_bits=args.embedding_bits, calib_samples=args.calib_samples,
+                              calib_seqlen=args.calib_seqlen, seed=args.seed)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))

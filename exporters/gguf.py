@@ -10,8 +10,9 @@ widths differ per layer, which the ``llama`` architecture cannot say: such a rat
 ``deci`` with a per-layer ``feed_forward_length``; a rate of uniform width stays ``llama``.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
-zero row or column is blocks of scale 0), and an 8-bit embedding or head as ``Q8_0`` blocks; float checkpoints are written as F16 (or F32); norms
-and biases as F32. The file is written under a temporary name and renamed into place.
+zero row or column is blocks of scale 0), and an 8-bit embedding or head as ``Q8_0`` blocks;
+float checkpoints are written as F16 (or F32); norms and biases as F32. The file is written
+under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
