@@ -138,6 +138,13 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     ckpt = Checkpoint(args.checkpoint)
     source = ckpt.manifest["source"]
     print(f"{ckpt.path.name}: {source.get('name')} ({source.get('model_type')}), format v{ckpt.manifest['format_version']}")
+    quant = ckpt.manifest["quantization"]
+    if quant:
+        how = quant["method"] + (f", {quant['order']}" if quant["method"] == "gptq" else "")
+        print(f"weights: {quant['format'].upper()} ({how}); token embedding and LM head "
+              f"{quant.get('embedding_format', 'q4_0').upper()}")
+    else:
+        print("weights: float (not quantized)")
     full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
     kinds = sorted({g.kind for g in ckpt.groups})
     print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(f"{k} width (min-max)" for k in kinds) + " |")

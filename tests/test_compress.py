@@ -50,7 +50,7 @@ def test_cli_compress_and_inspect(models, tmp_path, capsys):
     args = ["compress", str(src), "-o", str(out), "--rates", "0.2,0.4", "--calib-samples", "2", "--calib-seqlen", "32"]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "| rate | weights MB | of full | KV bytes/token |" in table
+    assert "| rate | weights MB | of full | KV bytes/token |" in table and "weights: float (not quantized)" in table
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| 0.")] == ["0.0", "0.2", "0.4"]
     assert main(args) == 2
     assert "exists; pass --overwrite to replace it" in capsys.readouterr().err

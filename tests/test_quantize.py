@@ -95,9 +95,11 @@ def test_cli_quantize(float_checkpoint, tmp_path, capsys):
     out = tmp_path / "cli.elastiq"
     assert main(["quantize", str(float_checkpoint), "-o", str(out), "--method", "rtn", "--calib-samples", "2",
                  "--calib-seqlen", "32"]) == 0
-    assert "| 0.35 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 0.35 |" in printed and "weights: Q4_0 (rtn); token embedding and LM head Q4_0" in printed
     assert main(["quantize", str(float_checkpoint), "-o", str(out), "--bits", "8"]) == 2
     assert "only 32-weight blocks of 4 bits" in capsys.readouterr().err
     assert main(["quantize", str(float_checkpoint), "-o", str(out), "--method", "rtn", "--embedding-bits", "8",
                  "--overwrite"]) == 0
     assert Checkpoint(out).format("model.embed_tokens.weight") == "q8_0"
+    assert "token embedding and LM head Q8_0" in capsys.readouterr().out
