@@ -38,7 +38,7 @@ class QuantizeOptions:
     """How to quantize (recorded in the manifest's ``quantization``)."""
 
     method: str = "gptq"
-    order: str = "least-important-first"
+    order: str = "forward"
     bits: int = 4
     block_size: int = BLOCK
     embedding_bits: int = 4

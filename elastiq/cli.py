@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("checkpoint", help="a float NAME.elastiq folder (from elastiq compress)")
     qua.add_argument("--output", "-o", required=True, help="the quantized checkpoint folder to write, NAME.elastiq")
     qua.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ (default) or round-to-nearest")
-    qua.add_argument("--order", choices=["least-important-first", "forward"], default="least-important-first",
-                     help="GPTQ's column order on pruned input axes (down_proj, o_proj): least important first, so "
-                          "error compensation flows into the columns every rate keeps (default), or forward")
+    qua.add_argument("--order", choices=["forward", "least-important-first"], default="forward",
+                     help="GPTQ's column order on pruned input axes (down_proj, o_proj): forward, the kept prefix "
+                          "first (default), or least important first, so that the tail's errors flow into the "
+                          "prefix (measured worse: benchmarks/results/quantization.md)")
     qua.add_argument("--bits", type=int, default=4, help="bits per weight: 4 (the only supported width)")
     qua.add_argument("--block-size", type=int, default=32, help="weights per scale: 32 (the only supported size)")
     qua.add_argument("--embedding-bits", type=int, default=4,
