@@ -154,7 +154,9 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         else:
             held = numel * 8  # integer tensors (rope pair indices) are held as int64
         weights += held
-        if quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
+        if fmt == "q8_0" and int4:  # the bytes read and their block-major copy
+            transient = max(transient, stored + held)
+        elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
             transient = max(transient, min(4 * numel, REPACK_BYTES) + 2 * held)
         else:  # the raw bytes and their re-laid copy, while the held form is made
             transient = max(transient, 2 * stored + held)
