@@ -137,13 +137,12 @@ class Q8Linear(nn.Module):
 
     def __init__(self, weight: Q8Weight):
         super().__init__()
-        self.weight = weight
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q8_linear(x, self.weight)
+        return q8_linear(x, Q8Weight(self.codes, self.scales))
 
 
 class Q8Embedding(nn.Module):
@@ -151,12 +150,11 @@ class Q8Embedding(nn.Module):
 
     def __init__(self, weight: Q8Weight):
         super().__init__()
-        self.weight = weight
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return q8_embedding(ids, self.weight)
+        return q8_embedding(ids, Q8Weight(self.codes, self.scales))
 
 
 class KVCache(nn.Module):
