@@ -2,7 +2,7 @@
 
 Quantizes the sorted float checkpoint (elastiq's sort + influence allocation; ``--rotate``d for
 the rotation rows) with round-to-nearest and with GPTQ in both column orders, with the token
-embedding and LM head at 4 bits and, for GPTQ least-important-first, at 8 bits; then measures:
+embedding and LM head at 4 bits and, for GPTQ, at 8 bits; then measures:
 (a) each rate's weight bytes against the same weights in float16; (b) WikiText-2 perplexity on
 the first ``--windows`` windows of 2048 tokens and the five zero-shot tasks on their first
 ``--items`` items, at every rate, beside the float model, with paired differences (per window,
@@ -47,6 +47,9 @@ VARIANTS = {  # name: (rotated float checkpoint?, QuantizeOptions fields)
         False, {"method": "gptq", "order": "least-important-first", "embedding_bits": 8}),
     "rotation + GPTQ least-important-first, 8-bit embedding and head": (
         True, {"method": "gptq", "order": "least-important-first", "embedding_bits": 8}),
+    "GPTQ forward, 8-bit embedding": (False, {"method": "gptq", "order": "forward", "embedding_bits": 8}),
+    "rotation + GPTQ forward, 8-bit embedding and head": (
+        True, {"method": "gptq", "order": "forward", "embedding_bits": 8}),
 }
 PAIRS = (  # (a, b): a - b, paired per window and per item
     ("GPTQ least-important-first", "GPTQ forward"),
@@ -55,6 +58,9 @@ PAIRS = (  # (a, b): a - b, paired per window and per item
     ("GPTQ least-important-first", "RTN"),
     ("GPTQ least-important-first, 8-bit embedding", "GPTQ least-important-first"),
     ("rotation + GPTQ least-important-first, 8-bit embedding and head", "rotation + GPTQ least-important-first"),
+    ("GPTQ forward, 8-bit embedding", "GPTQ forward"),
+    ("rotation + GPTQ forward, 8-bit embedding and head", "rotation + GPTQ forward"),
+    ("GPTQ least-important-first, 8-bit embedding", "GPTQ forward, 8-bit embedding"),
 )
 
 
@@ -124,7 +130,7 @@ def to_markdown(results: dict) -> str:
     lines += ["", "| weights | " + " | ".join(f"rate {r}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
     dense = results["fp16_bytes"]["tied"][rates[0]]  # the original model in float16, tied head
     for name, v in results["variants"].items():
-        if "GPTQ least-important-first" not in name:
+        if "GPTQ forward" not in name:
             continue
         fp16 = results["fp16_bytes"]["untied" if name.startswith("rotation") else "tied"]
         q4 = v["bytes"]
