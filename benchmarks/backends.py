@@ -23,7 +23,7 @@ from pathlib import Path
 
 from elastiq.atomic import write_text
 from elastiq.paths import cache_dir
-from measure import mib, peak_rss, prompt_ids, run_child
+from measure import add_generation_args, generation_spec, mib, peak_rss, prompt_ids, run_child
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
@@ -128,11 +128,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--rates", default="0.0,0.15,0.25,0.35")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--ctx", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    add_generation_args(parser, prompt_tokens=128)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -140,8 +136,7 @@ def main() -> None:
 
     import torch
 
-    common = {"checkpoint": args.checkpoint, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
-              "ctx": args.ctx, "repeats": args.repeats, "threads": args.threads}
+    common = {"checkpoint": args.checkpoint, **generation_spec(args)}
     rates = [float(r) for r in args.rates.split(",")]
     results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]),
                "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}",

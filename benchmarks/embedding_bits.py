@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from elastiq.paths import cache_dir
-from measure import command_line, mib, run_child, save_results
+from measure import add_generation_args, command_line, generation_spec, mib, run_child, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIME = str(Path(__file__).resolve().parent / "runtime.py")
@@ -31,7 +31,7 @@ def to_markdown(results: dict) -> str:
              f"SmolLM2-135M-Instruct, GPTQ least-important-first Q4_0 blocks; the token embedding (tied to the "
              f"head) in Q4_0 or Q8_0. torch runtime, {results['threads']} threads, prompt {results['prompt_tokens']} "
              f"tokens, {results['decode_tokens']} greedy tokens, ctx {results['ctx']}; each cell is the median of "
-             f"{results['rounds']} processes run alternately (each the median of 3 generations). Load average at "
+             f"{results['rounds']} processes run alternately (each the median of {results['repeats']} generations). Load average at "
              f"start {results['load_average']:.1f}.", "",
              "| rate | embedding | decode tok/s | prefill tok/s | weights held MiB | weights read MB | peak RSS MiB "
              "| predicted / measured |", "|---|---|---|---|---|---|---|---|"]
@@ -53,10 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="0.0,0.35", help="comma-separated offered rates")
     parser.add_argument("--rounds", type=int, default=3, help="processes per checkpoint and rate, alternated")
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--ctx", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
+    add_generation_args(parser, prompt_tokens=256)
     parser.add_argument("--output", default=str(RESULTS / "embedding_bits.json"))
     args = parser.parse_args()
     paths = {bits: cache_dir() / "bench" / name for bits, name in CHECKPOINTS.items()}
@@ -64,15 +61,12 @@ def main() -> None:
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run benchmarks/quantization.py first, which writes them")
 
-    results = {"command": command_line(), "threads": args.threads,
-               "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "ctx": args.ctx,
-               "rounds": args.rounds, "load_average": os.getloadavg()[0], "rates": {}}
+    results = {"command": command_line(), **generation_spec(args), "rounds": args.rounds, "load_average": os.getloadavg()[0], "rates": {}}
     for rate in (float(r) for r in args.rates.split(",")):
         runs: dict[str, list] = {"4": [], "8": []}
         for _ in range(args.rounds):
             for bits, path in paths.items():
-                spec = {"checkpoint": str(path), "rate": rate, "ctx": args.ctx, "threads": args.threads,
-                        "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "repeats": 3}
+                spec = {**generation_spec(args), "checkpoint": str(path), "rate": rate}
                 runs[str(bits)].append(run_child(RUNTIME, "elastiq", spec))
                 print(rate, bits, f"{runs[str(bits)][-1]['decode_tok_s']:.1f} tok/s", flush=True)
         results["rates"][str(rate)] = runs

@@ -3,6 +3,7 @@ results (a JSON and its markdown table, quoting the command that made them)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -11,6 +12,23 @@ import sys
 from pathlib import Path
 
 from elastiq.atomic import write_text
+
+
+GENERATION = ("prompt_tokens", "decode_tokens", "ctx", "repeats", "threads")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, prompt_tokens: int) -> None:
+    """The options of a speed benchmark's generation runs (``generation_spec`` collects them)."""
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="generations per process (their median)")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def generation_spec(args: argparse.Namespace) -> dict:
+    """The generation options of ``args``, as a child's spec carries them."""
+    return {name: getattr(args, name) for name in GENERATION}
 
 
 def command_line() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from elastiq.paths import cache_dir
-from measure import mib, peak_rss, prompt_ids, run_child
+from measure import add_generation_args, generation_spec, mib, peak_rss, prompt_ids, run_child
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -217,18 +217,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--models", default="smollm2,random-1b", help="comma-separated: smollm2, random-1b")
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--ctx", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    add_generation_args(parser, prompt_tokens=256)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
         return
 
-    common = {"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "ctx": args.ctx,
-              "repeats": args.repeats, "threads": args.threads}
+    common = generation_spec(args)
     results = {**common, "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "models": []}
     for name in args.models.split(","):
         from elastiq.checkpoint import Checkpoint

@@ -338,6 +338,7 @@ class Checkpoint:
         self.bytes_read = 0
         self._weights = self.path / WEIGHTS
         self._offsets = self._read_header()
+        self._parts = self._stored_parts()
 
     @property
     def rates(self) -> list[float]:
@@ -417,7 +418,7 @@ class Checkpoint:
 
     def format(self, name: str) -> str | None:
         """The code format of model tensor ``name`` ("q4_0", "q8_0"), None for a float tensor."""
-        return self._format(self._stored_parts()[self.manifest["aliases"].get(name, name)])
+        return self._format(self._parts[self.manifest["aliases"].get(name, name)])
 
     def _format(self, stored: Mapping[str, str]) -> str | None:
         return None if "" in stored else self.tensors[stored["codes"]].get("format", "q4_0")
@@ -438,7 +439,7 @@ class Checkpoint:
         tensor keeps one tensor's raw bytes in memory at a time."""
         widths = self.rate_entry(rate)["widths"]
         yielded = {}
-        for name, stored in self._stored_parts().items():
+        for name, stored in self._parts.items():
             parts = {part: from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
                                         self.tensors[s]["role"], self.heads) for part, s in stored.items()}
             t = self._assemble(name, stored, parts)
@@ -454,7 +455,7 @@ class Checkpoint:
         codes. Aliases of tied tensors are left out (``aliases`` names them)."""
         widths = self.rate_entry(rate)["widths"]
         out = {}
-        for name, stored in self._stored_parts().items():
+        for name, stored in self._parts.items():
             entry = self.tensors[stored["codes" if "codes" in stored else ""]]
             kept = [_kept_units(entry, widths), *entry["storage_shape"][1:]]
             shape = tuple(from_storage(torch.empty(kept, device="meta"), entry["role"], self.heads).shape)
@@ -478,7 +479,7 @@ class Checkpoint:
         a narrower width is cut from ``tensor`` without reading the file; a wider one reads and
         verifies only the units it lacks. Unpruned tensors come back as they are."""
         old, new = self.rate_entry(rate)["widths"], self.rate_entry(new_rate)["widths"]
-        stored = self._stored_parts()[self.manifest["aliases"].get(name, name)]
+        stored = self._parts[self.manifest["aliases"].get(name, name)]
         held = {"codes": tensor.codes, "scales": tensor.scales} if isinstance(tensor, Quantized) else {"": tensor}
         if set(held) != set(stored):
             raise CheckpointError(f"tensor {name} is stored as parts {sorted(stored)}, got {sorted(held)}")

@@ -23,8 +23,9 @@ PACKED = BLOCK // 2  # bytes of codes per block
 
 
 @dataclass(frozen=True)
-class QuantizedTensor:
-    """A Q4_0 matrix [out, in]: GGUF-packed codes [out, in/32, 16] (uint8), fp16 scales [out, in/32]."""
+class _Blocks:
+    """A matrix [out, in] quantized in blocks of 32 along its input axis: codes [out, in/32, ...]
+    and fp16 scales [out, in/32]."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -32,21 +33,17 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * BLOCK
+
+
+class QuantizedTensor(_Blocks):
+    """A Q4_0 matrix [out, in]: GGUF-packed codes [out, in/32, 16] (uint8), fp16 scales [out, in/32]."""
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales)
 
 
-@dataclass(frozen=True)
-class Q8Tensor:
+class Q8Tensor(_Blocks):
     """A Q8_0 matrix [out, in]: int8 codes [out, in/32, 32], fp16 scales [out, in/32]."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape[0], self.codes.shape[1] * BLOCK
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_q8_0(self.codes, self.scales)

@@ -145,21 +145,18 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         numel = math.prod(shape)
         quantized = fmt is not None
         stored = numel // BLOCK * BLOCK_BYTES[fmt] if quantized else numel * stored_dtype.itemsize
-        if fmt == "q8_0" and int4:
-            held = numel + numel // BLOCK * itemsize  # int8 codes, scales in the activations' dtype
-        elif quantized and int4:
-            held = stored if name.endswith("embed_tokens.weight") else q4_nbytes(*shape, path)
-        elif quantized or stored_dtype.is_floating_point:
-            held = numel * itemsize
-        else:
-            held = numel * 8  # integer tensors (rope pair indices) are held as int64
-        weights += held
-        if fmt == "q8_0" and int4:  # the bytes read and their block-major copy
-            transient = max(transient, stored + held)
+        # held: the form the model keeps; load: what loading it holds at once
+        if fmt == "q8_0" and int4:  # int8 codes and scales in the activations' dtype, from the bytes read
+            held = numel + numel // BLOCK * itemsize
+            load = stored + held
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
-            transient = max(transient, min(4 * numel, REPACK_BYTES) + 2 * held)
-        else:  # the raw bytes and their re-laid copy, while the held form is made
-            transient = max(transient, 2 * stored + held)
+            held = stored if name.endswith("embed_tokens.weight") else q4_nbytes(*shape, path)
+            load = min(4 * numel, REPACK_BYTES) + 2 * held
+        else:  # floats in the activations' dtype, integers (rope pair indices) as int64; from the raw bytes
+            held = numel * itemsize if quantized or stored_dtype.is_floating_point else numel * 8
+            load = 2 * stored + held  # and their re-laid copy
+        weights += held
+        transient = max(transient, load)
     weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
     embed_shape, _, embed_format = shapes["model.embed_tokens.weight"]
     if tied and embed_format == "q4_0" and int4:
