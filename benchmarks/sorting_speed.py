@@ -28,7 +28,7 @@ import torch
 from elastiq.atomic import write_text
 from elastiq.checkpoint import MLP
 from elastiq.compressor.adapters import adapter_for
-from elastiq.compressor.calibrate import calibrate, calibration_samples
+from elastiq.compressor.calibrate import C4_SAMPLE, calibrate, calibration_samples
 from elastiq.compressor.compress import DEFAULT_RATES
 from elastiq.compressor.intake import load_model
 from elastiq.compressor.sort import ridge_leverage, sort_block
@@ -59,7 +59,7 @@ def main() -> None:
 
     loaded = load_model("smollm2-135m")
     adapter = adapter_for(loaded.model)
-    samples = calibration_samples(loaded.tokenizer, data_dir(), args.calib_samples, args.calib_seqlen)
+    samples = calibration_samples(loaded.tokenizer, data_dir() / C4_SAMPLE, args.calib_samples, args.calib_seqlen)
     widths = [int(round((1 - r) * loaded.model.config.intermediate_size / 32)) * 32 for r in DEFAULT_RATES if r > 0]
     ours, theirs = [], []
     for index, stats in calibrate(adapter, samples):

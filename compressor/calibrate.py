@@ -1,4 +1,5 @@
-"""Calibration: stream C4 text through the model one block at a time and collect what sorting needs.
+"""Calibration: stream text (the C4 sample by default) through the model one block at a time and
+collect what sorting needs.
 
 The GPTQ-style sequential pass: the inputs of block 0 are captured once, then each block runs
 over all samples with hooks that accumulate its statistics, and its outputs become the next
@@ -8,7 +9,10 @@ plus one block's statistics.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
+from ..paths import data_dir
 from .adapters import ModelAdapter
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
@@ -39,21 +44,84 @@ class BlockStats:
     tokens: int
 
 
-def calibration_samples(tokenizer, data: Path, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows of ``seqlen`` tokens, each from a random C4 document long enough to hold one
-    (the GPTQ convention), at a random offset; deterministic for a seed."""
-    import pyarrow.parquet as pq
+CALIB_FORMATS = "plain text (.txt, .md), JSON lines with a \"text\" field (.jsonl) or parquet with a \"text\" column (.parquet)"
 
-    path = data / C4_SAMPLE
+
+def calibration_file(calib_data: Path | None, data: Path | None = None) -> Path:
+    """The calibration file to read: the user's ``calib_data``, else the C4 sample of the data
+    folder ``data`` (by default the data elastiq carries, or $ELASTIQ_DATA)."""
+    return Path(calib_data).expanduser() if calib_data else (data or data_dir()) / C4_SAMPLE
+
+
+def describe_calibration(path: Path, data: Path | None = None) -> dict:
+    """What the manifest records of the calibration file: the packaged sample by its name in the
+    data folder, a user's file by its name; the sha256 of its bytes either way."""
+    default = (data or data_dir()) / C4_SAMPLE
+    name = str(C4_SAMPLE) if path == default else path.name
+    return {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def calibration_texts(path: Path) -> list[str]:
+    """The documents of a calibration file: a plain text file's blank-line-separated paragraphs,
+    the ``text`` field of each JSON line, or the ``text`` column of a parquet file."""
+    path = Path(path)
     if not path.is_file():
-        raise ElastiqError(f"calibration data {path} is missing")
+        raise ElastiqError(f"calibration data {path} is missing (expected a file: {CALIB_FORMATS})")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".txt", ".text", ".md"):
+            texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+        elif suffix in (".jsonl", ".json"):
+            texts = []
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ElastiqError(f"{path}, line {number}: not a JSON object ({err.msg}); expected one "
+                                           "object with a \"text\" field per line") from None
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise ElastiqError(f"{path}, line {number}: no \"text\" string field; expected one "
+                                           "object with a \"text\" field per line")
+                    texts.append(row["text"])
+        elif suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                columns = pq.read_schema(path).names
+            except pa.ArrowException as err:
+                raise ElastiqError(f"{path} is not a readable parquet file ({err})") from None
+            if "text" not in columns:
+                raise ElastiqError(f"{path} has no \"text\" column (its columns: {', '.join(columns)})")
+            texts = [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+        else:
+            raise ElastiqError(f"{path}: calibration data must be {CALIB_FORMATS}; got a {suffix or 'suffix-less'} "
+                               "file")
+    except UnicodeDecodeError:
+        raise ElastiqError(f"{path} is not UTF-8 text; calibration data must be {CALIB_FORMATS}") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ElastiqError(f"calibration data {path} holds no text")
+    return texts
+
+
+def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens from the calibration file ``path``; deterministic for a seed.
+
+    The GPTQ convention: each window comes from a random document long enough to hold one, at a
+    random offset. When too few documents are that long (short chat turns, paragraphs of a text
+    file), the rest are cut from the short documents joined in file order (by blank lines).
+    """
     if n <= 0 or seqlen <= 1:
         raise ElastiqError(f"--calib-samples ({n}) must be positive and --calib-seqlen ({seqlen}) at least 2")
-    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    texts = calibration_texts(path)
     rng = random.Random(seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
-    samples = []
+    samples, short = [], []
     for k in order:
         ids = tokenizer.encode(texts[k])
         if len(ids) > seqlen:
@@ -61,8 +129,16 @@ def calibration_samples(tokenizer, data: Path, n: int, seqlen: int, seed: int = 
             samples.append(ids[start:start + seqlen])
             if len(samples) == n:
                 return torch.tensor(samples)
-    raise ElastiqError(f"only {len(samples)} of the {len(texts)} C4 documents hold {seqlen} tokens; "
-                       f"lower --calib-seqlen or --calib-samples")
+        else:
+            short.append(k)
+    joined = tokenizer.encode("\n\n".join(texts[k] for k in sorted(short))) if short else []  # in file order
+    windows = [joined[i:i + seqlen] for i in range(0, len(joined) - seqlen + 1, seqlen)]
+    rng.shuffle(windows)
+    samples += windows[:n - len(samples)]
+    if len(samples) < n:
+        raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens ({len(texts)} documents); "
+                           f"{n} are needed: lower --calib-seqlen or --calib-samples, or give more text")
+    return torch.tensor(samples)
 
 
 class _Captured(Exception):

@@ -9,10 +9,9 @@ from typing import Sequence
 
 from .. import ElastiqError
 from ..checkpoint import QK, SUFFIX, Group, write_checkpoint
-from ..paths import data_dir
 from .adapters import adapter_for
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
-from .calibrate import calibrate, calibration_samples
+from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .intake import load_model
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
@@ -27,6 +26,7 @@ class CompressOptions:
     rates: Sequence[float] = DEFAULT_RATES
     calib_samples: int = 32
     calib_seqlen: int = 512
+    calib_data: Path | None = None  # a text, JSON lines or parquet file; None: the packaged C4 sample
     seed: int = 0
     method: str = "uniql"
     allocation: str = "influence"
@@ -64,8 +64,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     heads = adapter.heads
     layer_groups = [adapter.groups(i) for i in range(len(adapter.layers))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
-    samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
-                                  options.seed)
+    calib_file = calibration_file(options.calib_data, data)
+    samples = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen, options.seed)
 
     influence, pairs, sort_seconds = [], {}, 0.0
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         "chat_template": tokenizer.chat_template,
         "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
                         "temperature": options.temperature, "rotation": options.rotate,
-                        "calib_samples": options.calib_samples,
+                        "calib_data": describe_calibration(calib_file, data), "calib_samples": options.calib_samples,
                         "calib_seqlen": options.calib_seqlen, "seed": options.seed},
         "block_influence": influence,
     }

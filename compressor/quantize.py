@@ -19,10 +19,9 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, write_checkpoint
-from ..paths import data_dir
 from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from ..runtime.model import Transformer
-from .calibrate import calibration_samples
+from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 
 METHODS = ("gptq", "rtn")
@@ -44,6 +43,7 @@ class QuantizeOptions:
     embedding_bits: int = 4
     calib_samples: int = 32
     calib_seqlen: int = 512
+    calib_data: Path | None = None  # a text, JSON lines or parquet file; None: the packaged C4 sample
     seed: int = 0
     damp: float = 0.01
     timings: dict = field(default_factory=dict)
@@ -96,9 +96,10 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     config = ckpt.manifest["source"]["config"]
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
-    hidden, positions = [], None  # round-to-nearest needs no calibration activations
+    hidden, positions, calib_file = [], None, None  # round-to-nearest needs no calibration activations
     if options.method == "gptq":
-        samples = calibration_samples(tokenizer, data or data_dir(), options.calib_samples, options.calib_seqlen,
+        calib_file = calibration_file(options.calib_data, data)
+        samples = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen,
                                       options.seed)
         positions = torch.arange(samples.shape[1])
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
@@ -128,6 +129,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     rates = [RateSpec(r["rate"], r["widths"], r["quality"]) for r in ckpt.manifest["rates"]]
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
             "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
+            "calib_data": describe_calibration(calib_file, data) if calib_file else None,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}

@@ -23,7 +23,7 @@ Two methods:
   to 0 over the period, until rate R's widths are reached; the recovery phase then trains with
   those units at zero, drawing each step's data source with probability proportional to its
   held-out loss increase relative to the dense model (re-measured each period). The only
-  training source on this machine is the C4 sample (the shared data holds no licensed
+  training source elastiq carries is the C4 sample (its data holds no licensed
   instruction-style text), so that draw is over one source. The units are finally re-sorted so
   that the kept ones form the prefix, and the checkpoint offers rates 0 and R. Simplifications:
   widths per group come from elastiq's allocation (the checkpoint's own row when it offers R),
@@ -253,7 +253,8 @@ def _check_options(options: RecoverOptions, ckpt: Checkpoint, data: Path) -> Non
                            "float checkpoint that `elastiq compress` wrote, then quantize the result")
     if not (data / C4_SAMPLE).is_file():
         raise RecoverError(f"training data {data / C4_SAMPLE} is missing; recovery trains on the C4 sample of the "
-                           "shared data folder (set $ELASTIQ_DATA to the folder that holds c4/)")
+                           "data folder (set $ELASTIQ_DATA to a folder that holds c4/, or unset it to use the data "
+                           "elastiq carries)")
 
 
 # --- the rates trained for, and LoRAShear's widths ---------------------------------------------------
@@ -455,7 +456,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     config = ckpt.manifest["source"]["config"]
     rates = _target_rates(ckpt, options)
     tokenizer = ckpt.tokenizer()
-    windows = calibration_samples(tokenizer, data, options.samples + options.heldout, options.seqlen, options.seed)
+    windows = calibration_samples(tokenizer, data / C4_SAMPLE, options.samples + options.heldout, options.seqlen, options.seed)
     sources = {"c4": windows[:options.samples]}
     heldout = {"c4": windows[options.samples:]}
 

@@ -1,4 +1,4 @@
-"""Where elastiq keeps its cache and finds the shared evaluation and calibration data."""
+"""Where elastiq keeps its cache and finds its calibration and evaluation data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from . import ElastiqError
 
 DATA_ENV = "ELASTIQ_DATA"
 CACHE_ENV = "ELASTIQ_CACHE"
+# The data the package carries (installed with it, listed with sources and licenses in its README.md).
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
 
 
 def cache_dir() -> Path:
@@ -20,22 +22,15 @@ def cache_dir() -> Path:
 
 
 def data_dir() -> Path:
-    """The shared data folder (wikitext2/, tasks/, c4/).
-
-    $ELASTIQ_DATA wins; otherwise ``../shared/data`` beside the source checkout (the layout CI
-    uses), then beside the working directory.
-    """
+    """The data folder (wikitext2/, tasks/, c4/): $ELASTIQ_DATA if set, else the package's own copy."""
     if os.environ.get(DATA_ENV):
         path = Path(os.environ[DATA_ENV]).expanduser()
         if not path.is_dir():
-            raise ElastiqError(f"${DATA_ENV} points to {path}, which is not a directory")
+            raise ElastiqError(f"${DATA_ENV} points to {path}, which is not a directory; set it to a folder "
+                               "that holds wikitext2/, tasks/ and c4/, or unset it to use the data elastiq carries")
         return path
-    checkout = Path(__file__).resolve().parent.parent
-    candidates = [checkout.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                  Path.cwd() / "shared" / "data"]
-    for path in candidates:
-        if (path / "tasks").is_dir():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
-    raise ElastiqError(f"evaluation data not found (looked in {looked}); "
-                       f"set ${DATA_ENV} to the folder that holds wikitext2/, tasks/ and c4/")
+    if not (PACKAGED_DATA / "tasks").is_dir():
+        raise ElastiqError(f"elastiq's data folder {PACKAGED_DATA} is missing or incomplete (the installation is "
+                           f"broken): reinstall elastiq, or set ${DATA_ENV} to a folder that holds wikitext2/, "
+                           "tasks/ and c4/")
+    return PACKAGED_DATA

@@ -8,17 +8,90 @@ import torch
 from elastiq import ElastiqError
 from elastiq.checkpoint import MLP, QK, VO, Heads, to_storage
 from elastiq.compressor.adapters import adapter_for
-from elastiq.compressor.calibrate import calibrate, calibration_samples
+from elastiq.compressor.calibrate import C4_SAMPLE, calibrate, calibration_samples, calibration_texts
 from elastiq.compressor.sort import pair_scores, ridge_leverage, sort_block
 from conftest import build_tiny
 
 
 def test_samples_are_deterministic_windows_of_c4(tokenizer, data_dir):
-    a = calibration_samples(tokenizer, data_dir, 4, 32, seed=1)
-    assert a.shape == (4, 32) and torch.equal(a, calibration_samples(tokenizer, data_dir, 4, 32, seed=1))
-    assert not torch.equal(a, calibration_samples(tokenizer, data_dir, 4, 32, seed=2))
-    with pytest.raises(ElastiqError, match="C4 documents hold 1000000 tokens"):
-        calibration_samples(tokenizer, data_dir, 1, 1_000_000)
+    a = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=1)
+    assert a.shape == (4, 32) and torch.equal(a, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=1))
+    assert not torch.equal(a, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=2))
+    with pytest.raises(ElastiqError, match="holds only 0 windows of 10000000 tokens .2000 documents.; 1 are needed"):
+        calibration_samples(tokenizer, data_dir / C4_SAMPLE, 1, 10_000_000)
+
+
+PARAGRAPHS = ["The first paragraph is about calibration and the text that feeds it.",
+              "A second one, a little longer, says that short documents are joined end to end.",
+              "The third paragraph closes the file."]
+
+
+def _write_calibration(path, paragraphs):
+    """The same documents as a text file, JSON lines or parquet, by ``path``'s suffix."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".txt":
+        path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": p, "id": i}) + "\n" for i, p in enumerate(paragraphs)))
+    else:
+        pq.write_table(pa.table({"text": paragraphs, "source": ["user"] * len(paragraphs)}), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+def test_own_calibration_text_in_each_format(suffix, tokenizer, tmp_path):
+    path = _write_calibration(tmp_path / f"mine{suffix}", PARAGRAPHS)
+    assert calibration_texts(path) == PARAGRAPHS
+    # Every paragraph is shorter than a window, so the windows are cut from the joined paragraphs.
+    seqlen = max(len(tokenizer.encode(p)) for p in PARAGRAPHS)
+    joined = tokenizer.encode("\n\n".join(PARAGRAPHS))
+    windows = [joined[i:i + seqlen] for i in range(0, len(joined) - seqlen + 1, seqlen)]
+    assert len(windows) >= 2
+    samples = calibration_samples(tokenizer, path, 2, seqlen, seed=0)
+    assert samples.shape == (2, seqlen) and all(row in windows for row in samples.tolist())
+    with pytest.raises(ElastiqError, match=f"mine{suffix} holds only {len(windows)} windows of {seqlen} tokens "
+                                           f".3 documents.; 50 are needed: lower --calib-seqlen"):
+        calibration_samples(tokenizer, path, 50, seqlen)
+
+
+def test_long_documents_give_one_window_each(tokenizer, tmp_path):
+    long = " ".join(f"word{i}" for i in range(200))
+    path = _write_calibration(tmp_path / "long.jsonl", [long, long.upper(), "short"])
+    samples = calibration_samples(tokenizer, path, 2, 32, seed=3)
+    ids = [tokenizer.encode(long), tokenizer.encode(long.upper())]
+    found = sorted(next(d for d, doc in enumerate(ids) if any(doc[i:i + 32] == row for i in range(len(doc))))
+                   for row in samples.tolist())
+    assert found == [0, 1]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("data.csv", "text\nhello\n", r"must be plain text \(.txt, .md\), JSON lines .* got a .csv file"),
+    ("data.txt", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ("data.txt", "\n\n  \n", "holds no text"),
+    ("data.jsonl", '{"text": "fine"}\nnot json\n', r"line 2: not a JSON object"),
+    ("data.jsonl", '{"body": "no text field"}\n', r"line 1: no \"text\" string field"),
+    ("data.parquet", "not parquet at all", "is not a readable parquet file"),
+])
+def test_bad_calibration_files_are_refused(name, content, message, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ElastiqError, match=message):
+        calibration_texts(path)
+
+
+def test_parquet_without_a_text_column_names_its_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a"], "url": ["b"]}), tmp_path / "d.parquet")
+    with pytest.raises(ElastiqError, match=r'no "text" column \(its columns: content, url\)'):
+        calibration_texts(tmp_path / "d.parquet")
+    with pytest.raises(ElastiqError, match="calibration data .*missing.parquet is missing"):
+        calibration_texts(tmp_path / "missing.parquet")
 
 
 def test_block_statistics_match_direct_computation(tokenizer, data_dir):
@@ -26,7 +99,7 @@ def test_block_statistics_match_direct_computation(tokenizer, data_dir):
 
     model = build_tiny("llama", tokenizer)
     adapter = adapter_for(model)
-    samples = calibration_samples(tokenizer, data_dir, 4, 32)
+    samples = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32)
     stats = dict(calibrate(adapter, samples, chunk=3, progress=False))  # chunks of 3 and 1
     block, h = model.model.layers[0], adapter.heads
     with torch.no_grad():
@@ -76,7 +149,7 @@ def test_mlp_and_vo_sorting_keep_the_function(method, tokenizer, data_dir):
     ids = torch.tensor([tokenizer.encode("Robert Boulter is an English film , television and theatre actor .")])
     with torch.no_grad():
         before = model(ids).logits
-    for i, stats in calibrate(adapter, calibration_samples(tokenizer, data_dir, 4, 32), progress=False):
+    for i, stats in calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32), progress=False):
         sort_block(model, [g for g in adapter.groups(i) if g.kind in (MLP, VO)], adapter.heads, stats, method)
     with torch.no_grad():
         assert (model(ids).logits - before).abs().max() < 1e-4
@@ -85,7 +158,7 @@ def test_mlp_and_vo_sorting_keep_the_function(method, tokenizer, data_dir):
 def test_magnitude_orders_units_by_norm(tokenizer, data_dir):
     model = build_tiny("llama", tokenizer)
     adapter = adapter_for(model)
-    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir, 2, 16), progress=False))[1]
+    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16), progress=False))[1]
     pairs = sort_block(model, adapter.groups(0), adapter.heads, stats, "magnitude")
     state = model.state_dict()
     norms = sum(to_storage(state[f"model.layers.0.mlp.{n}"], r, adapter.heads).square().sum(1)
@@ -97,7 +170,7 @@ def test_magnitude_orders_units_by_norm(tokenizer, data_dir):
 def test_uniql_orders_pairs_by_score(tokenizer, data_dir):
     model = build_tiny("llama", tokenizer)
     adapter = adapter_for(model)
-    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir, 2, 16), progress=False))[1]
+    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16), progress=False))[1]
     pairs = sort_block(model, [g for g in adapter.groups(0) if g.kind == QK], adapter.heads, stats)
     scores = pair_scores(stats.q_sq, stats.k_sq, adapter.heads)
     kept = scores.gather(1, pairs.long())

@@ -59,9 +59,32 @@ def test_cli_compress_and_inspect(models, tmp_path, capsys):
     assert "rate 0.4: layers.0.mlp=" in capsys.readouterr().out
 
 
+def test_cli_compress_calibrates_on_own_text(models, data_dir, tmp_path, capsys):
+    import hashlib
+
+    src, _ = models["llama"]
+    text = tmp_path / "notes.txt"
+    text.write_text((data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    common = ["--rates", "0.3", "--calib-samples", "2", "--calib-seqlen", "32"]
+    assert main(["compress", str(src), "-o", str(tmp_path / "own.elastiq"), "--calib-data", str(text), *common]) == 0
+    assert main(["compress", str(src), "-o", str(tmp_path / "c4.elastiq"), *common]) == 0
+    own, c4 = (Checkpoint(tmp_path / f"{n}.elastiq").manifest["source"] for n in ("own", "c4"))
+    assert own["compression"]["calib_data"] == {"file": "notes.txt",
+                                                "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
+    assert c4["compression"]["calib_data"]["file"] == "c4/c4_validation_2k.parquet"
+    assert own["block_influence"] != c4["block_influence"]  # the statistics came from the other text
+
+    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    out = tmp_path / "bad.elastiq"
+    assert main(["compress", str(src), "-o", str(out), "--calib-data", str(tmp_path / "notes.csv"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "notes.csv: calibration data must be plain text (.txt, .md), JSON lines" in err and "got a .csv file" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--rates", "0.95"], "rate 0.95 is outside [0, 0.9)"),
-    (["--calib-seqlen", "100000"], "C4 documents hold 100000 tokens"),
+    (["--calib-seqlen", "100000"], "windows of 100000 tokens"),
 ])
 def test_cli_bad_input(args, message, models, tmp_path, capsys):
     src, _ = models["llama"]

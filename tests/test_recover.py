@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
-from elastiq.compressor.calibrate import calibration_samples
+from elastiq.compressor.calibrate import C4_SAMPLE, calibration_samples
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.compressor.recover import (RecoverError, RecoverOptions, UnitMasks, lora_model, rate_probabilities,
@@ -79,7 +79,7 @@ def _loss(ckpt: Checkpoint, rate: float, windows: torch.Tensor) -> float:
 def test_training_lowers_the_loss_at_every_rate(nested, checkpoints, tokenizer, data_dir):
     out, options = nested
     before, after = Checkpoint(checkpoints["qwen2"]), Checkpoint(out)
-    windows = calibration_samples(tokenizer, data_dir, options.samples, options.seqlen, options.seed)
+    windows = calibration_samples(tokenizer, data_dir / C4_SAMPLE, options.samples, options.seqlen, options.seed)
     for rate in (0.0, *RATES):
         old, new = _loss(before, rate, windows), _loss(after, rate, windows)
         assert new < old - 0.05, (rate, old, new)
