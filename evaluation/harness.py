@@ -1,4 +1,4 @@
-"""lm-evaluation-harness itself on the shared data: the reference our scorer is checked against.
+"""lm-evaluation-harness itself on the data elastiq carries: the reference our scorer is checked against.
 
 ``elastiq eval`` scores with its own small scorer (``zeroshot``), because it must score models
 that are not transformers modules (the elastic runtime, llama.cpp, onnxruntime) through one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from ..atomic import write_text
 
@@ -30,10 +31,11 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, json_path: Path) -> tuple[Path, Path]:
-    """Write ``results`` to ``json_path`` and its table beside it (same name, ``.md``)."""
+def write_results(results: dict, json_path: Path,
+                  markdown: Callable[[dict], str] = to_markdown) -> tuple[Path, Path]:
+    """Write ``results`` to ``json_path`` and its table (``markdown``) beside it (same name, ``.md``)."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
     write_text(json_path, json.dumps(results, indent=2) + "\n")
-    write_text(md_path, to_markdown(results))
+    write_text(md_path, markdown(results))
     return json_path, md_path

@@ -26,15 +26,20 @@ def hf_logits(model: torch.nn.Module) -> LogitsFn:
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
+def check_measures(measures: Sequence[str]) -> None:
+    """Refuse an unknown measure before any model is loaded (the error lists the known ones)."""
+    for name in measures:
+        if name != PERPLEXITY:
+            get_task(name)
+
+
 def run_suite(logits_fn: LogitsFn, tokenizer, model_name: str, measures: Sequence[str] = ALL_MEASURES,
               seqlen: int = 2048, windows: int | None = None, limit: int | None = None,
               max_length: int = 2048, batch_tokens: int = 4096, data: Path | None = None,
               progress: bool = True) -> dict:
     """Evaluate ``measures`` (``wikitext2`` and task names); ``limit`` caps items per task and,
     unless ``windows`` is given, perplexity windows too."""
-    for name in measures:
-        if name != PERPLEXITY:
-            get_task(name)
+    check_measures(measures)
     data = data or data_dir()
     start = time.perf_counter()
     results: dict = {

@@ -1,4 +1,4 @@
-"""The five zero-shot multiple-choice tasks, read from the shared data folder.
+"""The five zero-shot multiple-choice tasks, read from the data folder (``paths.data_dir``).
 
 Each task becomes a list of ``Item``s: one (context, continuation) pair per choice and the gold
 index, built as lm-evaluation-harness builds its requests (``arc_easy``, ``arc_challenge``,
@@ -7,7 +7,7 @@ index, built as lm-evaluation-harness builds its requests (``arc_easy``, ``arc_c
 scoring (each option completes the context; the shared continuation is scored).
 
 One difference from lm-evaluation-harness, forced by the data: its HellaSwag prompt capitalises
-the second context sentence (``ctx_b.capitalize()``); the shared file keeps that sentence's
+the second context sentence (``ctx_b.capitalize()``); the data file keeps that sentence's
 original lower-case start and has no ctx_a / ctx_b boundary, so it is used as it is.
 """
 

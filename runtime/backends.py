@@ -53,6 +53,7 @@ LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cel
 # of it: a smaller chunk than torch's (which computes the last position's logits only) bounds that.
 ONNX_PREFILL_CHUNK = 64
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
+SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
 
 
 def require(backend: str):
@@ -245,12 +246,14 @@ class ExportEngine:
     """One rate of ``checkpoint`` run by another backend on its cached export, with ``Engine``'s
     interface. Activations and logits are float32 (``dtype``); ``threads`` defaults to torch's
     thread count. ``load_seconds`` and ``load_bytes`` are those of opening the export (its file
-    size); ``export_seconds`` is the time exporting took, None when the cache held the export."""
+    size); ``export_seconds`` is the time exporting took, None when the cache held the export.
+    ``scoring`` prepares the backend for ``logits`` (llama.cpp then keeps every position's logits,
+    ``ctx`` x vocab floats)."""
 
     backend = ""
 
     def __init__(self, checkpoint: str | Path | Checkpoint, rate: float, ctx: int = 2048, tokenizer=None,
-                 threads: int | None = None):
+                 threads: int | None = None, scoring: bool = False):
         self.package = require(self.backend)
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         self.config = self.ckpt.manifest["source"]["config"]
@@ -261,6 +264,7 @@ class ExportEngine:
         self.threads = threads or torch.get_num_threads()
         self.tokenizer = tokenizer or self.ckpt.tokenizer()
         self.generator = None
+        self.scoring = scoring
         self.rate = rate
         self._open(rate)
 
@@ -278,6 +282,11 @@ class ExportEngine:
 
     def _close(self) -> None:
         self.generator = None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) of every position of right-padded ``ids`` [B, T], each row
+        run from position 0 on an empty cache: what evaluation scores."""
+        raise NotImplementedError
 
     def set_rate(self, rate: float) -> Switch:
         """Move to ``rate`` by loading its export (written first if the cache lacks it); the cache of
@@ -298,8 +307,20 @@ class LlamaCppEngine(ExportEngine):
 
     def _load(self, path: Path) -> LlamaCppGenerator:
         llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                                 n_batch=min(self.ctx, PREFILL_CHUNK), logits_all=False, verbose=False)
+                                 n_batch=min(self.ctx, SCORING_BATCH if self.scoring else PREFILL_CHUNK),
+                                 logits_all=self.scoring, verbose=False)
         return LlamaCppGenerator(llm, self.ctx)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.scoring:
+            raise ElastiqError("this llama.cpp engine keeps only the last logits; open it with scoring=True")
+        llm, out = self.generator.llm, []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            out.append(torch.from_numpy(np.array(llm.scores[:len(row)], dtype=np.float32)))
+        self.generator.reset()  # the cached tokens are the last row's, not a conversation's
+        return torch.stack(out)
 
     def _close(self) -> None:
         if self.generator is not None:
@@ -318,16 +339,27 @@ class OnnxEngine(ExportEngine):
         session = self.package.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return OnnxGenerator(session, self.ctx)
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        generator = self.generator
+        batch, length = ids.shape
+        empty = {name: np.zeros((batch, shape[1], 0, shape[3]), np.float32) for name, shape in generator.past.items()}
+        outs = generator.session.run(generator.outputs[:1], {
+            "input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones((batch, length), np.int64),
+            "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy(), **empty})
+        return torch.from_numpy(outs[0])
+
 
 ENGINES = {"llama.cpp": LlamaCppEngine, "onnxruntime": OnnxEngine}
 
 
 def open_engine(backend: str, checkpoint: str | Path | Checkpoint, rate: float, ctx: int,
-                dtype: torch.dtype | None = None, verify: bool = True, tokenizer=None) -> Engine | ExportEngine:
+                dtype: torch.dtype | None = None, verify: bool = True, tokenizer=None,
+                scoring: bool = False) -> Engine | ExportEngine:
     """The engine of ``backend`` at ``rate``. ``dtype`` and ``verify`` are torch's (an export's
-    reads of the checkpoint always verify; the other backends compute in their own types)."""
+    reads of the checkpoint always verify; the other backends compute in their own types);
+    ``scoring`` prepares an export's engine for ``logits`` (torch's always can)."""
     if backend == "torch":
         return Engine(checkpoint, rate, ctx, dtype, verify=verify, tokenizer=tokenizer)
     if backend not in ENGINES:
         raise ElastiqError(f"backend {backend!r} is not known; accepted: {', '.join(BACKENDS)}")
-    return ENGINES[backend](checkpoint, rate, ctx, tokenizer=tokenizer)
+    return ENGINES[backend](checkpoint, rate, ctx, tokenizer=tokenizer, scoring=scoring)

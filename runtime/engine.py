@@ -98,6 +98,12 @@ class Engine:
                 self.generator.reset(self.model)
         return Switch(old, rate, time.perf_counter() - start, self.ckpt.bytes_read - read)
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) of every position of right-padded ``ids`` [B, T], each row
+        run from position 0 without the KV cache: what evaluation scores."""
+        with torch.inference_mode():
+            return self.model(ids.to(self.device)).float().cpu()
+
     def _switch_block(self, index: int, old: float, new: float) -> None:
         """Replace block ``index`` (held at rate ``old``) by its weights at rate ``new``."""
         held = _held(self.model.layers[index])
