@@ -1,6 +1,6 @@
 """elastiq's scorer against lm-evaluation-harness itself, on the real SmolLM2-135M-Instruct.
 
-Both score the first ``--items`` items of the five tasks from the shared data: the harness
+Both score the first ``--items`` items of the five tasks from the packaged data: the harness
 through its own task configs written from the raw files (``elastiq.evaluation.harness``) and
 ``HFLM``, elastiq through its task loaders and scorer. Reports the largest per-choice
 log-likelihood difference, how many predictions differ, and both accuracies per task. Writes

@@ -2,7 +2,8 @@
 
 The sub-packages are the architecture: ``compressor`` (cloud side), ``runtime`` (device side),
 ``exporters`` (GGUF / ONNX / Hugging Face), ``kernels`` (GPU kernels and CPU paths) and
-``evaluation`` (perplexity and zero-shot accuracy). See DESIGN.md in the shared folder.
+``evaluation`` (perplexity and zero-shot accuracy). ``docs/architecture.md`` in the repository
+describes how they fit together, ``docs/format.md`` the nested checkpoint.
 """
 
 __version__ = "0.1.0"

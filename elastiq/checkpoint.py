@@ -1,4 +1,4 @@
-"""The nested checkpoint: its one writer and one reader (the contract of DESIGN.md).
+"""The nested checkpoint: its one writer and one reader (specified in docs/format.md).
 
 A checkpoint is a folder ``NAME.elastiq/`` with ``manifest.json``, ``weights.safetensors`` and
 the tokenizer files. Every tensor of a prunable group is stored with its pruned unit outermost

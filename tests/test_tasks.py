@@ -1,4 +1,4 @@
-"""Task loaders read every item of the shared data, with the harness's prompts."""
+"""Task loaders read every item of the packaged data, with the harness's prompts."""
 
 from __future__ import annotations
 
