@@ -108,8 +108,10 @@ def calibration_texts(path: Path) -> list[str]:
     return texts
 
 
-def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows of ``seqlen`` tokens from the calibration file ``path``; deterministic for a seed.
+def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 0, heldout: int = 0) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens from the calibration file ``path``, then ``heldout`` more
+    (held out of calibration to measure quality); deterministic for a seed, and the first ``n``
+    do not depend on ``heldout``.
 
     The GPTQ convention: each window comes from a random document long enough to hold one, at a
     random offset. When too few documents are that long (short chat turns, paragraphs of a text
@@ -118,6 +120,7 @@ def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 
     if n <= 0 or seqlen <= 1:
         raise ElastiqError(f"--calib-samples ({n}) must be positive and --calib-seqlen ({seqlen}) at least 2")
     texts = calibration_texts(path)
+    wanted, n = n, n + heldout
     rng = random.Random(seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
@@ -136,8 +139,11 @@ def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 
     rng.shuffle(windows)
     samples += windows[:n - len(samples)]
     if len(samples) < n:
+        need = (f"{n} are needed ({wanted} to calibrate, {heldout} held out to measure each rate): lower "
+                "--calib-seqlen, --calib-samples or --quality-windows" if heldout else
+                f"{n} are needed: lower --calib-seqlen or --calib-samples")
         raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens ({len(texts)} documents); "
-                           f"{n} are needed: lower --calib-seqlen or --calib-samples, or give more text")
+                           f"{need}, or give more text")
     return torch.tensor(samples)
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import ElastiqError
-from ..checkpoint import QK, SUFFIX, Group, write_checkpoint
+from ..checkpoint import QK, SUFFIX, Checkpoint, Group, record_quality, write_checkpoint
 from .adapters import adapter_for
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .intake import load_model
+from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
 
@@ -27,6 +28,7 @@ class CompressOptions:
     calib_samples: int = 32
     calib_seqlen: int = 512
     calib_data: Path | None = None  # a text, JSON lines or parquet file; None: the packaged C4 sample
+    quality_windows: int = QUALITY_WINDOWS  # held-out windows on which each rate is measured (0: none)
     seed: int = 0
     method: str = "uniql"
     allocation: str = "influence"
@@ -54,6 +56,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         raise ElastiqError(f"unknown sorting method {options.method!r}; known: {', '.join(METHODS)}")
     if options.allocation not in ALLOCATIONS:
         raise ElastiqError(f"unknown allocation {options.allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if options.quality_windows < 0:
+        raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
 
     loaded = load_model(source)
@@ -65,7 +69,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     layer_groups = [adapter.groups(i) for i in range(len(adapter.layers))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
     calib_file = calibration_file(options.calib_data, data)
-    samples = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen, options.seed)
+    drawn = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen, options.seed,
+                                heldout=options.quality_windows)
+    samples, heldout = drawn[:options.calib_samples], drawn[options.calib_samples:]
 
     influence, pairs, sort_seconds = [], {}, 0.0
     start = time.perf_counter()
@@ -89,13 +95,20 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
                         "temperature": options.temperature, "rotation": options.rotate,
                         "calib_data": describe_calibration(calib_file, data), "calib_samples": options.calib_samples,
-                        "calib_seqlen": options.calib_seqlen, "seed": options.seed},
+                        "calib_seqlen": options.calib_seqlen, "quality_windows": options.quality_windows,
+                        "seed": options.seed},
         "block_influence": influence,
     }
     t = time.perf_counter()
     tensors = {**model.state_dict(), **pairs}
     path = write_checkpoint(output, tensors, groups, specs, heads, source_info, tokenizer, overwrite=overwrite)
     options.timings["write"] = time.perf_counter() - t
+    if len(heldout):
+        del model, tensors, loaded, adapter
+        t = time.perf_counter()
+        ckpt = Checkpoint(path)  # the sorted model at rate 0 is the source model: the dense reference
+        record_quality(path, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
+        options.timings["quality"] = time.perf_counter() - t
     return path
 
 

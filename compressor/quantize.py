@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, write_checkpoint
+from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
 from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from ..runtime.model import Transformer
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
+from .quality import QUALITY_WINDOWS, rate_quality
 
 METHODS = ("gptq", "rtn")
 EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM head: their format
@@ -44,6 +45,7 @@ class QuantizeOptions:
     calib_samples: int = 32
     calib_seqlen: int = 512
     calib_data: Path | None = None  # a text, JSON lines or parquet file; None: the packaged C4 sample
+    quality_windows: int = QUALITY_WINDOWS  # held-out windows on which each rate is measured (0: none)
     seed: int = 0
     damp: float = 0.01
     timings: dict = field(default_factory=dict)
@@ -60,6 +62,8 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
         raise ElastiqError(f"unknown quantization method {options.method!r}; known: {', '.join(METHODS)}")
     if options.order not in ORDERS:
         raise ElastiqError(f"unknown column order {options.order!r}; known: {', '.join(ORDERS)}")
+    if options.quality_windows < 0:
+        raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     if ckpt.manifest["quantization"]:
         raise ElastiqError(f"{ckpt.path} is already quantized ({ckpt.manifest['quantization']['format']}); "
                            "quantize the float checkpoint that `elastiq compress` wrote")
@@ -96,11 +100,13 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     config = ckpt.manifest["source"]["config"]
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
-    hidden, positions, calib_file = [], None, None  # round-to-nearest needs no calibration activations
+    hidden, positions, heldout = [], None, torch.empty(0)  # round-to-nearest needs no calibration activations
+    calib_file = calibration_file(options.calib_data, data)
+    if options.method == "gptq" or options.quality_windows:
+        drawn = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen,
+                                    options.seed, heldout=options.quality_windows)
+        samples, heldout = drawn[:options.calib_samples], drawn[options.calib_samples:]
     if options.method == "gptq":
-        calib_file = calibration_file(options.calib_data, data)
-        samples = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen,
-                                      options.seed)
         positions = torch.arange(samples.shape[1])
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, Quantized] = {}
@@ -126,15 +132,22 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     options.timings["quantize"] = time.perf_counter() - start
 
     tensors = {**weights, **quantized}
-    rates = [RateSpec(r["rate"], r["widths"], r["quality"]) for r in ckpt.manifest["rates"]]
+    rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.manifest["rates"]]  # the float quality no longer holds
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
             "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
-            "calib_data": describe_calibration(calib_file, data) if calib_file else None,
+            "calib_data": describe_calibration(calib_file, data) if hidden else None,
+            "quality_windows": options.quality_windows,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}
-    return write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
+    path = write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
                             quantization=spec, overwrite=overwrite)
+    if len(heldout):
+        del model, weights, tensors, quantized, hidden
+        t = time.perf_counter()
+        record_quality(path, rate_quality(Checkpoint(path), ckpt.read_rate(0.0), heldout, progress))
+        options.timings["quality"] = time.perf_counter() - t
+    return path
 
 
 def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import ElastiqError
+from .atomic import write_text
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
 FORMAT_VERSION = 1
@@ -279,6 +280,17 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def record_quality(path: Path, quality: Mapping[float, Mapping[str, float]]) -> None:
+    """Fill the rate table's ``quality`` of the checkpoint at ``path`` (measured once it was
+    written, by reading it back); the manifest is replaced whole, so a reader sees it before or after."""
+    manifest_path = Path(path) / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for row in manifest["rates"]:
+        if row["rate"] in quality:
+            row["quality"] = dict(quality[row["rate"]])
+    write_text(manifest_path, json.dumps(manifest, indent=1))
 
 
 def _dedupe(tensors: Mapping[str, torch.Tensor | Quantized]) -> tuple[dict, dict[str, str]]:

@@ -17,6 +17,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -91,7 +98,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions, compress
 
     options = CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                              calib_data=args.calib_data, seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
+                              calib_data=args.calib_data, quality_windows=args.quality_windows,
+                              seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
     path = compress(args.model, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (calibrate + sort {options.timings['calibrate_and_sort']:.0f} s, "
           f"of which sorting {options.timings['sort']:.1f} s)", file=sys.stderr)
@@ -103,7 +111,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
                               embedding_bits=args.embedding_bits, calib_samples=args.calib_samples,
-                              calib_seqlen=args.calib_seqlen, calib_data=args.calib_data, seed=args.seed)
+                              calib_seqlen=args.calib_seqlen, calib_data=args.calib_data,
+                              quality_windows=args.quality_windows, seed=args.seed)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
@@ -148,16 +157,25 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print("weights: float (not quantized)")
     full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
     kinds = sorted({g.kind for g in ckpt.groups})
-    print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(f"{k} width (min-max)" for k in kinds) + " |")
-    print("|---" * (4 + len(kinds)) + "|")
+    measured = [row["quality"] for row in ckpt.manifest["rates"] if row.get("quality")]
+    quality = ["held-out ppl", "KL to dense (mean / p99)", "same top-1 %"] if measured else []
+    print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(quality) + (" | " if quality else "")
+          + " | ".join(f"{k} width (min-max)" for k in kinds) + " |")
+    print("|---" * (4 + len(quality) + len(kinds)) + "|")
     for row in ckpt.manifest["rates"]:
         spans = []
         for kind in kinds:
             ws = [row["widths"][g.name] for g in ckpt.groups if g.kind == kind]
             spans.append(f"{min(ws)}-{max(ws)}")
         share = f"{row['weight_bytes'] / full:.3f}" if full else "-"
+        q = row.get("quality")
+        cells = ([f"{q['heldout_ppl']:.2f}", f"{q['kl_mean']:.4f} / {q['kl_p99']:.3f}",
+                  f"{100 * q['top1_agreement']:.1f}"] if q else ["-"] * 3) if quality else []
         print(f"| {row['rate']} | {row['weight_bytes'] / 1e6:.1f} | {share} | {row['kv_bytes_per_token']} | "
-              + " | ".join(spans) + " |")
+              + "".join(c + " | " for c in cells) + " | ".join(spans) + " |")
+    if measured:
+        print(f"Quality: {measured[0]['tokens']} held-out calibration tokens per rate, against the dense model "
+              "(docs/format.md, rate table).")
     if args.layers:
         for row in ckpt.manifest["rates"]:
             print(f"rate {row['rate']}: " + ", ".join(f"{n}={w}" for n, w in row["widths"].items()))
@@ -199,12 +217,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
     """Options shared by the stages that calibrate on C4 and write a checkpoint."""
+    from .compressor.quality import QUALITY_WINDOWS
+
     parser.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
     parser.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     parser.add_argument("--calib-data", type=Path, metavar="FILE",
                         help="calibrate on your own text instead of the C4 sample elastiq carries: plain text "
                              "(.txt, .md; paragraphs split at blank lines), JSON lines with a \"text\" field "
                              "(.jsonl) or parquet with a \"text\" column (.parquet)")
+    parser.add_argument("--quality-windows", type=_non_negative, default=QUALITY_WINDOWS,
+                        help="calibration windows held out to measure each rate once the checkpoint is written "
+                             "(perplexity, KL divergence to the dense model, top-1 agreement; recorded in the "
+                             f"manifest, shown by inspect); 0 skips it (default {QUALITY_WINDOWS})")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 

@@ -123,3 +123,32 @@ def test_rotated_compression_keeps_the_model(family, models, tokenizer, data_dir
     with torch.no_grad():
         full = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.manifest["source"]["config"])(ids)
     assert (full - reference).abs().max() < 1e-3
+
+
+def test_each_rate_quality_is_measured_on_held_out_windows(models, tokenizer, data_dir, tmp_path, capsys):
+    """The rate table records each rate against the dense model, on windows calibration did not see."""
+    import math
+
+    from elastiq.compressor.calibrate import C4_SAMPLE, calibration_samples
+    from elastiq.compressor.intake import load_model
+
+    src, _ = models["llama"]
+    ckpt = Checkpoint(_compress(src, tmp_path / "q.elastiq", data_dir, quality_windows=3))
+    drawn = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=0, heldout=3)
+    assert torch.equal(drawn[:4], calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=0))
+    source = load_model(str(src)).model
+    with torch.no_grad():
+        nll = torch.cat([torch.nn.functional.cross_entropy(source(w[None]).logits[0, :-1], w[1:], reduction="none")
+                         for w in drawn[4:]])
+    rows = {r["rate"]: r["quality"] for r in ckpt.manifest["rates"]}
+    assert rows[0.0]["tokens"] == 3 * 31 and rows[0.0]["top1_agreement"] == 1.0 and rows[0.0]["kl_mean"] < 1e-6
+    assert rows[0.0]["heldout_ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-4)
+    for rate in (0.15, 0.35):
+        assert rows[rate]["kl_mean"] > 1e-6 and rows[rate]["kl_p99"] >= rows[rate]["kl_mean"], rows
+        assert rows[rate]["top1_agreement"] < 1.0
+    assert main(["inspect", str(ckpt.path)]) == 0
+    out = capsys.readouterr().out
+    assert "| held-out ppl | KL to dense (mean / p99) | same top-1 % |" in out and "| 100.0 |" in out
+    assert "Quality: 93 held-out calibration tokens per rate" in out
+    none = Checkpoint(_compress(src, tmp_path / "n.elastiq", data_dir, quality_windows=0))
+    assert all(r["quality"] is None for r in none.manifest["rates"])

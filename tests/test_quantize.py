@@ -47,6 +47,11 @@ def test_quantized_rates_equal_the_masked_quantized_model(method, order, float_c
             masked = Transformer.from_weights(masked_weights(weights, ckpt, rate), config)(ids)
             assert (sliced - masked).abs().max() < 1e-4, rate
     assert ckpt.rate_entry(0.0)["weight_bytes"] < 0.3 * source.rate_entry(0.0)["weight_bytes"]
+    # Each rate is measured against the float model: the quantized rate 0 is no longer exact, and
+    # the float checkpoint's own figures (rate 0 exact) are not carried over.
+    quality = {r["rate"]: r["quality"] for r in ckpt.manifest["rates"]}
+    assert source.rate_entry(0.0)["quality"]["kl_mean"] < 1e-6 < quality[0.0]["kl_mean"]
+    assert quality[0.0]["kl_mean"] < quality[0.35]["kl_mean"] and quality[0.0]["tokens"] == 8 * 31
 
 
 def test_8bit_embedding_and_head_are_q8_0_and_closer_to_the_float_model(nested_checkpoints, data_dir, tmp_path,

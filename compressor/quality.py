@@ -1,0 +1,50 @@
+"""Each rate's quality, measured as compression ends and recorded in the rate table.
+
+On windows of the calibration text that calibration did not use, every offered rate of the
+written checkpoint is compared with the dense model (the source model for ``compress``, the
+float checkpoint's rate 0 for ``quantize``) as llama.cpp's ``llama-perplexity --kl-divergence``
+compares a quantization with its base: the mean and 99th percentile over tokens of
+KL(dense || rate), the share of tokens whose most likely next token is the same, and the rate's
+own perplexity. The checkpoint is read back rate by rate, so the figures describe exactly the
+weights a runtime loads (quantized ones dequantized to float32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpoint
+from ..quants import Quantized
+from ..runtime.model import Transformer
+
+QUALITY_WINDOWS = 8  # held-out calibration windows measured per rate (0: none)
+
+
+def rate_quality(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor | Quantized], windows: torch.Tensor,
+                 progress: bool = True) -> dict[float, dict[str, float]]:
+    """``{rate: {"heldout_ppl", "kl_mean", "kl_p99", "top1_agreement", "tokens"}}`` for every rate
+    of ``ckpt`` on ``windows`` [n, seqlen], against the model of the weights ``dense``."""
+    config = ckpt.manifest["source"]["config"]
+    reference = Transformer.from_weights(dense, config)
+    out = {}
+    for rate in tqdm(ckpt.rates, desc="quality", disable=not progress, leave=False):
+        model = Transformer.from_weights(ckpt.read_rate(rate), config)
+        kl, nll, same = [], [], []
+        with torch.inference_mode():
+            for window in windows:
+                ids = window[None]
+                ref = reference(ids)[0, :-1].float().log_softmax(-1)
+                logp = model(ids)[0, :-1].float().log_softmax(-1)
+                kl.append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0))
+                nll.append(-logp.gather(-1, window[1:, None])[:, 0])
+                same.append((ref.argmax(-1) == logp.argmax(-1)).float())
+        kl_all, nll_all = torch.cat(kl).double(), torch.cat(nll).double()
+        out[rate] = {"heldout_ppl": round(math.exp(nll_all.mean().item()), 4),
+                     "kl_mean": round(kl_all.mean().item(), 6), "kl_p99": round(torch.quantile(kl_all, 0.99).item(), 6),
+                     "top1_agreement": round(torch.cat(same).mean().item(), 6), "tokens": kl_all.numel()}
+        del model
+    return out
