@@ -44,7 +44,8 @@ class BlockStats:
     tokens: int
 
 
-CALIB_FORMATS = "plain text (.txt, .md), JSON lines with a \"text\" field (.jsonl) or parquet with a \"text\" column (.parquet)"
+CALIB_FORMATS = ("plain text (.txt, .md), JSON lines with a \"text\" field (.jsonl) or parquet with a \"text\" "
+                 "column (.parquet)")
 
 
 def calibration_file(calib_data: Path | None, data: Path | None = None) -> Path:
@@ -142,8 +143,8 @@ def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 
         need = (f"{n} are needed ({wanted} to calibrate, {heldout} held out to measure each rate): lower "
                 "--calib-seqlen, --calib-samples or --quality-windows" if heldout else
                 f"{n} are needed: lower --calib-seqlen or --calib-samples")
-        raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens ({len(texts)} documents); "
-                           f"{need}, or give more text")
+        raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens "
+                           f"({len(texts)} documents); {need}, or give more text")
     return torch.tensor(samples)
 
 

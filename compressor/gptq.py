@@ -5,12 +5,12 @@ Hessian H = X^T X of the layer's inputs, over the columns not yet quantized. The
 where that compensation lands. The sorted model keeps a prefix of every pruned input axis at
 every rate. The forward order (the default) quantizes that prefix first, so every rate's columns
 compensate each other and their errors flow into the tail that only larger rates keep. Visiting
-the least important columns first instead lets the tail's errors flow into the prefix, the original
-design's proposal (docs/architecture.md); but at a pruned rate that tail is gone, and the prefix keeps corrections
-for errors that no longer exist. Measured on SmolLM2 (benchmarks/results/quantization.md), it is
-never better than forward and up to 0.04 nats worse. Each block of 32 columns gets its
-fp16 scale when its first column is reached, from the weights as updated so far, so orders are
-made of whole blocks.
+the least important columns first instead lets the tail's errors flow into the prefix, as the
+original design proposed (docs/architecture.md); but at a pruned rate that tail is gone, and the
+prefix keeps corrections for errors that no longer exist. Measured on SmolLM2
+(benchmarks/results/quantization.md), it is never better than forward and up to 0.04 nats worse.
+Each block of 32 columns gets its fp16 scale when its first column is reached, from the weights
+as updated so far, so orders are made of whole blocks.
 """
 
 from __future__ import annotations

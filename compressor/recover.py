@@ -456,7 +456,8 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     config = ckpt.manifest["source"]["config"]
     rates = _target_rates(ckpt, options)
     tokenizer = ckpt.tokenizer()
-    windows = calibration_samples(tokenizer, data / C4_SAMPLE, options.samples + options.heldout, options.seqlen, options.seed)
+    windows = calibration_samples(tokenizer, data / C4_SAMPLE, options.samples + options.heldout, options.seqlen,
+                                  options.seed)
     sources = {"c4": windows[:options.samples]}
     heldout = {"c4": windows[options.samples:]}
 

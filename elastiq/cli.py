@@ -216,7 +216,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
-    """Options shared by the stages that calibrate on C4 and write a checkpoint."""
+    """Options shared by the stages that calibrate (on the C4 sample, or --calib-data) and write a checkpoint."""
     from .compressor.quality import QUALITY_WINDOWS
 
     parser.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (default 32)")
