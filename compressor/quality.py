@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint
+from ..divergence import Divergence
 from ..quants import Quantized
 from ..runtime.model import Transformer
 
@@ -33,18 +34,15 @@ def rate_quality(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor | Quantized]
     out = {}
     for rate in tqdm(ckpt.rates, desc="quality", disable=not progress, leave=False):
         model = Transformer.from_weights(ckpt.read_rate(rate), config)
-        kl, nll, same = [], [], []
+        divergence, nll = Divergence(), []
         with torch.inference_mode():
             for window in windows:
-                ids = window[None]
-                ref = reference(ids)[0, :-1].float().log_softmax(-1)
-                logp = model(ids)[0, :-1].float().log_softmax(-1)
-                kl.append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0))
-                nll.append(-logp.gather(-1, window[1:, None])[:, 0])
-                same.append((ref.argmax(-1) == logp.argmax(-1)).float())
-        kl_all, nll_all = torch.cat(kl).double(), torch.cat(nll).double()
-        out[rate] = {"heldout_ppl": round(math.exp(nll_all.mean().item()), 4),
-                     "kl_mean": round(kl_all.mean().item(), 6), "kl_p99": round(torch.quantile(kl_all, 0.99).item(), 6),
-                     "top1_agreement": round(torch.cat(same).mean().item(), 6), "tokens": kl_all.numel()}
+                logits = model(window[None])[0, :-1].float()
+                divergence.add(reference(window[None])[0, :-1], logits)
+                nll.append(torch.nn.functional.cross_entropy(logits, window[1:], reduction="none").double())
+        d = divergence.summary()
+        out[rate] = {"heldout_ppl": round(math.exp(torch.cat(nll).mean().item()), 4),
+                     "kl_mean": round(d["kl_mean"], 6), "kl_p99": round(d["kl_p99"], 6),
+                     "top1_agreement": round(d["top1_agreement"], 6), "tokens": d["tokens"]}
         del model
     return out

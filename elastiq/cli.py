@@ -196,23 +196,43 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
         ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
         rates = ckpt.rates if args.rate in (None, "all") else args.rate
+        for rate in rates:
+            ckpt.rate_entry(rate)  # before a reference model is loaded
+        reference = _kl_reference(args, ckpt.manifest["source"]["config"]["vocab_size"])
         results = evaluate_rates(ckpt, rates, args.backend or "torch", measures, seqlen=args.seqlen,
-                                 windows=args.windows, limit=args.limit, batch_tokens=args.batch_tokens, data=data)
+                                 windows=args.windows, limit=args.limit, batch_tokens=args.batch_tokens, data=data,
+                                 reference=reference)
         markdown = rates_markdown
     else:
         from .compressor.intake import load_model
         from .evaluation.suite import hf_logits, run_suite
 
         loaded = load_model(args.model)
+        reference = _kl_reference(args, loaded.model.config.vocab_size)
         results = run_suite(hf_logits(loaded.model), loaded.tokenizer, loaded.source, measures,
                             seqlen=args.seqlen, windows=args.windows, limit=args.limit,
-                            batch_tokens=args.batch_tokens, data=data)
+                            batch_tokens=args.batch_tokens, data=data, reference=reference)
         markdown = to_markdown
+    if args.kl_reference:
+        results["reference"] = args.kl_reference
     results["command"] = "elastiq " + shlex.join(args.argv)
     print(markdown(results))
     if args.output:
         json_path, md_path = write_results(results, Path(args.output), markdown)
         print(f"elastiq: wrote {json_path} and {md_path}", file=sys.stderr)
+
+
+def _kl_reference(args: argparse.Namespace, vocab_size: int):
+    """The --kl-reference model as a logits function, or None; only WikiText-2 measures KL."""
+    from .evaluation.rates import reference_model
+    from .evaluation.suite import PERPLEXITY
+
+    if not args.kl_reference:
+        return None
+    if PERPLEXITY not in [m.strip() for m in args.tasks.split(",")]:
+        raise ElastiqError(f"--kl-reference measures KL divergence on the WikiText-2 windows: add {PERPLEXITY} "
+                           "to --tasks")
+    return reference_model(args.kl_reference, vocab_size)
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
@@ -412,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=["torch", "llama.cpp", "onnxruntime"],
                     help="run the checkpoint on torch (default), or on its GGUF (llama.cpp) or ONNX (onnxruntime) "
                          "export of each rate, cached beside it")
+    ev.add_argument("--kl-reference", metavar="DENSE",
+                    help="also measure, on the WikiText-2 windows, the KL divergence of each rate's next-token "
+                         "distributions to this dense model (a model as above, or a checkpoint's rate 0) and how "
+                         "often both put the same token first, as llama.cpp's --kl-divergence does")
     ev.add_argument("--tasks", default=",".join(ALL_MEASURES),
                     help=f"comma-separated measures (default: all of {', '.join(ALL_MEASURES)})")
     ev.add_argument("--limit", type=_positive, help="first N items per task (and N perplexity windows)")

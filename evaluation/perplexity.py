@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
+from ..divergence import Divergence
 from .loglikelihood import LogitsFn
 from .zeroshot import mean_stderr
 
@@ -31,20 +32,26 @@ def wikitext2_tokens(tokenizer, data: Path) -> torch.Tensor:
 
 
 def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int = 2048,
-               limit: int | None = None, progress: bool = True) -> dict:
-    """Token-level perplexity of ``tokens`` in non-overlapping windows of ``seqlen``."""
+               limit: int | None = None, progress: bool = True, reference: LogitsFn | None = None) -> dict:
+    """Token-level perplexity of ``tokens`` in non-overlapping windows of ``seqlen``; with a
+    ``reference`` model, also the KL divergence to it on the same tokens (``divergence``)."""
     available = tokens.numel() // seqlen
     if seqlen < 2 or available == 0:
         raise ElastiqError(f"--seqlen {seqlen} must be at least 2 and at most the {tokens.numel()} tokens available")
     windows = available if limit is None else min(limit, available)
     start = time.perf_counter()
-    window_nll = []
+    window_nll, divergence = [], Divergence()
     with torch.inference_mode():
         for w in tqdm(range(windows), desc="wikitext2", disable=not progress, leave=False):
             ids = tokens[w * seqlen:(w + 1) * seqlen][None]
             logits = logits_fn(ids)[0, :-1].float()
             window_nll.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+            if reference is not None:
+                divergence.add(reference(ids)[0, :-1], logits)
     nll = sum(window_nll) / windows
-    return {"seqlen": seqlen, "windows": windows, "tokens_scored": windows * (seqlen - 1),
-            "ppl": math.exp(nll), "nll": nll, "nll_stderr": mean_stderr(window_nll),
-            "window_nll": window_nll, "seconds": time.perf_counter() - start}
+    result = {"seqlen": seqlen, "windows": windows, "tokens_scored": windows * (seqlen - 1),
+              "ppl": math.exp(nll), "nll": nll, "nll_stderr": mean_stderr(window_nll),
+              "window_nll": window_nll}
+    if reference is not None:
+        result["divergence"] = divergence.summary()
+    return {**result, "seconds": time.perf_counter() - start}

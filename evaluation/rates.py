@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import ElastiqError
-from ..checkpoint import Checkpoint
+from ..checkpoint import MANIFEST, Checkpoint
 from ..runtime.backends import open_engine
-from .suite import ALL_MEASURES, PERPLEXITY, check_measures, run_suite
+from ..runtime.model import Transformer
+from .loglikelihood import LogitsFn
+from .suite import ALL_MEASURES, PERPLEXITY, check_measures, hf_logits, run_suite
 
 MAX_LENGTH = 2048  # tokens a zero-shot request keeps (its last ones), as the harness's default
 
@@ -22,8 +24,9 @@ MAX_LENGTH = 2048  # tokens a zero-shot request keeps (its last ones), as the ha
 def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "torch",
                    measures: Sequence[str] = ALL_MEASURES, seqlen: int = 2048, windows: int | None = None,
                    limit: int | None = None, batch_tokens: int = 4096, data: Path | None = None,
-                   progress: bool = True) -> dict:
-    """The suite's results at each of ``rates`` (offered by ``ckpt``) on ``backend``."""
+                   progress: bool = True, reference: LogitsFn | None = None) -> dict:
+    """The suite's results at each of ``rates`` (offered by ``ckpt``) on ``backend``; with a
+    ``reference`` model (``reference_model``), also each rate's KL divergence to it."""
     check_measures(measures)
     for rate in rates:
         ckpt.rate_entry(rate)  # every rate is checked before anything is loaded
@@ -42,7 +45,7 @@ def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "tor
             engine.set_rate(rate)
         result = run_suite(engine.logits, tokenizer, f"{ckpt.path.name}@{rate}", measures, seqlen=seqlen,
                            windows=windows, limit=limit, max_length=max_length,
-                           batch_tokens=batch_tokens, data=data, progress=progress)
+                           batch_tokens=batch_tokens, data=data, progress=progress, reference=reference)
         out[str(rate)] = {**result, "rate": rate, "weight_bytes": ckpt.rate_entry(rate)["weight_bytes"]}
     first = next(iter(out.values()))
     quant = ckpt.manifest["quantization"]
@@ -53,6 +56,26 @@ def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "tor
             "rates": out, "seconds": time.perf_counter() - start}
 
 
+def reference_model(source: str | Path, vocab_size: int) -> LogitsFn:
+    """The dense model that KL divergence is measured against, in float32: a nested checkpoint's
+    rate 0 (dequantized), or a model (Hugging Face folder, GGUF or name) through transformers.
+    Its vocabulary must be ``vocab_size`` tokens, the compared model's."""
+    if (Path(source) / MANIFEST).is_file():
+        dense = Checkpoint(source)
+        config = dense.manifest["source"]["config"]
+        model = Transformer.from_weights(dense.read_rate(0.0), config)
+        logits_fn, vocab = model, config["vocab_size"]
+    else:
+        from ..compressor.intake import load_model
+
+        loaded = load_model(str(source))
+        logits_fn, vocab = hf_logits(loaded.model), loaded.model.config.vocab_size
+    if vocab != vocab_size:
+        raise ElastiqError(f"the KL reference {source} has a vocabulary of {vocab} tokens and the model measured "
+                           f"{vocab_size}: KL divergence compares two models of one tokenizer")
+    return logits_fn
+
+
 def rates_markdown(results: dict) -> str:
     """One row per rate: weight bytes, perplexity and each task's accuracy, with standard errors."""
     rows = list(results["rates"].values())
@@ -61,6 +84,9 @@ def rates_markdown(results: dict) -> str:
     head = ["rate", "weights MB"]
     if PERPLEXITY in first:
         head.append(f"WikiText-2 ppl ({first[PERPLEXITY]['windows']} × {first[PERPLEXITY]['seqlen']} tokens)")
+    kl = PERPLEXITY in first and "divergence" in first[PERPLEXITY]
+    if kl:
+        head += ["KL to reference (mean ± se / p99)", "same top-1 %"]
     head += [f"{name} {t['metric']} % (n={t['n']})" for name, t in first["tasks"].items()]
     lines = [f"`{Path(results['checkpoint']).name}` ({results['model']}, {results['weights']} weights) "
              f"on {results['backend']}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -69,10 +95,17 @@ def rates_markdown(results: dict) -> str:
         if PERPLEXITY in r:
             p = r[PERPLEXITY]
             cells.append(f"{p['ppl']:.2f} (nll ± {p['nll_stderr']:.3f})")
+        if kl:
+            d = r[PERPLEXITY]["divergence"]
+            cells += [f"{d['kl_mean']:.4f} ± {d['kl_stderr']:.4f} / {d['kl_p99']:.3f}",
+                      f"{100 * d['top1_agreement']:.1f} ± {100 * d['top1_stderr']:.1f}"]
         for name in tasks:
             t = r["tasks"][name]
             cells.append(f"{100 * t[t['metric']]:.1f} ± {100 * t[t['metric'] + '_stderr']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if kl:
+        lines += ["", f"KL divergence KL(reference ‖ rate) over the WikiText-2 tokens, reference "
+                      f"`{results.get('reference', '(given)')}` (llama.cpp's --kl-divergence measures)."]
     lines += ["", f"Wall time {results['seconds']:.0f} s; torch {results['torch']}, {results['threads']} threads, "
                   f"{results['date']}."]
     if "command" in results:

@@ -17,6 +17,12 @@ def to_markdown(results: dict) -> str:
         p = results["wikitext2"]
         lines.append(f"| WikiText-2 (seqlen {p['seqlen']}) | ppl | {p['ppl']:.3f} | nll ± {p['nll_stderr']:.4f} "
                      f"| {p['windows']} windows | {p['seconds']:.0f} |")
+        if "divergence" in p:
+            d = p["divergence"]
+            lines.append(f"| KL to `{results.get('reference', 'the reference')}` | mean KL (nats) | "
+                         f"{d['kl_mean']:.4f} | {d['kl_stderr']:.4f} | {d['tokens']} tokens | |")
+            lines.append(f"| | same top-1 % | {100 * d['top1_agreement']:.2f} | {100 * d['top1_stderr']:.2f} "
+                         f"| 99th percentile KL {d['kl_p99']:.3f} | |")
     for name, t in results["tasks"].items():
         metric = t["metric"]
         lines.append(f"| {name} | {metric} | {100 * t[metric]:.2f} | {100 * t[metric + '_stderr']:.2f} "

@@ -36,9 +36,10 @@ def check_measures(measures: Sequence[str]) -> None:
 def run_suite(logits_fn: LogitsFn, tokenizer, model_name: str, measures: Sequence[str] = ALL_MEASURES,
               seqlen: int = 2048, windows: int | None = None, limit: int | None = None,
               max_length: int = 2048, batch_tokens: int = 4096, data: Path | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, reference: LogitsFn | None = None) -> dict:
     """Evaluate ``measures`` (``wikitext2`` and task names); ``limit`` caps items per task and,
-    unless ``windows`` is given, perplexity windows too."""
+    unless ``windows`` is given, perplexity windows too. With a ``reference`` model, the
+    perplexity windows also measure the KL divergence to it."""
     check_measures(measures)
     data = data or data_dir()
     start = time.perf_counter()
@@ -52,7 +53,7 @@ def run_suite(logits_fn: LogitsFn, tokenizer, model_name: str, measures: Sequenc
         if name == PERPLEXITY:
             tokens = wikitext2_tokens(tokenizer, data)
             results[PERPLEXITY] = perplexity(logits_fn, tokens, seqlen, windows if windows is not None else limit,
-                                             progress)
+                                             progress, reference)
         else:
             task = get_task(name)
             items = task.load(data)[:limit]

@@ -82,3 +82,58 @@ def test_cli_eval_rate_must_be_fractions(nested_checkpoints, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(nested_checkpoints["llama-q4"].path), "--rate", "zero"])
     assert "rates are comma-separated fractions like 0.15,0.25, got 'zero'" in capsys.readouterr().err
+
+
+def test_divergence_is_llama_cpp_kl():
+    """KL(reference || model) per token, its 99th percentile and top-1 agreement, against torch's kl_div."""
+    from elastiq.divergence import Divergence
+
+    torch.manual_seed(0)
+    ref, other = torch.randn(2, 50, 7), torch.randn(2, 50, 7)
+    d = Divergence()
+    for r, o in zip(ref, other):
+        d.add(r, o)
+    s = d.summary()
+    per_token = torch.nn.functional.kl_div(other.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                           reduction="none").sum(-1).flatten().double()
+    assert s["tokens"] == 100 and s["kl_mean"] == pytest.approx(per_token.mean().item(), rel=1e-6)
+    assert s["kl_p99"] == pytest.approx(torch.quantile(per_token, 0.99).item(), rel=1e-6)
+    assert s["top1_agreement"] == (ref.argmax(-1) == other.argmax(-1)).double().mean().item()
+    same = Divergence()
+    same.add(ref[0], ref[0])
+    assert same.summary()["kl_mean"] == 0 and same.summary()["top1_agreement"] == 1
+
+
+def test_cli_eval_kl_to_a_reference(nested_checkpoints, tmp_path, capsys):
+    """Each rate of the 4-bit checkpoint against the float checkpoint it was quantized from; the float
+    checkpoint against itself is exact."""
+    q4, dense = nested_checkpoints["llama-q4"], nested_checkpoints["llama"]
+    common = ["--tasks", "wikitext2", "--windows", "2", "--seqlen", "128"]
+    assert main(["eval", str(dense.path), "--rate", "0", "--kl-reference", str(dense.path), *common,
+                 "-o", str(tmp_path / "self.json")]) == 0
+    same = json.loads((tmp_path / "self.json").read_text())["rates"]["0.0"]["wikitext2"]["divergence"]
+    assert same["kl_mean"] < 1e-6 and same["top1_agreement"] == 1.0 and same["tokens"] == 2 * 127
+    capsys.readouterr()
+    assert main(["eval", str(q4.path), "--kl-reference", str(dense.path), *common, "-o", str(tmp_path / "q.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| KL to reference (mean ± se / p99) | same top-1 % |" in table
+    assert f"reference `{dense.path}`" in table
+    kl = {r: v["wikitext2"]["divergence"]["kl_mean"]
+          for r, v in json.loads((tmp_path / "q.json").read_text())["rates"].items()}
+    assert 1e-6 < kl["0.0"] < kl["0.35"]
+
+
+def test_cli_eval_kl_reference_needs_wikitext2_and_one_vocabulary(nested_checkpoints, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    ckpt = str(nested_checkpoints["llama-q4"].path)
+    assert main(["eval", ckpt, "--tasks", "piqa", "--kl-reference", ckpt]) == 2
+    assert "--kl-reference measures KL divergence on the WikiText-2 windows: add wikitext2" in capsys.readouterr().err
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer) + 64)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    assert main(["eval", ckpt, "--tasks", "wikitext2", "--kl-reference", str(other)]) == 2
+    assert f"vocabulary of {len(tokenizer) + 64} tokens and the model measured {len(tokenizer)}" in \
+        capsys.readouterr().err
