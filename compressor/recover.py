@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
+from ..atomic import atomic_path
 from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, from_storage, to_storage, \
     write_checkpoint
 from ..paths import data_dir
@@ -382,18 +382,11 @@ def _save_state(path: Path, step: int, settings: dict, source: str, model: nn.Mo
     from safetensors.torch import save_file
 
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
-    try:
+    with atomic_path(path, directory=True) as tmp:
         save_file({**{f"lora.{k}": v for k, v in tensors.items()}, **extra}, str(tmp / "state.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "checkpoint": source, "settings": settings,
                                                     "schedule": info}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_state(path: Path, settings: dict, source: str, model: nn.Module,

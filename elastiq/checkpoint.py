@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from . import ElastiqError
-from .atomic import write_text
+from .atomic import atomic_path, write_text
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
 FORMAT_VERSION = 1
@@ -260,25 +258,13 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
         "aliases": aliases,
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with atomic_path(path, directory=True) as tmp:
         save_file(storage, str(tmp / WEIGHTS), metadata={"format": "elastiq"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

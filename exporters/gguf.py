@@ -18,8 +18,6 @@ under a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import ElastiqError
+from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from ..runtime.model import ModelArgs, rotary_frequencies
@@ -254,41 +253,35 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
 
     n = len(args.layers)
     context = config["max_position_embeddings"]
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        open(tmp, "xb").close()
+        with atomic_path(output) as tmp:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+            writer.add_name(f"{ckpt.manifest['source'].get('name') or ckpt.path.stem} at rate {rate}")
+            writer.add_block_count(n)
+            # the runtime refuses text beyond a sliding window, and llama.cpp's llama/deci have none:
+            # the file claims only the context on which both agree
+            writer.add_context_length(min(context, args.sliding_window or context))
+            writer.add_embedding_length(args.hidden_size)
+            uniform = arch == gguf.MODEL_ARCH.LLAMA
+            writer.add_feed_forward_length(widths[0] if uniform else widths)
+            writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
+            writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)
+            writer.add_key_length(args.head_dim)
+            writer.add_value_length(args.head_dim)
+            writer.add_rope_dimension_count(args.head_dim)
+            writer.add_rope_freq_base(base)
+            writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+            writer.add_vocab_size(args.vocab_size)
+            writer.add_file_type(file_type)
+            if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            add_vocab(writer, ckpt, args.vocab_size)
+            for name, array, raw_dtype in data:
+                writer.add_tensor(name, array, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as err:
-        raise ExportError(f"cannot write {output}: {err.strerror}") from None
-    try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_name(f"{ckpt.manifest['source'].get('name') or ckpt.path.stem} at rate {rate}")
-        writer.add_block_count(n)
-        # the runtime refuses text beyond a sliding window, and llama.cpp's llama/deci have none:
-        # the file claims only the context on which both agree
-        writer.add_context_length(min(context, args.sliding_window or context))
-        writer.add_embedding_length(args.hidden_size)
-        uniform = arch == gguf.MODEL_ARCH.LLAMA
-        writer.add_feed_forward_length(widths[0] if uniform else widths)
-        writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
-        writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)
-        writer.add_key_length(args.head_dim)
-        writer.add_value_length(args.head_dim)
-        writer.add_rope_dimension_count(args.head_dim)
-        writer.add_rope_freq_base(base)
-        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-        writer.add_vocab_size(args.vocab_size)
-        writer.add_file_type(file_type)
-        if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(writer, ckpt, args.vocab_size)
-        for name, array, raw_dtype in data:
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
     return output

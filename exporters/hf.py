@@ -24,14 +24,13 @@ place.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from .. import ElastiqError
+from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import Quantized
 from ..runtime.model import ModelArgs, rotary_frequencies
@@ -67,27 +66,13 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+        with atomic_path(output, directory=True) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            ckpt.tokenizer().save_pretrained(tmp)
     except OSError as err:
         raise HfExportError(f"cannot write {output}: {err.strerror or err}") from None
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        ckpt.tokenizer().save_pretrained(tmp)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise HfExportError(f"cannot write {output}: {err.strerror or err}") from None
-        raise
     return output
 
 

@@ -27,8 +27,6 @@ The residual stream flows as [batch * seq, hidden]; computation is float32 throu
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 
 from .. import ElastiqError, __version__
+from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
 from ..runtime.model import ModelArgs, rotary_frequencies
@@ -287,16 +286,7 @@ def _attention_mask(g: _Graph, ids_shape: str) -> str:
 def _write_atomic(output: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling of ``output`` and rename it into place."""
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+        with atomic_path(output) as tmp:
+            tmp.write_bytes(data)
     except OSError as err:
         raise OnnxExportError(f"cannot write {output}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, output)
-    except BaseException as err:
-        os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise OnnxExportError(f"cannot write {output}: {err.strerror or err}") from None
-        raise
