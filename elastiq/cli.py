@@ -48,7 +48,7 @@ def _open_engine(args: argparse.Namespace):
         (torch.bfloat16 if int4 else torch.float32)
     tokenizer = ckpt.tokenizer()  # before planning: the tokenizer is part of the process's baseline
     plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget,
-                     backend=args.backend)
+                     backend=args.backend, max_kl=args.max_kl)
     _log(f"elastiq: {ckpt.path}: {plan.reason}" + ("" if args.backend == "torch" else f" on {args.backend}"))
     engine = open_engine(args.backend, ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify,
                          tokenizer=tokenizer)
@@ -84,7 +84,8 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     _log(f"elastiq: chatting at rate {engine.rate}; {HELP}")
     interactive = sys.stdin.isatty()
     chat(engine, sys.stdin, lambda s: print(s, end="", flush=True), args.max_new_tokens, _sampling(args),
-         args.memory_budget, prompt=(lambda: print("> ", end="", flush=True)) if interactive else (lambda: None))
+         args.memory_budget, prompt=(lambda: print("> ", end="", flush=True)) if interactive else (lambda: None),
+         max_kl=args.max_kl)
 
 
 def _rates(text: str) -> list[float]:
@@ -257,6 +258,16 @@ def _rates_or_all(text: str) -> list[float] | str:
     return text if text == "all" else _rates(text)
 
 
+def _max_kl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a KL divergence in nats (0 or more, or inf), got {text!r}")
+    return value
+
+
 def _rate_or_auto(text: str) -> float | str:
     if text == "auto":
         return text
@@ -278,11 +289,16 @@ def _size(text: str) -> int:
 def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     """Options shared by the commands that run a checkpoint."""
     from .compressor.wheel_models import DEFAULT_MODEL
+    from .runtime.floor import DEFAULT_MAX_KL
 
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"a NAME.elastiq checkpoint folder, or a model to compress first: {model_help}")
     parser.add_argument("--rate", type=_rate_or_auto, default="auto",
                         help="an offered pruning rate, or auto: the least-pruned rate that fits (default auto)")
+    parser.add_argument("--max-kl", type=_max_kl, default=DEFAULT_MAX_KL, metavar="NATS",
+                        help="the quality floor: refuse a rate whose KL divergence to the dense model, measured at "
+                             f"compression and shown by inspect, exceeds NATS (default {DEFAULT_MAX_KL}); inf accepts "
+                             "every rate")
     parser.add_argument("--memory-budget", type=_size,
                         help="bytes the whole process may use, e.g. 600MiB or 2GB (default: what is free now)")
     parser.add_argument("--ctx", type=_positive, default=2048, help="context length the KV cache holds (default 2048)")

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 from .. import ElastiqError
 from .engine import Engine
 from .generate import Sampling, TextStream
+from .floor import DEFAULT_MAX_KL, check_floor, quality_note
 from .memory import plan_rate
 
 HELP = "commands: /rate R (switch to an offered rate), /rate auto (fit free memory), /rate (show), /quit"
@@ -47,13 +48,16 @@ def reply(engine: Engine, messages: list[dict], max_new_tokens: int, sampling: S
     return engine.tokenizer.decode(stats.tokens, skip_special_tokens=True), stats
 
 
-def switch(engine: Engine, arg: str, messages: list[dict], memory_budget: int | None) -> str:
-    """Handle ``/rate ARG``; returns what to tell the user."""
+def switch(engine: Engine, arg: str, messages: list[dict], memory_budget: int | None,
+           max_kl: float = DEFAULT_MAX_KL) -> str:
+    """Handle ``/rate ARG``; returns what to tell the user. A rate below the quality floor
+    ``max_kl`` is refused (``floor``)."""
     if not arg:
-        return f"rate {engine.rate}; offered: {', '.join(str(r) for r in engine.ckpt.rates)}"
+        return (f"rate {engine.rate} ({quality_note(engine.ckpt, engine.rate)}); offered: "
+                f"{', '.join(str(r) for r in engine.ckpt.rates)}")
     if arg == "auto":
         plan = plan_rate(engine.ckpt, None, engine.ctx, engine.dtype, engine.int4, memory_budget, engine.device,
-                         backend=engine.backend)
+                         backend=engine.backend, max_kl=max_kl)
         rate, why = plan.rate, plan.reason
     else:
         try:
@@ -61,7 +65,8 @@ def switch(engine: Engine, arg: str, messages: list[dict], memory_budget: int | 
         except ValueError:
             raise ElastiqError(f"/rate takes an offered rate ({', '.join(str(r) for r in engine.ckpt.rates)}) "
                                f"or auto, got {arg!r}") from None
-        why = "as asked"
+        check_floor(engine.ckpt, rate, max_kl)
+        why = f"as asked; {quality_note(engine.ckpt, rate)}"
     done = engine.set_rate(rate)
     note = f"rate {done.old_rate} -> {done.new_rate} in {done.seconds:.2f} s, {done.bytes_read / 1e6:.1f} MB read ({why})"
     if messages:
@@ -73,7 +78,7 @@ def switch(engine: Engine, arg: str, messages: list[dict], memory_budget: int | 
 
 def chat(engine: Engine, lines: Iterable[str], write: Callable[[str], None], max_new_tokens: int = 256,
          sampling: Sampling = Sampling(), memory_budget: int | None = None,
-         prompt: Callable[[], None] = lambda: None) -> list[dict]:
+         prompt: Callable[[], None] = lambda: None, max_kl: float = DEFAULT_MAX_KL) -> list[dict]:
     """Run the conversation read from ``lines`` (user messages and /commands); returns the messages."""
     messages: list[dict] = []
     prompt()
@@ -83,7 +88,7 @@ def chat(engine: Engine, lines: Iterable[str], write: Callable[[str], None], max
             break
         if line.startswith("/rate"):
             try:
-                write(f"[{switch(engine, line.removeprefix('/rate').strip(), messages, memory_budget)}]\n")
+                write(f"[{switch(engine, line.removeprefix('/rate').strip(), messages, memory_budget, max_kl)}]\n")
             except ElastiqError as err:
                 write(f"[error: {err}]\n")
         elif line.startswith("/"):

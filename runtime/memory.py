@@ -30,6 +30,7 @@ from ..checkpoint import Checkpoint, kv_bytes_per_token
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..quants import BLOCK, BLOCK_BYTES
+from .floor import DEFAULT_MAX_KL, check_floor, quality_note, within_floor
 from .generate import PREFILL_CHUNK
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
@@ -202,10 +203,12 @@ class RatePlan:
 
 def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype, int4: bool,
               memory_budget: int | None = None, device: str | torch.device = "cpu",
-              margin: float = SAFETY_MARGIN, backend: str = "torch", baseline: int | None = None) -> RatePlan:
+              margin: float = SAFETY_MARGIN, backend: str = "torch", baseline: int | None = None,
+              max_kl: float = DEFAULT_MAX_KL) -> RatePlan:
     """Pick the rate to run: ``rate`` when given (it must be offered), else the least-pruned rate
     whose predicted footprint fits ``memory_budget`` (bytes for the whole process) or, without one,
-    this process's current memory plus ``margin`` of the free memory. ``backend`` is the runtime that
+    this process's current memory plus ``margin`` of the free memory. Either way the rate must be
+    within the quality floor ``max_kl`` (``floor``). ``backend`` is the runtime that
     will hold the rate: torch, or llama.cpp / onnxruntime on an export (``backends``), whose package
     is imported first so that it is part of the baseline. ``baseline`` is the process's memory
     before loading, measured here unless given."""
@@ -220,9 +223,10 @@ def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype
     footprints = [predict_footprint(ckpt, r, ctx, dtype, int4, baseline, path) if backend == "torch" else
                   predict_backend_footprint(ckpt, r, ctx, backend, baseline) for r in ckpt.rates]
     if rate is not None:
-        ckpt.rate_entry(rate)
+        check_floor(ckpt, rate, max_kl)
         chosen = next(f for f in footprints if abs(f.rate - rate) < 1e-9)
-        return RatePlan(chosen.rate, footprints, f"rate {rate} as asked (predicted {chosen.total / 2**20:.0f} MiB)")
+        return RatePlan(chosen.rate, footprints, f"rate {rate} as asked (predicted {chosen.total / 2**20:.0f} MiB; "
+                                                 f"{quality_note(ckpt, rate)})")
     if memory_budget is not None:
         budget, source = memory_budget, f"--memory-budget {memory_budget / 2**20:.0f} MiB"
     else:
@@ -235,9 +239,15 @@ def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype
         table = ", ".join(f"rate {f.rate}: {f.total / 2**20:.0f} MiB" for f in footprints)
         raise ElastiqError(f"no offered rate fits the budget of {budget / 2**20:.0f} MiB ({source}); the rates need "
                            f"{table}. Free memory, shorten --ctx, or pass --rate / --memory-budget")
-    chosen = fitting[0]
+    good = [f for f in fitting if within_floor(ckpt, f.rate, max_kl)]
+    if not good:
+        below = "; ".join(f"rate {f.rate} ({quality_note(ckpt, f.rate)})" for f in fitting)
+        raise ElastiqError(f"the rates that fit the budget of {budget / 2**20:.0f} MiB ({source}) are below the "
+                           f"quality floor of {max_kl} nats of KL to the dense model: {below}. Free memory, shorten "
+                           "--ctx, or pass --max-kl inf to accept a lower-quality rate")
+    chosen = good[0]
     reason = f"rate {chosen.rate}: the least-pruned rate whose predicted {chosen.total / 2**20:.0f} MiB fits " \
-             f"the budget of {budget / 2**20:.0f} MiB ({source})"
+             f"the budget of {budget / 2**20:.0f} MiB ({source}); {quality_note(ckpt, chosen.rate)}"
     if chosen is not min(footprints, key=lambda f: f.rate):
         skipped = [f for f in footprints if f.rate < chosen.rate]
         reason += "; " + ", ".join(f"rate {f.rate} needs {f.total / 2**20:.0f} MiB" for f in skipped)

@@ -169,6 +169,46 @@ def test_rate_plan_picks_the_least_pruned_rate_that_fits(nested_checkpoints):
     assert plan_rate(ckpt, None, 64, torch.bfloat16, True).rate == 0.0  # this machine has room for a tiny model
 
 
+def test_quality_floor_keeps_a_broken_rate_from_being_chosen(nested_checkpoints, tmp_path, capsys):
+    """A copy of a checkpoint whose recorded KL puts rate 0.35 over the floor: the planner, --rate
+    and /rate refuse it unless --max-kl allows it, and say what quality they chose."""
+    import shutil
+
+    from elastiq.checkpoint import record_quality
+
+    path = shutil.copytree(nested_checkpoints["llama-q4"].path, tmp_path / "floor.elastiq")
+    measured = {0.0: 0.02, 0.15: 0.2, 0.35: 1.5}
+    record_quality(path, {r: {"heldout_ppl": 10.0 + kl, "kl_mean": kl, "kl_p99": 3 * kl, "top1_agreement": 0.9 - kl / 2,
+                              "tokens": 100} for r, kl in measured.items()})
+    ckpt = Checkpoint(path)
+    base = 300 * 2**20
+    totals = {f.rate: f.total for f in plan_rate(ckpt, 0.0, 64, torch.bfloat16, True, baseline=base).footprints}
+    plan = plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.15], baseline=base)
+    assert plan.rate == 0.15 and "KL 0.200 nats to the dense model, same top-1 80%, held-out perplexity 10.2" in \
+        plan.reason
+    with pytest.raises(ElastiqError, match=r"the rates that fit the budget .* are below the quality floor of 0.5 "
+                                           r"nats .* rate 0.35 \(KL 1.500 nats .*pass --max-kl inf"):
+        plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.35], baseline=base)
+    assert plan_rate(ckpt, None, 64, torch.bfloat16, True, memory_budget=totals[0.35], baseline=base,
+                     max_kl=float("inf")).rate == 0.35
+    with pytest.raises(ElastiqError, match=r"rate 0.35 is below the quality floor: KL 1.500 nats .* over the 0.5 "
+                                           r"nats allowed; pass --max-kl inf"):
+        plan_rate(ckpt, 0.35, 64, torch.bfloat16, True)
+    assert plan_rate(ckpt, 0.35, 64, torch.bfloat16, True, max_kl=2.0).rate == 0.35
+
+    out = []
+    chat(Engine(path, 0.0, ctx=128), ["/rate 0.35", "/rate 0.15", "/rate"], out.append)
+    text = "".join(out)
+    assert "[error: rate 0.35 is below the quality floor" in text and "rate 0.0 -> 0.15" in text
+    assert "rate 0.15 (KL 0.200 nats" in text
+    args = ["run", str(path), "--prompt", "Hello", "--max-new-tokens", "2", "--ctx", "64", "--rate", "0.35"]
+    assert main(args) == 2 and "rate 0.35 is below the quality floor" in capsys.readouterr().err
+    assert main(args + ["--max-kl", "inf"]) == 0 and "rate 0.35 as asked" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--max-kl", "-1"])
+    assert "a KL divergence in nats (0 or more, or inf), got '-1'" in capsys.readouterr().err
+
+
 def test_free_memory_honours_cgroup_limits(tmp_path):
     unlimited = free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "none")
     assert unlimited.source == "psutil available memory" and unlimited.bytes > 0
@@ -225,7 +265,8 @@ def test_chat_switches_rate_and_continues_the_conversation(nested_checkpoints):
                     out.append, max_new_tokens=6)
     text = "".join(out)
     assert "rate 0.0 -> 0.35" in text and "0.0 MB read" in text and "conversation re-filled" in text
-    assert "[error: rate 0.3 is not offered" in text and "rate 0.35; offered: 0.0, 0.15, 0.35" in text
+    assert "[error: rate 0.3 is not offered" in text and "rate 0.35 (KL " in text
+    assert "); offered: 0.0, 0.15, 0.35" in text
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     # the reply after the switch is what a fresh engine at 0.35 says to the same conversation
     fresh = Engine(nested_checkpoints["llama-q4"].path, 0.35, ctx=128)
