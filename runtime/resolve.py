@@ -4,7 +4,9 @@ A checkpoint folder is used as it is. A model (a known name such as the default
 ``smollm2-135m``, a Hugging Face folder or a GGUF file) is compressed once with the default
 pipeline (sort at the default rates, then GPTQ to 4 bits) into the cache, and found there on
 every later run; each stage writes under a temporary name, so an interrupted first run leaves
-no checkpoint that looks finished.
+no checkpoint that looks finished. A lock file beside the cached checkpoint makes a second
+process that asks for the same model at the same time wait for the first one's result instead
+of compressing it again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock, Timeout
 
 from ..checkpoint import MANIFEST, SUFFIX
 from ..paths import cache_dir
@@ -43,10 +47,22 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
     from ..compressor.quantize import quantize_checkpoint
 
     check_source(source)
-    log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
-        "(calibrate and sort, then GPTQ to 4 bits: a few minutes on a laptop CPU)")
-    float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
-    compress(source, float_ckpt, overwrite=True)
-    quantize_checkpoint(float_ckpt, target, overwrite=True)
-    shutil.rmtree(float_ckpt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"elastiq: another elastiq process is compressing {source} into {target}; waiting for it")
+        lock.acquire()
+    try:
+        if (target / MANIFEST).is_file():  # the other process finished it
+            return target
+        log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
+            "(calibrate and sort, then GPTQ to 4 bits: about 5 minutes on a 2-core laptop CPU)")
+        float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
+        compress(source, float_ckpt, overwrite=True)
+        quantize_checkpoint(float_ckpt, target, overwrite=True)
+        shutil.rmtree(float_ckpt)
+    finally:
+        lock.release()
     return target
