@@ -58,7 +58,7 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
         if (target / MANIFEST).is_file():  # the other process finished it
             return target
         log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
-            "(calibrate and sort, then GPTQ to 4 bits: about 5 minutes on a 2-core laptop CPU)")
+            "(calibrate and sort, then GPTQ to 4 bits: several minutes on a laptop CPU)")
         float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
         compress(source, float_ckpt, overwrite=True)
         quantize_checkpoint(float_ckpt, target, overwrite=True)
