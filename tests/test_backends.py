@@ -55,12 +55,15 @@ def checkpoints(tokenizer, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
     root = tmp_path_factory.mktemp("backends")
     model.save_pretrained(root / "src")
     tokenizer.save_pretrained(root / "src")
-    options = CompressOptions(rates=RATES[1:], calib_samples=4, calib_seqlen=32)
+    # Unmeasured quality: this model is built for context-dependent greedy output, and its pruned rates are
+    # far from it; the quality floor is tested in test_runtime.
+    options = CompressOptions(rates=RATES[1:], calib_samples=4, calib_seqlen=32, quality_windows=0)
     float_path = compress(root / "src", root / "f.elastiq", options, data=data_dir, progress=False)
-    q4_path = quantize_checkpoint(float_path, root / "q.elastiq", QuantizeOptions(method="rtn"), data=data_dir,
-                                  progress=False)
-    q8_path = quantize_checkpoint(float_path, root / "q8.elastiq", QuantizeOptions(method="rtn", embedding_bits=8),
+    q4_path = quantize_checkpoint(float_path, root / "q.elastiq", QuantizeOptions(method="rtn", quality_windows=0),
                                   data=data_dir, progress=False)
+    q8_path = quantize_checkpoint(float_path, root / "q8.elastiq",
+                                  QuantizeOptions(method="rtn", embedding_bits=8, quality_windows=0), data=data_dir,
+                                  progress=False)
     return {"float": Checkpoint(float_path), "q4": Checkpoint(q4_path), "q8": Checkpoint(q8_path)}
 
 
@@ -168,7 +171,7 @@ def test_chat_switches_rate_on_each_backend(backend, checkpoints):
     text = "".join(out)
     size = export_path(engine.ckpt, 0.35, backend).stat().st_size
     assert "rate 0.0 -> 0.35" in text and f"{size / 1e6:.1f} MB read" in text and "conversation re-filled" in text
-    assert "[error: rate 0.3 is not offered" in text and "rate 0.35; offered: 0.0, 0.15, 0.35" in text
+    assert "[error: rate 0.3 is not offered" in text and "rate 0.35 (quality not measured); offered: 0.0, 0.15, 0.35" in text
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert engine.rate == 0.35 and engine.export.name.startswith("rate-0.35-")
     # the reply after the switch is what a fresh engine at 0.35 says to the same conversation
