@@ -20,25 +20,13 @@ from pathlib import Path
 from elastiq.checkpoint import Checkpoint
 from elastiq.evaluation.rates import evaluate_rates
 from elastiq.evaluation.suite import ALL_MEASURES
-from elastiq.evaluation.zeroshot import mean_stderr
 from elastiq.runtime.resolve import resolve_checkpoint
 
-from measure import command_line, save_results  # the script's folder is on sys.path
+from measure import command_line, paired, save_results  # the script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 TASKS = ALL_MEASURES[1:]
-
-
-def paired(a: dict, b: dict) -> dict:
-    """a − b at one rate: NLL per window, and accuracy per item pooled over the five tasks."""
-    dnll = [x - y for x, y in zip(a["wikitext2"]["window_nll"], b["wikitext2"]["window_nll"])]
-    dacc = []
-    for task in TASKS:
-        metric = a["tasks"][task]["metric"]
-        dacc += [x - y for x, y in zip(a["tasks"][task]["per_item"][metric], b["tasks"][task]["per_item"][metric])]
-    return {"nll": sum(dnll) / len(dnll), "nll_stderr": mean_stderr(dnll),
-            "acc": sum(dacc) / len(dacc), "acc_stderr": mean_stderr(dacc)}
 
 
 def to_markdown(results: dict) -> str:

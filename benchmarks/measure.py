@@ -45,6 +45,20 @@ def save_results(output: Path, results: dict, table: str | None = None) -> None:
         print(table)
 
 
+def paired(a: dict, b: dict) -> dict:
+    """a − b of two suite results on the same windows and items: WikiText-2 NLL per window, and
+    accuracy per item pooled over the tasks, each with its standard error."""
+    from elastiq.evaluation.zeroshot import mean_stderr
+
+    dnll = [x - y for x, y in zip(a["wikitext2"]["window_nll"], b["wikitext2"]["window_nll"])]
+    dacc = []
+    for task, result in a["tasks"].items():
+        metric = result["metric"]
+        dacc += [x - y for x, y in zip(result["per_item"][metric], b["tasks"][task]["per_item"][metric])]
+    return {"nll": sum(dnll) / len(dnll), "nll_stderr": mean_stderr(dnll),
+            "acc": sum(dacc) / len(dacc), "acc_stderr": mean_stderr(dacc), "items": len(dacc)}
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes: VmHWM, which exec resets (Linux's
     ``ru_maxrss`` keeps the value the parent had when it forked, so a large parent would mask

@@ -26,11 +26,10 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.evaluation.suite import ALL_MEASURES, run_suite
-from elastiq.evaluation.zeroshot import mean_stderr
 from elastiq.paths import cache_dir
 from elastiq.runtime.model import Transformer
 
-from measure import command_line, save_results  # the script's folder is on sys.path
+from measure import command_line, paired, save_results  # the script's folder is on sys.path
 from sorting_quality import row
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,17 +82,6 @@ def evaluate(ckpt: Checkpoint, windows: int, items: int) -> dict[str, dict]:
                                        progress=False)
         print("  " + row(ckpt.path.name, rate, out[str(rate)]), flush=True)
     return out
-
-
-def paired(a: dict, b: dict) -> dict:
-    """a - b at one rate: WikiText-2 NLL per window, and accuracy per item pooled over the five tasks."""
-    dnll = [x - y for x, y in zip(a["wikitext2"]["window_nll"], b["wikitext2"]["window_nll"])]
-    dacc = []
-    for task in TASKS:
-        metric = a["tasks"][task]["metric"]
-        dacc += [x - y for x, y in zip(a["tasks"][task]["per_item"][metric], b["tasks"][task]["per_item"][metric])]
-    return {"nll": sum(dnll) / len(dnll), "nll_stderr": mean_stderr(dnll),
-            "acc": sum(dacc) / len(dacc), "acc_stderr": mean_stderr(dacc), "items": len(dacc)}
 
 
 def mean_acc(r: dict) -> float:
