@@ -37,6 +37,8 @@ def rate_quality(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor | Quantized]
         divergence, nll = Divergence(), []
         with torch.inference_mode():
             for window in windows:
+                # The dense pass is repeated for each rate: keeping its logits for every window
+                # instead would hold windows x seqlen x vocab floats (800 MB on SmolLM2).
                 logits = model(window[None])[0, :-1].float()
                 divergence.add(reference(window[None])[0, :-1], logits)
                 nll.append(torch.nn.functional.cross_entropy(logits, window[1:], reduction="none").double())
