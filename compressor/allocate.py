@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import QK, Group, RateSpec
+from ..checkpoint import Group, RateSpec
 
 ALLOCATIONS = ("influence", "uniform")
 MAX_RATE = 0.9
@@ -99,22 +99,23 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
 
 def _take_up_rounding(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], widths: dict[str, int],
                       target: float, by_influence: Sequence[int]) -> None:
-    """Move rotary-pair widths one pair at a time until the removed parameters are nearest ``target``:
-    removing from the least influential blocks first, adding back to the most influential."""
-    qk = [next((g for g in layers[i] if g.kind == QK), None) for i in range(len(layers))]
+    """Move each block's finest group (rotary pairs where a family offers them) one step of its
+    granularity at a time until the removed parameters are nearest ``target``: removing from the
+    least influential blocks first, adding back to the most influential."""
+    finest = [min(layer, key=lambda g: g.granularity * unit[g.name], default=None) for layer in layers]
     removed = sum((g.width - widths[g.name]) * unit[g.name] for layer in layers for g in layer)
     while True:
         shrink = removed < target
         order = by_influence if shrink else list(reversed(by_influence))
         moved = False
         for i in order:
-            g = qk[i]
+            g = finest[i]
             if g is None:
                 continue
-            step = unit[g.name]
+            step = unit[g.name] * g.granularity
             if not math.fabs(removed + (step if shrink else -step) - target) < math.fabs(removed - target):
                 return
-            w = widths[g.name] + (-1 if shrink else 1)
+            w = widths[g.name] + (-g.granularity if shrink else g.granularity)
             if _min_width(g) <= w <= g.width:
                 widths[g.name] = w
                 removed += step if shrink else -step

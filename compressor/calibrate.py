@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..paths import data_dir
-from .adapters import ModelAdapter
+from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, Family
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 
@@ -152,7 +152,8 @@ class _Captured(Exception):
     """Raised by the hook on block 0 once it has seen its inputs."""
 
 
-def _block_inputs(adapter: ModelAdapter, samples: torch.Tensor, chunk: int) -> tuple[list[torch.Tensor], list[dict]]:
+def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
+                  chunk: int) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering block 0, and the keyword arguments the model passes to every block
     (rotary tables, causal mask), one per chunk of samples."""
     hidden, kwargs = [], []
@@ -162,11 +163,11 @@ def _block_inputs(adapter: ModelAdapter, samples: torch.Tensor, chunk: int) -> t
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Captured
 
-    handle = adapter.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handle = family.blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for start in range(0, len(samples), chunk):
             try:
-                adapter.model(input_ids=samples[start:start + chunk], use_cache=False)
+                model(input_ids=samples[start:start + chunk], use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -182,7 +183,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @torch.inference_mode()
-def calibrate(adapter: ModelAdapter, samples: torch.Tensor, chunk: int = 4,
+def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chunk: int = 4,
               progress: bool = True) -> Iterator[tuple[int, BlockStats]]:
     """Yield (block index, statistics) for every block in order, one block in memory at a time.
 
@@ -190,14 +191,15 @@ def calibrate(adapter: ModelAdapter, samples: torch.Tensor, chunk: int = 4,
     change keeps the block's function (as sorting does): the next block's inputs are already
     computed.
     """
-    heads = adapter.heads
-    hidden, kwargs = _block_inputs(adapter, samples, chunk)
-    for index in tqdm(range(len(adapter.layers)), desc="calibrate", disable=not progress, leave=False):
-        block = adapter.layers[index]
-        attn, mlp = block.self_attn, block.mlp
+    heads = family.heads(model.config.to_dict())
+    blocks = family.blocks(model)
+    hidden, kwargs = _block_inputs(model, family, samples, chunk)
+    for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress, leave=False):
+        block = blocks[index]
+        query, key, down = (family.part(block, slot) for slot in (ATTN_Q, ATTN_K, FFN_DOWN))
         stats = BlockStats(
-            mlp=torch.zeros(mlp.down_proj.in_features, mlp.down_proj.in_features, dtype=torch.float64),
-            attn=torch.zeros(attn.q_proj.in_features, attn.q_proj.in_features, dtype=torch.float64),
+            mlp=torch.zeros(down.in_features, down.in_features, dtype=torch.float64),
+            attn=torch.zeros(query.in_features, query.in_features, dtype=torch.float64),
             q_sq=torch.zeros(heads.num_heads, heads.head_dim, dtype=torch.float64),
             k_sq=torch.zeros(heads.num_kv_heads, heads.head_dim, dtype=torch.float64),
             influence=0.0, tokens=0)
@@ -219,8 +221,8 @@ def calibrate(adapter: ModelAdapter, samples: torch.Tensor, chunk: int = 4,
             k = _rotate(out.float().unflatten(-1, (heads.num_kv_heads, heads.head_dim)), *current["rope"])
             stats.k_sq += k.square().sum((0, 1)).double()
 
-        handles = [mlp.down_proj.register_forward_pre_hook(on_down), attn.q_proj.register_forward_hook(on_q),
-                   attn.k_proj.register_forward_hook(on_k)]
+        handles = [down.register_forward_pre_hook(on_down), query.register_forward_hook(on_q),
+                   key.register_forward_hook(on_k)]
         influence_sum = 0.0
         try:
             for c, (x, kw) in enumerate(zip(hidden, kwargs)):

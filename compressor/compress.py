@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import ElastiqError
-from ..checkpoint import QK, SUFFIX, Checkpoint, Group, record_quality, write_checkpoint
-from .adapters import adapter_for
+from ..checkpoint import QK, SUFFIX, Checkpoint, record_quality, write_checkpoint
+from ..families import family_for
+from ..families.base import ROPE_PAIRS
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .intake import load_model
@@ -38,11 +39,6 @@ class CompressOptions:
     timings: dict = field(default_factory=dict)
 
 
-def rope_pairs_name(layer: int) -> str:
-    """The checkpoint tensor holding block ``layer``'s rotary pairs' original indices [G, d/2]."""
-    return f"model.layers.{layer}.self_attn.rope_pairs"
-
-
 def compress(source: str | Path, output: str | Path, options: CompressOptions | None = None,
              overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
     """Compress ``source`` (a model path or name) into the nested checkpoint ``output``."""
@@ -62,11 +58,13 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
 
     loaded = load_model(source)
     model, tokenizer = loaded.model, loaded.tokenizer
-    adapter = adapter_for(model)
+    config = model.config.to_dict()
+    family = family_for(config)
+    family.check(config)
     if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
-        rotate_residual(model, adapter, random_orthogonal(model.config.hidden_size, options.seed))
-    heads = adapter.heads
-    layer_groups = [adapter.groups(i) for i in range(len(adapter.layers))]
+        rotate_residual(model, family, random_orthogonal(model.config.hidden_size, options.seed))
+    heads = family.heads(config)
+    layer_groups = [family.groups(config, i) for i in range(len(family.blocks(model)))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
     calib_file = calibration_file(options.calib_data, data)
     drawn = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen, options.seed,
@@ -75,11 +73,12 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
 
     influence, pairs, sort_seconds = [], {}, 0.0
     start = time.perf_counter()
-    for index, stats in calibrate(adapter, samples, progress=progress):
+    for index, stats in calibrate(model, family, samples, progress=progress):
         influence.append(stats.influence)
         t = time.perf_counter()
-        pairs[rope_pairs_name(index)] = sort_block(model, layer_groups[index], heads, stats, options.method,
-                                                   options.ridge)
+        order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
+        if QK in family.offers:
+            pairs[family.name_of(index, ROPE_PAIRS)] = order
         sort_seconds += time.perf_counter() - t
     options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
 
@@ -87,7 +86,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     specs = allocate(layer_groups, unit, rates, influence if options.allocation == "influence" else None,
                      options.temperature)
     options.timings["allocate"] = time.perf_counter() - t
-    groups = [_with_pairs(g) for layer in layer_groups for g in layer]
+    groups = [g for layer in layer_groups for g in layer]
     source_info = {
         "name": loaded.source, "model_type": loaded.model_type,
         "architectures": model.config.architectures, "config": model.config.to_dict(),
@@ -104,17 +103,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     path = write_checkpoint(output, tensors, groups, specs, heads, source_info, tokenizer, overwrite=overwrite)
     options.timings["write"] = time.perf_counter() - t
     if len(heldout):
-        del model, tensors, loaded, adapter
+        del model, tensors, loaded
         t = time.perf_counter()
         ckpt = Checkpoint(path)  # the sorted model at rate 0 is the source model: the dense reference
         record_quality(path, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
         options.timings["quality"] = time.perf_counter() - t
     return path
-
-
-def _with_pairs(group: Group) -> Group:
-    """A Q/K group carries its blocks' rotary pair indices, pruned with the pairs."""
-    if group.kind != QK:
-        return group
-    return Group(group.kind, group.layer, group.width, group.granularity,
-                 (*group.members, (rope_pairs_name(group.layer), "pairs")))

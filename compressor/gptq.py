@@ -25,7 +25,7 @@ ORDERS = ("forward", "least-important-first")  # for input axes that pruning cut
 
 def sorted_axis_order(in_features: int, heads: int = 1, least_important_first: bool = True) -> torch.Tensor:
     """Column order of whole 32-blocks for an input axis that pruning cuts: ``heads`` runs of a
-    sorted axis (index 0 most important), as down_proj (one run) or o_proj (one per query head).
+    sorted axis (index 0 most important), as the down projection (one run) or the attention output (one per query head).
     Least important first: rank blocks from last to first, every head's block of a rank before
     the next rank; otherwise the forward order."""
     if in_features % (heads * BLOCK):

@@ -15,13 +15,8 @@ from pathlib import Path
 import torch
 
 from .. import ElastiqError
-from .adapters import ADAPTERS
+from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
 from .wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
-
-# GGUF general.architecture values that transformers loads as a model_type with an adapter
-# (llama.cpp's converters write Mistral as "llama").
-SUPPORTED_GGUF_ARCHITECTURES = frozenset({"llama", "qwen2"})
-
 
 class ModelLoadError(ElastiqError):
     """The model source is missing, unreadable or of an unsupported architecture."""
@@ -38,9 +33,9 @@ class LoadedModel:
 
 
 def _supported() -> str:
-    return (f"supported: model_type {', '.join(sorted(ADAPTERS))} (Llama, SmolLM, Mistral, "
-            f"Qwen2) from a Hugging Face folder with safetensors, a GGUF file of architecture "
-            f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}, or a name: {', '.join(WHEEL_MODELS)}")
+    return (f"supported: model_type {', '.join(sorted(MODEL_TYPES))} from a Hugging Face folder with "
+            f"safetensors, a GGUF file of architecture {', '.join(sorted(GGUF_ARCHITECTURES))}, or a name: "
+            f"{', '.join(WHEEL_MODELS)}")
 
 
 def check_source(source: str | Path) -> None:
@@ -76,7 +71,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"cannot read {config_file}: {err}") from None
-    if model_type not in ADAPTERS:
+    if model_type not in MODEL_TYPES:
         raise ModelLoadError(f"{path} holds model_type {model_type!r}, which elastiq does not support; "
                              f"{_supported()}")
     if not any(path.glob("*.safetensors")):
@@ -90,28 +85,35 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, str(path), model_type)
 
 
-def gguf_architecture(path: Path) -> str:
-    """Read ``general.architecture`` from a GGUF header without reading its tensors."""
+def gguf_architecture(path: Path) -> tuple[str, int | None]:
+    """``general.architecture`` and the attention head size (``{arch}.attention.key_length``, None
+    when the file leaves it to hidden size / heads), read from a GGUF header without its tensors."""
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(path).fields.get("general.architecture")
+        fields = GGUFReader(path).fields
     except (ValueError, OSError, IndexError) as err:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); {_supported()}") from None
+    field = fields.get("general.architecture")
     if field is None:
         raise ModelLoadError(f"{path} is a GGUF file without general.architecture")
-    return str(field.contents())
+    arch = str(field.contents())
+    head_dim = fields.get(f"{arch}.attention.key_length")
+    return arch, None if head_dim is None else int(head_dim.contents())
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    arch = gguf_architecture(path)
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    arch, head_dim = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path} holds GGUF architecture {arch!r}, which elastiq does not support; "
                              f"{_supported()}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers' GGUF reader does not map the head size; a config default (Qwen3's 128) would
+    # otherwise stand in for a file's own
+    extra = {"head_dim": head_dim} if head_dim else {}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
     # The weights are float now: drop the record of the GGUF quantization so nothing mistakes
     # this model for a quantized one (or writes that record into a saved config).
     model.config.quantization_config = None

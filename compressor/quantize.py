@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
+from ..families import family_for
+from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
 from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from ..runtime.model import Transformer
 from .calibrate import calibration_file, calibration_samples, describe_calibration
@@ -27,10 +29,6 @@ from .quality import QUALITY_WINDOWS, rate_quality
 
 METHODS = ("gptq", "rtn")
 EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM head: their format
-# Matrices of a block, and the input each reads (matrices that read the same input share its Hessian).
-READS = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-         "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-         "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
 
 
 @dataclass
@@ -73,12 +71,12 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
                                f"of the {BLOCK}-weight block")
 
 
-def _order(name: str, h: torch.Tensor, in_features: int, heads: int, least_important_first: bool) -> torch.Tensor:
-    """Column order: sorted (pruned) input axes by the chosen order, the hidden axis by act-order."""
-    if name == "mlp.down_proj":
-        return sorted_axis_order(in_features, 1, least_important_first)
-    if name == "self_attn.o_proj":
-        return sorted_axis_order(in_features, heads, least_important_first)
+def _order(slot: str, h: torch.Tensor, in_features: int, heads: int, least_important_first: bool) -> torch.Tensor:
+    """Column order: sorted (pruned) input axes by the chosen order (one run for MLP channels,
+    one per query head for V/O rank), the hidden axis by act-order."""
+    if slot in PRUNED_INPUTS:
+        runs = 1 if PRUNED_INPUTS[slot] == MLP else heads
+        return sorted_axis_order(in_features, runs, least_important_first)
     return act_order(h)
 
 
@@ -98,6 +96,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)
     config = ckpt.manifest["source"]["config"]
+    family = family_for(config)
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
     hidden, positions, heldout = [], None, torch.empty(0)  # round-to-nearest needs no calibration activations
@@ -112,22 +111,23 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     quantized: dict[str, Quantized] = {}
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
         hessians = _block_hessians(block, hidden, positions, model.inv_freq) if options.method == "gptq" else {}
-        for name, reads in READS.items():
-            linear = block.get_submodule(name)
+        for slot, reads in READS.items():
+            linear = block.get_submodule(slot)
             if options.method == "gptq":
                 h = hessians[reads]
-                order = _order(name, h, linear.in_features, model.args.num_heads,
+                order = _order(slot, h, linear.in_features, model.args.num_heads,
                                options.order == "least-important-first")
                 codes, scales = gptq(linear.weight, h, order, options.damp)
             else:
                 codes, scales = quantize_rtn(linear.weight)
             linear.weight.copy_(dequantize(codes, scales))  # later blocks see this block quantized
-            quantized[f"model.layers.{index}.{name}.weight"] = QuantizedTensor(codes, scales)
+            quantized[family.name_of(index, slot)] = QuantizedTensor(codes, scales)
         hidden = [block(x, positions, model.inv_freq) for x in hidden]
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
+    for name in (embed, head):
         if name in weights and name not in quantized:
-            tied = name == "lm_head.weight" and weights[name] is weights["model.embed_tokens.weight"]
-            quantized[name] = quantized["model.embed_tokens.weight"] if tied else _quantize_embedding(
+            tied = name == head and weights[name] is weights[embed]
+            quantized[name] = quantized[embed] if tied else _quantize_embedding(
                 weights[name], options.embedding_bits)
     options.timings["quantize"] = time.perf_counter() - start
 

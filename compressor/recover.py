@@ -4,8 +4,8 @@ A sorted model's q/k channels are permuted (RoPE gathered by ``rope_pairs``), so
 elastiq's own elastic model at full width (rate 0 of a float checkpoint) with PEFT LoRA injected
 into every projection of the blocks. A rate is applied with forward hooks that zero exactly what
 the deployed slice cuts (``UnitMasks``): the down projection's input channels beyond the kept MLP
-width, each KV head's V rank beyond r (which is all o_proj sees of it), and the dropped rotary
-pairs' two channels in both q_proj and k_proj outputs. The masked full model therefore computes
+width, each KV head's V rank beyond r (which is all the output projection sees of it), and the dropped
+rotary pairs' two channels in both the query and key projections' outputs. The masked full model computes
 the sliced model, before and after LoRA is merged back.
 
 Two methods:
@@ -55,13 +55,14 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, from_storage, to_storage, \
     write_checkpoint
+from ..families import Family, family_for
+from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
 from ..paths import data_dir
 from ..runtime.model import Transformer
 from .allocate import MAX_RATE, allocate
 from .calibrate import C4_SAMPLE, calibration_samples
 
 METHODS = ("nested", "lorashear")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"
 
 
@@ -130,11 +131,6 @@ def width_units(groups: Sequence[Group], heads: Heads, widths: Mapping[str, int]
     return out
 
 
-def _module(name: str) -> str:
-    """The elastic model's module path of a checkpoint weight: model.layers.0.mlp.up_proj.weight -> layers.0.mlp.up_proj."""
-    return name.removeprefix("model.").removesuffix(".weight")
-
-
 class UnitMasks:
     """Forward hooks on a full-width elastic model (LoRA-wrapped or not) that scale each prunable
     unit's channels: ``set(width_units(...))`` makes the model compute that rate's slice exactly;
@@ -145,14 +141,8 @@ class UnitMasks:
         self._channels: dict[str, torch.Tensor] = {}
         self._handles = []
         for g in self.groups:
-            p = f"layers.{g.layer}."
-            if g.kind == MLP:
-                self._hook(model, p + "mlp.down_proj", pre=True)
-            elif g.kind == QK:
-                self._hook(model, p + "self_attn.q_proj")
-                self._hook(model, p + "self_attn.k_proj")
-            elif g.kind == VO:
-                self._hook(model, p + "self_attn.v_proj")
+            for slot, side in MASKS[g.kind]:
+                self._hook(model, f"layers.{g.layer}.{slot}", pre=side == "input")
 
     def _hook(self, model: nn.Module, path: str, pre: bool = False) -> None:
         module = model.get_submodule(path)
@@ -176,13 +166,12 @@ class UnitMasks:
         for g in self.groups:
             u, p = units[g.name].float(), f"layers.{g.layer}."
             if g.kind == MLP:
-                self._channels[p + "mlp.down_proj"] = u
+                self._channels[p + FFN_DOWN] = u
             elif g.kind == QK:  # a pair is two channels of every query head of the KV group and of its key head
-                self._channels[p + "self_attn.q_proj"] = from_storage(u[:, :, None, None].expand(-1, G, Q, 2),
-                                                                     "q", self.heads)
-                self._channels[p + "self_attn.k_proj"] = from_storage(u[:, :, None].expand(-1, G, 2), "k", self.heads)
+                self._channels[p + ATTN_Q] = from_storage(u[:, :, None, None].expand(-1, G, Q, 2), "q", self.heads)
+                self._channels[p + ATTN_K] = from_storage(u[:, :, None].expand(-1, G, 2), "k", self.heads)
             elif g.kind == VO:
-                self._channels[p + "self_attn.v_proj"] = from_storage(u, "v", self.heads)
+                self._channels[p + ATTN_V] = from_storage(u, "v", self.heads)
 
     def remove(self) -> None:
         """Take the hooks off the model."""
@@ -203,23 +192,24 @@ def lora_model(weights: Mapping[str, torch.Tensor], config: Mapping, rank: int, 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                           target_modules=list(TARGETS)), model, adapter_name=ADAPTER)
+                                           target_modules=list(MATRICES)), model, adapter_name=ADAPTER)
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module, family: Family) -> dict[str, nn.Module]:
     """The LoRA-wrapped projections of ``model`` by checkpoint weight name."""
     from peft.tuners.lora import LoraLayer
 
-    return {f"model.{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {family.checkpoint_name(f"{name}.weight"): m for name, m in model.named_modules()
+            if isinstance(m, LoraLayer)}
 
 
 @torch.no_grad()
-def merged_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
     """``weights`` with every LoRA-wrapped projection replaced by W + s B A (PEFT's delta weight);
     the LoRA model itself is left un-merged."""
     out = dict(weights)
-    for name, layer in lora_layers(model).items():
+    for name, layer in lora_layers(model, family).items():
         out[name] = (layer.get_base_layer().weight + layer.get_delta_weight(ADAPTER)).contiguous()
     return out
 
@@ -455,7 +445,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     heldout = {"c4": windows[options.samples:]}
 
     model = lora_model(weights, config, options.rank, options.alpha, options.seed)
-    layers = lora_layers(model)
+    layers = lora_layers(model, family_for(config))
     masks = UnitMasks(model, ckpt.groups, ckpt.heads)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
@@ -514,7 +504,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     masks.remove()
     options.timings["train"] = time.perf_counter() - start
     options.timings["step_seconds"] = step_seconds
-    return Recovered(merged_weights(model, weights), shear.keep() if shear else None, model, rates)
+    return Recovered(merged_weights(model, weights, family_for(config)), shear.keep() if shear else None, model, rates)
 
 
 # --- LoRAShear's re-sort ------------------------------------------------------------------------------------

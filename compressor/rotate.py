@@ -14,13 +14,7 @@ import torch
 from torch import nn
 
 from .. import ElastiqError
-from .adapters import ModelAdapter
-
-# Inside a block (module names shared by the Llama, Mistral and Qwen2 families): each RMSNorm and
-# the linears that read its output, then the linears that write back into the residual stream.
-NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+from ..families.base import EMBED, FINAL_NORM, HEAD, NORM_READERS, WRITERS, Family
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -51,13 +45,13 @@ def _walsh_hadamard(n: int) -> torch.Tensor:
     return h
 
 
-def rotate_residual(model: nn.Module, adapter: ModelAdapter, rotation: torch.Tensor) -> None:
+def rotate_residual(model: nn.Module, family: Family, rotation: torch.Tensor) -> None:
     """Rotate ``model``'s residual stream by the orthogonal ``rotation`` [hidden, hidden], in place.
 
     Every RMSNorm's weight is folded into the input columns of the linears that read it (q/k/v,
-    gate/up; the final norm into lm_head) and set to ones; then the embeddings and the readers'
-    inputs become E Q and W Q, and the writers' outputs (o_proj, down_proj, and their biases if
-    any) Q^T W. Biases on a reader's output (Qwen2's q/k/v) stay as they are. Products are taken
+    gate/up; the final norm into the head) and set to ones; then the embeddings and the readers'
+    inputs become E Q and W Q, and the writers' outputs (the attention output and down projections,
+    and their biases if any) Q^T W. Biases on a reader's output (Qwen2's q/k/v) stay as they are. Products are taken
     in float64 and cast back to each weight's dtype, so the logits are unchanged up to that cast.
 
     A tied lm_head is untied (folding the final norm makes it differ from the embeddings): it
@@ -65,7 +59,7 @@ def rotate_residual(model: nn.Module, adapter: ModelAdapter, rotation: torch.Ten
     ``config.tie_word_embeddings`` is set to False. That costs vocab x hidden more weights
     (~28M for SmolLM2-135M).
     """
-    embed, head = adapter.embed_tokens, adapter.lm_head
+    embed, head = family.top_module(model, EMBED), family.top_module(model, HEAD)
     hidden = embed.weight.shape[1]
     if rotation.shape != (hidden, hidden):
         raise ElastiqError(f"the rotation has shape {tuple(rotation.shape)}; the residual stream needs "
@@ -75,15 +69,15 @@ def rotate_residual(model: nn.Module, adapter: ModelAdapter, rotation: torch.Ten
     if error > 1e-5:
         raise ElastiqError(f"the rotation is not orthogonal (max |Q^T Q - I| = {error:.2e}); "
                            "use random_orthogonal() or orthogonalize it in float64")
-    for block in adapter.layers:
+    for block in family.blocks(model):
         for norm, readers in NORM_READERS.items():
-            _fold_and_rotate(block.get_submodule(norm), [block.get_submodule(name) for name in readers], q)
-        for name in WRITERS:
-            _rotate_output(block.get_submodule(name), q)
+            _fold_and_rotate(family.part(block, norm), [family.part(block, slot) for slot in readers], q)
+        for slot in WRITERS:
+            _rotate_output(family.part(block, slot), q)
     if head.weight is embed.weight:
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
     model.config.tie_word_embeddings = False
-    _fold_and_rotate(adapter.final_norm, [head], q)
+    _fold_and_rotate(family.top_module(model, FINAL_NORM), [head], q)
     _assign(embed.weight, _matmul(embed.weight, q))
 
 

@@ -51,8 +51,11 @@ def _member(model: torch.nn.Module, group: Group, role: str) -> torch.Tensor:
 
 
 def _apply(model: torch.nn.Module, group: Group, heads: Heads, fn) -> None:
-    """Replace each member's storage form ``s`` by ``fn(s, role)``."""
+    """Replace each member's storage form ``s`` by ``fn(s, role)`` (the rotary pair indices, which
+    sorting itself produces, are not the model's)."""
     for name, role in group.members:
+        if role == "pairs":
+            continue
         param = model.get_parameter(name)
         param.data.copy_(from_storage(fn(to_storage(param.data, role, heads), role), role, heads))
 

@@ -168,14 +168,15 @@ def _kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
 def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads,
                        itemsize: int) -> int:
     """KV-cache bytes per token at ``widths``: per layer and KV head, 2 channels per kept rotary
-    pair in K plus the kept V rank."""
-    channels = 0
+    pair in K plus the kept V rank (the whole head size where a layer has no such group)."""
+    per_layer: dict[int, dict[str, int]] = {}
     for g in groups:
+        per_layer.setdefault(g.layer, {QK: heads.head_dim, VO: heads.head_dim})
         if g.kind == QK:
-            channels += 2 * widths[g.name] * heads.num_kv_heads
+            per_layer[g.layer][QK] = 2 * widths[g.name]
         elif g.kind == VO:
-            channels += widths[g.name] * heads.num_kv_heads
-    return channels * itemsize
+            per_layer[g.layer][VO] = widths[g.name]
+    return sum(k + v for k, v in (layer.values() for layer in per_layer.values())) * heads.num_kv_heads * itemsize
 
 
 # --- the writer ----------------------------------------------------------------------------------

@@ -145,6 +145,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import Checkpoint
+    from .families import GROUP_KINDS, MODEL_TYPES
 
     ckpt = Checkpoint(args.checkpoint)
     source = ckpt.manifest["source"]
@@ -158,6 +159,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print("weights: float (not quantized)")
     full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
     kinds = sorted({g.kind for g in ckpt.groups})
+    print("pruned: " + ", ".join(GROUP_KINDS[k] for k in kinds)
+          + (f" ({family.kept})" if (family := MODEL_TYPES.get(source.get("model_type"))) and family.kept else ""))
     measured = [row["quality"] for row in ckpt.manifest["rates"] if row.get("quality")]
     quality = ["held-out ppl", "KL to dense (mean / p99)", "same top-1 %"] if measured else []
     print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(quality) + (" | " if quality else "")
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--output", "-o", required=True, help="the quantized checkpoint folder to write, NAME.elastiq")
     qua.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ (default) or round-to-nearest")
     qua.add_argument("--order", choices=["forward", "least-important-first"], default="forward",
-                     help="GPTQ's column order on pruned input axes (down_proj, o_proj): forward, the kept prefix "
+                     help="GPTQ's column order on pruned input axes (the down and attention-output projections): forward, the kept prefix "
                           "first (default), or least important first, so that the tail's errors flow into the "
                           "prefix (measured worse: benchmarks/results/quantization.md)")
     qua.add_argument("--bits", type=int, default=4, help="bits per weight: 4 (the only supported width)")

@@ -5,9 +5,11 @@ kept rotary pair i of KV group g returns to its original pair ``rope_pairs[g, i]
 p + d/2 of the rotate-half layout) and the pruned pairs become zero rows; a head's V/O rank keeps
 its first r channels and the tail becomes zero rows of v and zero input columns of o_proj. Zero
 channels add nothing to q.k or to the output, so the model is the same. Q/K rows then take the
-permutation llama.cpp's Hugging Face converter applies (rotate-half to interleaved pairs). MLP
-widths differ per layer, which the ``llama`` architecture cannot say: such a rate is written as
-``deci`` with a per-layer ``feed_forward_length``; a rate of uniform width stays ``llama``.
+layout of the family's llama.cpp architecture (``Family.gguf``): interleaved pairs, the
+permutation llama.cpp's Hugging Face converter applies, for ``llama``; rotate-half as it is for
+NeoX-style ones such as ``qwen3``. MLP widths differ per layer, which ``llama`` cannot say: such
+a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family with no such
+architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
 zero row or column is blocks of scale 0), and an 8-bit embedding or head as ``Q8_0`` blocks;
@@ -28,14 +30,19 @@ import torch
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
+from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, FINAL_NORM, HEAD,
+                             ROPE_PAIRS)
 from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
-from ..runtime.model import ModelArgs, rotary_frequencies
+from ..families import family_for
+from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
+from .hf import qk_rows as half_rows
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
                "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
 # Qwen2's pre-tokenizer split, which llama.cpp's "qwen2" pre-tokenizer implements
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+TOP = {EMBED: "token_embd", FINAL_NORM: "output_norm", HEAD: "output"}  # llama.cpp's names
 ZERO_CODES = 0x88  # two codes of 8: w = d * (8 - 8) = 0 whatever the scale
 
 
@@ -90,27 +97,47 @@ def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
 
 
-def full_heads(weights: Mapping[str, Weight], args: ModelArgs) -> dict[str, Weight]:
-    """``weights`` (Hugging Face names, one rate) with every attention projection at full head
-    size in llama.cpp's layout, and the ``rope_pairs`` tensors consumed."""
+def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False) -> dict[str, Weight]:
+    """``weights`` (runtime names, one rate) with every attention projection at full head size in
+    llama.cpp's layout (rotary pairs interleaved, or halves kept with ``neox``), and the
+    ``rope_pairs`` tensors consumed."""
+    rows_of = half_rows if neox else qk_rows
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
     out = dict(weights)
     for i, layer in enumerate(args.layers):
-        p = f"model.layers.{i}.self_attn."
+        p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
-        pairs = out.pop(p + "rope_pairs", None)
+        pairs = out.pop(p + ROPE_PAIRS, None)
         pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
         if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
                 len(set(row.tolist())) != u for row in pairs):
             raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
                               f"of the {G} KV heads, got {pairs.tolist()}")
-        rows = {"q_proj": (qk_rows(pairs, H // G, d), H * d), "k_proj": (qk_rows(pairs, 1, d), G * d),
-                "v_proj": (head_prefix(G, r, d), G * d)}
-        for proj, (index, total) in rows.items():
+        rows = {ATTN_Q: (rows_of(pairs, H // G, d), H * d), ATTN_K: (rows_of(pairs, 1, d), G * d),
+                ATTN_V: (head_prefix(G, r, d), G * d)}
+        for slot, (index, total) in rows.items():
             for kind in ("weight", "bias"):
-                if (name := f"{p}{proj}.{kind}") in out:
+                if (name := f"{p}{slot}.{kind}") in out:
                     out[name] = _rows(out[name], index, total)
-        out[p + "o_proj.weight"] = _columns(out[p + "o_proj.weight"], head_prefix(H, r, d), H * d)
+        name = f"{p}{ATTN_OUT}.weight"
+        out[name] = _columns(out[name], head_prefix(H, r, d), H * d)
+    return out
+
+
+def widest_mlp(weights: Mapping[str, Weight], widths: list[int]) -> dict[str, Weight]:
+    """``weights`` (runtime names) with every block's MLP widened to the widest block's by zero
+    gate/up rows and down columns (silu(0) * 0 adds nothing): for an architecture whose MLP width
+    is one number. Costs the zero channels' bytes; the model is the same."""
+    out, widest = dict(weights), max(widths)
+    for i, m in enumerate(widths):
+        if m < widest:
+            kept = torch.arange(m)
+            for slot in (FFN_GATE, FFN_UP):
+                for kind in ("weight", "bias"):
+                    if (name := f"layers.{i}.{slot}.{kind}") in out:
+                        out[name] = _rows(out[name], kept, widest)
+            name = f"layers.{i}.{FFN_DOWN}.weight"
+            out[name] = _columns(out[name], kept, widest)
     return out
 
 
@@ -202,6 +229,21 @@ def _array(t: Weight, float_type: type) -> tuple[np.ndarray, gguf.GGMLQuantizati
     return t.float().numpy().astype(np.float32 if t.dim() == 1 else float_type), None
 
 
+def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
+    """llama.cpp's name of a tensor: a block's slots are llama.cpp's own names (``blk.{i}.{slot}``),
+    the embedding, final norm and head are named in ``TOP``; an error when ``arch`` has no such tensor."""
+    if runtime_name.startswith("layers."):
+        _, layer, slot, param = runtime_name.split(".")
+        generic, name = f"blk.{{bid}}.{slot}", f"blk.{layer}.{slot}"
+    else:
+        slot, param = runtime_name.split(".")
+        generic = name = TOP[slot]
+    if generic not in {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}:
+        raise ExportError(f"tensor {runtime_name} has no GGUF name in llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} "
+                          "architecture; this model cannot be written to GGUF")
+    return f"{name}.{param}"
+
+
 def rope_factors(config: Mapping, head_dim: int) -> tuple[float, torch.Tensor | None]:
     """RoPE base and llama.cpp's per-pair frequency divisors (``rope_freqs``, None when all are 1)
     that give transformers' frequencies for ``config`` exactly as the runtime computes them."""
@@ -227,15 +269,20 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # an error lists the offered rates
     output = _writable(Path(output))
-    weights = ckpt.read_rate(rate)
     config = ckpt.manifest["source"]["config"]
+    family = family_for(config)
+    weights = runtime_weights(ckpt.read_rate(rate), config)
     args = ModelArgs.from_weights(weights, config, attention_scaling=1.0)  # rope_factors refuses any other
     base, factors = rope_factors(config, args.head_dim)
     widths = [layer.intermediate_size for layer in args.layers]
-    arch = gguf.MODEL_ARCH.LLAMA if len(set(widths)) == 1 else gguf.MODEL_ARCH.DECI
-    names = gguf.get_tensor_name_map(arch, len(args.layers))
+    tensors = full_heads(weights, args, family.gguf_neox)
+    uniform = len(set(widths)) == 1
+    if not uniform and family.gguf[1] is None:  # no per-layer architecture: zero channels up to the widest
+        tensors = widest_mlp(tensors, widths)
+        widths, uniform = [max(widths)] * len(widths), True
+    arch_name = family.gguf[0] if uniform else family.gguf[1]
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
 
-    tensors = full_heads(weights, args)
     if args.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # llama.cpp reads the tied head from token_embd
     dtype, file_type = FLOAT_TYPES[float_type]
@@ -243,11 +290,7 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
         file_type = gguf.LlamaFileType.MOSTLY_Q4_0
     data = []
     for name, t in tensors.items():
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"tensor {name} has no GGUF name in llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} "
-                              "architecture; this model cannot be written to GGUF")
-        data.append((gguf_name, *_array(t, dtype)))
+        data.append((gguf_name(name, arch), *_array(t, dtype)))
     if factors is not None:
         data.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy(), None))
 
@@ -262,7 +305,6 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
             # the file claims only the context on which both agree
             writer.add_context_length(min(context, args.sliding_window or context))
             writer.add_embedding_length(args.hidden_size)
-            uniform = arch == gguf.MODEL_ARCH.LLAMA
             writer.add_feed_forward_length(widths[0] if uniform else widths)
             writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
             writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)

@@ -1,6 +1,6 @@
 """One rate of a nested checkpoint as a Hugging Face folder that stock transformers loads.
 
-A stock Llama / Mistral / Qwen2 config has one head size and one MLP width for every layer, and
+A stock config of every supported family has one head size and one MLP width for every layer, and
 RoPE that turns pair p of a head at frequency p. A pruned rate has per-layer widths and permuted
 rotary pairs, so it is written back at the original sizes with zeros where units were pruned:
 
@@ -8,7 +8,7 @@ rotary pairs, so it is written back at the original sizes with zeros where units
   channels p and p + d/2 of the head (Hugging Face's rotate-half layout), so stock RoPE turns it
   at its own frequency; pruned pairs are zero rows and add nothing to q.k. The attention scale is
   that of the original head size, as in the elastic runtime;
-- v rows and o_proj columns: a head's kept V/O rank r takes its first r channels, the rest are
+- v rows and the output projection's columns: a head's kept V/O rank r takes its first r channels, the rest are
   zero (zero values times zero columns add nothing);
 - MLP: the kept channels take the first rows of gate/up and columns of down, the rest are zero
   (silu(0) * 0 = 0). transformers 5 has no stock causal LM with per-layer MLP widths that loads
@@ -33,7 +33,9 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import Quantized
-from ..runtime.model import ModelArgs, rotary_frequencies
+from ..families import family_for
+from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
+from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
 
 WEIGHTS = "model.safetensors"
 
@@ -56,12 +58,14 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
     source = ckpt.manifest["source"]["config"]
-    weights = {k: v.dequantize() if isinstance(v, Quantized) else v
-               for k, v in ckpt.read_rate(rate).items()}
+    family = family_for(source)
+    weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
+                               for k, v in ckpt.read_rate(rate).items()}, source)
     args = ModelArgs.from_weights(weights, source, rotary_frequencies(source)[1])
     state = full_size(weights, args, source["intermediate_size"])
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    state = {family.checkpoint_name(name): t for name, t in state.items()}
     config = AutoConfig.for_model(**source)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
@@ -77,29 +81,29 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
 
 
 def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate_size: int) -> dict[str, torch.Tensor]:
-    """``weights`` (float, Hugging Face names, one rate) at the original head size and MLP width:
-    kept units at the positions above, zeros elsewhere, and the ``rope_pairs`` tensors consumed."""
+    """``weights`` (float, runtime names, one rate) at the original head size and MLP width: kept
+    units at the positions above, zeros elsewhere, and the ``rope_pairs`` tensors consumed."""
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
     out = dict(weights)
     for i, layer in enumerate(args.layers):
-        p = f"model.layers.{i}."
+        p = f"layers.{i}."
         u, r, m = layer.rope_pairs, layer.v_rank, layer.intermediate_size
-        pairs = out.pop(p + "self_attn.rope_pairs", None)
+        pairs = out.pop(p + ROPE_PAIRS, None)
         pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
         if (pairs < 0).any() or (pairs >= d // 2).any() or any(len(set(row.tolist())) != u for row in pairs):
             raise HfExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
                                 f"of the {G} KV heads, got {pairs.tolist()}")
-        rows = {"self_attn.q_proj": (qk_rows(pairs, H // G, d), H * d),
-                "self_attn.k_proj": (qk_rows(pairs, 1, d), G * d),
-                "self_attn.v_proj": (head_prefix(G, r, d), G * d),
-                "mlp.gate_proj": (torch.arange(m), intermediate_size),
-                "mlp.up_proj": (torch.arange(m), intermediate_size)}
+        rows = {ATTN_Q: (qk_rows(pairs, H // G, d), H * d),
+                ATTN_K: (qk_rows(pairs, 1, d), G * d),
+                ATTN_V: (head_prefix(G, r, d), G * d),
+                FFN_GATE: (torch.arange(m), intermediate_size),
+                FFN_UP: (torch.arange(m), intermediate_size)}
         for proj, (index, total) in rows.items():
             for kind in ("weight", "bias"):
                 if (name := f"{p}{proj}.{kind}") in out:
                     out[name] = _scatter_rows(out[name], index, total)
-        for proj, index, total in (("self_attn.o_proj", head_prefix(H, r, d), H * d),
-                                   ("mlp.down_proj", torch.arange(m), intermediate_size)):
+        for proj, index, total in ((ATTN_OUT, head_prefix(H, r, d), H * d),
+                                   (FFN_DOWN, torch.arange(m), intermediate_size)):
             name = f"{p}{proj}.weight"
             out[name] = _scatter_rows(out[name].T, index, total).T.contiguous()
     return out

@@ -37,7 +37,9 @@ from .. import ElastiqError, __version__
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
-from ..runtime.model import ModelArgs, rotary_frequencies
+from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_V, FFN_DOWN,
+                             FFN_GATE, FFN_NORM, FFN_UP, ROPE_PAIRS)
+from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13
@@ -69,12 +71,13 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
 
 def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping,
                 metadata: Mapping[str, str] | None = None):
-    """The ``onnx.ModelProto`` of one rate's ``weights`` (Hugging Face names, as
+    """The ``onnx.ModelProto`` of one rate's ``weights`` (a checkpoint's names, as
     ``Checkpoint.read_rate`` returns them) and the Hugging Face config dict ``config``."""
     import onnx
     from onnx import TensorProto, helper
 
     _check_config(config)
+    weights = runtime_weights(weights, config)
     inv_freq, attention_scaling = rotary_frequencies(config)
     args = ModelArgs.from_weights(weights, config, attention_scaling)
     size = sum(_nbytes(t) for t in {id(t): t for t in weights.values()}.values())
@@ -98,14 +101,14 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
                                                          ["batch_size", G, "total_sequence_length", width]))
 
     ids_shape = g.op("Shape", "input_ids")  # [B, T]
-    x = _embed(g, weights["model.embed_tokens.weight"], g.op("Reshape", "input_ids", g.const([-1])))
+    x = _embed(g, weights["embed_tokens.weight"], g.op("Reshape", "input_ids", g.const([-1])))
     positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([1, 3]))  # [B,1,T,1]
     mask = _attention_mask(g, ids_shape)
     scale = 1 / math.sqrt(args.head_dim)
     for i, layer in enumerate(args.layers):
-        p = f"model.layers.{i}."
+        p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
-        pairs = weights.get(p + "self_attn.rope_pairs")
+        pairs = weights.get(p + ROPE_PAIRS)
         pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
         freqs = inv_freq.float()[pairs]  # [G, u]
         angles = g.op("Mul", positions, g.const(torch.cat((freqs, freqs), -1)[:, None, :]))  # [B, G, T, 2u]
@@ -113,10 +116,13 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
         if attention_scaling != 1:
             cos, sin = (g.op("Mul", t, g.const(np.float32(attention_scaling))) for t in (cos, sin))
 
-        h = _rms_norm(g, x, weights[p + "input_layernorm.weight"], args.rms_norm_eps)
-        q = _heads(g, _linear(g, weights, p + "self_attn.q_proj", h), ids_shape, [G, Q, 2 * u], [0, 2, 3, 1, 4])
-        k = _heads(g, _linear(g, weights, p + "self_attn.k_proj", h), ids_shape, [G, 2 * u], [0, 2, 1, 3])
-        v = _heads(g, _linear(g, weights, p + "self_attn.v_proj", h), ids_shape, [G, r], [0, 2, 1, 3])
+        h = _rms_norm(g, x, weights[p + ATTN_NORM + ".weight"], args.rms_norm_eps)
+        q = _heads(g, _linear(g, weights, p + ATTN_Q, h), ids_shape, [G, Q, 2 * u], [0, 2, 3, 1, 4])
+        k = _heads(g, _linear(g, weights, p + ATTN_K, h), ids_shape, [G, 2 * u], [0, 2, 1, 3])
+        v = _heads(g, _linear(g, weights, p + ATTN_V, h), ids_shape, [G, r], [0, 2, 1, 3])
+        if p + ATTN_Q_NORM + ".weight" in weights:  # per-head norms of q and k, before RoPE
+            q = _rms_norm(g, q, weights[p + ATTN_Q_NORM + ".weight"], args.rms_norm_eps)
+            k = _rms_norm(g, k, weights[p + ATTN_K_NORM + ".weight"], args.rms_norm_eps)
         q = _rope(g, q, g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2])))
         k = _rope(g, k, cos, sin)
         keys = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, out=f"present.{i}.key")
@@ -126,15 +132,15 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
         scores = g.op("Where", mask, scores, g.const(np.float32(np.finfo(np.float32).min)))
         y = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", values, g.const([2])))  # [B,G,Q,T,r]
         y = g.op("Reshape", g.op("Transpose", y, perm=[0, 3, 1, 2, 4]), g.const([-1, G * Q * r]))
-        x = g.op("Add", x, _linear(g, weights, p + "self_attn.o_proj", y))
+        x = g.op("Add", x, _linear(g, weights, p + ATTN_OUT, y))
 
-        h = _rms_norm(g, x, weights[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
-        gate = _linear(g, weights, p + "mlp.gate_proj", h)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, weights, p + "mlp.up_proj", h))
-        x = g.op("Add", x, _linear(g, weights, p + "mlp.down_proj", act))
+        h = _rms_norm(g, x, weights[p + FFN_NORM + ".weight"], args.rms_norm_eps)
+        gate = _linear(g, weights, p + FFN_GATE, h)
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, weights, p + FFN_UP, h))
+        x = g.op("Add", x, _linear(g, weights, p + FFN_DOWN, act))
 
-    h = _rms_norm(g, x, weights["model.norm.weight"], args.rms_norm_eps)
-    head = "model.embed_tokens" if args.tie_word_embeddings else "lm_head"
+    h = _rms_norm(g, x, weights["norm.weight"], args.rms_norm_eps)
+    head = "embed_tokens" if args.tie_word_embeddings else "lm_head"
     logits = _linear(g, weights, head, h)
     g.op("Reshape", logits, g.op("Concat", ids_shape, g.const([args.vocab_size]), axis=0), out="logits")
 
@@ -217,7 +223,7 @@ def _nbytes(t: torch.Tensor | Quantized) -> int:
 def _embed(g: _Graph, table: torch.Tensor | Quantized, ids: str) -> str:
     """Hidden states [N, hidden] of the flat token ids ``ids``: a Gather of a float table, or a
     GatherBlockQuantized of the 4- or 8-bit one (the same B and scales as its MatMulNBits)."""
-    name = "model.embed_tokens.weight"
+    name = "embed_tokens.weight"
     if not isinstance(table, Quantized):
         return g.op("Gather", g.weight(table, name, "float", lambda: table.float()), ids)
     b, scales, bits = _quantized_initializers(g, table, name)

@@ -40,10 +40,11 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, Checkpoint, kv_bytes_per_token
 from ..exporters import export
+from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS
 from ..quants import BLOCK, BLOCK_BYTES
 from .engine import Engine, Switch, check_ctx
 from .generate import PREFILL_CHUNK, CachedGenerator
-from .memory import Footprint
+from .memory import Footprint, layer_widths, runtime_shapes
 
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 FORMATS = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
@@ -106,21 +107,21 @@ def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
     Q4_0, Q8_0 or F16 matrices, F32 vectors, each padded to the alignment), and of the Q4_0
     matrices a matmul uses (the ones llama.cpp repacks; a tied head is the embedding's)."""
     config, heads = ckpt.manifest["source"]["config"], ckpt.heads
-    full = {"q_proj": heads.num_heads * heads.head_dim, "k_proj": heads.num_kv_heads * heads.head_dim,
-            "v_proj": heads.num_kv_heads * heads.head_dim}
+    full = {ATTN_Q: heads.num_heads * heads.head_dim, ATTN_K: heads.num_kv_heads * heads.head_dim,
+            ATTN_V: heads.num_kv_heads * heads.head_dim}
     total = matmul = 0
-    for name, (shape, _, fmt) in ckpt.shapes(rate).items():
-        if name.endswith("rope_pairs"):
+    for name, (shape, _, fmt) in runtime_shapes(ckpt, rate).items():
+        if name.endswith(ROPE_PAIRS):
             continue  # consumed by the full-size layout
         parts = name.split(".")
         if len(parts) > 2 and parts[-2] in full:
             shape = (full[parts[-2]], *shape[1:])
-        elif len(parts) > 2 and parts[-2] == "o_proj":
+        elif len(parts) > 2 and parts[-2] == ATTN_OUT:
             shape = (shape[0], heads.num_heads * heads.head_dim)
         numel = math.prod(shape)
         nbytes = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * (2 if len(shape) == 2 else 4)
         total += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
-        used_by_matmul = not name.endswith("embed_tokens.weight") or config.get("tie_word_embeddings")
+        used_by_matmul = name != "embed_tokens.weight" or config.get("tie_word_embeddings")
         if fmt == "q4_0" and len(shape) == 2 and shape[0] % 8 == 0 and used_by_matmul:
             matmul += nbytes
     return total, matmul
@@ -163,8 +164,7 @@ def predict_backend_footprint(ckpt: Checkpoint, rate: float, ctx: int, backend: 
     on top of a process holding ``baseline`` bytes (see the module's docstring)."""
     config = ckpt.manifest["source"]["config"]
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
-    shapes = ckpt.shapes(rate)
-    widest_mlp = max(s[0] for n, (s, _, _) in shapes.items() if n.endswith("gate_proj.weight"))
+    widest_mlp = max(layer.intermediate_size for layer in layer_widths(runtime_shapes(ckpt, rate), heads))
     path = export_path(ckpt, rate, backend)
     if backend == "llama.cpp":
         tensors, matmul = _gguf_tensors(ckpt, rate)

@@ -19,11 +19,13 @@ from torch import nn
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
+from ..families import family_for
+from ..families.base import ROPE_PAIRS
 from ..kernels.q4_layout import unprepare_q4
 from ..quants import Quantized, QuantizedTensor
 from .generate import Generator
 from .memory import return_freed_memory
-from .model import Block, KVCache, LayerArgs, Q4Linear, Transformer, resident
+from .model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Engine:
                  tokenizer=None):
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         self.config = self.ckpt.manifest["source"]["config"]
+        self.family = family_for(self.config)
         check_ctx(self.config, ctx)
         self.int4 = self.ckpt.manifest["quantization"] is not None
         self.dtype = dtype or (torch.bfloat16 if self.int4 else torch.float32)
@@ -62,9 +65,10 @@ class Engine:
         return_freed_memory()
         start, read = time.perf_counter(), self.ckpt.bytes_read
         weights = {}
+        runtime = self.family.runtime_names(self.ckpt.shapes(rate))
         for name, t in self.ckpt.iter_rate(rate, verify):
             if name not in self.ckpt.aliases:  # a tied head is re-tied from the config
-                weights[name] = resident(name, _to(t, self.device), self.dtype, self.int4)
+                weights[name] = resident(runtime[name], _to(t, self.device), self.dtype, self.int4)
         self.model = Transformer.from_weights(weights, self.config, self.dtype, self.int4)
         del weights
         return_freed_memory()
@@ -109,7 +113,8 @@ class Engine:
         held = _held(self.model.layers[index])
         weights = {}
         for local, t in held.items():
-            t = self.ckpt.resize(f"model.layers.{index}.{local}", t, old, new, self.verify)
+            slot, _, param = local.partition(".")
+            t = self.ckpt.resize(self.family.name_of(index, slot, param), t, old, new, self.verify)
             weights[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
         del held
         layer = LayerArgs.of(weights, self.model.args.num_kv_heads, index)
@@ -149,14 +154,15 @@ def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Qua
 
 
 def _held(block: Block) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """A block's tensors by their names within the block, 4-bit matrices back as codes."""
+    """A block's tensors by their runtime names within the block (``slot.param``, ``rope_pairs``),
+    4-bit matrices back as codes."""
     out = {}
-    for name, module in block.named_modules():
+    for name, module in block.named_children():
         if isinstance(module, Q4Linear):
             out[f"{name}.weight"] = QuantizedTensor(*unprepare_q4(module.weight))
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias
-        elif isinstance(module, nn.Linear) or name.endswith("layernorm"):
+        elif isinstance(module, (nn.Linear, RMSNorm)):
             out.update({f"{name}.{p}": t.data for p, t in module.named_parameters(recurse=False)})
-    out["self_attn.rope_pairs"] = block.self_attn.rope_pairs
+    out[ROPE_PAIRS] = block.rope_pairs
     return out

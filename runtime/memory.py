@@ -21,17 +21,20 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import psutil
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import Checkpoint, kv_bytes_per_token
+from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
+from ..families import family_for
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..quants import BLOCK, BLOCK_BYTES
 from .floor import DEFAULT_MAX_KL, check_floor, quality_note, within_floor
 from .generate import PREFILL_CHUNK
+from .model import LayerArgs, block_weights
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
 _UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
@@ -132,6 +135,20 @@ class Footprint:
         return self.weights + self.kv_cache + self.workspace + self.baseline
 
 
+def runtime_shapes(ckpt: Checkpoint, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, str | None]]:
+    """``Checkpoint.shapes`` of ``rate`` under the elastic model's names (``runtime_weights``)."""
+    shapes = ckpt.shapes(rate)
+    names = family_for(ckpt.manifest["source"]["config"]).runtime_names(shapes)
+    return {names[name]: value for name, value in shapes.items()}
+
+
+def layer_widths(shapes: Mapping[str, tuple], heads: Heads) -> list[LayerArgs]:
+    """The widths of each block, read off runtime-named ``shapes`` without reading a weight."""
+    layers = sorted({int(name.split(".")[1]) for name in shapes if name.startswith("layers.")})
+    return [LayerArgs.of({k: torch.empty(v[0], device="meta") for k, v in block_weights(shapes, i).items()},
+                         heads.num_kv_heads, i) for i in layers]
+
+
 def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtype, int4: bool,
                       baseline: int, path: str = "torch") -> Footprint:
     """The footprint of ``rate`` run with ``ctx`` positions of KV cache, activations in ``dtype``,
@@ -140,7 +157,7 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     itemsize = torch.empty((), dtype=dtype).element_size()
     config = ckpt.manifest["source"]["config"]
     tied = bool(config.get("tie_word_embeddings"))
-    shapes = ckpt.shapes(rate)
+    shapes = runtime_shapes(ckpt, rate)
     weights, transient = 0, 0
     for name, (shape, stored_dtype, fmt) in shapes.items():
         numel = math.prod(shape)
@@ -151,7 +168,7 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
             held = numel + numel // BLOCK * itemsize
             load = stored + held
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
-            held = stored if name.endswith("embed_tokens.weight") else q4_nbytes(*shape, path)
+            held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
             load = min(4 * numel, REPACK_BYTES) + 2 * held
         else:  # floats in the activations' dtype, integers (rope pair indices) as int64; from the raw bytes
             held = numel * itemsize if quantized or stored_dtype.is_floating_point else numel * 8
@@ -159,13 +176,13 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         weights += held
         transient = max(transient, load)
     weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
-    embed_shape, _, embed_format = shapes["model.embed_tokens.weight"]
+    embed_shape, _, embed_format = shapes["embed_tokens.weight"]
     if tied and embed_format == "q4_0" and int4:
         weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)
     widths = ckpt.rate_entry(rate)["widths"]
     kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
     hidden, vocab, heads = config["hidden_size"], config["vocab_size"], ckpt.heads.num_heads
-    widest_mlp = max(shape[0] for name, (shape, _, _) in shapes.items() if name.endswith("gate_proj.weight"))
+    widest_mlp = max(layer.intermediate_size for layer in layer_widths(shapes, ckpt.heads))
     chunk = min(PREFILL_CHUNK, ctx)
     # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the MLP's
     # gate, up and product; plus attention scores and probabilities over the context (float32), and

@@ -1,11 +1,12 @@
-"""The elastic model: a Llama / Mistral / Qwen2 decoder whose every layer has its own widths.
+"""The elastic model: a decoder whose every layer has its own widths, for every supported family.
 
 A sorted model pruned at some rate keeps a prefix of every prunable axis, so its layers differ
 in MLP width, kept rotary pairs per KV head (q/k head size 2u) and V/O rank (value head size r).
 This module runs such a model in plain torch (after gpt-fast's ``model.py``): the widths are read
 off the tensors' shapes, RoPE gathers each KV group's frequencies by its stored pair indices
 (``elastiq.kernels.rope``), and the attention scale stays that of the original head size.
-Modules carry Hugging Face's names, so a Hugging Face state dict loads by dropping ``model.``.
+Blocks name their modules by slot, not by any family's names: ``runtime_weights`` renames a
+checkpoint's or a transformers state dict's tensors through the family of the config.
 
 Two ways to run it: a full causal pass over ``input_ids`` (evaluation, calibration), or
 incremental decoding through a per-layer ``KVCache`` (``setup_caches``, then ``forward(ids,
@@ -27,6 +28,9 @@ from torch import nn
 from .. import ElastiqError
 from ..kernels import Q4Weight, apply_rope_gather, prepare_q4, q4_linear
 from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
+from ..families import family_for
+from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_Q_NORM, ATTN_V, FFN_GATE, FFN_NORM, MATRICES,
+                             ROPE_PAIRS)
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight
@@ -39,18 +43,19 @@ class LayerArgs:
     intermediate_size: int
     rope_pairs: int
     v_rank: int
-    biases: frozenset[str]  # the projections that carry a bias, as "self_attn.q_proj"
+    biases: frozenset[str]  # the slots whose projection carries a bias
 
     @classmethod
     def of(cls, block: Mapping[str, Weight], num_kv_heads: int, index: int) -> "LayerArgs":
-        """The widths of block ``index`` read off its tensors' shapes (names within the block)."""
-        k_rows = _rows(block["self_attn.k_proj.weight"])
-        v_rows = _rows(block["self_attn.v_proj.weight"])
+        """The widths of block ``index`` read off its tensors' shapes (runtime names within the block)."""
+        k_rows = _rows(block[f"{ATTN_K}.weight"])
+        v_rows = _rows(block[f"{ATTN_V}.weight"])
         if k_rows % (2 * num_kv_heads) or v_rows % num_kv_heads:
-            raise ElastiqError(f"layer {index}: k_proj has {k_rows} rows and v_proj {v_rows}; expected whole rotary "
-                               f"pairs and whole V ranks for each of the {num_kv_heads} KV heads")
+            raise ElastiqError(f"layer {index}: the key projection has {k_rows} rows and the value projection "
+                               f"{v_rows}; expected whole rotary pairs and whole V ranks for each of the "
+                               f"{num_kv_heads} KV heads")
         biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
-        return cls(_rows(block["mlp.gate_proj.weight"]), k_rows // (2 * num_kv_heads), v_rows // num_kv_heads,
+        return cls(_rows(block[f"{FFN_GATE}.weight"]), k_rows // (2 * num_kv_heads), v_rows // num_kv_heads,
                    biases)
 
 
@@ -72,23 +77,27 @@ class ModelArgs:
     @classmethod
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping,
                      attention_scaling: float) -> "ModelArgs":
-        """Read each block's widths off the shapes of its tensors in ``weights`` (Hugging Face names)."""
-        if config.get("hidden_act", "silu") != "silu":
-            raise ElastiqError(f"hidden_act {config['hidden_act']!r} is not supported; "
-                               "the elastic model runs SwiGLU (silu)")
-        num_heads = config["num_attention_heads"]
-        num_kv_heads = config.get("num_key_value_heads") or num_heads
-        layers = tuple(LayerArgs.of({k.removeprefix(f"model.layers.{i}."): t for k, t in weights.items()
-                                     if k.startswith(f"model.layers.{i}.")}, num_kv_heads, i)
+        """Read each block's widths off the shapes of its tensors in ``weights`` (runtime names,
+        ``runtime_weights``)."""
+        family_for(config).check(config)
+        heads = family_for(config).heads(config)
+        layers = tuple(LayerArgs.of(block_weights(weights, i), heads.num_kv_heads, i)
                        for i in range(config["num_hidden_layers"]))
         layer_types = config.get("layer_types")
         windowed = config.get("sliding_window") and (layer_types is None or "sliding_attention" in layer_types)
-        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=num_heads,
-                   num_kv_heads=num_kv_heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=heads.num_heads,
+                   num_kv_heads=heads.num_kv_heads, head_dim=heads.head_dim,
                    rms_norm_eps=config["rms_norm_eps"], tie_word_embeddings=config.get("tie_word_embeddings", False),
                    attention_scaling=attention_scaling,
                    sliding_window=config["sliding_window"] if windowed else None, layers=layers)
+
+
+def runtime_weights(weights: Mapping[str, Weight], config: Mapping) -> dict[str, Weight]:
+    """``weights`` (a checkpoint's or transformers' names) under the elastic model's names, which
+    no family owns: ``layers.{i}.{slot}.{param}``, ``layers.{i}.rope_pairs``, ``embed_tokens.weight``,
+    ``norm.weight``, ``lm_head.weight``. The family of ``config`` knows the mapping."""
+    names = family_for(config).runtime_names(weights)
+    return {names[name]: t for name, t in weights.items()}
 
 
 class RMSNorm(nn.Module):
@@ -200,21 +209,16 @@ def _norm(weight: torch.Tensor, eps: float) -> RMSNorm:
     return norm
 
 
-class FeedForward(nn.Module):
-    """SwiGLU MLP of a block's own width."""
+class Block(nn.Module):
+    """Pre-norm decoder block of its own widths: x + attention(norm(x)), then + MLP(norm(.)).
 
-    def __init__(self, w: Mapping[str, torch.Tensor | Q4Weight]):
-        super().__init__()
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, _linear(w[f"{name}.weight"], w.get(f"{name}.bias")))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with q/k heads of 2u channels, value heads of r channels, and
-    RoPE frequencies gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair)."""
+    Its modules are named by slot (``attn_q``, ``ffn_down``, ...; ``elastiq.families.base``), so a
+    block tensor's runtime name is ``layers.{i}.{slot}.{param}`` whatever the family. Attention is
+    grouped-query with q/k heads of 2u channels, value heads of r channels, and RoPE frequencies
+    gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair); q and k are
+    normalised per head before RoPE when the block has ``attn_q_norm`` / ``attn_k_norm``. The MLP
+    is SwiGLU of the block's own width.
+    """
 
     def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight]):
         super().__init__()
@@ -223,17 +227,22 @@ class Attention(nn.Module):
         self.qk_dim, self.v_dim = 2 * u, r
         self.scale = 1 / math.sqrt(args.head_dim)  # pruning drops terms of q.k, it does not rescale it
         self.attention_scaling = args.attention_scaling
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, _linear(w[f"{name}.weight"], w.get(f"{name}.bias")))
-        self.register_buffer("rope_pairs", w["rope_pairs"])
+        for slot in MATRICES:
+            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias")))
+        for slot in (ATTN_NORM, FFN_NORM, ATTN_Q_NORM, ATTN_K_NORM):
+            setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
+        self.register_buffer("rope_pairs", w[ROPE_PAIRS])
         self.kv_cache: KVCache | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, T, H, 2u], k [B, T, G, 2u], v [B, T, G, r] of hidden states ``x`` [B, T, hidden]."""
+        """q [B, T, H, 2u], k [B, T, G, 2u], v [B, T, G, r] of hidden states ``x`` [B, T, hidden]
+        (q and k normalised per head if the block has their norms)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.qk_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.qk_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_dim)
+        q = self.attn_q(x).view(B, T, self.num_heads, self.qk_dim)
+        k = self.attn_k(x).view(B, T, self.num_kv_heads, self.qk_dim)
+        v = self.attn_v(x).view(B, T, self.num_kv_heads, self.v_dim)
+        if self.attn_q_norm is not None:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         return q, k, v
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
@@ -256,8 +265,8 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                start: int | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                  start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
         self.rotate(q, k, positions, inv_freq)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -266,24 +275,15 @@ class Attention(nn.Module):
                 raise ElastiqError("decoding at a position needs the KV caches: call setup_caches first")
             k, v = self.kv_cache.update(start, k, v)
         y = self.attend(q, k, v, start)
-        return self.o_proj(y.transpose(1, 2).flatten(2))
+        return self.attn_output(y.transpose(1, 2).flatten(2))
 
-
-class Block(nn.Module):
-    """Pre-norm decoder block: x + attention(norm(x)), then + mlp(norm(.))."""
-
-    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight]):
-        super().__init__()
-        self.input_layernorm = _norm(w["input_layernorm.weight"], args.rms_norm_eps)
-        self.self_attn = Attention(args, layer, {k.removeprefix("self_attn."): t for k, t in w.items()
-                                                 if k.startswith("self_attn.")})
-        self.post_attention_layernorm = _norm(w["post_attention_layernorm.weight"], args.rms_norm_eps)
-        self.mlp = FeedForward({k.removeprefix("mlp."): t for k, t in w.items() if k.startswith("mlp.")})
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                 start: int | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.attention(self.attn_norm(x), positions, inv_freq, start)
+        return h + self.mlp(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -332,26 +332,25 @@ class Transformer(nn.Module):
     def setup_caches(self, batch: int, max_seq: int) -> None:
         """Give every layer an empty KV cache of ``max_seq`` positions in the model's dtype."""
         for layer in self.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(batch, max_seq, attn.num_kv_heads, attn.qk_dim, attn.v_dim, self.dtype,
-                                    self.inv_freq.device)
+            layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
+                                     self.inv_freq.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
-            layer.self_attn.kv_cache = None
+            layer.kv_cache = None
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping, dtype: torch.dtype = torch.float32,
                      int4: bool = False) -> "Transformer":
-        """The model of ``weights`` (Hugging Face names, any rate's widths, optional
-        ``model.layers.{i}.self_attn.rope_pairs`` [G, u]; pairs 0..u-1 when absent) and the
+        """The model of ``weights`` (a checkpoint's or transformers' names, any rate's widths, with
+        or without each block's rotary pair indices [G, u]: pairs 0..u-1 when absent) and the
         Hugging Face config dict ``config``, computing in ``dtype``. Float tensors become the
         parameters without a copy when they already have ``dtype``. Quantized matrices
         (``QuantizedTensor``, ``Q8Tensor``) are dequantized to ``dtype`` (the reference), or with
         ``int4`` kept packed for the quantized kernels (then ``dtype`` must suit them: bfloat16 on
         CPU); weights already prepared (``Q4Weight``, ``Q8Weight``, as ``resident`` makes them)
         are used as they are. A tied embedding and head are made resident once."""
-        weights = {name.removeprefix("model."): t for name, t in weights.items()}
+        weights = runtime_weights(weights, config)
         if config.get("tie_word_embeddings"):
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         q8: dict[int, Weight] = {}  # a tied Q8_0 embedding and head share one resident form
@@ -363,16 +362,16 @@ class Transformer(nn.Module):
             else:
                 weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
         inv_freq, attention_scaling = rotary_frequencies(config)
-        args = ModelArgs.from_weights({f"model.{k}": t for k, t in weights.items()}, config, attention_scaling)
+        args = ModelArgs.from_weights(weights, config, attention_scaling)
         device = _device(weights["norm.weight"])
         for i, layer in enumerate(args.layers):
-            name = f"layers.{i}.self_attn.rope_pairs"
+            name = f"layers.{i}.{ROPE_PAIRS}"
             pairs = weights.get(name)
             if pairs is None:
                 pairs = torch.arange(layer.rope_pairs, device=device).expand(args.num_kv_heads, -1)
             if pairs.shape != (args.num_kv_heads, layer.rope_pairs):
-                raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the k_proj rows say "
-                                   f"{(args.num_kv_heads, layer.rope_pairs)}")
+                raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
+                                   f"rows say {(args.num_kv_heads, layer.rope_pairs)}")
             weights[name] = pairs.long()
         return cls(args, weights, inv_freq.to(device), dtype).eval()
 
@@ -383,7 +382,7 @@ class Transformer(nn.Module):
 
 
 def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
-    """Tensor ``name`` in the form the model holds it: floats in ``dtype``, integers (rotary pair
+    """Tensor ``name`` (its runtime name) in the form the model holds it: floats in ``dtype``, integers (rotary pair
     indices) in int64; quantized matrices dequantized, or with ``int4`` prepared for their kernels
     (a Q4_0 token embedding stays as codes, since a lookup needs rows, not a matmul; a Q8_0 one is
     held block-major for both)."""
@@ -392,7 +391,7 @@ def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
     if isinstance(t, QuantizedTensor):
         if not int4:
             return t.dequantize().to(dtype)
-        if name.removeprefix("model.") == "embed_tokens.weight":
+        if name == "embed_tokens.weight":
             return t
         return prepare_q4(t.codes, t.scales, t.codes.device)
     if isinstance(t, (Q4Weight, Q8Weight)):

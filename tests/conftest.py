@@ -74,12 +74,12 @@ def tokenizer(data_dir):
 def tiny_config(family: str, vocab_size: int):
     """A 2-layer random configuration of ``family`` with GQA (4 query heads, 2 KV heads) and a
     head size of 64, so that V/O ranks can be pruned in whole blocks of 32."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**common)
 
 
 def build_tiny(family: str, tokenizer, seed: int = 0):
@@ -120,6 +120,29 @@ def models(tokenizer, tmp_path_factory):
         tokenizer.save_pretrained(path)
         with torch.no_grad():
             out[family] = (path, model(torch.tensor([tokenizer.encode(TEXT)])).logits)
+    return out
+
+
+def model_groups(model) -> tuple[list, object]:
+    """The prunable groups of every block of a transformers model, and its attention heads."""
+    from elastiq.families import family_for
+
+    config = model.config.to_dict()
+    family = family_for(config)
+    return [g for i in range(config["num_hidden_layers"]) for g in family.groups(config, i)], family.heads(config)
+
+
+def with_pairs(model, tensors: dict | None = None) -> dict:
+    """``tensors`` (the model's state dict by default) with each block's identity rotary pair
+    indices, which a checkpoint's Q/K groups carry."""
+    from elastiq.families import family_for
+    from elastiq.families.base import ROPE_PAIRS
+
+    config = model.config.to_dict()
+    family, heads = family_for(config), family_for(config).heads(config)
+    out = dict(model.state_dict() if tensors is None else tensors)
+    for i in range(config["num_hidden_layers"]):
+        out[family.name_of(i, ROPE_PAIRS)] = torch.arange(heads.head_dim // 2).repeat(heads.num_kv_heads, 1).int()
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 
 from elastiq import ElastiqError
 from elastiq.checkpoint import MLP, QK, VO, Heads, to_storage
-from elastiq.compressor.adapters import adapter_for
+from elastiq.families import family_for
 from elastiq.compressor.calibrate import C4_SAMPLE, calibrate, calibration_samples, calibration_texts
 from elastiq.compressor.sort import pair_scores, ridge_leverage, sort_block
 from conftest import build_tiny
@@ -98,10 +98,10 @@ def test_block_statistics_match_direct_computation(tokenizer, data_dir):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = build_tiny("llama", tokenizer)
-    adapter = adapter_for(model)
+    family = family_for(model.config.to_dict())
     samples = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32)
-    stats = dict(calibrate(adapter, samples, chunk=3, progress=False))  # chunks of 3 and 1
-    block, h = model.model.layers[0], adapter.heads
+    stats = dict(calibrate(model, family, samples, chunk=3, progress=False))  # chunks of 3 and 1
+    block, h = model.model.layers[0], family.heads(model.config.to_dict())
     with torch.no_grad():
         hidden = model(samples, output_hidden_states=True).hidden_states
         x = block.input_layernorm(hidden[0])
@@ -145,23 +145,28 @@ def test_mlp_and_vo_sorting_keep_the_function(method, tokenizer, data_dir):
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.data.normal_(0, 0.5)
-    adapter = adapter_for(model)
+    config = model.config.to_dict()
+    family = family_for(config)
     ids = torch.tensor([tokenizer.encode("Robert Boulter is an English film , television and theatre actor .")])
     with torch.no_grad():
         before = model(ids).logits
-    for i, stats in calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32), progress=False):
-        sort_block(model, [g for g in adapter.groups(i) if g.kind in (MLP, VO)], adapter.heads, stats, method)
+    samples = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32)
+    for i, stats in calibrate(model, family, samples, progress=False):
+        sort_block(model, [g for g in family.groups(config, i) if g.kind in (MLP, VO)], family.heads(config), stats,
+                   method)
     with torch.no_grad():
         assert (model(ids).logits - before).abs().max() < 1e-4
 
 
 def test_magnitude_orders_units_by_norm(tokenizer, data_dir):
     model = build_tiny("llama", tokenizer)
-    adapter = adapter_for(model)
-    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16), progress=False))[1]
-    pairs = sort_block(model, adapter.groups(0), adapter.heads, stats, "magnitude")
+    config = model.config.to_dict()
+    family, heads = family_for(config), family_for(config).heads(config)
+    stats = next(calibrate(model, family, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16),
+                           progress=False))[1]
+    pairs = sort_block(model, family.groups(config, 0), heads, stats, "magnitude")
     state = model.state_dict()
-    norms = sum(to_storage(state[f"model.layers.0.mlp.{n}"], r, adapter.heads).square().sum(1)
+    norms = sum(to_storage(state[f"model.layers.0.mlp.{n}"], r, heads).square().sum(1)
                 for n, r in (("gate_proj.weight", "rows"), ("up_proj.weight", "rows"), ("down_proj.weight", "cols")))
     assert torch.all(norms[:-1] >= norms[1:])
     assert pairs.dtype == torch.int32 and sorted(pairs[0].tolist()) == list(range(32))
@@ -169,15 +174,18 @@ def test_magnitude_orders_units_by_norm(tokenizer, data_dir):
 
 def test_uniql_orders_pairs_by_score(tokenizer, data_dir):
     model = build_tiny("llama", tokenizer)
-    adapter = adapter_for(model)
-    stats = next(calibrate(adapter, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16), progress=False))[1]
-    pairs = sort_block(model, [g for g in adapter.groups(0) if g.kind == QK], adapter.heads, stats)
-    scores = pair_scores(stats.q_sq, stats.k_sq, adapter.heads)
+    config = model.config.to_dict()
+    family, heads = family_for(config), family_for(config).heads(config)
+    stats = next(calibrate(model, family, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 2, 16),
+                           progress=False))[1]
+    pairs = sort_block(model, [g for g in family.groups(config, 0) if g.kind == QK], heads, stats)
+    scores = pair_scores(stats.q_sq, stats.k_sq, heads)
     kept = scores.gather(1, pairs.long())
     assert torch.all(kept[:, :-1] >= kept[:, 1:])
 
 
 def test_unknown_method(tiny_llama):
-    adapter = adapter_for(tiny_llama)
+    config = tiny_llama.config.to_dict()
+    family = family_for(config)
     with pytest.raises(ElastiqError, match="unknown sorting method 'random'; known: uniql, magnitude"):
-        sort_block(tiny_llama, adapter.groups(0), adapter.heads, None, "random")
+        sort_block(tiny_llama, family.groups(config, 0), family.heads(config), None, "random")

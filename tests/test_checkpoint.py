@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from conftest import model_groups, with_pairs
 from elastiq.checkpoint import (QK, VO, Checkpoint, CheckpointError, Heads, RateSpec, from_storage, to_storage,
                                 write_checkpoint)
-from elastiq.compressor.adapters import adapter_for
 
 HEADS = Heads(num_heads=4, num_kv_heads=2, head_dim=64)
 
@@ -30,6 +30,8 @@ def hf_slice(t: torch.Tensor, role: str, u: int, heads: Heads = HEADS) -> torch.
         return t.reshape(G, d, *rest)[:, :u].reshape(G * u, *rest)
     if role == "o":
         return t.reshape(t.shape[0], H, d)[:, :, :u].reshape(t.shape[0], H * u)
+    if role == "pairs":  # [G, d/2] rotary pair indices: each KV head's first u
+        return t[:, :u]
     raise AssertionError(role)
 
 
@@ -46,16 +48,15 @@ def test_storage_prefix_is_the_hf_slice(role, shape, units):
 SMALL = {"mlp": (32, 64), QK: (20, 28), VO: (32, 64)}  # kept widths of layers 0 and 1 at rate 0.3
 
 
-def _rates(adapter) -> list[RateSpec]:
-    groups = [g for i in range(len(adapter.layers)) for g in adapter.groups(i)]
+def _rates(model) -> list[RateSpec]:
+    groups, _ = model_groups(model)
     return [RateSpec(0.0, {g.name: g.width for g in groups}),
             RateSpec(0.3, {g.name: SMALL[g.kind][g.layer] for g in groups}, {"ppl": 12.5})]
 
 
 def _write(tmp_path, model, tokenizer, **kwargs):
-    adapter = adapter_for(model)
-    groups = [g for i in range(len(adapter.layers)) for g in adapter.groups(i)]
-    path = write_checkpoint(tmp_path / "tiny.elastiq", model.state_dict(), groups, _rates(adapter), adapter.heads,
+    groups, heads = model_groups(model)
+    path = write_checkpoint(tmp_path / "tiny.elastiq", with_pairs(model), groups, _rates(model), heads,
                             {"model_type": model.config.model_type, "config": model.config.to_dict()},
                             tokenizer, **kwargs)
     return path, groups
@@ -69,7 +70,7 @@ def test_read_rate_is_the_sliced_model_and_reads_only_its_bytes(family, tiny_dir
     path, groups = _write(tmp_path, model, tokenizer)
     ckpt = Checkpoint(path)
     assert ckpt.rates == [0.0, 0.3]
-    state = model.state_dict()
+    state = with_pairs(model)
     for rate in ckpt.rates:
         ckpt.bytes_read = 0
         weights = ckpt.read_rate(rate)
@@ -162,12 +163,11 @@ def test_interrupted_write_leaves_nothing(tiny_llama, tmp_path, tokenizer, monke
 
 
 def test_widths_off_the_granularity_are_refused(tiny_llama, tmp_path, tokenizer):
-    adapter = adapter_for(tiny_llama)
-    groups = adapter.groups(0) + adapter.groups(1)
+    groups, heads = model_groups(tiny_llama)
     widths = {g.name: g.width for g in groups} | {"layers.1.mlp": 40}
     with pytest.raises(CheckpointError, match=r"group layers.1.mlp needs a kept width of 96 or a multiple of 32"):
-        write_checkpoint(tmp_path / "x.elastiq", tiny_llama.state_dict(), groups, [RateSpec(0.1, widths)],
-                         adapter.heads, {}, tokenizer)
+        write_checkpoint(tmp_path / "x.elastiq", with_pairs(tiny_llama), groups, [RateSpec(0.1, widths)],
+                         heads, {}, tokenizer)
 
 
 # --- quantized checkpoints ------------------------------------------------------------------------
@@ -198,10 +198,9 @@ def test_block_storage_prefix_is_whole_input_blocks(role, shape, blocks):
 def test_quantized_rates_slice_whole_blocks_and_read_only_their_bytes(tiny_llama, tmp_path, tokenizer):
     from elastiq.quants import QuantizedTensor
 
-    adapter = adapter_for(tiny_llama)
-    groups = [g for i in range(2) for g in adapter.groups(i)]
-    tensors = _quantized(tiny_llama)
-    path = write_checkpoint(tmp_path / "q.elastiq", tensors, groups, _rates(adapter), adapter.heads, {}, tokenizer,
+    groups, heads = model_groups(tiny_llama)
+    tensors = with_pairs(tiny_llama, _quantized(tiny_llama))
+    path = write_checkpoint(tmp_path / "q.elastiq", tensors, groups, _rates(tiny_llama), heads, {}, tokenizer,
                             quantization={"format": "q4_0", "block": 32})
     ckpt = Checkpoint(path)
     assert ckpt.manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
@@ -222,6 +221,7 @@ def test_quantized_rates_slice_whole_blocks_and_read_only_their_bytes(tiny_llama
         kept = ckpt.read_units(name, 0, widths["layers.0.mlp"] // 32)
         assert torch.equal(kept, ckpt.read_units(name, 0, 3)[:widths["layers.0.mlp"] // 32])
     assert torch.equal(full["lm_head.weight"].codes, tensors["model.embed_tokens.weight"].codes)
-    state = {n: t for n, t in tiny_llama.state_dict().items() if n != "lm_head.weight"}  # tied: stored once
-    exact = sum(t.numel() // 32 * 18 if t.dim() == 2 else t.numel() * 4 for t in state.values())
-    assert ckpt.rate_entry(0.0)["weight_bytes"] == exact  # Q4_0: 18 bytes per 32 weights; norms in float32
+    state = {n: t for n, t in with_pairs(tiny_llama).items() if n != "lm_head.weight"}  # tied: stored once
+    exact = sum(t.numel() // 32 * 18 if t.dim() == 2 and t.is_floating_point() else t.numel() * 4
+                for t in state.values())
+    assert ckpt.rate_entry(0.0)["weight_bytes"] == exact  # Q4_0: 18 bytes per 32 weights; norms, pairs 4 bytes

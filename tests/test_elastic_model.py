@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,11 +12,10 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from elastiq import ElastiqError
-from elastiq.checkpoint import MLP, QK, VO, Checkpoint, Group, RateSpec, write_checkpoint
-from elastiq.compressor.adapters import adapter_for
+from elastiq.checkpoint import MLP, QK, VO, Checkpoint, RateSpec, write_checkpoint
 from elastiq.kernels.rope import apply_rope, rope_tables
 from elastiq.runtime.model import Transformer
-from conftest import build_tiny
+from conftest import build_tiny, model_groups
 
 H, G, D = 4, 2, 64  # tiny_config's query heads, KV heads and head size
 Q, P = H // G, D // 2
@@ -116,13 +114,6 @@ def masked(state: dict, widths) -> dict:
     return out
 
 
-def with_pairs(group: Group) -> Group:
-    """A layer's Q/K group with its rope_pairs [G, d/2] as a member (the layout the compressor is to write)."""
-    if group.kind != QK:
-        return group
-    return replace(group, members=group.members + ((f"model.layers.{group.layer}.self_attn.rope_pairs", "pairs"),))
-
-
 def hf_logits(model, state: dict, ids: torch.Tensor) -> torch.Tensor:
     """transformers' logits of ``model`` with its weights replaced by ``state``."""
     clone = copy.deepcopy(model)
@@ -198,12 +189,11 @@ def test_pruning_by_slicing_equals_zeroing(model, ids):
 
 
 def test_every_checkpoint_rate_loads_directly(model, ids, tmp_path):
-    adapter = adapter_for(model)
-    groups = [with_pairs(g) for i in range(len(adapter.layers)) for g in adapter.groups(i)]
+    groups, heads = model_groups(model)
     rates = [RateSpec(rate, {g.name: widths[g.layer][g.kind] for g in groups})
              for rate, widths in ((0.0, FULL), (0.3, SMALL))]
     state, perms = sort(model.state_dict())
-    path = write_checkpoint(tmp_path / "tiny.elastiq", state, groups, rates, adapter.heads,
+    path = write_checkpoint(tmp_path / "tiny.elastiq", state, groups, rates, heads,
                             {"model_type": model.config.model_type, "config": model.config.to_dict()})
     ckpt = Checkpoint(path)
     config = ckpt.manifest["source"]["config"]

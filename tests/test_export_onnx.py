@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.exporters.onnx import OnnxExportError, build_model, write_onnx
 from elastiq.quants import QuantizedTensor, matmulnbits
-from elastiq.runtime.model import Transformer
+from elastiq.runtime.model import Transformer, runtime_weights
 from conftest import TEXT
 
 RATES = (0.15, 0.35)
@@ -95,7 +95,7 @@ def test_cache_shapes_follow_each_layers_widths(nested_checkpoints, tmp_path):
 def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_path):
     ckpt = nested_checkpoints["qwen2-q4"]
     model = onnx.load(write_onnx(ckpt.path, 0.15, tmp_path / "m.onnx"))
-    weights = ckpt.read_rate(0.15)
+    weights = runtime_weights(ckpt.read_rate(0.15), ckpt.manifest["source"]["config"])  # the initializers' names
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     quantized = {k: v for k, v in weights.items() if isinstance(v, QuantizedTensor)}
@@ -109,7 +109,7 @@ def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_p
         assert np.array_equal(inits[node.input[2]], t.scales.float().numpy())
         assert inits[node.input[2]].dtype == np.float32
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert gather.input[0] == "model.embed_tokens.weight.matmulnbits"  # one B for the tied embedding and head
+    assert gather.input[0] == "embed_tokens.weight.matmulnbits"  # one B for the tied embedding and head
     assert not [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits]
 
 
@@ -121,8 +121,8 @@ def test_8bit_embedding_and_head_are_the_checkpoints_codes_plus_128(name, nested
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     head = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(
-        ("model.embed_tokens", "lm_head"))]
-    assert len(head) == 1 and head[0].input[1] == ("model.embed_tokens.weight.matmulnbits" if name == "llama-q8"
+        ("embed_tokens", "lm_head"))]
+    assert len(head) == 1 and head[0].input[1] == ("embed_tokens.weight.matmulnbits" if name == "llama-q8"
                                                    else "lm_head.weight.matmulnbits")
     for node, hf in ((gather, "model.embed_tokens.weight"), (head[0], "lm_head.weight")):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

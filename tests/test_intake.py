@@ -37,7 +37,7 @@ def test_hf_folder_loads_exact_weights(family, tiny_dirs, tokenizer):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type llama, mistral, qwen2"):
+    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type llama, mistral, qwen2, qwen3"):
         load_model(tmp_path / "nowhere.gguf")
 
 
@@ -79,12 +79,12 @@ def test_unreadable_gguf(tmp_path):
 
 def test_gguf_architecture_is_read_from_header(tmp_path):
     _write_gguf(tmp_path / "llama.gguf", "llama")
-    assert gguf_architecture(tmp_path / "llama.gguf") == "llama"
+    assert gguf_architecture(tmp_path / "llama.gguf") == ("llama", None)  # no key_length: hidden size / heads
 
 
 def test_unsupported_gguf_architecture(tmp_path):
     _write_gguf(tmp_path / "gpt2.gguf", "gpt2")
-    with pytest.raises(ModelLoadError, match=r"GGUF architecture 'gpt2', which elastiq does not support.*llama, qwen2"):
+    with pytest.raises(ModelLoadError, match=r"GGUF architecture 'gpt2', which elastiq does not support.*llama, qwen2, qwen3"):
         load_model(tmp_path / "gpt2.gguf")
 
 

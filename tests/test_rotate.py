@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from elastiq import ElastiqError
-from elastiq.compressor.adapters import adapter_for
-from elastiq.compressor.rotate import NORM_READERS, random_orthogonal, rotate_residual
+from elastiq.compressor.rotate import random_orthogonal, rotate_residual
+from elastiq.families import family_for
+from elastiq.families.base import ATTN_Q, EMBED, FINAL_NORM, HEAD, NORM_READERS
 from elastiq.runtime.model import Transformer
 from conftest import build_tiny
 
@@ -42,9 +43,14 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def norms(adapter) -> list[torch.Tensor]:
-    return [adapter.final_norm.weight] + [layer.get_submodule(n).weight for layer in adapter.layers
-                                          for n in NORM_READERS]
+def family_of(model: torch.nn.Module):
+    return family_for(model.config.to_dict())
+
+
+def norms(model: torch.nn.Module) -> list[torch.Tensor]:
+    family = family_of(model)
+    return [family.top_module(model, FINAL_NORM).weight] + [family.part(layer, n).weight
+                                                             for layer in family.blocks(model) for n in NORM_READERS]
 
 
 @pytest.mark.parametrize("n", [64, 576, 96, 7])
@@ -66,22 +72,23 @@ def test_rotated_model_computes_the_same_logits(family, tokenizer, ids):
     model = perturbed(build_tiny(family, tokenizer))
     before = logits(model, ids)
     assert before.abs().max() > 0.5  # so that 1e-4 is a tight tolerance
-    adapter = adapter_for(model)
-    assert adapter.lm_head.weight is adapter.embed_tokens.weight
+    desc = family_of(model)
+    head, embed = desc.top_module(model, HEAD), desc.top_module(model, EMBED)
+    assert head.weight is embed.weight
     if family == "qwen2":
-        q_bias = adapter.layers[0].self_attn.q_proj.bias.clone()
+        q_bias = desc.part(desc.blocks(model)[0], ATTN_Q).bias.clone()
 
-    rotate_residual(model, adapter, random_orthogonal(64, seed=0))
+    rotate_residual(model, desc, random_orthogonal(64, seed=0))
 
     after = logits(model, ids)
     assert (after - before).abs().max() < 1e-4
-    assert all(torch.equal(w, torch.ones_like(w)) for w in norms(adapter))
-    assert adapter.lm_head.weight is not adapter.embed_tokens.weight
+    assert all(torch.equal(w, torch.ones_like(w)) for w in norms(model))
+    assert head.weight is not embed.weight
     assert model.config.tie_word_embeddings is False
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() != state["model.embed_tokens.weight"].data_ptr()
     if family == "qwen2":  # on the output side of a reader: unchanged
-        assert torch.equal(adapter.layers[0].self_attn.q_proj.bias, q_bias)
+        assert torch.equal(desc.part(desc.blocks(model)[0], ATTN_Q).bias, q_bias)
     runtime = Transformer.from_hf(model)
     assert not runtime.args.tie_word_embeddings
     assert (runtime(ids) - after).abs().max() < 1e-4
@@ -98,7 +105,7 @@ def test_writer_biases_are_rotated(tokenizer, ids):
     torch.manual_seed(0)
     model = perturbed(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
     before = logits(model, ids)
-    rotate_residual(model, adapter_for(model), random_orthogonal(64, seed=0))
+    rotate_residual(model, family_of(model), random_orthogonal(64, seed=0))
     assert (logits(model, ids) - before).abs().max() < 1e-4
 
 
@@ -107,9 +114,9 @@ def test_rotation_moves_the_weights_exactly_as_specified(tokenizer):
     folded = perturbed(build_tiny("llama", tokenizer))
     original_embedding = folded.model.embed_tokens.weight.clone()
     rotated = copy.deepcopy(folded)
-    rotate_residual(folded, adapter_for(folded), torch.eye(64))
+    rotate_residual(folded, family_of(folded), torch.eye(64))
     q = random_orthogonal(64, seed=0)
-    rotate_residual(rotated, adapter_for(rotated), q)
+    rotate_residual(rotated, family_of(rotated), q)
 
     assert torch.equal(folded.model.embed_tokens.weight, original_embedding)
     pairs = [(folded.model.embed_tokens.weight, rotated.model.embed_tokens.weight, "reader"),
@@ -143,7 +150,7 @@ def test_rotation_spreads_an_outlier_channel(tokenizer, ids):
 
     embed_before = peakiness(model.model.embed_tokens.weight)
     states_before = [peakiness(h) for h in states(model)]
-    rotate_residual(model, adapter_for(model), random_orthogonal(64, seed=0))
+    rotate_residual(model, family_of(model), random_orthogonal(64, seed=0))
     embed_after = peakiness(model.model.embed_tokens.weight)
     states_after = [peakiness(h) for h in states(model)]
     print(f"max/mean |x| embeddings {embed_before:.1f} -> {embed_after:.1f}; residual stream per block "
@@ -154,8 +161,8 @@ def test_rotation_spreads_an_outlier_channel(tokenizer, ids):
 
 def test_bad_rotations_are_refused(tiny_llama):
     model = copy.deepcopy(tiny_llama)
-    adapter = adapter_for(model)
+    family = family_of(model)
     with pytest.raises(ElastiqError, match=r"\(64, 64\)"):
-        rotate_residual(model, adapter, random_orthogonal(32, seed=0))
+        rotate_residual(model, family, random_orthogonal(32, seed=0))
     with pytest.raises(ElastiqError, match="not orthogonal"):
-        rotate_residual(model, adapter, 2 * torch.eye(64))
+        rotate_residual(model, family, 2 * torch.eye(64))

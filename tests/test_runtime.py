@@ -147,7 +147,7 @@ def test_footprint_prediction_counts_what_the_engine_holds(nested_checkpoints):
             engine = Engine(ckpt.path, rate, ctx=64)
             f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
             assert f.weights == engine.weight_bytes(), (name, rate)
-            caches = sum(layer.self_attn.kv_cache.k.nbytes + layer.self_attn.kv_cache.v.nbytes
+            caches = sum(layer.kv_cache.k.nbytes + layer.kv_cache.v.nbytes
                          for layer in engine.model.layers)
             assert f.kv_cache == caches
             assert f.workspace > 0 and f.total == f.weights + f.kv_cache + f.workspace

@@ -1,0 +1,28 @@
+"""Model families, one module each; ``FAMILIES`` is the one list of what elastiq supports."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .. import ElastiqError
+from ..checkpoint import MLP, QK, VO
+from .base import Family
+from .llama import LLAMA
+from .qwen2 import QWEN2
+from .qwen3 import QWEN3
+
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3)
+MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+GGUF_ARCHITECTURES: dict[str, Family] = {a: f for f in FAMILIES for a in f.gguf_architectures}
+GROUP_KINDS = {MLP: "MLP channels", QK: "rotary pairs of q/k per KV head", VO: "V/O rank per KV head"}
+
+
+def family_for(config: Mapping) -> Family:
+    """The family of a Hugging Face config dict (its ``model_type``), or an error naming the supported ones."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ElastiqError(f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+__all__ = ["FAMILIES", "Family", "GGUF_ARCHITECTURES", "GROUP_KINDS", "MODEL_TYPES", "family_for"]
