@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..paths import data_dir
-from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, Family
+from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, Family
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 
@@ -149,21 +149,34 @@ def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 
 
 
 class _Captured(Exception):
-    """Raised by the hook on block 0 once it has seen its inputs."""
+    """Raised by the hook on the final norm once every block has seen its arguments."""
 
 
 def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
-                  chunk: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states entering block 0, and the keyword arguments the model passes to every block
-    (rotary tables, causal mask), one per chunk of samples."""
+                  chunk: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering block 0, and for each chunk of samples the keyword arguments the
+    model passes to each block (rotary tables and masks, which differ between blocks of different
+    layer types, as Gemma 3's sliding and global ones). While they are read, every block passes
+    its input through unchanged, and the pass stops at the final norm, so it costs little."""
+    blocks = family.blocks(model)
     hidden, kwargs = [], []
 
-    def catch(module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+    def recorder(index: int):
+        def forward(*args, **kw):
+            x = args[0] if args else kw.pop("hidden_states")
+            if index == 0:
+                hidden.append(x)
+                kwargs.append([])
+            kwargs[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            return x
+        return forward
+
+    def stop(module, args):
         raise _Captured
 
-    handle = family.blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    handle = family.top_module(model, FINAL_NORM).register_forward_pre_hook(stop)
     try:
         for start in range(0, len(samples), chunk):
             try:
@@ -172,6 +185,8 @@ def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
                 pass
     finally:
         handle.remove()
+        for block in blocks:
+            del block.forward  # back to the class's forward
     return hidden, kwargs
 
 
@@ -225,7 +240,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                    key.register_forward_hook(on_k)]
         influence_sum = 0.0
         try:
-            for c, (x, kw) in enumerate(zip(hidden, kwargs)):
+            for c, (x, per_block) in enumerate(zip(hidden, kwargs)):
+                kw = per_block[index]
                 cos, sin = kw["position_embeddings"]
                 current["rope"] = (cos.float(), sin.float())
                 out = block(x, **kw)

@@ -61,6 +61,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     config = model.config.to_dict()
     family = family_for(config)
     family.check(config)
+    if options.rotate and not family.rotatable:
+        raise ElastiqError(f"{family.name} models cannot be rotated (--rotate): a norm on each branch's output "
+                           "sits between the residual stream and the matrices that write it; compress without --rotate")
     if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
         rotate_residual(model, family, random_orthogonal(model.config.hidden_size, options.seed))
     heads = family.heads(config)

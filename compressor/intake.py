@@ -24,7 +24,8 @@ class ModelLoadError(ElastiqError):
 
 @dataclass
 class LoadedModel:
-    """A float causal LM in eval mode, its tokenizer, and where it came from."""
+    """A float causal LM in eval mode (converted where its family asks, as Phi-3's to Mistral's),
+    its tokenizer, where it came from and the source's own ``model_type``."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -82,7 +83,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {err}") from None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return LoadedModel(model.eval(), tokenizer, str(path), model_type)
+    return LoadedModel(_converted(model.eval()), tokenizer, str(path), model_type)
 
 
 def gguf_architecture(path: Path) -> tuple[str, int | None]:
@@ -111,11 +112,22 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
                              f"{_supported()}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers' GGUF reader does not map the head size; a config default (Qwen3's 128) would
-    # otherwise stand in for a file's own
+    # otherwise stand in for a file's own. A file holds no q.k scale either: llama.cpp scales by
+    # 1/sqrt(head size), so a family that names its scale (Gemma 3) gets that (Gemma 3 27B, which
+    # llama.cpp special-cases by its size, is the known exception).
     extra = {"head_dim": head_dim} if head_dim else {}
+    if head_dim and GGUF_ARCHITECTURES[arch].attention_scalar:
+        extra[GGUF_ARCHITECTURES[arch].attention_scalar] = head_dim
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
     # The weights are float now: drop the record of the GGUF quantization so nothing mistakes
     # this model for a quantized one (or writes that record into a saved config).
     model.config.quantization_config = None
     model.hf_quantizer = None
-    return LoadedModel(model.eval(), tokenizer, source, model.config.model_type)
+    model_type = model.config.model_type
+    return LoadedModel(_converted(model.eval()), tokenizer, source, model_type)
+
+
+def _converted(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or the equivalent model its family converts it to (Phi-3's projections unfused)."""
+    convert = MODEL_TYPES[model.config.model_type].convert
+    return convert(model) if convert else model

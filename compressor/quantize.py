@@ -110,7 +110,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, Quantized] = {}
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
-        hessians = _block_hessians(block, hidden, positions, model.inv_freq) if options.method == "gptq" else {}
+        hessians = _block_hessians(block, hidden, positions) if options.method == "gptq" else {}
         for slot, reads in READS.items():
             linear = block.get_submodule(slot)
             if options.method == "gptq":
@@ -122,7 +122,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                 codes, scales = quantize_rtn(linear.weight)
             linear.weight.copy_(dequantize(codes, scales))  # later blocks see this block quantized
             quantized[family.name_of(index, slot)] = QuantizedTensor(codes, scales)
-        hidden = [block(x, positions, model.inv_freq) for x in hidden]
+        hidden = [block(x, positions) for x in hidden]
     embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
     for name in (embed, head):
         if name in weights and name not in quantized:
@@ -155,8 +155,8 @@ def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:
     return QuantizedTensor(*quantize_rtn(w)) if bits == 4 else quantize_q8_0(w)
 
 
-def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], positions: torch.Tensor,
-                    inv_freq: torch.Tensor) -> dict[str, torch.Tensor]:
+def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor],
+                    positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sum of x x^T (float64) over the calibration tokens, for each distinct input of the block's matrices."""
     sums: dict[str, torch.Tensor] = {}
 
@@ -169,7 +169,7 @@ def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], position
     handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in set(READS.values())]
     try:
         for x in hidden:
-            block(x, positions, inv_freq)
+            block(x, positions)
     finally:
         for h in handles:
             h.remove()

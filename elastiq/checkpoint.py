@@ -463,6 +463,10 @@ class Checkpoint:
             out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], self._format(stored))
         return out
 
+    def holds(self, name: str) -> bool:
+        """Whether model tensor ``name`` is stored (or aliased) in the checkpoint."""
+        return name in self._parts or name in self.manifest["aliases"]
+
     @property
     def aliases(self) -> dict[str, str]:
         """{alias: stored name} of tied tensors (a tied LM head names the embedding)."""

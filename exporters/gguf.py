@@ -34,7 +34,7 @@ from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, 
                              ROPE_PAIRS)
 from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from ..families import family_for
-from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
+from ..runtime.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
 from .hf import qk_rows as half_rows
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -244,17 +244,31 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     return f"{name}.{param}"
 
 
-def rope_factors(config: Mapping, head_dim: int) -> tuple[float, torch.Tensor | None]:
+def rope_factors(config: Mapping, head_dim: int, layer_type: str | None = None) -> tuple[float, torch.Tensor | None]:
     """RoPE base and llama.cpp's per-pair frequency divisors (``rope_freqs``, None when all are 1)
-    that give transformers' frequencies for ``config`` exactly as the runtime computes them."""
-    inv_freq, scaling = rotary_frequencies(config)
+    that give transformers' frequencies for ``config`` (its ``layer_type`` blocks) exactly as the
+    runtime computes them."""
+    inv_freq, scaling = rotary_frequencies(config, layer_type)
     if scaling != 1:
         raise ExportError(f"RoPE parameters {config.get('rope_parameters')} scale attention by {scaling}; "
                           "GGUF export supports RoPE types that only change the frequencies (default, linear, llama3)")
-    base = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+    base = rope_parameters(config, layer_type).get("rope_theta") or config.get("rope_theta", 10000.0)
     default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = (default / inv_freq.double()).float()
     return float(base), None if torch.allclose(factors, torch.ones_like(factors), rtol=1e-6, atol=0) else factors
+
+
+def _check_swa(config: Mapping, windows: list[int | None], pattern: int, local_base: float) -> None:
+    """Refuse sliding-window layers that llama.cpp's architecture would place or turn otherwise:
+    it slides every layer but each ``pattern``-th, and turns those at a fixed RoPE base."""
+    expected = [max(w for w in windows if w) if i % pattern < pattern - 1 else None for i in range(len(windows))]
+    if windows != expected:
+        raise ExportError(f"the model's sliding-window layers {[i for i, w in enumerate(windows) if w]} are not "
+                          f"llama.cpp's (all but every {pattern}th), so llama.cpp cannot run it")
+    local = rope_parameters(config, "sliding_attention")
+    if local.get("rope_type", "default") != "default" or local.get("rope_theta") != local_base:
+        raise ExportError(f"the sliding-window layers' RoPE {dict(local)} is not llama.cpp's (default, base "
+                          f"{local_base:g}), so llama.cpp cannot run this model")
 
 
 def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_type: str = "f16") -> Path:
@@ -272,8 +286,15 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     config = ckpt.manifest["source"]["config"]
     family = family_for(config)
     weights = runtime_weights(ckpt.read_rate(rate), config)
-    args = ModelArgs.from_weights(weights, config, attention_scaling=1.0)  # rope_factors refuses any other
-    base, factors = rope_factors(config, args.head_dim)
+    args = ModelArgs.from_weights(weights, config)
+    if abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
+        raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
+                          f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")
+    windows = layer_windows(config)
+    window = max((w for w in windows if w), default=None)
+    base, factors = rope_factors(config, args.head_dim, "full_attention" if config.get("layer_types") else None)
+    if window and family.gguf_swa:
+        _check_swa(config, windows, *family.gguf_swa)
     widths = [layer.intermediate_size for layer in args.layers]
     tensors = full_heads(weights, args, family.gguf_neox)
     uniform = len(set(widths)) == 1
@@ -301,9 +322,11 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
             writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
             writer.add_name(f"{ckpt.manifest['source'].get('name') or ckpt.path.stem} at rate {rate}")
             writer.add_block_count(n)
-            # the runtime refuses text beyond a sliding window, and llama.cpp's llama/deci have none:
-            # the file claims only the context on which both agree
-            writer.add_context_length(min(context, args.sliding_window or context))
+            if window and family.gguf_swa:
+                writer.add_context_length(context)
+                writer.add_sliding_window(window)
+            else:  # llama.cpp's architecture has no sliding window: the file claims only the context
+                writer.add_context_length(min(context, window or context))  # on which both agree
             writer.add_embedding_length(args.hidden_size)
             writer.add_feed_forward_length(widths[0] if uniform else widths)
             writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)

@@ -35,7 +35,7 @@ from ..checkpoint import Checkpoint
 from ..quants import Quantized
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
-from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
+from ..runtime.model import ModelArgs, runtime_weights
 
 WEIGHTS = "model.safetensors"
 
@@ -61,11 +61,11 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     family = family_for(source)
     weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
                                for k, v in ckpt.read_rate(rate).items()}, source)
-    args = ModelArgs.from_weights(weights, source, rotary_frequencies(source)[1])
+    args = ModelArgs.from_weights(weights, source)
     state = full_size(weights, args, source["intermediate_size"])
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    state = {family.checkpoint_name(name): t for name, t in state.items()}
+    state = {family.checkpoint_name(name): family.checkpoint_tensor(name, t) for name, t in state.items()}
     config = AutoConfig.for_model(**source)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 

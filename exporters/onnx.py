@@ -26,7 +26,6 @@ The residual stream flows as [batch * seq, hidden]; computation is float32 throu
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping
 
@@ -37,9 +36,9 @@ from .. import ElastiqError, __version__
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
-from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_Q_NORM, ATTN_V, FFN_DOWN,
-                             FFN_GATE, FFN_NORM, FFN_UP, ROPE_PAIRS)
-from ..runtime.model import ModelArgs, rotary_frequencies, runtime_weights
+from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
+                             FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, ROPE_PAIRS)
+from ..runtime.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13
@@ -78,8 +77,8 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
 
     _check_config(config)
     weights = runtime_weights(weights, config)
-    inv_freq, attention_scaling = rotary_frequencies(config)
-    args = ModelArgs.from_weights(weights, config, attention_scaling)
+    args = ModelArgs.from_weights(weights, config)
+    attending = layer_attention(config)
     size = sum(_nbytes(t) for t in {id(t): t for t in weights.values()}.values())
     if size > MAX_BYTES:
         raise OnnxExportError(f"the weights take {size / 2**30:.2f} GiB; a single-file ONNX export holds at most "
@@ -102,19 +101,20 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
 
     ids_shape = g.op("Shape", "input_ids")  # [B, T]
     x = _embed(g, weights["embed_tokens.weight"], g.op("Reshape", "input_ids", g.const([-1])))
+    if args.embed_scale != 1:
+        x = g.op("Mul", x, g.const(np.float32(args.embed_scale)))
     positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([1, 3]))  # [B,1,T,1]
-    mask = _attention_mask(g, ids_shape)
-    scale = 1 / math.sqrt(args.head_dim)
-    for i, layer in enumerate(args.layers):
+    masks = {w: _attention_mask(g, ids_shape, w) for w in {a.window for a in attending}}
+    for i, (layer, attend) in enumerate(zip(args.layers, attending)):
         p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
         pairs = weights.get(p + ROPE_PAIRS)
         pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
-        freqs = inv_freq.float()[pairs]  # [G, u]
+        freqs = attend.inv_freq.float()[pairs]  # [G, u]
         angles = g.op("Mul", positions, g.const(torch.cat((freqs, freqs), -1)[:, None, :]))  # [B, G, T, 2u]
         cos, sin = g.op("Cos", angles), g.op("Sin", angles)
-        if attention_scaling != 1:
-            cos, sin = (g.op("Mul", t, g.const(np.float32(attention_scaling))) for t in (cos, sin))
+        if attend.scaling != 1:
+            cos, sin = (g.op("Mul", t, g.const(np.float32(attend.scaling))) for t in (cos, sin))
 
         h = _rms_norm(g, x, weights[p + ATTN_NORM + ".weight"], args.rms_norm_eps)
         q = _heads(g, _linear(g, weights, p + ATTN_Q, h), ids_shape, [G, Q, 2 * u], [0, 2, 3, 1, 4])
@@ -128,16 +128,20 @@ def build_model(weights: Mapping[str, torch.Tensor | Quantized], config: Mapping
         keys = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, out=f"present.{i}.key")
         values = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, out=f"present.{i}.value")
         keys_t = g.op("Unsqueeze", g.op("Transpose", keys, perm=[0, 1, 3, 2]), g.const([2]))  # [B, G, 1, 2u, S]
-        scores = g.op("Mul", g.op("MatMul", q, keys_t), g.const(np.float32(scale)))  # [B, G, Q, T, S]
-        scores = g.op("Where", mask, scores, g.const(np.float32(np.finfo(np.float32).min)))
+        scores = g.op("Mul", g.op("MatMul", q, keys_t), g.const(np.float32(args.attention_scale)))  # [B,G,Q,T,S]
+        scores = g.op("Where", masks[attend.window], scores, g.const(np.float32(np.finfo(np.float32).min)))
         y = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", values, g.const([2])))  # [B,G,Q,T,r]
         y = g.op("Reshape", g.op("Transpose", y, perm=[0, 3, 1, 2, 4]), g.const([-1, G * Q * r]))
-        x = g.op("Add", x, _linear(g, weights, p + ATTN_OUT, y))
+        x = g.op("Add", x, _post_norm(g, weights, p + ATTN_POST_NORM, _linear(g, weights, p + ATTN_OUT, y), args))
 
         h = _rms_norm(g, x, weights[p + FFN_NORM + ".weight"], args.rms_norm_eps)
         gate = _linear(g, weights, p + FFN_GATE, h)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, weights, p + FFN_UP, h))
-        x = g.op("Add", x, _linear(g, weights, p + FFN_DOWN, act))
+        if args.hidden_act == "silu":
+            gate = g.op("Mul", gate, g.op("Sigmoid", gate))
+        else:  # gelu_pytorch_tanh
+            gate = g.op("Gelu", gate, approximate="tanh")
+        act = g.op("Mul", gate, _linear(g, weights, p + FFN_UP, h))
+        x = g.op("Add", x, _post_norm(g, weights, p + FFN_POST_NORM, _linear(g, weights, p + FFN_DOWN, act), args))
 
     h = _rms_norm(g, x, weights["norm.weight"], args.rms_norm_eps)
     head = "embed_tokens" if args.tie_word_embeddings else "lm_head"
@@ -202,16 +206,12 @@ class _Graph:
 
 
 def _check_config(config: Mapping) -> None:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in STATIC_ROPE:
-        raise OnnxExportError(f"RoPE type {rope_type!r} is not supported by the ONNX export (its frequencies depend "
-                              f"on the sequence length); supported: {', '.join(STATIC_ROPE)}")
-    layer_types = config.get("layer_types")
-    if config.get("sliding_window") and (layer_types is None or "sliding_attention" in layer_types):
-        raise OnnxExportError(f"sliding-window attention (window {config['sliding_window']}) is not supported by "
-                              "the ONNX export, as by the elastic runtime; supported: full causal attention "
-                              "(a config whose sliding_window is null)")
+    for layer_type in set(config.get("layer_types") or [None]):
+        params = rope_parameters(config, layer_type)
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in STATIC_ROPE:
+            raise OnnxExportError(f"RoPE type {rope_type!r} is not supported by the ONNX export (its frequencies "
+                                  f"depend on the sequence length); supported: {', '.join(STATIC_ROPE)}")
 
 
 def _nbytes(t: torch.Tensor | Quantized) -> int:
@@ -255,6 +255,12 @@ def _linear(g: _Graph, weights: Mapping, prefix: str, x: str) -> str:
     return g.op("Gemm", *inputs, transB=1)
 
 
+def _post_norm(g: _Graph, weights: Mapping, prefix: str, x: str, args: ModelArgs) -> str:
+    """``x`` through the norm ``prefix`` on a branch's output, where the block has one (Gemma)."""
+    weight = weights.get(prefix + ".weight")
+    return x if weight is None else _rms_norm(g, x, weight, args.rms_norm_eps)
+
+
 def _rms_norm(g: _Graph, x: str, weight: torch.Tensor, eps: float) -> str:
     mean_square = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_square, g.const(np.float32(eps)))))
@@ -274,9 +280,9 @@ def _rope(g: _Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def _attention_mask(g: _Graph, ids_shape: str) -> str:
-    """Bool [B, 1, 1, T, S]: query t (at cache index past + t) sees key s when s <= past + t and
-    ``attention_mask[b, s]`` is 1."""
+def _attention_mask(g: _Graph, ids_shape: str, window: int | None = None) -> str:
+    """Bool [B, 1, 1, T, S]: query t (at cache index past + t) sees key s when s <= past + t,
+    past + t - s < ``window`` (when there is one) and ``attention_mask[b, s]`` is 1."""
     from onnx import TensorProto
 
     total = g.op("Gather", g.op("Shape", "attention_mask"), g.const(np.int64(1)))
@@ -285,6 +291,8 @@ def _attention_mask(g: _Graph, ids_shape: str) -> str:
     key_index = g.op("Range", g.const(np.int64(0)), total, one)  # [S]
     query_index = g.op("Unsqueeze", g.op("Range", past, total, one), g.const([1]))  # [T, 1]
     causal = g.op("LessOrEqual", key_index, query_index)  # [T, S]
+    if window is not None:
+        causal = g.op("And", causal, g.op("Greater", key_index, g.op("Sub", query_index, g.const(np.int64(window)))))
     padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2, 3]))
     return g.op("And", causal, padding)
 

@@ -12,7 +12,7 @@ every supported family shares; a family changes only what differs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -21,10 +21,11 @@ from ..quants import BLOCK
 
 # Slots: the parts of a block, by llama.cpp's tensor names.
 ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT = "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output"
-ATTN_Q_NORM, ATTN_K_NORM = "attn_q_norm", "attn_k_norm"
-FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN = "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"
+ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM = "attn_q_norm", "attn_k_norm", "post_attention_norm"
+FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM = "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"
 ROPE_PAIRS = "rope_pairs"  # elastiq's own: the sorted rotary pairs' original indices [G, d/2]
 MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)
+NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM)
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
@@ -67,7 +68,15 @@ class Family:
     offers: tuple[str, ...] = (MLP, QK, VO)
     gguf: tuple[str, str | None] = ("llama", "deci")
     gguf_neox: bool = False
+    gguf_swa: tuple[int, float] | None = None  # llama.cpp's sliding-window layout: every n-th layer global, local RoPE base
     kept: str = ""  # why a kind of group is not offered, for ``inspect`` and errors
+    norm_offset: float = 0.0  # a stored norm weight w scales by w + norm_offset (Gemma: 1 + w)
+    scaled_embeddings: bool = False  # embeddings times sqrt(hidden size) (Gemma)
+    attention_scalar: str | None = None  # the config key whose value^-1/2 scales q.k; None: the head size
+    rotatable: bool = True  # whether the residual stream can be rotated (no norm on a branch's output)
+    # A model of this family as an equivalent model of another family (Phi-3's fused projections
+    # split into Mistral's): intake applies it, and every stage then asks the other family.
+    convert: Callable[[nn.Module], nn.Module] | None = None
     activations: tuple[str, ...] = ("silu",)  # the gated MLP's accepted hidden_act values
 
     # --- names ---------------------------------------------------------------------------------
@@ -146,11 +155,27 @@ class Family:
         }
         return [every[kind] for kind in (MLP, QK, VO) if kind in self.offers]
 
+    def embedding_scale(self, config: Mapping) -> float:
+        return config["hidden_size"] ** 0.5 if self.scaled_embeddings else 1.0
+
+    def attention_scale(self, config: Mapping) -> float:
+        """The factor of q.k: fixed by the original model, whatever a rate keeps of q and k."""
+        scalar = config[self.attention_scalar] if self.attention_scalar else self.heads(config).head_dim
+        return scalar ** -0.5
+
+    def runtime_tensor(self, runtime_name: str, t):
+        """A tensor in the elastic model's form: norm weights as the plain scale (``norm_offset`` added)."""
+        return t + self.norm_offset if self.norm_offset and is_norm(runtime_name) else t
+
+    def checkpoint_tensor(self, runtime_name: str, t):
+        """The inverse of ``runtime_tensor``."""
+        return t - self.norm_offset if self.norm_offset and is_norm(runtime_name) else t
+
     def check(self, config: Mapping) -> None:
         """Refuse a config whose blocks compute what elastiq does not run, saying what it runs."""
         from .. import ElastiqError
 
-        act = config.get("hidden_act", "silu")
+        act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
         if act not in self.activations:
             raise ElastiqError(f"hidden_act {act!r} is not supported for {self.name}; the elastic model runs "
                                f"{', '.join(self.activations)}")
@@ -167,3 +192,9 @@ class Family:
     def top_module(self, model: nn.Module, slot: str) -> nn.Module:
         """The embedding, final norm or head module (``EMBED``, ``FINAL_NORM``, ``HEAD``)."""
         return model.get_submodule(self.top[slot])
+
+
+def is_norm(runtime_name: str) -> bool:
+    """Whether a runtime name (or a block's local one, ``attn_norm.weight``) is a norm's weight."""
+    parts = runtime_name.split(".")
+    return parts[-1] == "weight" and (parts[-2] in NORMS or runtime_name == f"{FINAL_NORM}.weight")

@@ -114,11 +114,13 @@ class Engine:
         weights = {}
         for local, t in held.items():
             slot, _, param = local.partition(".")
-            t = self.ckpt.resize(self.family.name_of(index, slot, param), t, old, new, self.verify)
+            name = self.family.name_of(index, slot, param)
+            if self.ckpt.holds(name):  # else rotary pairs a family does not prune: identity, at every rate
+                t = self.ckpt.resize(name, t, old, new, self.verify)
             weights[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
         del held
         layer = LayerArgs.of(weights, self.model.args.num_kv_heads, index)
-        self.model.layers[index] = Block(self.model.args, layer, weights)
+        self.model.layers[index] = Block(self.model.args, layer, weights, self.model.attending[index])
         layers = list(self.model.args.layers)
         layers[index] = layer
         self.model.args = replace(self.model.args, layers=tuple(layers))

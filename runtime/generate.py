@@ -146,7 +146,7 @@ class Generator(CachedGenerator):
         super().reset()
 
     def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
-        device, logits = self.model.inv_freq.device, None
+        device, logits = self.model.device, None
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = torch.tensor([tokens[i:i + PREFILL_CHUNK]], device=device)
             logits = self.model(chunk, start=start + i, last_only=True)[0, -1]

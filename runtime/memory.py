@@ -29,6 +29,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
 from ..families import family_for
+from ..families.base import is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..quants import BLOCK, BLOCK_BYTES
@@ -170,8 +171,9 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
             held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
             load = min(4 * numel, REPACK_BYTES) + 2 * held
-        else:  # floats in the activations' dtype, integers (rope pair indices) as int64; from the raw bytes
-            held = numel * itemsize if quantized or stored_dtype.is_floating_point else numel * 8
+        else:  # floats in the activations' dtype (norms in float32), integers (rope pair indices) as int64
+            held = numel * (4 if is_norm(name) else itemsize) if quantized or stored_dtype.is_floating_point \
+                else numel * 8
             load = 2 * stored + held  # and their re-laid copy
         weights += held
         transient = max(transient, load)

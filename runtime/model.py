@@ -17,8 +17,8 @@ start=position)``). Quantized matrices either become float (the reference) or st
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping
 
 import torch
@@ -29,11 +29,12 @@ from .. import ElastiqError
 from ..kernels import Q4Weight, apply_rope_gather, prepare_q4, q4_linear
 from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
 from ..families import family_for
-from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_Q_NORM, ATTN_V, FFN_GATE, FFN_NORM, MATRICES,
-                             ROPE_PAIRS)
+from ..families.base import ATTN_K, ATTN_V, FFN_GATE, MATRICES, NORMS, ROPE_PAIRS, is_norm
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight
+# The gated MLP's activations, by transformers' hidden_act names.
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 @dataclass(frozen=True)
@@ -61,47 +62,80 @@ class LayerArgs:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The unpruned shape of the model (from its config) and the widths of each block."""
+    """The unpruned shape of the model and what its blocks compute (from its config, through its
+    family), and the widths of each block."""
 
     vocab_size: int
     hidden_size: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int  # the original head size d: fixes the attention scale and the rotary frequencies
+    head_dim: int  # the original head size d: fixes the rotary frequencies
     rms_norm_eps: float
     tie_word_embeddings: bool
-    attention_scaling: float  # transformers' post-processing factor of cos/sin (1 for default RoPE)
-    sliding_window: int | None
+    hidden_act: str  # the gated MLP's activation: "silu" or "gelu_pytorch_tanh"
+    embed_scale: float  # the embeddings' multiplier (1, or Gemma's sqrt(hidden))
+    attention_scale: float  # of q.k: that of the original head size, or the family's; pruning keeps it
     layers: tuple[LayerArgs, ...]
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, Weight], config: Mapping,
-                     attention_scaling: float) -> "ModelArgs":
+    def from_weights(cls, weights: Mapping[str, Weight], config: Mapping) -> "ModelArgs":
         """Read each block's widths off the shapes of its tensors in ``weights`` (runtime names,
         ``runtime_weights``)."""
-        family_for(config).check(config)
-        heads = family_for(config).heads(config)
+        family = family_for(config)
+        family.check(config)
+        heads = family.heads(config)
         layers = tuple(LayerArgs.of(block_weights(weights, i), heads.num_kv_heads, i)
                        for i in range(config["num_hidden_layers"]))
-        layer_types = config.get("layer_types")
-        windowed = config.get("sliding_window") and (layer_types is None or "sliding_attention" in layer_types)
         return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=heads.num_heads,
                    num_kv_heads=heads.num_kv_heads, head_dim=heads.head_dim,
                    rms_norm_eps=config["rms_norm_eps"], tie_word_embeddings=config.get("tie_word_embeddings", False),
-                   attention_scaling=attention_scaling,
-                   sliding_window=config["sliding_window"] if windowed else None, layers=layers)
+                   hidden_act=config.get("hidden_act") or config.get("hidden_activation") or "silu",
+                   embed_scale=family.embedding_scale(config), attention_scale=family.attention_scale(config),
+                   layers=layers)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What a block's attention needs beyond its weights: the rotary frequencies of the original
+    head [d/2], transformers' cos/sin scaling factor (1 for default RoPE), and its sliding window
+    (None: full causal attention)."""
+
+    inv_freq: torch.Tensor
+    scaling: float
+    window: int | None
+
+
+def layer_windows(config: Mapping) -> list[int | None]:
+    """Each block's sliding attention window, as transformers applies it: every block's when the
+    config has a window and no ``layer_types`` (Mistral), else the ``sliding_attention`` ones'."""
+    window, types = config.get("sliding_window"), config.get("layer_types")
+    if not window:
+        return [None] * config["num_hidden_layers"]
+    if types is None:
+        return [window] * config["num_hidden_layers"]
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def layer_attention(config: Mapping, device: torch.device | str = "cpu") -> list[LayerAttention]:
+    """``LayerAttention`` of every block (blocks of one layer type share their frequencies)."""
+    types = config.get("layer_types") or [None] * config["num_hidden_layers"]
+    rope = {t: rotary_frequencies(config, t) for t in set(types)}
+    return [LayerAttention(rope[t][0].to(device), rope[t][1], w) for t, w in zip(types, layer_windows(config))]
 
 
 def runtime_weights(weights: Mapping[str, Weight], config: Mapping) -> dict[str, Weight]:
     """``weights`` (a checkpoint's or transformers' names) under the elastic model's names, which
     no family owns: ``layers.{i}.{slot}.{param}``, ``layers.{i}.rope_pairs``, ``embed_tokens.weight``,
-    ``norm.weight``, ``lm_head.weight``. The family of ``config`` knows the mapping."""
-    names = family_for(config).runtime_names(weights)
-    return {names[name]: t for name, t in weights.items()}
+    ``norm.weight``, ``lm_head.weight``; norm weights in the plain form x / rms(x) * w (a family
+    that stores them otherwise, as Gemma's 1 + w, is converted). The family of ``config`` knows both."""
+    family = family_for(config)
+    names = family.runtime_names(weights)
+    return {names[name]: family.runtime_tensor(names[name], t) for name, t in weights.items()}
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 as transformers does."""
+    """Root-mean-square norm, computed in float32 as transformers does, with a float32 weight (a
+    scale such as Gemma's 1 + w keeps its low bits) and one rounding to the activations' dtype."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -111,7 +145,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return (self.weight * h).to(x.dtype)
 
 
 class Q4Linear(nn.Module):
@@ -217,19 +251,24 @@ class Block(nn.Module):
     grouped-query with q/k heads of 2u channels, value heads of r channels, and RoPE frequencies
     gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair); q and k are
     normalised per head before RoPE when the block has ``attn_q_norm`` / ``attn_k_norm``. The MLP
-    is SwiGLU of the block's own width.
+    is gated (SwiGLU, or GeGLU with tanh-approximated GELU) of the block's own width. Where the
+    block has ``post_attention_norm`` / ``post_ffw_norm`` (Gemma), they normalise each branch's
+    output before it joins the residual stream. Attention sees ``attending``'s sliding window.
     """
 
-    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight]):
+    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight],
+                 attending: LayerAttention):
         super().__init__()
         H, G, u, r = args.num_heads, args.num_kv_heads, layer.rope_pairs, layer.v_rank
         self.num_heads, self.num_kv_heads = H, G
         self.qk_dim, self.v_dim = 2 * u, r
-        self.scale = 1 / math.sqrt(args.head_dim)  # pruning drops terms of q.k, it does not rescale it
-        self.attention_scaling = args.attention_scaling
+        self.scale = args.attention_scale  # pruning drops terms of q.k, it does not rescale it
+        self.attending = attending
+        self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
+        self.act = ACTIVATIONS[args.hidden_act]
         for slot in MATRICES:
             setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias")))
-        for slot in (ATTN_NORM, FFN_NORM, ATTN_Q_NORM, ATTN_K_NORM):
+        for slot in NORMS:
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
         self.register_buffer("rope_pairs", w[ROPE_PAIRS])
         self.kv_cache: KVCache | None = None
@@ -245,17 +284,24 @@ class Block(nn.Module):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         return q, k, v
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
         """RoPE in place at ``positions``: the query heads of KV group g use group g's frequencies
         (``elastiq.kernels`` picks the Triton kernel on a GPU, the torch path elsewhere)."""
-        apply_rope_gather(q, k, positions, inv_freq, self.rope_pairs, self.attention_scaling)
+        apply_rope_gather(q, k, positions, self.inv_freq, self.rope_pairs, self.attending.scaling)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """Attention of queries q [B, H, T, 2u] over keys k [B, G, S, 2u] and values v [B, G, S, r]
         (each KV head serving its H/G query heads): [B, H, T, r]. The queries sit at positions
-        ``start``..``start``+T-1 of the S keys (``start`` None: the same T positions, causal)."""
+        ``start``..``start``+T-1 of the S keys (``start`` None: the same T positions, causal); a
+        query at position p sees the keys at positions p - window < s <= p in a windowed block."""
         T, S = q.shape[2], k.shape[2]
-        if start is None or (start == 0 and T == S):
+        first = S - T if start is None else start
+        window = self.attending.window
+        if window is not None and first + T > window:
+            keys = torch.arange(S, device=q.device)
+            queries = torch.arange(first, first + T, device=q.device)[:, None]
+            mask, causal = (keys <= queries) & (keys > queries - window), False
+        elif start is None or (start == 0 and T == S):
             mask, causal = None, True
         elif T == 1:
             mask, causal = None, False  # one new token sees every cached position
@@ -265,10 +311,9 @@ class Block(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def attention(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                  start: int | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, positions: torch.Tensor, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        self.rotate(q, k, positions, inv_freq)
+        self.rotate(q, k, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if start is not None:
             if self.kv_cache is None:
@@ -278,12 +323,13 @@ class Block(nn.Module):
         return self.attn_output(y.transpose(1, 2).flatten(2))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                start: int | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attn_norm(x), positions, inv_freq, start)
-        return h + self.mlp(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        a = self.attention(self.attn_norm(x), positions, start)
+        h = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
+        m = self.mlp(self.ffn_norm(h))
+        return h + (m if self.post_ffw_norm is None else self.post_ffw_norm(m))
 
 
 class Transformer(nn.Module):
@@ -291,10 +337,10 @@ class Transformer(nn.Module):
     when the config says so: then one parameter or one ``Q8Weight``; a tied Q4_0 embedding keeps
     its codes for lookups and the head its own packed form for the int4 matmul)."""
 
-    def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], inv_freq: torch.Tensor,
+    def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], attending: list[LayerAttention],
                  dtype: torch.dtype):
         super().__init__()
-        self.args, self.dtype = args, dtype
+        self.args, self.dtype, self.attending = args, dtype, attending
         embed = weights["embed_tokens.weight"]
         if isinstance(embed, QuantizedTensor):
             self.embed_tokens = Q4Embedding(embed, dtype)
@@ -304,12 +350,16 @@ class Transformer(nn.Module):
             with torch.device("meta"):
                 self.embed_tokens = nn.Embedding(*embed.shape)
             self.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i)) for i, layer in enumerate(args.layers))
+        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i), attending[i])
+                                    for i, layer in enumerate(args.layers))
         self.norm = _norm(weights["norm.weight"], args.rms_norm_eps)
         self.lm_head = _linear(weights["lm_head.weight"], None)
         if args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight  # tied: one parameter
-        self.register_buffer("inv_freq", inv_freq)  # rotary frequencies of the original head
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, start: int | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] of ``input_ids`` [B, T]: with ``start`` None, the full causal
@@ -318,14 +368,12 @@ class Transformer(nn.Module):
         caches. ``last_only`` computes the logits of the last position only ([B, 1, vocab])."""
         T = input_ids.shape[1]
         end = T if start is None else start + T
-        if self.args.sliding_window is not None and end > self.args.sliding_window:
-            raise ElastiqError(f"{end} tokens exceed the model's sliding attention window of "
-                               f"{self.args.sliding_window}, which this runtime does not implement; "
-                               f"pass at most {self.args.sliding_window} tokens")
         positions = torch.arange(end - T, end, device=input_ids.device)
         x = self.embed_tokens(input_ids).to(self.dtype)
+        if self.args.embed_scale != 1:
+            x = x * torch.tensor(self.args.embed_scale, dtype=self.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.inv_freq, start)
+            x = layer(x, positions, start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
@@ -333,7 +381,7 @@ class Transformer(nn.Module):
         """Give every layer an empty KV cache of ``max_seq`` positions in the model's dtype."""
         for layer in self.layers:
             layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
-                                     self.inv_freq.device)
+                                     self.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
@@ -361,8 +409,7 @@ class Transformer(nn.Module):
                 weights[name] = q8[id(t)]
             else:
                 weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
-        inv_freq, attention_scaling = rotary_frequencies(config)
-        args = ModelArgs.from_weights(weights, config, attention_scaling)
+        args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
         for i, layer in enumerate(args.layers):
             name = f"layers.{i}.{ROPE_PAIRS}"
@@ -373,7 +420,7 @@ class Transformer(nn.Module):
                 raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
                                    f"rows say {(args.num_kv_heads, layer.rope_pairs)}")
             weights[name] = pairs.long()
-        return cls(args, weights, inv_freq.to(device), dtype).eval()
+        return cls(args, weights, layer_attention(config, device), dtype).eval()
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":
@@ -382,10 +429,10 @@ class Transformer(nn.Module):
 
 
 def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
-    """Tensor ``name`` (its runtime name) in the form the model holds it: floats in ``dtype``, integers (rotary pair
-    indices) in int64; quantized matrices dequantized, or with ``int4`` prepared for their kernels
-    (a Q4_0 token embedding stays as codes, since a lookup needs rows, not a matmul; a Q8_0 one is
-    held block-major for both)."""
+    """Tensor ``name`` (its runtime name) in the form the model holds it: floats in ``dtype`` (norm
+    weights in float32), integers (rotary pair indices) in int64; quantized matrices dequantized,
+    or with ``int4`` prepared for their kernels (a Q4_0 token embedding stays as codes, since a
+    lookup needs rows, not a matmul; a Q8_0 one is held block-major for both)."""
     if isinstance(t, Q8Tensor):
         return prepare_q8(t.codes, t.scales, dtype, t.codes.device) if int4 else t.dequantize().to(dtype)
     if isinstance(t, QuantizedTensor):
@@ -396,6 +443,8 @@ def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
         return prepare_q4(t.codes, t.scales, t.codes.device)
     if isinstance(t, (Q4Weight, Q8Weight)):
         return t
+    if is_norm(name):
+        return t.float()  # the norms compute in float32
     return t.to(dtype) if t.is_floating_point() else t.long()
 
 
@@ -413,19 +462,26 @@ def _device(t: Weight) -> torch.device:
     return t.codes.device if isinstance(t, (QuantizedTensor, Q8Tensor, Q8Weight)) else t.device
 
 
-def rotary_frequencies(config: Mapping) -> tuple[torch.Tensor, float]:
-    """inv_freq [d/2] of the original head size d and the cos/sin scaling factor, computed as
-    transformers computes them: the default formula from the config dict itself, or transformers'
-    own initialiser of a scaled RoPE type (building a transformers config object costs ~160 MB of
-    memory, which a device running the default type is spared)."""
+def rope_parameters(config: Mapping, layer_type: str | None = None) -> Mapping:
+    """The RoPE parameters of a layer type (a config may give each type its own, as Gemma 3 does)."""
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
+    return rope[layer_type] if isinstance(rope.get(layer_type), Mapping) else rope
+
+
+def rotary_frequencies(config: Mapping, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq [d/2] of the original head size d and the cos/sin scaling factor of the blocks of
+    ``layer_type``, computed as transformers computes them: the default formula from the config
+    dict itself, or transformers' own initialiser of a scaled RoPE type (building a transformers
+    config object costs ~160 MB of memory, which a device running the default type is spared)."""
+    rope = rope_parameters(config, layer_type)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_config = AutoConfig.for_model(**config)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[hf_config.rope_parameters["rope_type"]](hf_config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, layer_type=layer_type)
     return inv_freq.float(), float(scaling)

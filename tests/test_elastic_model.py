@@ -11,7 +11,6 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from elastiq import ElastiqError
 from elastiq.checkpoint import MLP, QK, VO, Checkpoint, RateSpec, write_checkpoint
 from elastiq.kernels.rope import apply_rope, rope_tables
 from elastiq.runtime.model import Transformer
@@ -212,12 +211,27 @@ def test_right_padding_leaves_real_positions_unchanged(model, ids, tokenizer):
     assert_close(logits[0], elastic(ids[:1])[0], 1e-5)
 
 
-def test_sequences_beyond_a_sliding_window_are_refused(tiny_llama):
-    config = {**tiny_llama.config.to_dict(), "sliding_window": 8}
-    elastic = Transformer.from_weights(tiny_llama.state_dict(), config)
-    elastic(torch.zeros(1, 8, dtype=torch.long))
-    with pytest.raises(ElastiqError, match="9 tokens exceed the model's sliding attention window of 8"):
-        elastic(torch.zeros(1, 9, dtype=torch.long))
+def test_sliding_window_attention_equals_transformers(tokenizer, ids):
+    """Mistral with a window of 8 positions on every layer: the full pass, and decoding through the
+    KV cache one token at a time far beyond the window, give transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("mistral", len(tokenizer))
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    elastic = Transformer.from_hf(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert_close(elastic(ids), expected)
+        elastic.setup_caches(ids.shape[0], ids.shape[1])
+        elastic(ids[:, :5], start=0)
+        steps = [elastic(ids[:, t:t + 1], start=t) for t in range(5, ids.shape[1])]
+    assert_close(torch.cat(steps, 1), expected[:, 5:])
+    windowless = Transformer.from_weights(model.state_dict(), {**config.to_dict(), "sliding_window": None})
+    assert (windowless(ids) - expected).abs().max() > 1e-3  # the window matters on this text
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 10000.0},

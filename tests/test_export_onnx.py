@@ -149,5 +149,3 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(nested_checkpoints, tmp_path)
     weights, config = ckpt.read_rate(0.15), dict(ckpt.manifest["source"]["config"])
     with pytest.raises(OnnxExportError, match="RoPE type 'dynamic' is not supported .* supported: default, linear"):
         build_model(weights, {**config, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}})
-    with pytest.raises(OnnxExportError, match=r"sliding-window attention \(window 16\) is not supported"):
-        build_model(weights, {**config, "sliding_window": 16})

@@ -37,7 +37,7 @@ def test_hf_folder_loads_exact_weights(family, tiny_dirs, tokenizer):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type gemma3_text, llama, mistral, phi3, qwen2, qwen3 from"):
         load_model(tmp_path / "nowhere.gguf")
 
 
@@ -84,7 +84,7 @@ def test_gguf_architecture_is_read_from_header(tmp_path):
 
 def test_unsupported_gguf_architecture(tmp_path):
     _write_gguf(tmp_path / "gpt2.gguf", "gpt2")
-    with pytest.raises(ModelLoadError, match=r"GGUF architecture 'gpt2', which elastiq does not support.*llama, qwen2, qwen3"):
+    with pytest.raises(ModelLoadError, match=r"GGUF architecture 'gpt2', which elastiq does not support.*gemma3, llama, phi3, qwen2, qwen3"):
         load_model(tmp_path / "gpt2.gguf")
 
 
