@@ -33,11 +33,12 @@ BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 def child_export(spec: dict) -> dict:
     """Export one rate for one backend into the cache, afresh."""
     from elastiq.checkpoint import Checkpoint
-    from elastiq.runtime.backends import cached_export, export_path
+    from elastiq.runtime.backends.exported import cached_export, export_path
 
     ckpt = Checkpoint(spec["checkpoint"])
-    export_path(ckpt, spec["rate"], spec["backend"]).unlink(missing_ok=True)
-    path, seconds = cached_export(ckpt, spec["rate"], spec["backend"])
+    fmt = {"llama.cpp": "gguf", "onnxruntime": "onnx"}[spec["backend"]]
+    export_path(ckpt, spec["rate"], fmt).unlink(missing_ok=True)
+    path, seconds = cached_export(ckpt, spec["rate"], fmt)
     return {"export_s": seconds, "file_bytes": path.stat().st_size, "file": str(path)}
 
 
@@ -46,7 +47,7 @@ def child_run(spec: dict) -> dict:
 
     from elastiq.checkpoint import Checkpoint
     from elastiq.runtime.backends import open_engine
-    from elastiq.runtime.memory import plan_rate
+    from elastiq.runtime.plan import plan_rate
 
     torch.set_num_threads(spec["threads"])
     ckpt = Checkpoint(spec["checkpoint"])

@@ -33,7 +33,7 @@ from elastiq.compressor.wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
 from elastiq.evaluation.perplexity import wikitext2_tokens
 from elastiq.exporters.gguf import write_gguf
 from elastiq.paths import cache_dir, data_dir
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.0, 0.15, 0.25, 0.35)
@@ -68,7 +68,7 @@ def agreement(gguf: Path, ckpt: Checkpoint, rate: float, prompt: list[int], step
     llama.cpp decodes ``steps`` greedy tokens through its KV cache; the runtime reads prompt and
     continuation in one pass, so its argmax at each step is its own greedy choice for as long as the
     two sequences agree: the first step where they differ is where free-running greedy would part."""
-    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
     llm = _llama(gguf, threads, logits_all=True)
     llm.eval(prompt)
     theirs = []

@@ -33,7 +33,7 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.evaluation.perplexity import wikitext2_tokens
 from elastiq.exporters.onnx import write_onnx
 from elastiq.paths import cache_dir, data_dir
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.0, 0.15, 0.25, 0.35)
@@ -79,7 +79,7 @@ def measure(ckpt: Checkpoint, rate: float, prompt: np.ndarray, args, folder: Pat
         step_s.append(seconds)
     ort_logits = np.concatenate(steps)  # logits at every position of prompt + generated tokens
     sequence = torch.tensor(np.concatenate([prompt[0], tokens]))[None]
-    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
     with torch.inference_mode():
         expected = model(sequence).numpy()[0]
     greedy = expected[prompt.shape[1] - 1:-1].argmax(-1)

@@ -27,7 +27,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.evaluation.suite import ALL_MEASURES, run_suite
 from elastiq.paths import cache_dir
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 from measure import command_line, paired, save_results  # the script's folder is on sys.path
 from sorting_quality import row
@@ -73,7 +73,7 @@ def float_checkpoint(rotate: bool) -> Path:
 
 def evaluate(ckpt: Checkpoint, windows: int, items: int) -> dict[str, dict]:
     """Perplexity and the five tasks at every rate (quantized weights dequantized to float32)."""
-    config, tokenizer = ckpt.manifest["source"]["config"], ckpt.tokenizer()
+    config, tokenizer = ckpt.config, ckpt.tokenizer()
     out = {}
     for rate in RATES:
         model = Transformer.from_weights(ckpt.read_rate(rate), config)

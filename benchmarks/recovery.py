@@ -33,7 +33,7 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.compressor.recover import RecoverOptions, recover, recover_checkpoint
 from elastiq.evaluation.suite import ALL_MEASURES, run_suite
 from elastiq.paths import cache_dir, data_dir
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 from sorting_quality import dense_subset, row  # the script's folder is on sys.path
 
@@ -99,7 +99,7 @@ def main() -> None:
 
     for name, (path, train_seconds, rates) in checkpoints.items():
         ckpt = Checkpoint(path)
-        config, tokenizer = ckpt.manifest["source"]["config"], ckpt.tokenizer()
+        config, tokenizer = ckpt.config, ckpt.tokenizer()
         variant = {"checkpoint": str(path), "train_seconds": train_seconds,
                    "tokens": 0 if name == "sort" else results["tokens_per_variant"], "rates": {}}
         for rate in rates:

@@ -39,7 +39,7 @@ RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
 def child_elastiq(spec: dict) -> dict:
     from elastiq.checkpoint import Checkpoint
     from elastiq.runtime.engine import Engine
-    from elastiq.runtime.memory import plan_rate
+    from elastiq.runtime.plan import plan_rate
 
     torch.set_num_threads(spec["threads"])
     ckpt = Checkpoint(spec["checkpoint"])

@@ -29,7 +29,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.evaluation.suite import ALL_MEASURES, run_suite
 from elastiq.evaluation.zeroshot import mean_stderr
 from elastiq.paths import cache_dir
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"uniql": ("uniql", "influence"), "magnitude": ("magnitude", "influence"), "uniform": ("uniql", "uniform")}
@@ -79,7 +79,7 @@ def main() -> None:
                                   calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
         path = compress("smollm2-135m", cache_dir() / "bench" / f"smollm2-{name}.elastiq", options, overwrite=True)
         ckpt = Checkpoint(path)
-        config, tokenizer = ckpt.manifest["source"]["config"], ckpt.tokenizer()
+        config, tokenizer = ckpt.config, ckpt.tokenizer()
         variant = {"timings": dict(options.timings), "rates": {}}
         for rate in RATES:
             start = time.perf_counter()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint
 from ..divergence import Divergence
 from ..quants import Quantized
-from ..runtime.model import Transformer
+from ..modeling.model import Transformer
 
 QUALITY_WINDOWS = 8  # held-out calibration windows measured per rate (0: none)
 
@@ -29,7 +29,7 @@ def rate_quality(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor | Quantized]
                  progress: bool = True) -> dict[float, dict[str, float]]:
     """``{rate: {"heldout_ppl", "kl_mean", "kl_p99", "top1_agreement", "tokens"}}`` for every rate
     of ``ckpt`` on ``windows`` [n, seqlen], against the model of the weights ``dense``."""
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     reference = Transformer.from_weights(dense, config)
     out = {}
     for rate in tqdm(ckpt.rates, desc="quality", disable=not progress, leave=False):

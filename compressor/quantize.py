@@ -22,7 +22,7 @@ from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, 
 from ..families import family_for
 from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
 from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
-from ..runtime.model import Transformer
+from ..modeling.model import Transformer
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 from .quality import QUALITY_WINDOWS, rate_quality
@@ -62,8 +62,8 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
         raise ElastiqError(f"unknown column order {options.order!r}; known: {', '.join(ORDERS)}")
     if options.quality_windows < 0:
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
-    if ckpt.manifest["quantization"]:
-        raise ElastiqError(f"{ckpt.path} is already quantized ({ckpt.manifest['quantization']['format']}); "
+    if ckpt.quantization:
+        raise ElastiqError(f"{ckpt.path} is already quantized ({ckpt.quantization['format']}); "
                            "quantize the float checkpoint that `elastiq compress` wrote")
     for g in ckpt.groups:
         if g.kind in (MLP, VO) and g.width % BLOCK:
@@ -95,7 +95,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
 
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     family = family_for(config)
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
@@ -132,7 +132,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     options.timings["quantize"] = time.perf_counter() - start
 
     tensors = {**weights, **quantized}
-    rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.manifest["rates"]]  # the float quality no longer holds
+    rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]  # the float quality no longer holds
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
             "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
             "calib_data": describe_calibration(calib_file, data) if hidden else None,
@@ -140,7 +140,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}
-    path = write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.manifest["source"], tokenizer,
+    path = write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
                             quantization=spec, overwrite=overwrite)
     if len(heldout):
         del model, weights, tensors, quantized, hidden

@@ -58,7 +58,7 @@ from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec
 from ..families import Family, family_for
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
 from ..paths import data_dir
-from ..runtime.model import Transformer
+from ..modeling.model import Transformer
 from .allocate import MAX_RATE, allocate
 from .calibrate import C4_SAMPLE, calibration_samples
 
@@ -238,8 +238,8 @@ def _check_options(options: RecoverOptions, ckpt: Checkpoint, data: Path) -> Non
         if options.steps < options.prune_periods + 2:
             raise RecoverError(f"LoRAShear needs at least prune_periods + 2 = {options.prune_periods + 2} steps "
                                f"(warm-up, pruning periods, recovery); got {options.steps}")
-    if ckpt.manifest["quantization"]:
-        raise RecoverError(f"{ckpt.path} is quantized ({ckpt.manifest['quantization']['format']}); recover the "
+    if ckpt.quantization:
+        raise RecoverError(f"{ckpt.path} is quantized ({ckpt.quantization['format']}); recover the "
                            "float checkpoint that `elastiq compress` wrote, then quantize the result")
     if not (data / C4_SAMPLE).is_file():
         raise RecoverError(f"training data {data / C4_SAMPLE} is missing; recovery trains on the C4 sample of the "
@@ -260,7 +260,7 @@ def _target_rates(ckpt: Checkpoint, options: RecoverOptions) -> list[RateSpec]:
     """The rates the output offers: the checkpoint's own (nested), or 0 and R (LoRAShear), with
     R's widths from the checkpoint's row if it offers R, else from elastiq's allocation."""
     if options.method == "nested":
-        return [RateSpec(r["rate"], r["widths"]) for r in ckpt.manifest["rates"]]
+        return [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]
     full = RateSpec(0.0, {g.name: g.width for g in ckpt.groups})
     if any(abs(r - options.rate) < 1e-9 for r in ckpt.rates):
         return [full, RateSpec(options.rate, ckpt.rate_entry(options.rate)["widths"])]
@@ -268,9 +268,9 @@ def _target_rates(ckpt: Checkpoint, options: RecoverOptions) -> list[RateSpec]:
     by_layer = [[g for g in ckpt.groups if g.layer == i] for i in layers]
     unit = {g.name: sum(math.prod(ckpt.tensors[n]["shape"]) for n, role in g.members if role != "pairs") // g.width
             for g in ckpt.groups}
-    source = ckpt.manifest["source"]
-    compression = source.get("compression", {})
-    influence = source.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
+    record = ckpt.source.record
+    compression = record.get("compression", {})
+    influence = record.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
     specs = allocate(by_layer, unit, [options.rate], influence, compression.get("temperature", 2.0))
     return [full, specs[-1]]
 
@@ -436,7 +436,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     _check_options(options, ckpt, data)
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     rates = _target_rates(ckpt, options)
     tokenizer = ckpt.tokenizer()
     windows = calibration_samples(tokenizer, data / C4_SAMPLE, options.samples + options.heldout, options.seqlen,
@@ -541,7 +541,7 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     weights = result.weights
     if result.keep is not None:
         weights = resort(weights, ckpt.groups, ckpt.heads, result.keep)
-    source = dict(ckpt.manifest["source"])
+    source = dict(ckpt.source.record)
     source["recovery"] = {**options.settings(), "from": ckpt.path.name, "data": {"c4": str(C4_SAMPLE)},
                           "tokens": options.steps * options.batch * options.seqlen,
                           "train_seconds": round(options.timings["train"], 1)}

@@ -142,6 +142,24 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Where a checkpoint came from (the manifest's ``source``): the model's name and
+    ``model_type``, its Hugging Face config dict, its chat template, and ``record``, the whole
+    section as written (with each stage's settings: ``compression``, ``recovery``...), which a
+    later stage copies forward."""
+
+    name: str | None
+    model_type: str | None
+    config: Mapping
+    chat_template: str | None
+    record: Mapping
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Source":
+        return cls(d.get("name"), d.get("model_type"), d.get("config") or {}, d.get("chat_template"), d)
+
+
+@dataclass(frozen=True)
 class RateSpec:
     """One offered rate: kept width per group, and quality measured at compression time, if any."""
 
@@ -332,6 +350,8 @@ class Checkpoint:
                                   f"version {FORMAT_VERSION} only")
         h = self.manifest["heads"]
         self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
+        self.source = Source.from_dict(self.manifest["source"])
+        self.quantization: Mapping | None = self.manifest["quantization"]  # None: a float checkpoint
         self.groups = [Group.from_dict(g) for g in self.manifest["groups"]]
         self.tensors: dict[str, dict] = self.manifest["tensors"]
         self.bytes_read = 0
@@ -340,8 +360,18 @@ class Checkpoint:
         self._parts = self._stored_parts()
 
     @property
+    def config(self) -> Mapping:
+        """The source model's Hugging Face config dict."""
+        return self.source.config
+
+    @property
     def rates(self) -> list[float]:
         return [r["rate"] for r in self.manifest["rates"]]
+
+    @property
+    def rate_table(self) -> list[dict]:
+        """Every offered rate's row (rate, widths, weight and KV bytes, measured quality), smallest rate first."""
+        return list(self.manifest["rates"])
 
     def rate_entry(self, rate: float) -> dict:
         """The rate table's row of an offered rate (an error lists the offered ones)."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import ElastiqError, __version__
+from .runtime.backends import BACKENDS
 
 
 def _positive(text: str) -> int:
@@ -35,15 +36,15 @@ def _open_engine(args: argparse.Namespace):
     from .checkpoint import Checkpoint
     from .runtime.backends import open_engine
     from .runtime.engine import check_ctx
-    from .runtime.memory import plan_rate
+    from .runtime.plan import plan_rate
     from .runtime.resolve import resolve_checkpoint
 
     ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
-    check_ctx(ckpt.manifest["source"]["config"], args.ctx)
+    check_ctx(ckpt.config, args.ctx)
     if args.backend != "torch" and args.dtype != "auto":
         raise ElastiqError(f"--dtype {args.dtype} applies to the torch backend; {args.backend} computes in its own "
                            "types (float32 activations): leave --dtype auto")
-    int4 = ckpt.manifest["quantization"] is not None
+    int4 = ckpt.quantization is not None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
         (torch.bfloat16 if int4 else torch.float32)
     tokenizer = ckpt.tokenizer()  # before planning: the tokenizer is part of the process's baseline
@@ -148,9 +149,9 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .families import GROUP_KINDS, MODEL_TYPES
 
     ckpt = Checkpoint(args.checkpoint)
-    source = ckpt.manifest["source"]
-    print(f"{ckpt.path.name}: {source.get('name')} ({source.get('model_type')}), format v{ckpt.manifest['format_version']}")
-    quant = ckpt.manifest["quantization"]
+    source = ckpt.source
+    print(f"{ckpt.path.name}: {source.name} ({source.model_type}), format v{ckpt.manifest['format_version']}")
+    quant = ckpt.quantization
     if quant:
         how = quant["method"] + (f", {quant['order']}" if quant["method"] == "gptq" else "")
         print(f"weights: {quant['format'].upper()} ({how}); token embedding and LM head "
@@ -160,13 +161,13 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
     kinds = sorted({g.kind for g in ckpt.groups})
     print("pruned: " + ", ".join(GROUP_KINDS[k] for k in kinds)
-          + (f" ({family.kept})" if (family := MODEL_TYPES.get(source.get("model_type"))) and family.kept else ""))
-    measured = [row["quality"] for row in ckpt.manifest["rates"] if row.get("quality")]
+          + (f" ({family.kept})" if (family := MODEL_TYPES.get(source.model_type)) and family.kept else ""))
+    measured = [row["quality"] for row in ckpt.rate_table if row.get("quality")]
     quality = ["held-out ppl", "KL to dense (mean / p99)", "same top-1 %"] if measured else []
     print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(quality) + (" | " if quality else "")
           + " | ".join(f"{k} width (min-max)" for k in kinds) + " |")
     print("|---" * (4 + len(quality) + len(kinds)) + "|")
-    for row in ckpt.manifest["rates"]:
+    for row in ckpt.rate_table:
         spans = []
         for kind in kinds:
             ws = [row["widths"][g.name] for g in ckpt.groups if g.kind == kind]
@@ -181,7 +182,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"Quality: {measured[0]['tokens']} held-out calibration tokens per rate, against the dense model "
               "(docs/format.md, rate table).")
     if args.layers:
-        for row in ckpt.manifest["rates"]:
+        for row in ckpt.rate_table:
             print(f"rate {row['rate']}: " + ", ".join(f"{n}={w}" for n, w in row["widths"].items()))
 
 
@@ -202,7 +203,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         rates = ckpt.rates if args.rate in (None, "all") else args.rate
         for rate in rates:
             ckpt.rate_entry(rate)  # before a reference model is loaded
-        reference = _kl_reference(args, ckpt.manifest["source"]["config"]["vocab_size"])
+        reference = _kl_reference(args, ckpt.config["vocab_size"])
         results = evaluate_rates(ckpt, rates, args.backend or "torch", measures, seqlen=args.seqlen,
                                  windows=args.windows, limit=args.limit, batch_tokens=args.batch_tokens, data=data,
                                  reference=reference)
@@ -312,7 +313,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bytes read")
-    parser.add_argument("--backend", choices=["torch", "llama.cpp", "onnxruntime"], default="torch",
+    parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
                         help="torch (default) runs the checkpoint itself; llama.cpp and onnxruntime run the rate's "
                              "GGUF or ONNX export, written once into NAME.elastiq.exports beside the checkpoint")
 
@@ -448,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rate", type=_rates_or_all,
                     help="offered rates to measure, comma-separated, or all (the default for a checkpoint); a "
                          "model given with --rate is measured through its cached 4-bit checkpoint, made on first use")
-    ev.add_argument("--backend", choices=["torch", "llama.cpp", "onnxruntime"],
+    ev.add_argument("--backend", choices=list(BACKENDS),
                     help="run the checkpoint on torch (default), or on its GGUF (llama.cpp) or ONNX (onnxruntime) "
                          "export of each rate, cached beside it")
     ev.add_argument("--kl-reference", metavar="DENSE",

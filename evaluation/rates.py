@@ -14,7 +14,7 @@ from typing import Sequence
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, Checkpoint
 from ..runtime.backends import open_engine
-from ..runtime.model import Transformer
+from ..modeling.model import Transformer
 from .loglikelihood import LogitsFn
 from .suite import ALL_MEASURES, PERPLEXITY, check_measures, hf_logits, run_suite
 
@@ -30,7 +30,7 @@ def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "tor
     check_measures(measures)
     for rate in rates:
         ckpt.rate_entry(rate)  # every rate is checked before anything is loaded
-    positions = ckpt.manifest["source"]["config"]["max_position_embeddings"]
+    positions = ckpt.config["max_position_embeddings"]
     if PERPLEXITY in measures and seqlen > positions:
         raise ElastiqError(f"--seqlen {seqlen} is longer than the {positions} positions the model was trained for")
     max_length = min(MAX_LENGTH, positions)
@@ -48,8 +48,8 @@ def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "tor
                            batch_tokens=batch_tokens, data=data, progress=progress, reference=reference)
         out[str(rate)] = {**result, "rate": rate, "weight_bytes": ckpt.rate_entry(rate)["weight_bytes"]}
     first = next(iter(out.values()))
-    quant = ckpt.manifest["quantization"]
-    return {"checkpoint": str(ckpt.path), "model": ckpt.manifest["source"].get("name"), "backend": backend,
+    quant = ckpt.quantization
+    return {"checkpoint": str(ckpt.path), "model": ckpt.source.name, "backend": backend,
             "activations": str(getattr(engine, "dtype", "")).removeprefix("torch."),
             "weights": quant["format"] if quant else "float",
             "elastiq": first["elastiq"], "torch": first["torch"], "threads": first["threads"], "date": first["date"],
@@ -62,7 +62,7 @@ def reference_model(source: str | Path, vocab_size: int) -> LogitsFn:
     Its vocabulary must be ``vocab_size`` tokens, the compared model's."""
     if (Path(source) / MANIFEST).is_file():
         dense = Checkpoint(source)
-        config = dense.manifest["source"]["config"]
+        config = dense.config
         model = Transformer.from_weights(dense.read_rate(0.0), config)
         logits_fn, vocab = model, config["vocab_size"]
     else:

@@ -3,10 +3,10 @@
 llama.cpp keeps one head size for every layer, so a pruned head is written back at full size:
 kept rotary pair i of KV group g returns to its original pair ``rope_pairs[g, i]`` (channels p and
 p + d/2 of the rotate-half layout) and the pruned pairs become zero rows; a head's V/O rank keeps
-its first r channels and the tail becomes zero rows of v and zero input columns of o_proj. Zero
-channels add nothing to q.k or to the output, so the model is the same. Q/K rows then take the
-layout of the family's llama.cpp architecture (``Family.gguf``): interleaved pairs, the
-permutation llama.cpp's Hugging Face converter applies, for ``llama``; rotate-half as it is for
+its first r channels and the tail becomes zero rows of v and zero input columns of the output
+projection. Zero channels add nothing to q.k or to the output, so the model is the same. Q/K rows
+then take the layout of the family's llama.cpp architecture (``Family.gguf``): interleaved pairs,
+the permutation llama.cpp's Hugging Face converter applies, for ``llama``; rotate-half as it is for
 NeoX-style ones such as ``qwen3``. MLP widths differ per layer, which ``llama`` cannot say: such
 a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family with no such
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
@@ -34,7 +34,7 @@ from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, 
                              ROPE_PAIRS)
 from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from ..families import family_for
-from ..runtime.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
+from ..modeling.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
 from .hf import qk_rows as half_rows
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -197,7 +197,7 @@ def add_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> Non
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=vocab_size)
-    special.chat_template = ckpt.manifest["source"].get("chat_template") or special.chat_template
+    special.chat_template = ckpt.source.chat_template or special.chat_template
     plain, marked = tok.encode("a", add_special_tokens=False), tok.encode("a")  # what encoding adds, measured
     special.add_special_token["bos"] = len(marked) > len(plain) and marked[0] == tok.bos_token_id
     special.add_special_token["eos"] = len(marked) > len(plain) and marked[-1] == tok.eos_token_id
@@ -283,7 +283,7 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # an error lists the offered rates
     output = _writable(Path(output))
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     family = family_for(config)
     weights = runtime_weights(ckpt.read_rate(rate), config)
     args = ModelArgs.from_weights(weights, config)
@@ -320,7 +320,7 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     try:
         with atomic_path(output) as tmp:
             writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-            writer.add_name(f"{ckpt.manifest['source'].get('name') or ckpt.path.stem} at rate {rate}")
+            writer.add_name(f"{ckpt.source.name or ckpt.path.stem} at rate {rate}")
             writer.add_block_count(n)
             if window and family.gguf_swa:
                 writer.add_context_length(context)

@@ -35,7 +35,7 @@ from ..checkpoint import Checkpoint
 from ..quants import Quantized
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
-from ..runtime.model import ModelArgs, runtime_weights
+from ..modeling.model import ModelArgs, runtime_weights
 
 WEIGHTS = "model.safetensors"
 
@@ -57,7 +57,7 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
                             "give a new folder, an empty one, or an earlier export to replace")
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
-    source = ckpt.manifest["source"]["config"]
+    source = ckpt.config
     family = family_for(source)
     weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
                                for k, v in ckpt.read_rate(rate).items()}, source)

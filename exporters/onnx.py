@@ -2,7 +2,7 @@
 
 The graph is written node by node with ``onnx.helper`` rather than traced, because every layer has
 its own widths and the graph should say plainly what it computes. It follows
-``elastiq.runtime.model`` exactly:
+``elastiq.modeling.model`` exactly:
 
 - inputs ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value``;
   outputs ``logits`` and ``present.N.key/value`` (optimum's names), caches laid out
@@ -38,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
 from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
                              FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, ROPE_PAIRS)
-from ..runtime.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
+from ..modeling.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13
@@ -62,7 +62,7 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
         raise OnnxExportError(f"{output} is a directory; give the path of an .onnx file to write")
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
-    model = build_model(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
+    model = build_model(ckpt.read_rate(rate), ckpt.config,
                         {"elastiq_version": __version__, "checkpoint": ckpt.path.name, "rate": str(rate)})
     _write_atomic(output, model.SerializeToString())
     return output

@@ -97,6 +97,11 @@ def q4_linear_torch(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None
     [..., N] bfloat16, contiguous. The int4 op accumulates in fp32 and rounds its output to bf16;
     the bias is added to that in bf16."""
     check_q4_linear_args(x, weight, bias, (torch.bfloat16,))
+    return int4pack_matmul(x, bias, weight=weight)
+
+
+def int4pack_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q4Weight) -> torch.Tensor:
+    """``q4_linear_torch`` without its argument checks (the hot path of a model that checked them)."""
     rows = x.reshape(-1, weight.in_features).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, BLOCK, weight.scales)
     if out.shape[1] != weight.out_features:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_rope_gather_args
+from .rope import check_rope_gather_args
 
 
 @triton.jit
@@ -66,6 +66,12 @@ def rope_gather_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_
     they must lie in [0, d/2), or the gather reads out of bounds.
     """
     check_rope_gather_args(q, k, positions, inv_freq, pairs)
+    launch_rope_gather(q, k, positions, inv_freq, pairs, attention_scaling)
+
+
+def launch_rope_gather(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                       pairs: torch.Tensor, attention_scaling: float = 1.0) -> None:
+    """``rope_gather_`` without its argument checks (the hot path of a model that checked them)."""
     B, T, H, _ = q.shape
     G, u = pairs.shape
     if q.numel() == 0:  # no tokens, or no kept pairs

@@ -121,6 +121,11 @@ def w4a16_linear(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None = 
     """``x`` [..., K] (float16 or bfloat16) times the Triton path's ``weight`` [N, K] transposed,
     plus ``bias`` [N]: [..., N] in x's dtype, contiguous, accumulated in float32 and rounded once."""
     check_q4_linear_args(x, weight, bias, (torch.float16, torch.bfloat16))
+    return launch_w4a16(x, bias, weight=weight)
+
+
+def launch_w4a16(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q4Weight) -> torch.Tensor:
+    """``w4a16_linear`` without its argument checks (the hot path of a model that checked them)."""
     N, K = weight.out_features, weight.in_features
     rows = x.reshape(-1, K).contiguous()
     M = rows.shape[0]

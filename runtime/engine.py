@@ -25,7 +25,7 @@ from ..kernels.q4_layout import unprepare_q4
 from ..quants import Quantized, QuantizedTensor
 from .generate import Generator
 from .memory import return_freed_memory
-from .model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
+from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ class Engine:
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True,
                  tokenizer=None):
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-        self.config = self.ckpt.manifest["source"]["config"]
+        self.config = self.ckpt.config
         self.family = family_for(self.config)
         check_ctx(self.config, ctx)
-        self.int4 = self.ckpt.manifest["quantization"] is not None
+        self.int4 = self.ckpt.quantization is not None
         self.dtype = dtype or (torch.bfloat16 if self.int4 else torch.float32)
         self.device, self.verify, self.ctx = torch.device(device), verify, ctx
         self.ckpt.rate_entry(rate)  # an unoffered rate fails before anything is read

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import ElastiqError
-from .model import Transformer
+from ..modeling.model import Transformer
 
 PREFILL_CHUNK = 256  # tokens per prefill pass: bounds activation memory (the runtime's workspace)
 

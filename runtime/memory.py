@@ -1,11 +1,11 @@
-"""How much memory the device has free, what each offered rate would take, and which rate fits.
+"""How much memory the device has free, and what each offered rate would take on torch.
 
 Free memory is the least of: what the OS says is available (psutil), what the process's cgroup
 still allows (cgroup v2 ``memory.max`` - ``memory.current``, or v1 ``memory.limit_in_bytes`` -
 ``memory.usage_in_bytes``), and on a GPU what CUDA reports free. A rate's footprint is predicted
 from the checkpoint's shapes alone, counting what the runtime will hold:
 
-- weights: each tensor in the form the model keeps it (``runtime.model.resident``: floats in the
+- weights: each tensor in the form the model keeps it (``modeling.model.resident``: floats in the
   compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``);
 - KV cache: ``ctx`` positions of every layer's kept key and value channels;
 - workspace: the larger of a prefill chunk's activations and loading's transient copies;
@@ -33,9 +33,8 @@ from ..families.base import is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..quants import BLOCK, BLOCK_BYTES
-from .floor import DEFAULT_MAX_KL, check_floor, quality_note, within_floor
 from .generate import PREFILL_CHUNK
-from .model import LayerArgs, block_weights
+from ..modeling.model import LayerArgs, block_weights
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
 _UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
@@ -139,7 +138,7 @@ class Footprint:
 def runtime_shapes(ckpt: Checkpoint, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, str | None]]:
     """``Checkpoint.shapes`` of ``rate`` under the elastic model's names (``runtime_weights``)."""
     shapes = ckpt.shapes(rate)
-    names = family_for(ckpt.manifest["source"]["config"]).runtime_names(shapes)
+    names = family_for(ckpt.config).runtime_names(shapes)
     return {names[name]: value for name, value in shapes.items()}
 
 
@@ -156,7 +155,7 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     4-bit matrices kept packed for the kernel ``path`` ("torch" or "triton") when ``int4``, on top of
     a process that already holds ``baseline`` bytes."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     tied = bool(config.get("tie_word_embeddings"))
     shapes = runtime_shapes(ckpt, rate)
     weights, transient = 0, 0
@@ -209,65 +208,3 @@ def parse_size(text: str) -> int:
     if unit.strip() not in units or value <= 0:
         raise ElastiqError(f"memory size {text!r} is not understood; write e.g. 1.5GiB, 800MB, 512MiB or bytes")
     return int(value * units[unit.strip()])
-
-
-@dataclass(frozen=True)
-class RatePlan:
-    """The rate to load, every offered rate's predicted footprint, and why that rate."""
-
-    rate: float
-    footprints: list[Footprint]
-    reason: str
-
-
-def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype, int4: bool,
-              memory_budget: int | None = None, device: str | torch.device = "cpu",
-              margin: float = SAFETY_MARGIN, backend: str = "torch", baseline: int | None = None,
-              max_kl: float = DEFAULT_MAX_KL) -> RatePlan:
-    """Pick the rate to run: ``rate`` when given (it must be offered), else the least-pruned rate
-    whose predicted footprint fits ``memory_budget`` (bytes for the whole process) or, without one,
-    this process's current memory plus ``margin`` of the free memory. Either way the rate must be
-    within the quality floor ``max_kl`` (``floor``). ``backend`` is the runtime that
-    will hold the rate: torch, or llama.cpp / onnxruntime on an export (``backends``), whose package
-    is imported first so that it is part of the baseline. ``baseline`` is the process's memory
-    before loading, measured here unless given."""
-    if backend != "torch":
-        from .backends import predict_backend_footprint, require
-
-        require(backend)
-    if baseline is None:
-        return_freed_memory()  # what the heap keeps from earlier work is not part of the baseline
-        baseline = psutil.Process().memory_info().rss
-    path = "triton" if torch.device(device).type == "cuda" else "torch"
-    footprints = [predict_footprint(ckpt, r, ctx, dtype, int4, baseline, path) if backend == "torch" else
-                  predict_backend_footprint(ckpt, r, ctx, backend, baseline) for r in ckpt.rates]
-    if rate is not None:
-        check_floor(ckpt, rate, max_kl)
-        chosen = next(f for f in footprints if abs(f.rate - rate) < 1e-9)
-        return RatePlan(chosen.rate, footprints, f"rate {rate} as asked (predicted {chosen.total / 2**20:.0f} MiB; "
-                                                 f"{quality_note(ckpt, rate)})")
-    if memory_budget is not None:
-        budget, source = memory_budget, f"--memory-budget {memory_budget / 2**20:.0f} MiB"
-    else:
-        free = free_memory(device)
-        budget = baseline + int(free.bytes * margin)
-        source = (f"{free.bytes / 2**20:.0f} MiB free ({free.source}) x margin {margin} + "
-                  f"{baseline / 2**20:.0f} MiB this process holds")
-    fitting = [f for f in sorted(footprints, key=lambda f: f.rate) if f.total <= budget]
-    if not fitting:
-        table = ", ".join(f"rate {f.rate}: {f.total / 2**20:.0f} MiB" for f in footprints)
-        raise ElastiqError(f"no offered rate fits the budget of {budget / 2**20:.0f} MiB ({source}); the rates need "
-                           f"{table}. Free memory, shorten --ctx, or pass --rate / --memory-budget")
-    good = [f for f in fitting if within_floor(ckpt, f.rate, max_kl)]
-    if not good:
-        below = "; ".join(f"rate {f.rate} ({quality_note(ckpt, f.rate)})" for f in fitting)
-        raise ElastiqError(f"the rates that fit the budget of {budget / 2**20:.0f} MiB ({source}) are below the "
-                           f"quality floor of {max_kl} nats of KL to the dense model: {below}. Free memory, shorten "
-                           "--ctx, or pass --max-kl inf to accept a lower-quality rate")
-    chosen = good[0]
-    reason = f"rate {chosen.rate}: the least-pruned rate whose predicted {chosen.total / 2**20:.0f} MiB fits " \
-             f"the budget of {budget / 2**20:.0f} MiB ({source}); {quality_note(ckpt, chosen.rate)}"
-    if chosen is not min(footprints, key=lambda f: f.rate):
-        skipped = [f for f in footprints if f.rate < chosen.rate]
-        reason += "; " + ", ".join(f"rate {f.rate} needs {f.total / 2**20:.0f} MiB" for f in skipped)
-    return RatePlan(chosen.rate, footprints, reason)

@@ -15,14 +15,16 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.cli import main
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-from elastiq.runtime import backends
-from elastiq.runtime.backends import (LLAMA_CTX_PAD, ExportEngine, LlamaCppEngine, OnnxEngine, export_path,
-                                      open_engine, predict_backend_footprint, require)
+from elastiq.runtime.backends import backend as backend_named, exported, open_engine
+from elastiq.runtime.backends.exported import ExportEngine, export_path
+from elastiq.runtime.backends.llamacpp import LLAMA_CTX_PAD, LlamaCppEngine
+from elastiq.runtime.backends.onnxrt import OnnxEngine
 from elastiq.runtime.chat import chat, stop_ids, template_ids
 from elastiq.runtime.engine import Engine
 from elastiq.runtime.generate import Generator, Sampling
-from elastiq.runtime.memory import plan_rate, predict_footprint
-from elastiq.runtime.model import Transformer
+from elastiq.runtime.memory import predict_footprint
+from elastiq.runtime.plan import plan_rate
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, build_tiny
 
 pytest.importorskip("llama_cpp")
@@ -70,7 +72,7 @@ def checkpoints(tokenizer, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
 def _reference(ckpt: Checkpoint, rate: float) -> Transformer:
     """The torch runtime's float32 model of ``rate`` (4-bit matrices dequantized: the torch Engine's
     int4 path computes in bfloat16, which is itself a few percent from these logits)."""
-    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
 
 
 def _greedy_with_gaps(model: Transformer, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -139,7 +141,7 @@ def test_export_is_written_once_and_reused(backend, checkpoints, tmp_path, monke
     ckpt = Checkpoint(shutil.copytree(checkpoints["q4"].path, tmp_path / "m.elastiq"))
     engine = ENGINES[backend](ckpt, 0.15, ctx=64)
     path = engine.export
-    assert path == export_path(ckpt, 0.15, backend) and path.parent.name == "m.elastiq.exports"
+    assert path == export_path(ckpt, 0.15, engine.format) and path.parent.name == "m.elastiq.exports"
     assert path.name.startswith("rate-0.15-") and engine.export_seconds > 0
     assert engine.load_bytes == path.stat().st_size
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nothing partial left beside it
@@ -148,7 +150,7 @@ def test_export_is_written_once_and_reused(backend, checkpoints, tmp_path, monke
     def no_export(*args):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(backends, "export", no_export)
+    monkeypatch.setattr(exported, "export", no_export)
     again = ENGINES[backend](ckpt.path, 0.15, ctx=64)
     assert again.export == path and again.export_seconds is None and path.stat().st_mtime_ns == mtime
     monkeypatch.undo()
@@ -169,7 +171,7 @@ def test_chat_switches_rate_on_each_backend(backend, checkpoints):
     messages = chat(engine, ["Hello there", "/rate 0.35", "How are you", "/rate 0.3", "/rate", "/quit"],
                     out.append, max_new_tokens=6)
     text = "".join(out)
-    size = export_path(engine.ckpt, 0.35, backend).stat().st_size
+    size = export_path(engine.ckpt, 0.35, engine.format).stat().st_size
     assert "rate 0.0 -> 0.35" in text and f"{size / 1e6:.1f} MB read" in text and "conversation re-filled" in text
     assert "[error: rate 0.3 is not offered" in text and "rate 0.35 (quality not measured); offered: 0.0, 0.15, 0.35" in text
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
@@ -186,9 +188,9 @@ def test_footprints_predict_what_each_backend_holds(name, checkpoints, tmp_path)
     ckpt = Checkpoint(shutil.copytree(checkpoints[name].path, tmp_path / "m.elastiq"))
     for backend in ENGINES:
         for rate in RATES:
-            before = predict_backend_footprint(ckpt, rate, 100, backend, baseline=0)
+            before = backend_named(backend).footprint(ckpt, rate, 100, baseline=0)
             engine = ENGINES[backend](ckpt, rate, ctx=100)
-            after = predict_backend_footprint(ckpt, rate, 100, backend, baseline=0)
+            after = backend_named(backend).footprint(ckpt, rate, 100, baseline=0)
             # before the export, its size is derived from the shapes as the exporter writes them: GGUF's
             # tensors and vocabulary within 2%; ONNX's initializers, not its graph (nodes and RoPE
             # tables: measured ~8 KB per layer here, 5.6 KB per layer and 0.3% of SmolLM2's 68 MB export)
@@ -207,7 +209,7 @@ def test_footprints_predict_what_each_backend_holds(name, checkpoints, tmp_path)
                 assert after.kv_cache == 2 * torch_kv  # float32 past and present
                 assert after.weights == 2 * engine.load_bytes
     # llama.cpp's KV cache is at the full head size whatever the rate; the others' shrink with it
-    kv = {b: [predict_backend_footprint(ckpt, r, 100, b, 0).kv_cache for r in RATES] for b in ENGINES}
+    kv = {b: [backend_named(b).footprint(ckpt, r, 100, 0).kv_cache for r in RATES] for b in ENGINES}
     assert len(set(kv["llama.cpp"])) == 1 and kv["onnxruntime"][0] > kv["onnxruntime"][2]
 
 
@@ -235,7 +237,7 @@ def test_a_missing_package_says_what_to_install(checkpoints, monkeypatch):
     with pytest.raises(ElastiqError, match=r"needs the Python package onnxruntime .*`pip install onnxruntime`"):
         plan_rate(checkpoints["q4"], None, 64, torch.float32, True, backend="onnxruntime")
     with pytest.raises(ElastiqError, match="backend 'mlx' is not known"):
-        require("mlx")
+        backend_named("mlx")
     assert issubclass(LlamaCppEngine, ExportEngine)
 
 

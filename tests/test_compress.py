@@ -9,7 +9,7 @@ from elastiq.checkpoint import Checkpoint
 from elastiq.cli import main
 from elastiq.compressor import compress as compress_module
 from elastiq.compressor.compress import CompressOptions, compress
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, masked_weights
 
 
@@ -23,7 +23,7 @@ def _compress(src, dest, data_dir, **kwargs):
 def test_sorted_model_equals_original_and_rates_equal_masked(family, method, models, tokenizer, data_dir, tmp_path):
     src, reference = models[family]
     ckpt = Checkpoint(_compress(src, tmp_path / "m.elastiq", data_dir, method=method))
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
         full = Transformer.from_weights(ckpt.read_rate(0.0), config)(ids)
@@ -117,11 +117,11 @@ def test_rotated_compression_keeps_the_model(family, models, tokenizer, data_dir
     src, reference = models[family]
     ckpt = Checkpoint(_compress(src, tmp_path / "r.elastiq", data_dir, rotate=True))
     assert ckpt.manifest["source"]["compression"]["rotation"] is True
-    assert ckpt.manifest["source"]["config"]["tie_word_embeddings"] is False  # the folded head is its own
+    assert ckpt.config["tie_word_embeddings"] is False  # the folded head is its own
     assert ckpt.manifest["aliases"] == {}
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
-        full = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.manifest["source"]["config"])(ids)
+        full = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.config)(ids)
     assert (full - reference).abs().max() < 1e-3
 
 

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from elastiq.checkpoint import MLP, QK, VO, Checkpoint, RateSpec, write_checkpoint
 from elastiq.kernels.rope import apply_rope, rope_tables
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import build_tiny, model_groups
 
 H, G, D = 4, 2, 64  # tiny_config's query heads, KV heads and head size
@@ -195,7 +195,7 @@ def test_every_checkpoint_rate_loads_directly(model, ids, tmp_path):
     path = write_checkpoint(tmp_path / "tiny.elastiq", state, groups, rates, heads,
                             {"model_type": model.config.model_type, "config": model.config.to_dict()})
     ckpt = Checkpoint(path)
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     for rate, widths in ((0.0, FULL), (0.3, SMALL)):
         elastic = Transformer.from_weights(ckpt.read_rate(rate), config)
         assert elastic.lm_head.weight is elastic.embed_tokens.weight

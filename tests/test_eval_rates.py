@@ -10,7 +10,7 @@ import torch
 from elastiq.cli import main
 from elastiq.evaluation.rates import evaluate_rates
 from elastiq.runtime.backends import open_engine
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 
 MEASURES = ("wikitext2", "arc_easy", "winogrande")
 SMALL = dict(measures=MEASURES, seqlen=128, windows=2, limit=6, progress=False)
@@ -24,7 +24,7 @@ def test_engine_logits_equal_the_model_at_each_rate(nested_checkpoints, tokenize
                                          "building .")])
     for rate in (0.0, 0.35):
         engine.set_rate(rate)
-        reference = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])(ids)
+        reference = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
         padded = torch.cat([ids, torch.cat([ids[:, :5], torch.zeros(1, ids.shape[1] - 5, dtype=torch.long)], 1)])
         logits = engine.logits(padded)
         assert torch.equal(logits[0], reference[0].float())

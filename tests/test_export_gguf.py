@@ -16,7 +16,7 @@ from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.exporters import FORMATS, export
 from elastiq.exporters.gguf import ExportError, pre_tokenizer_name, qk_rows, rope_factors, write_gguf
 from elastiq.quants import gguf_blocks, gguf_q8_0_blocks
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, build_tiny
 
 gguf = pytest.importorskip("gguf")
@@ -89,7 +89,7 @@ def _runtime(path, rate: float, rounding=None) -> Transformer:
     if rounding is _f16:
         weights = {k: _f16(w) if isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() else w
                    for k, w in weights.items()}
-    model = Transformer.from_weights(weights, ckpt.manifest["source"]["config"])
+    model = Transformer.from_weights(weights, ckpt.config)
     for module in model.modules():
         if rounding and isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(lambda _, args: (rounding(args[0]),))

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elastiq.checkpoint import CheckpointError
 from elastiq.exporters.hf import HfExportError, write_hf
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT
 
 TOLERANCE = 1e-5  # max abs logit difference (measured: 3.6e-7); the tiny models' logits are of order 1
@@ -18,7 +18,7 @@ TOLERANCE = 1e-5  # max abs logit difference (measured: 3.6e-7); the tiny models
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-q4", "qwen2-q8"])
 def test_transformers_logits_equal_the_runtime_at_every_rate(name, nested_checkpoints, tokenizer, tmp_path):
     ckpt = nested_checkpoints[name]
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     ids = torch.tensor([tokenizer.encode(TEXT)])
     for rate in ckpt.rates:
         path = write_hf(ckpt.path, rate, tmp_path / f"{rate}")

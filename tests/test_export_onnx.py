@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.exporters.onnx import OnnxExportError, build_model, write_onnx
 from elastiq.quants import QuantizedTensor, matmulnbits
-from elastiq.runtime.model import Transformer, runtime_weights
+from elastiq.modeling.model import Transformer, runtime_weights
 from conftest import TEXT
 
 RATES = (0.15, 0.35)
@@ -39,7 +39,7 @@ def _step(session, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cac
 
 
 def _runtime_logits(ckpt: Checkpoint, rate: float, ids: torch.Tensor) -> np.ndarray:
-    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
     with torch.no_grad():
         return model(ids).numpy()
 
@@ -95,7 +95,7 @@ def test_cache_shapes_follow_each_layers_widths(nested_checkpoints, tmp_path):
 def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_path):
     ckpt = nested_checkpoints["qwen2-q4"]
     model = onnx.load(write_onnx(ckpt.path, 0.15, tmp_path / "m.onnx"))
-    weights = runtime_weights(ckpt.read_rate(0.15), ckpt.manifest["source"]["config"])  # the initializers' names
+    weights = runtime_weights(ckpt.read_rate(0.15), ckpt.config)  # the initializers' names
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     quantized = {k: v for k, v in weights.items() if isinstance(v, QuantizedTensor)}
@@ -146,6 +146,6 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(nested_checkpoints, tmp_path)
         write_onnx(ckpt.path, 0.15, tmp_path / "file" / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "file"]
 
-    weights, config = ckpt.read_rate(0.15), dict(ckpt.manifest["source"]["config"])
+    weights, config = ckpt.read_rate(0.15), dict(ckpt.config)
     with pytest.raises(OnnxExportError, match="RoPE type 'dynamic' is not supported .* supported: default, linear"):
         build_model(weights, {**config, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}})

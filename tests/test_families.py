@@ -14,7 +14,7 @@ import torch
 from elastiq.checkpoint import MLP, QK, VO, Checkpoint
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.families import family_for
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, masked_weights, tiny_config
 
 RATES = (0.125, 0.375)  # whole 32-channel blocks of these tiny models
@@ -91,7 +91,7 @@ def ids(tokenizer) -> torch.Tensor:
 
 
 def _runtime(ckpt: Checkpoint, rate: float) -> Transformer:
-    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
 
 
 def test_offered_groups_and_every_rate_is_the_masked_model(ckpt, source, ids, capsys):
@@ -107,7 +107,7 @@ def test_offered_groups_and_every_rate_is_the_masked_model(ckpt, source, ids, ca
                 "and k per head before RoPE)") in out
     else:
         assert "pruned: " + ", ".join(GROUP_KINDS[k] for k in sorted(OFFERS[family])) + "\n" in out
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     with torch.no_grad():
         full = _runtime(ckpt, 0.0)(ids)
         assert (full - source[1](ids).logits).abs().max() < 1e-4 * full.abs().max()  # sorting keeps the function
@@ -200,7 +200,7 @@ def test_gguf_export_runs_in_llama_cpp_as_in_the_runtime(ckpt, ids, rate, tmp_pa
     assert (logits - expected).abs().max() < 1e-3 * expected.abs().max()
     if rate == 0:
         loaded = load_model(path)
-        assert loaded.model_type in family_for(ckpt.manifest["source"]["config"]).model_types
+        assert loaded.model_type in family_for(ckpt.config).model_types
         with torch.no_grad():
             assert (loaded.model(ids).logits[0] - expected).abs().max() < 1e-3 * expected.abs().max()
 
@@ -233,3 +233,30 @@ def test_gptq_quantized_checkpoint_runs_packed_in_the_engine(ckpt, ids, data_dir
         # bf16 activations carry 8 significant bits through the blocks: a few percent of the logit scale
         assert (got - want).abs().max() < 0.05 * want.abs().max(), rate
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_elastiq_run_answers_from_a_qwen3_gguf(tokenizer, data_dir, tmp_path, monkeypatch, capsys):
+    """A Qwen3 GGUF as a user brings one: ``elastiq run FILE.gguf`` compresses it at the default
+    rates on first use (an MLP wide enough for their granularity), quantizes it and answers."""
+    from transformers import AutoModelForCausalLM
+
+    from elastiq.cli import main
+    from elastiq.exporters.gguf import write_gguf
+
+    config = _qwen3(len(tokenizer))
+    config.intermediate_size = 1024
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    dense = compress(tmp_path / "hf", tmp_path / "dense.elastiq", CompressOptions(rates=(), calib_samples=2,
+                                                                                   calib_seqlen=16, quality_windows=0),
+                     data=data_dir, progress=False)
+    gguf = write_gguf(dense, 0.0, tmp_path / "qwen3.gguf", float_type="f32")
+    monkeypatch.setenv("ELASTIQ_CACHE", str(tmp_path / "cache"))
+    assert main(["run", str(gguf), "--prompt", "The capital of France is", "--max-new-tokens", "6", "--ctx", "128",
+                 "--max-kl", "inf"]) == 0
+    out, err = capsys.readouterr()
+    assert "compressing it once" in err and out.strip()
+    (cached,) = (tmp_path / "cache" / "checkpoints").glob("*-q4.elastiq")
+    assert Checkpoint(cached).rates == [0.0, 0.15, 0.25, 0.35]

@@ -11,7 +11,7 @@ from elastiq.cli import main
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.quants import BLOCK, Q8Tensor, QuantizedTensor
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, masked_weights
 
 
@@ -36,7 +36,7 @@ def test_quantized_rates_equal_the_masked_quantized_model(method, order, float_c
     weights = ckpt.read_rate(0.0)
     assert isinstance(weights["model.layers.1.mlp.down_proj.weight"], QuantizedTensor)
     assert isinstance(weights["lm_head.weight"], QuantizedTensor)
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
         full = Transformer.from_weights(weights, config)(ids)
@@ -73,7 +73,7 @@ def test_8bit_embedding_and_head_are_q8_0_and_closer_to_the_float_model(nested_c
     vocab, hidden = w8["lm_head.weight"].shape
     extra = 2 * vocab * hidden // BLOCK * (BLOCK - BLOCK // 2)  # two matrices, 16 more code bytes per block
     assert q8.rate_entry(0.0)["weight_bytes"] - q4.rate_entry(0.0)["weight_bytes"] == extra
-    config = source.manifest["source"]["config"]
+    config = source.config
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
         dense = Transformer.from_weights(source.read_rate(0.0), config)(ids)

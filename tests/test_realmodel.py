@@ -25,14 +25,14 @@ def test_sorted_smollm2_equals_the_original(tmp_path):
     from elastiq.checkpoint import Checkpoint
     from elastiq.compressor.compress import CompressOptions, compress
     from elastiq.compressor.intake import load_model
-    from elastiq.runtime.model import Transformer
+    from elastiq.modeling.model import Transformer
 
     options = CompressOptions(rates=(0.25,), calib_samples=4, calib_seqlen=128)
     ckpt = Checkpoint(compress("smollm2-135m", tmp_path / "smol.elastiq", options, progress=False))
     loaded = load_model("smollm2-135m")
     prompts = ["The capital of France is Paris, and the capital of Germany is",
                "def fibonacci(n):\n    if n < 2:\n        return n\n"]
-    config = ckpt.manifest["source"]["config"]
+    config = ckpt.config
     sorted_model = Transformer.from_weights(ckpt.read_rate(0.0), config)
     with torch.no_grad():
         for prompt in prompts:

@@ -16,7 +16,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 from elastiq.compressor.recover import (RecoverError, RecoverOptions, UnitMasks, lora_model, rate_probabilities,
                                         recover, recover_checkpoint, source_weights, state_dir, width_units)
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import TEXT, masked_weights
 
 RATES = (0.15, 0.35)
@@ -43,7 +43,7 @@ def _ids(tokenizer) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_masked_full_model_equals_every_slice(family, checkpoints, tokenizer):
     ckpt = Checkpoint(checkpoints[family])
-    config, ids = ckpt.manifest["source"]["config"], _ids(tokenizer)
+    config, ids = ckpt.config, _ids(tokenizer)
     plain = Transformer.from_weights(ckpt.read_rate(0.0), config)
     wrapped = lora_model(ckpt.read_rate(0.0), config, rank=4, alpha=8.0, seed=0)  # LoRA B starts at zero
     with torch.no_grad():
@@ -70,7 +70,7 @@ def nested(checkpoints, data_dir, tmp_path_factory):
 
 
 def _loss(ckpt: Checkpoint, rate: float, windows: torch.Tensor) -> float:
-    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    model = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
     with torch.no_grad():
         logits = model(windows)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
@@ -95,7 +95,7 @@ def test_output_keeps_the_contract(nested, checkpoints, tokenizer):
     assert torch.equal(full["model.layers.1.self_attn.rope_pairs"], original["model.layers.1.self_attn.rope_pairs"])
     assert not torch.equal(full["model.layers.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(full["model.embed_tokens.weight"], original["model.embed_tokens.weight"])  # no LoRA there
-    config, ids = after.manifest["source"]["config"], _ids(tokenizer)
+    config, ids = after.config, _ids(tokenizer)
     with torch.no_grad():
         for rate in RATES:
             sliced = Transformer.from_weights(after.read_rate(rate), config)(ids)
@@ -112,7 +112,7 @@ def test_merged_model_equals_the_unmerged_lora_model(nested, checkpoints, tokeni
     out, options = nested
     ckpt, written = Checkpoint(checkpoints["qwen2"]), Checkpoint(out)
     result = recover(ckpt, options, data_dir, progress=False)  # the same run, un-merged model kept
-    config, ids = ckpt.manifest["source"]["config"], _ids(tokenizer)
+    config, ids = ckpt.config, _ids(tokenizer)
     merged = Transformer.from_weights(result.weights, config)
     lora_masks, merged_masks = UnitMasks(result.model, ckpt.groups, ckpt.heads), UnitMasks(merged, ckpt.groups, ckpt.heads)
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_lorashear_offers_its_rate_with_the_kept_units_first(checkpoints, tokeni
         kept = result.keep[g.name]
         assert (kept.sum(0) == widths[g.name]).all(), g.name  # the same count in every KV head
     assert any(not result.keep[g.name][:widths[g.name]].all() for g in ckpt.groups)  # the sort order did change
-    config, ids = ckpt.manifest["source"]["config"], _ids(tokenizer)
+    config, ids = ckpt.config, _ids(tokenizer)
     trained = Transformer.from_weights(result.weights, config)
     masks = UnitMasks(trained, ckpt.groups, ckpt.heads)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from elastiq import ElastiqError
 from elastiq.compressor.rotate import random_orthogonal, rotate_residual
 from elastiq.families import family_for
 from elastiq.families.base import ATTN_Q, EMBED, FINAL_NORM, HEAD, NORM_READERS
-from elastiq.runtime.model import Transformer
+from elastiq.modeling.model import Transformer
 from conftest import build_tiny
 
 FAMILIES = ("llama", "mistral", "qwen2")

@@ -20,8 +20,9 @@ from elastiq.quants import quantize_q8_0, quantize_rtn, torch_int4
 from elastiq.runtime.chat import chat, template_ids
 from elastiq.runtime.engine import Engine
 from elastiq.runtime.generate import Generator, Sampling
-from elastiq.runtime.memory import free_memory, parse_size, plan_rate, predict_footprint
-from elastiq.runtime.model import Transformer
+from elastiq.runtime.memory import free_memory, parse_size, predict_footprint
+from elastiq.runtime.plan import plan_rate
+from elastiq.modeling.model import Transformer
 from conftest import TEXT
 
 RATES = (0.0, 0.15, 0.35)
@@ -29,7 +30,7 @@ RATES = (0.0, 0.15, 0.35)
 
 def _reference(ckpt: Checkpoint, rate: float) -> Transformer:
     """The float32 model of ``rate`` without caches (4-bit matrices dequantized)."""
-    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"])
+    return Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -50,7 +51,7 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
     ids = torch.tensor([tokenizer.encode(TEXT)])
     ckpt = nested_checkpoints["qwen2-q4"]
     for rate in RATES:
-        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
+        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config,
                                           dtype=torch.bfloat16, int4=True)
         assert sum(1 for m in packed.modules() if type(m).__name__ == "Q4Linear") == 2 * 7 + 1  # 7 per block, head
         with torch.no_grad():
@@ -66,7 +67,7 @@ def test_the_8bit_embedding_and_head_match_their_dequantized_reference(name, nes
     ids = torch.tensor([tokenizer.encode(TEXT)])
     ckpt = nested_checkpoints[name]
     for rate in RATES:
-        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.manifest["source"]["config"],
+        packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config,
                                           dtype=torch.bfloat16, int4=True)
         head, embed = packed.lm_head, packed.embed_tokens
         assert type(head).__name__ == "Q8Linear" and type(embed).__name__ == "Q8Embedding"

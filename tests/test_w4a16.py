@@ -284,8 +284,8 @@ def test_dispatch(monkeypatch):
     interpreted = prepare_q4(codes, scales)
     assert (cpu.path, interpreted.path) == ("torch", "triton")
     calls = []
-    monkeypatch.setattr(w4a16_triton, "w4a16_linear", lambda *args: calls.append("triton"))
-    monkeypatch.setattr(kernels, "q4_linear_torch", lambda *args: calls.append("torch"))
+    monkeypatch.setattr(w4a16_triton, "launch_w4a16", lambda *args, **kw: calls.append("triton"))
+    monkeypatch.setattr(kernels, "int4pack_matmul", lambda *args, **kw: calls.append("torch"))
     x = make_x((1, 64), torch.bfloat16)
     q4_linear(x, interpreted)
     q4_linear(x, cpu)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ElastiqError
-from ..kernels import Q4Weight, apply_rope_gather, prepare_q4, q4_linear
+from ..kernels import Q4Weight, prepare_q4, q4_activation_dtypes, q4_matmul, rope_gather_for
 from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_V, FFN_GATE, MATRICES, NORMS, ROPE_PAIRS, is_norm
@@ -157,9 +157,10 @@ class Q4Linear(nn.Module):
         self.weight = weight
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.register_buffer("bias", bias)
+        self.matmul = q4_matmul(weight)  # its kernel, chosen once; the model checks the activations' dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q4_linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class Q4Embedding(nn.Module):
@@ -271,6 +272,10 @@ class Block(nn.Module):
         for slot in NORMS:
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
         self.register_buffer("rope_pairs", w[ROPE_PAIRS])
+        if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
+            raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} frequencies do "
+                               f"not fit {G} KV heads of {u} kept pairs")
+        self.rope_gather = rope_gather_for(self.rope_pairs.device)  # checked here, not on every token
         self.kv_cache: KVCache | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +292,7 @@ class Block(nn.Module):
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
         """RoPE in place at ``positions``: the query heads of KV group g use group g's frequencies
         (``elastiq.kernels`` picks the Triton kernel on a GPU, the torch path elsewhere)."""
-        apply_rope_gather(q, k, positions, self.inv_freq, self.rope_pairs, self.attending.scaling)
+        self.rope_gather(q, k, positions, self.inv_freq, self.rope_pairs, self.attending.scaling)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """Attention of queries q [B, H, T, 2u] over keys k [B, G, S, 2u] and values v [B, G, S, r]
@@ -356,6 +361,11 @@ class Transformer(nn.Module):
         self.lm_head = _linear(weights["lm_head.weight"], None)
         if args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight  # tied: one parameter
+        for module in self.modules():  # the 4-bit kernels skip this check on every call
+            if isinstance(module, Q4Linear) and dtype not in q4_activation_dtypes(module.weight):
+                accepted = " or ".join(str(d).removeprefix("torch.") for d in q4_activation_dtypes(module.weight))
+                raise ElastiqError(f"4-bit matrices prepared for the {module.weight.path} kernel multiply {accepted} "
+                                   f"activations; the model was asked for {str(dtype).removeprefix('torch.')}")
 
     @property
     def device(self) -> torch.device:

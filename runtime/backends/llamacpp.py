@@ -1,0 +1,152 @@
+"""llama.cpp (llama-cpp-python) running one rate's GGUF export.
+
+Memory (``footprint``), from the export's file size when it exists and from the checkpoint's
+shapes as the exporter will write them otherwise: llama.cpp maps the GGUF (every page is touched
+while loading) and, where its CPU build repacks Q4_0 for its matmul kernels (``REPACK = 1``),
+holds a repacked copy of every Q4_0 matrix a matmul uses (a tied LM head is the embedding's
+duplicate); its KV cache is f16 at the FULL head size (pruned channels are zero-filled in the
+GGUF) for ``ctx`` rounded up to 256 cells; its compute buffer is reserved for a batch of
+``n_ubatch`` tokens whose every logit is an output, or the attention scores and softmax of that
+batch, whichever is larger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ... import ElastiqError
+from ...checkpoint import Checkpoint
+from ...families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS
+from ...quants import BLOCK, BLOCK_BYTES
+from ..generate import PREFILL_CHUNK, CachedGenerator
+from ..memory import Footprint, layer_widths, runtime_shapes
+from .base import Backend
+from .exported import ExportEngine, export_path
+
+LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cells
+GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
+SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
+
+
+def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
+    """Bytes of the tensors ``write_gguf`` writes for ``rate`` (pruned heads back at full size,
+    Q4_0, Q8_0 or F16 matrices, F32 vectors, each padded to the alignment), and of the Q4_0
+    matrices a matmul uses (the ones llama.cpp repacks; a tied head is the embedding's)."""
+    config, heads = ckpt.config, ckpt.heads
+    full = {ATTN_Q: heads.num_heads * heads.head_dim, ATTN_K: heads.num_kv_heads * heads.head_dim,
+            ATTN_V: heads.num_kv_heads * heads.head_dim}
+    total = matmul = 0
+    for name, (shape, _, fmt) in runtime_shapes(ckpt, rate).items():
+        if name.endswith(ROPE_PAIRS):
+            continue  # consumed by the full-size layout
+        parts = name.split(".")
+        if len(parts) > 2 and parts[-2] in full:
+            shape = (full[parts[-2]], *shape[1:])
+        elif len(parts) > 2 and parts[-2] == ATTN_OUT:
+            shape = (shape[0], heads.num_heads * heads.head_dim)
+        numel = math.prod(shape)
+        nbytes = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * (2 if len(shape) == 2 else 4)
+        total += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+        used_by_matmul = name != "embed_tokens.weight" or config.get("tie_word_embeddings")
+        if fmt == "q4_0" and len(shape) == 2 and shape[0] % 8 == 0 and used_by_matmul:
+            matmul += nbytes
+    return total, matmul
+
+
+def _gguf_vocab(ckpt: Checkpoint, vocab_size: int) -> int:
+    """Bytes of the tokenizer metadata ``write_gguf`` adds: every token (a length-prefixed string and
+    an int32 type; ids the tokenizer lacks become short pad names), the merges, the chat template."""
+    spec = json.loads((ckpt.path / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens = {i: t for t, i in spec["model"].get("vocab", {}).items()}
+    tokens.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
+    total = sum(8 + 4 + len(tokens.get(i, f"[PAD{i}]").encode()) for i in range(vocab_size))
+    merges = spec["model"].get("merges", [])
+    total += sum(8 + len((m if isinstance(m, str) else " ".join(m)).encode()) for m in merges)
+    return total + len((ckpt.source.chat_template or "").encode())
+
+
+def _repacks_q4_0() -> bool:
+    """Whether this llama.cpp build repacks Q4_0 weights for its CPU matmul kernels."""
+    import llama_cpp
+
+    return b"REPACK = 1" in llama_cpp.llama_print_system_info()
+
+
+def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Footprint:
+    """What llama.cpp holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
+    config = ckpt.config
+    heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
+    widest_mlp = max(layer.intermediate_size for layer in layer_widths(runtime_shapes(ckpt, rate), heads))
+    path = export_path(ckpt, rate, "gguf")
+    tensors, matmul = _gguf_tensors(ckpt, rate)
+    file_bytes = path.stat().st_size if path.is_file() else tensors + _gguf_vocab(ckpt, vocab)
+    weights = file_bytes + (matmul if _repacks_q4_0() else 0)
+    cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
+    layers = config["num_hidden_layers"]
+    kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
+    ubatch = min(ctx, PREFILL_CHUNK)
+    workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest_mlp) \
+        + vocab * 4  # the output buffer of one token's logits
+    return Footprint(rate, weights, kv, workspace, baseline)
+
+
+class LlamaCppGenerator(CachedGenerator):
+    """Generation through a ``llama_cpp.Llama``: its ``n_tokens`` is moved back to the reused prefix,
+    and ``eval`` drops the cache beyond it before running the new tokens."""
+
+    def __init__(self, llm, max_seq: int):
+        super().__init__(max_seq)
+        self.llm = llm
+
+    def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        import llama_cpp
+
+        self.llm.n_tokens = start
+        self.llm.eval(tokens)
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),)).copy())
+
+    def reset(self) -> None:
+        super().reset()
+        self.llm.reset()
+
+
+class LlamaCppEngine(ExportEngine):
+    """The rate's GGUF export run by llama.cpp (llama-cpp-python), with a KV cache of ``ctx`` positions."""
+
+    backend, format, requires = "llama.cpp", "gguf", ("llama_cpp", "llama-cpp-python")
+
+    def _load(self, path: Path) -> LlamaCppGenerator:
+        llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,
+                                 n_batch=min(self.ctx, SCORING_BATCH if self.scoring else PREFILL_CHUNK),
+                                 logits_all=self.scoring, verbose=False)
+        return LlamaCppGenerator(llm, self.ctx)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.scoring:
+            raise ElastiqError("this llama.cpp engine keeps only the last logits; open it with scoring=True")
+        llm, out = self.generator.llm, []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            out.append(torch.from_numpy(np.array(llm.scores[:len(row)], dtype=np.float32)))
+        self.generator.reset()  # the cached tokens are the last row's, not a conversation's
+        return torch.stack(out)
+
+    def _close(self) -> None:
+        if self.generator is not None:
+            self.generator.llm.close()
+        super()._close()
+
+
+def _open(checkpoint, rate: float, ctx: int, tokenizer=None, scoring: bool = False, **_) -> LlamaCppEngine:
+    return LlamaCppEngine(checkpoint, rate, ctx, tokenizer=tokenizer, scoring=scoring)
+
+
+BACKEND = Backend("llama.cpp", LlamaCppEngine.requires, footprint, _open)
