@@ -20,6 +20,7 @@ under a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -166,19 +167,37 @@ def pre_tokenizer_name(spec: Mapping | None) -> str:
 
 
 def add_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> None:
-    """Tokenizer metadata as llama.cpp's converter writes a GPT-2 style BPE tokenizer: tokens with
-    their types, merges, special token ids, whether BOS/EOS are added, and the chat template."""
+    """Tokenizer metadata as llama.cpp's converters write it: a GPT-2 style byte-level BPE tokenizer
+    (``gpt2``: tokens with their types, merges), or a SentencePiece-style BPE one with byte
+    fallback, as Llama 2, Mistral, Gemma and Phi-3 have (``llama``: tokens with scores and types);
+    then the special token ids, whether BOS/EOS are added, and the chat template."""
     tok = ckpt.tokenizer()
     spec = json.loads(tok.backend_tokenizer.to_str())
-    # llama.cpp normalizes nothing; NFC (Qwen2's) is dropped as its converter drops it, which
-    # changes nothing for text that is already NFC, as most text is
-    if spec["model"]["type"] != "BPE" or spec.get("normalizer") not in (None, {"type": "NFC"}):
-        raise ExportError(f"only byte-level BPE tokenizers with no normalizer or NFC can be written to GGUF; this "
-                          f"one is {spec['model']['type']} with normalizer {json.dumps(spec.get('normalizer'))}")
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     vocab = {i: t for t, i in tok.get_vocab().items()}
     if max(vocab) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(vocab)}, the model's vocabulary only {vocab_size}")
+    if spec["model"]["type"] == "BPE" and spec["model"].get("byte_fallback"):
+        merges = _add_sentencepiece_vocab(writer, tok, spec, vocab, vocab_size)
+    else:
+        _add_byte_level_vocab(writer, tok, spec, vocab, vocab_size)
+        merges = True
+    special = gguf.SpecialVocab(ckpt.path, load_merges=merges, n_vocab=vocab_size)
+    special.chat_template = ckpt.source.chat_template or special.chat_template
+    plain, marked = tok.encode("a", add_special_tokens=False), tok.encode("a")  # what encoding adds, measured
+    special.add_special_token["bos"] = len(marked) > len(plain) and marked[0] == tok.bos_token_id
+    special.add_special_token["eos"] = len(marked) > len(plain) and marked[-1] == tok.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _add_byte_level_vocab(writer: gguf.GGUFWriter, tok, spec: Mapping, vocab: Mapping[int, str],
+                          vocab_size: int) -> None:
+    # llama.cpp normalizes nothing; NFC (Qwen2's) is dropped as its converter drops it, which
+    # changes nothing for text that is already NFC, as most text is
+    if spec["model"]["type"] != "BPE" or spec.get("normalizer") not in (None, {"type": "NFC"}):
+        raise ExportError(f"only BPE tokenizers (byte-level with no normalizer or NFC, or SentencePiece-style with "
+                          f"byte fallback) can be written to GGUF; this one is {spec['model']['type']} with normalizer "
+                          f"{json.dumps(spec.get('normalizer'))}")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     added = tok.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
@@ -196,12 +215,54 @@ def add_vocab(writer: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> Non
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=vocab_size)
-    special.chat_template = ckpt.source.chat_template or special.chat_template
-    plain, marked = tok.encode("a", add_special_tokens=False), tok.encode("a")  # what encoding adds, measured
-    special.add_special_token["bos"] = len(marked) > len(plain) and marked[0] == tok.bos_token_id
-    special.add_special_token["eos"] = len(marked) > len(plain) and marked[-1] == tok.eos_token_id
-    special.add_to_gguf(writer, quiet=True)
+
+
+def _add_sentencepiece_vocab(writer: gguf.GGUFWriter, tok, spec: Mapping, vocab: Mapping[int, str],
+                             vocab_size: int) -> bool:
+    """A SentencePiece-style BPE tokenizer (spaces as "▁", unknown bytes as ``<0xXX>`` tokens) as
+    llama.cpp's ``llama`` tokenizer. That tokenizer merges the adjacent pair whose joined token
+    scores highest; transformers applies the merge of lowest rank: a token's score is minus the
+    rank of the merge that makes it, so both merge in the same order. (llama.cpp's own converter
+    reads SentencePiece's scores from ``tokenizer.model``, which a checkpoint does not carry.)
+    Returns False: llama.cpp takes no merges list for it."""
+    normalizers = spec.get("normalizer") or {}
+    steps = normalizers.get("normalizers", [normalizers]) if normalizers else []
+    prepend = any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in steps)
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        prepend = pre.get("prepend_scheme", "always") != "never"
+    elif pre or any(n.get("type") not in ("Prepend", "Replace") for n in steps):
+        raise ExportError(f"this SentencePiece-style tokenizer (pre-tokenizer {json.dumps(pre)}, normalizer "
+                          f"{json.dumps(normalizers)}) has no llama.cpp equivalent here; accepted: spaces replaced "
+                          "by \u2581 (and a leading one prepended), or a Metaspace pre-tokenizer")
+    score: dict[str, float] = {}
+    for rank, merge in enumerate(spec["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        score.setdefault(left + right, -float(rank))
+    added = tok.added_tokens_decoder
+    byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        text = vocab.get(i, f"[PAD{i}]")
+        tokens.append(text)
+        scores.append(score.get(text, 0.0))
+        if i not in vocab:
+            types.append(gguf.TokenType.UNUSED)
+        elif text == spec["model"].get("unk_token"):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif byte.fullmatch(text):  # a fallback byte, even where the tokenizer lists it among its added tokens
+            types.append(gguf.TokenType.BYTE)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prepend)
+    return False
 
 
 # --- the file ------------------------------------------------------------------------------------

@@ -239,6 +239,52 @@ def test_digits_pre_tokenizer_is_smollm(checkpoints, tmp_path):
     assert llm.tokenize(text.encode(), add_bos=False) == AutoTokenizer.from_pretrained(path).encode(text)
 
 
+def _sentencepiece_style_tokenizer(data_dir):
+    """A BPE tokenizer built as Llama 2's, Mistral's and Gemma's are: spaces become "▁" (one is
+    prepended), no pre-tokenizer, and bytes it has no token for become ``<0xXX>`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()[:2000]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, limit_alphabet=80))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_is_llamas(data_dir, tmp_path):
+    """Written as llama.cpp's ``llama`` tokenizer (scores from merge ranks, byte tokens), it splits
+    text as transformers does, unknown characters through byte fallback included, and the model runs."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    tok = _sentencepiece_style_tokenizer(data_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)), dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    ckpt = compress(tmp_path / "hf", tmp_path / "spm.elastiq", CompressOptions(rates=(), calib_samples=2,
+                                                                                calib_seqlen=16, quality_windows=0),
+                    data=data_dir, progress=False)
+    path = write_gguf(ckpt, 0.0, tmp_path / "spm.gguf", float_type="f32")
+    llm = _llama(path, vocab_only=True)
+    assert llm.metadata["tokenizer.ggml.model"] == "llama" and llm.metadata["tokenizer.ggml.add_space_prefix"] == "true"
+    wiki = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[5000:7000]
+    for text in ("Hello world", " leading space", "a  b   c\n\nd", "Ünïcödé 東京 🙂", TEXT, wiki):
+        assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text, add_special_tokens=False), text[:30]
+    llm = _llama(path)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = _runtime(ckpt, 0.0)(torch.tensor([ids]))[0]
+    assert (torch.from_numpy(np.asarray(llm.scores[:len(ids)])) - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
 def test_registry_dispatches_and_names_the_formats(checkpoints, tmp_path):
     out = export(checkpoints["llama"], 0.15, "gguf", tmp_path / "a.gguf")
     assert out == tmp_path / "a.gguf" and FORMATS["gguf"] is write_gguf

@@ -61,13 +61,17 @@ def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
 
 def _gguf_vocab(ckpt: Checkpoint, vocab_size: int) -> int:
     """Bytes of the tokenizer metadata ``write_gguf`` adds: every token (a length-prefixed string and
-    an int32 type; ids the tokenizer lacks become short pad names), the merges, the chat template."""
+    an int32 type; ids the tokenizer lacks become short pad names), then the merges of a byte-level
+    BPE tokenizer or a float32 score per token of a SentencePiece-style one, and the chat template."""
     spec = json.loads((ckpt.path / "tokenizer.json").read_text(encoding="utf-8"))
     tokens = {i: t for t, i in spec["model"].get("vocab", {}).items()}
     tokens.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
     total = sum(8 + 4 + len(tokens.get(i, f"[PAD{i}]").encode()) for i in range(vocab_size))
-    merges = spec["model"].get("merges", [])
-    total += sum(8 + len((m if isinstance(m, str) else " ".join(m)).encode()) for m in merges)
+    if spec["model"].get("byte_fallback"):
+        total += 4 * vocab_size
+    else:
+        merges = spec["model"].get("merges", [])
+        total += sum(8 + len((m if isinstance(m, str) else " ".join(m)).encode()) for m in merges)
     return total + len((ckpt.source.chat_template or "").encode())
 
 
