@@ -377,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--output", "-o", required=True, help="the quantized checkpoint folder to write, NAME.elastiq")
     qua.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ (default) or round-to-nearest")
     qua.add_argument("--order", choices=["forward", "least-important-first"], default="forward",
-                     help="GPTQ's column order on pruned input axes (the down and attention-output projections): forward, the kept prefix "
-                          "first (default), or least important first, so that the tail's errors flow into the "
-                          "prefix (measured worse: benchmarks/results/quantization.md)")
+                     help="GPTQ's column order on pruned input axes (down and attention-output projections): "
+                          "forward, the kept prefix first (default), or least important first, so that the tail's "
+                          "errors flow into the prefix (measured worse: benchmarks/results/quantization.md)")
     qua.add_argument("--bits", type=int, default=4, help="bits per weight: 4 (the only supported width)")
     qua.add_argument("--block-size", type=int, default=32, help="weights per scale: 32 (the only supported size)")
     qua.add_argument("--embedding-bits", type=int, default=4,

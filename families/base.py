@@ -68,7 +68,7 @@ class Family:
     offers: tuple[str, ...] = (MLP, QK, VO)
     gguf: tuple[str, str | None] = ("llama", "deci")
     gguf_neox: bool = False
-    gguf_swa: tuple[int, float] | None = None  # llama.cpp's sliding-window layout: every n-th layer global, local RoPE base
+    gguf_swa: tuple[int, float] | None = None  # llama.cpp's sliding layout: every n-th layer global; local RoPE base
     kept: str = ""  # why a kind of group is not offered, for ``inspect`` and errors
     norm_offset: float = 0.0  # a stored norm weight w scales by w + norm_offset (Gemma: 1 + w)
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden size) (Gemma)

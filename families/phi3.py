@@ -26,7 +26,8 @@ def unfuse(model: nn.Module) -> nn.Module:
     rope = dict(c.rope_parameters or {})
     if (rope.get("partial_rotary_factor") or getattr(c, "partial_rotary_factor", None) or 1.0) != 1.0:
         raise ElastiqError("this Phi-3 model turns only part of each head by RoPE (partial_rotary_factor "
-                           f"{rope.get('partial_rotary_factor')}); elastiq runs Phi-3 models whose RoPE turns the whole head")
+                           f"{rope.get('partial_rotary_factor')}); elastiq runs Phi-3 models whose RoPE turns "
+                           "the whole head")
     rope.pop("partial_rotary_factor", None)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     config = MistralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

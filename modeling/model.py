@@ -273,8 +273,8 @@ class Block(nn.Module):
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
         self.register_buffer("rope_pairs", w[ROPE_PAIRS])
         if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
-            raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} frequencies do "
-                               f"not fit {G} KV heads of {u} kept pairs")
+            raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
+                               f"frequencies do not fit {G} KV heads of {u} kept pairs")
         self.rope_gather = rope_gather_for(self.rope_pairs.device)  # checked here, not on every token
         self.kv_cache: KVCache | None = None
 

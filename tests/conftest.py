@@ -123,6 +123,19 @@ def models(tokenizer, tmp_path_factory):
     return out
 
 
+def dense_gguf(model, tokenizer, folder: Path, data_dir: Path) -> tuple[Path, Path]:
+    """``model`` and ``tokenizer`` saved as a Hugging Face folder under ``folder``, compressed to a
+    checkpoint offering rate 0 only, and that rate written as a float32 GGUF: (checkpoint, GGUF)."""
+    from elastiq.compressor.compress import CompressOptions, compress
+    from elastiq.exporters.gguf import write_gguf
+
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    options = CompressOptions(rates=(), calib_samples=2, calib_seqlen=16, quality_windows=0)
+    ckpt = compress(folder / "hf", folder / "dense.elastiq", options, data=data_dir, progress=False)
+    return ckpt, write_gguf(ckpt, 0.0, folder / "dense.gguf", float_type="f32")
+
+
 def model_groups(model) -> tuple[list, object]:
     """The prunable groups of every block of a transformers model, and its attention heads."""
     from elastiq.families import family_for

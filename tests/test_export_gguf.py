@@ -261,17 +261,12 @@ def test_sentencepiece_style_tokenizer_is_llamas(data_dir, tmp_path):
     text as transformers does, unknown characters through byte fallback included, and the model runs."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_config
+    from conftest import dense_gguf, tiny_config
 
     tok = _sentencepiece_style_tokenizer(data_dir)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)), dtype=torch.float32).eval()
-    model.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    ckpt = compress(tmp_path / "hf", tmp_path / "spm.elastiq", CompressOptions(rates=(), calib_samples=2,
-                                                                                calib_seqlen=16, quality_windows=0),
-                    data=data_dir, progress=False)
-    path = write_gguf(ckpt, 0.0, tmp_path / "spm.gguf", float_type="f32")
+    ckpt, path = dense_gguf(model, tok, tmp_path, data_dir)
     llm = _llama(path, vocab_only=True)
     assert llm.metadata["tokenizer.ggml.model"] == "llama" and llm.metadata["tokenizer.ggml.add_space_prefix"] == "true"
     wiki = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[5000:7000]

@@ -15,7 +15,7 @@ from elastiq.checkpoint import MLP, QK, VO, Checkpoint
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.families import family_for
 from elastiq.modeling.model import Transformer
-from conftest import TEXT, masked_weights, tiny_config
+from conftest import TEXT, dense_gguf, masked_weights, tiny_config
 
 RATES = (0.125, 0.375)  # whole 32-channel blocks of these tiny models
 
@@ -241,18 +241,11 @@ def test_elastiq_run_answers_from_a_qwen3_gguf(tokenizer, data_dir, tmp_path, mo
     from transformers import AutoModelForCausalLM
 
     from elastiq.cli import main
-    from elastiq.exporters.gguf import write_gguf
-
     config = _qwen3(len(tokenizer))
     config.intermediate_size = 1024
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    dense = compress(tmp_path / "hf", tmp_path / "dense.elastiq", CompressOptions(rates=(), calib_samples=2,
-                                                                                   calib_seqlen=16, quality_windows=0),
-                     data=data_dir, progress=False)
-    gguf = write_gguf(dense, 0.0, tmp_path / "qwen3.gguf", float_type="f32")
+    _, gguf = dense_gguf(model, tokenizer, tmp_path, data_dir)
     monkeypatch.setenv("ELASTIQ_CACHE", str(tmp_path / "cache"))
     assert main(["run", str(gguf), "--prompt", "The capital of France is", "--max-new-tokens", "6", "--ctx", "128",
                  "--max-kl", "inf"]) == 0
