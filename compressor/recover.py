@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, from_storage, to_storage, \
-    write_checkpoint
+from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
 from ..families import Family, family_for
+from ..layouts import from_storage, to_storage
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
 from ..paths import data_dir
 from ..modeling.model import Transformer

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import MLP, QK, VO, Group, Heads, from_storage, to_storage
+from ..checkpoint import MLP, QK, VO, Group, Heads
+from ..layouts import from_storage, to_storage
 from .calibrate import BlockStats
 
 METHODS = ("uniql", "magnitude")

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``NAME.elastiq/`` with ``manifest.json``, ``weights.safetensors`` and
 the tokenizer files. Every tensor of a prunable group is stored with its pruned unit outermost
 (MLP channel, rotary pair per KV head, V/O rank per KV head), so the part a rate keeps is one
-contiguous byte prefix. Each tensor is hashed per *segment*, the units between two consecutive
+contiguous byte prefix; the manifest says how as data (``layouts.Layout``), so the reader knows
+no model family and no role. Each tensor is hashed per *segment*, the units between two consecutive
 widths that some offered rate keeps, so that loading a rate reads and verifies exactly its bytes,
 and growing to a larger rate reads and verifies only the missing segments.
 """
@@ -22,9 +23,10 @@ import torch
 
 from . import ElastiqError
 from .atomic import atomic_path, write_text
+from .layouts import INPUT_ROLES, Layout, role_layout
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each tensor's layout as data (1: a role name, read through _migrate_v1)
 SUFFIX = ".elastiq"
 MLP, QK, VO = "mlp", "qk", "vo"  # group kinds
 MANIFEST = "manifest.json"
@@ -48,69 +50,6 @@ class Heads:
     head_dim: int
 
 
-# --- layouts: a Hugging Face tensor <-> its storage form (pruned unit outermost) ---------------
-
-# A quantized matrix's codes [out, in/32, 16] and scales [out, in/32] keep the output axis first,
-# so roles that prune outputs lay them out as they lay out floats; roles that prune the input
-# axis prune whole blocks and put the block axis outermost.
-BLOCK_ROLES = {"cols": "cols_blocks", "o": "o_blocks"}
-
-
-def to_storage(t: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
-    """Reorder ``t`` (full, or already cut to some rate's width) so that the unit ``role``
-    prunes is axis 0 (contiguous copy)."""
-    G = heads.num_kv_heads
-    Q = heads.num_heads // G
-    rest = tuple(t.shape[1:]) if role != "o" else ()  # the pruned axis is -1: t may already be sliced
-    if role in ("rows", "whole"):
-        out = t
-    elif role == "cols":
-        out = t.T
-    elif role == "cols_blocks":  # [out, in/32, ...] -> [in/32, out, ...]
-        out = t.movedim(1, 0)
-    elif role == "o_blocks":  # [hidden, H*d/32, ...] -> [d/32, G, Q, hidden, ...]
-        out = t.reshape(t.shape[0], G, Q, -1, *t.shape[2:]).movedim(3, 0).movedim(1, 3)
-    elif role == "q":  # [H*d, ...] -> [P, G, Q, 2, ...]: pair p holds channels p and p + d/2
-        out = t.reshape(G, Q, 2, -1, *rest).movedim(3, 0)
-    elif role == "k":  # [G*d, ...] -> [P, G, 2, ...]
-        out = t.reshape(G, 2, -1, *rest).movedim(2, 0)
-    elif role == "v":  # [G*d, ...] -> [d, G, ...]
-        out = t.reshape(G, -1, *rest).movedim(1, 0)
-    elif role == "o":  # [hidden, H*d] -> [d, G, Q, hidden]
-        out = t.reshape(t.shape[0], G, Q, -1).permute(3, 1, 2, 0)
-    elif role == "pairs":  # [G, P] rotary pair indices -> [P, G]
-        out = t.T
-    else:
-        raise CheckpointError(f"unknown tensor role {role!r}")
-    return out.contiguous()
-
-
-def from_storage(s: torch.Tensor, role: str, heads: Heads) -> torch.Tensor:
-    """The Hugging Face form of a (possibly prefix-sliced) storage tensor ``s``."""
-    G = heads.num_kv_heads
-    Q = heads.num_heads // G
-    u = s.shape[0]
-    if role in ("rows", "whole"):
-        return s
-    if role == "cols":
-        return s.T.contiguous()
-    if role == "cols_blocks":
-        return s.movedim(0, 1).contiguous()
-    if role == "o_blocks":
-        return s.movedim(3, 0).movedim(1, 3).reshape(s.shape[3], G * Q * u, *s.shape[4:])
-    if role == "q":
-        return s.movedim(0, 3).reshape(G * Q * 2 * u, *s.shape[4:])
-    if role == "k":
-        return s.movedim(0, 2).reshape(G * 2 * u, *s.shape[3:])
-    if role == "v":
-        return s.movedim(0, 1).reshape(G * u, *s.shape[2:])
-    if role == "o":
-        return s.permute(3, 1, 2, 0).reshape(s.shape[3], G * Q * u)
-    if role == "pairs":
-        return s.T.contiguous()
-    raise CheckpointError(f"unknown tensor role {role!r}")
-
-
 # --- the manifest's parts ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -119,7 +58,7 @@ class Group:
 
     ``width`` counts the group's units: MLP channels, rotary pairs per KV head (``qk``), or V/O
     rank per KV head (``vo``); a kept width is a multiple of ``granularity``. Each member is a
-    (tensor name, role) pair; the role fixes the tensor's storage layout (``to_storage``).
+    (tensor name, role) pair; the role fixes the tensor's storage layout (``layouts.role_layout``).
     """
 
     kind: str
@@ -199,18 +138,17 @@ def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads
 
 # --- the writer ----------------------------------------------------------------------------------
 
-def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str, torch.Tensor, str, int, dict]]:
-    """What is stored for one model tensor: (stored name, tensor, storage role, channels per
-    unit, manifest fields). A float tensor is one part; a quantized matrix (Q4_0 or Q8_0) is its
-    codes and its scales, pruned in whole blocks where the role prunes its input axis."""
+def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str, torch.Tensor, int, dict]]:
+    """What is stored for one model tensor: (stored name, tensor, channels per unit, manifest
+    fields). A float tensor is one part; a quantized matrix (Q4_0 or Q8_0) is its codes and its
+    scales, which take the matrix's layout: pruned in whole blocks where the role prunes its input."""
     if not isinstance(t, Quantized):
-        return [(name, t, role, 1, {})]
-    block_role = BLOCK_ROLES.get(role, role)
-    unit = BLOCK if role in BLOCK_ROLES else 1
+        return [(name, t, 1, {})]
+    unit = BLOCK if role in INPUT_ROLES else 1
     fmt = FORMAT_NAMES[type(t)]
     prefix = f"{name}.{fmt.split('_')[0]}"  # q4 / q8
-    return [(f"{prefix}_codes", t.codes, block_role, unit, {"part_of": name, "part": "codes", "format": fmt}),
-            (f"{prefix}_scales", t.scales, block_role, unit, {"part_of": name, "part": "scales", "format": fmt})]
+    return [(f"{prefix}_codes", t.codes, unit, {"part_of": name, "part": "codes", "format": fmt}),
+            (f"{prefix}_scales", t.scales, unit, {"part_of": name, "part": "scales", "format": fmt})]
 
 
 def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
@@ -238,11 +176,12 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
     storage, entries = {}, {}
     for name, tensor in tensors.items():
         group, role = roles.get(name, (None, "whole"))
-        for stored, t, part_role, channels, fields in _parts(name, tensor, role):
+        for stored, t, channels, fields in _parts(name, tensor, role):
             if t.dim() == 0 or t.dtype not in _DTYPES:
                 raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
                                       f"tensors of 1 or more dimensions in {', '.join(_DTYPES.values())}")
-            s = to_storage(t.detach().cpu(), part_role, heads)
+            layout = role_layout(role, heads.num_heads, heads.num_kv_heads, t.dim())
+            s = t.detach().cpu().contiguous() if layout is None else layout.to_storage(t.detach().cpu())
             if group and s.shape[0] * channels != group.width:
                 raise CheckpointError(f"tensor {stored} has {s.shape[0] * channels} channels on its pruned axis, "
                                       f"group {group.name} says {group.width}")
@@ -254,7 +193,8 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
                 segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
                 start = end
             storage[stored] = s
-            entries[stored] = {"role": part_role, "group": group.name if group else None, "dtype": _DTYPES[s.dtype],
+            entries[stored] = {"layout": layout.to_dict() if layout else None, "group": group.name if group else None,
+                               "dtype": _DTYPES[s.dtype],
                                "shape": list(t.shape), "storage_shape": list(s.shape), "unit_channels": channels,
                                "segments": segments, **fields}
 
@@ -330,6 +270,26 @@ def _check_rates(groups: Sequence[Group], rates: Sequence[RateSpec]) -> None:
                                       f"multiple of {g.granularity} below it, got {w}")
 
 
+def _to_storage(t: torch.Tensor, entry: Mapping) -> torch.Tensor:
+    layout = entry.get("layout")
+    return t.contiguous() if layout is None else Layout.from_dict(layout).to_storage(t)
+
+
+def _from_storage(s: torch.Tensor, entry: Mapping) -> torch.Tensor:
+    layout = entry.get("layout")
+    return s if layout is None else Layout.from_dict(layout).from_storage(s)
+
+
+def _migrate_v1(manifest: dict, heads: Heads) -> None:
+    """Read a version 1 manifest as version 2, in memory: each tensor's role name becomes its
+    layout (a quantized part's ``cols_blocks`` / ``o_blocks`` is its matrix's ``cols`` / ``o``)."""
+    for entry in manifest["tensors"].values():
+        role = {"cols_blocks": "cols", "o_blocks": "o"}.get(entry["role"], entry["role"])
+        ndim = len(entry["storage_shape"]) - {"q": 3, "k": 2, "v": 1, "o": 2}.get(role, 0)
+        layout = role_layout(role, heads.num_heads, heads.num_kv_heads, ndim)
+        entry["layout"] = layout.to_dict() if layout else None
+
+
 # --- the reader ----------------------------------------------------------------------------------
 
 class Checkpoint:
@@ -345,11 +305,14 @@ class Checkpoint:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{manifest_file} is not valid JSON: {err}") from None
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{self.path} has format version {version!r}; this elastiq reads "
-                                  f"version {FORMAT_VERSION} only")
+        if version not in (1, FORMAT_VERSION):
+            raise CheckpointError(f"{self.path} has format version {version!r}; this elastiq reads versions 1 and "
+                                  f"{FORMAT_VERSION}: rebuild it with `elastiq compress` (and `elastiq quantize`), "
+                                  "or read it with the elastiq that wrote it")
         h = self.manifest["heads"]
         self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
+        if version == 1:
+            _migrate_v1(self.manifest, self.heads)
         self.source = Source.from_dict(self.manifest["source"])
         self.quantization: Mapping | None = self.manifest["quantization"]  # None: a float checkpoint
         self.groups = [Group.from_dict(g) for g in self.manifest["groups"]]
@@ -469,8 +432,8 @@ class Checkpoint:
         widths = self.rate_entry(rate)["widths"]
         yielded = {}
         for name, stored in self._parts.items():
-            parts = {part: from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
-                                        self.tensors[s]["role"], self.heads) for part, s in stored.items()}
+            parts = {part: _from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
+                                         self.tensors[s]) for part, s in stored.items()}
             t = self._assemble(name, stored, parts)
             if name in self.manifest["aliases"].values():
                 yielded[name] = t
@@ -487,7 +450,7 @@ class Checkpoint:
         for name, stored in self._parts.items():
             entry = self.tensors[stored["codes" if "codes" in stored else ""]]
             kept = [_kept_units(entry, widths), *entry["storage_shape"][1:]]
-            shape = tuple(from_storage(torch.empty(kept, device="meta"), entry["role"], self.heads).shape)
+            shape = tuple(_from_storage(torch.empty(kept, device="meta"), entry).shape)
             if "codes" in stored:
                 shape = (shape[0], shape[1] * BLOCK)
             out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], self._format(stored))
@@ -523,14 +486,14 @@ class Checkpoint:
             if have == want:
                 parts[part] = held[part]
                 continue
-            units = to_storage(held[part], entry["role"], self.heads)
+            units = _to_storage(held[part], entry)
             if units.shape[0] != have:
                 raise CheckpointError(f"tensor {s}: rate {rate} keeps {have} units, the tensor given has {units.shape[0]}")
             if want < have:
                 units = units[:want]
             else:
                 units = torch.cat((units, self.read_units(s, have, want, verify).to(units.device)))
-            parts[part] = from_storage(units, entry["role"], self.heads)
+            parts[part] = _from_storage(units, entry)
         return self._assemble(name, stored, parts)
 
     def tokenizer(self):

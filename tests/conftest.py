@@ -162,7 +162,7 @@ def with_pairs(model, tensors: dict | None = None) -> dict:
 def masked_weights(weights: dict, ckpt, rate: float) -> dict:
     """``weights`` (the full model of checkpoint ``ckpt``; quantized matrices are dequantized)
     with every unit that ``rate`` prunes set to zero."""
-    from elastiq.checkpoint import from_storage, to_storage
+    from elastiq.layouts import from_storage, to_storage
     from elastiq.quants import Quantized
 
     out = {k: (v.dequantize() if isinstance(v, Quantized) else v.clone()) for k, v in weights.items()}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from elastiq import ElastiqError
-from elastiq.checkpoint import MLP, QK, VO, Heads, to_storage
+from elastiq.checkpoint import MLP, QK, VO, Heads
+from elastiq.layouts import to_storage
 from elastiq.families import family_for
 from elastiq.compressor.calibrate import C4_SAMPLE, calibrate, calibration_samples, calibration_texts
 from elastiq.compressor.sort import pair_scores, ridge_leverage, sort_block

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import model_groups, with_pairs
-from elastiq.checkpoint import (QK, VO, Checkpoint, CheckpointError, Heads, RateSpec, from_storage, to_storage,
-                                write_checkpoint)
+from elastiq.checkpoint import QK, VO, Checkpoint, CheckpointError, Heads, RateSpec, write_checkpoint
+from elastiq.layouts import from_storage, to_storage
 
 HEADS = Heads(num_heads=4, num_kv_heads=2, head_dim=64)
 
@@ -124,12 +124,55 @@ def test_truncated_weights(tiny_llama, tmp_path, tokenizer):
         Checkpoint(path)
 
 
+def _as_version_1(manifest: dict) -> dict:
+    """``manifest`` as elastiq wrote it in format version 1: each tensor named a role, not a layout
+    (the role a layout belongs to is found by trying every role on the entry's shape)."""
+    from elastiq.layouts import role_layout
+
+    heads = Heads(**manifest["heads"])
+    for entry in manifest["tensors"].values():
+        layout = entry.pop("layout")
+        found = [r for r in ("rows", "cols", "q", "k", "v", "o", "pairs")
+                 if layout and role_layout(r, heads.num_heads, heads.num_kv_heads, len(entry["shape"])).to_dict() == layout]
+        role = found[0] if layout else "whole"
+        blocks = entry.get("unit_channels", 1) > 1
+        entry["role"] = {"cols": "cols_blocks", "o": "o_blocks"}[role] if blocks else role
+    manifest["format_version"] = 1
+    return manifest
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_version_1_checkpoint_reads_as_it_did(quantized, tiny_llama, tmp_path, tokenizer):
+    """Checkpoints made before layouts were data (a user's cache) read through a migration."""
+    tensors = with_pairs(tiny_llama, _quantized(tiny_llama) if quantized else None)
+    groups, heads = model_groups(tiny_llama)
+    path = write_checkpoint(tmp_path / "v2.elastiq", tensors, groups, _rates(tiny_llama), heads, {}, tokenizer)
+    v2 = Checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    old = _as_version_1(json.loads(json.dumps(manifest)))
+    assert all("layout" not in e for e in old["tensors"].values())
+    (path / "manifest.json").write_text(json.dumps(old))
+    v1 = Checkpoint(path)
+    assert v1.manifest["format_version"] == 1
+    assert {n: e["layout"] for n, e in v1.tensors.items()} == {n: e["layout"] for n, e in manifest["tensors"].items()}
+    for rate in v1.rates:
+        a, b = v1.read_rate(rate), v2.read_rate(rate)
+        for name in a:
+            x, y = a[name], b[name]
+            assert torch.equal(*(t.codes for t in (x, y))) if hasattr(x, "codes") else torch.equal(x, y), name
+    held = v1.read_rate(0.3)["model.layers.0.mlp.down_proj.weight"]
+    grown = v1.resize("model.layers.0.mlp.down_proj.weight", held, 0.3, 0.0)
+    full = v2.read_rate(0.0)["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(*(t.codes for t in (grown, full))) if quantized else torch.equal(grown, full)
+
+
 def test_unknown_format_version(tiny_llama, tmp_path, tokenizer):
     path, _ = _write(tmp_path, tiny_llama, tokenizer)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["format_version"] = 99
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="format version 99; this elastiq reads version 1 only"):
+    with pytest.raises(CheckpointError, match=r"format version 99; this elastiq reads versions 1 and 2: rebuild it "
+                                               r"with `elastiq compress`"):
         Checkpoint(path)
 
 
@@ -182,13 +225,14 @@ def _quantized(model) -> dict:
     return out
 
 
-@pytest.mark.parametrize("role,shape,blocks", [("cols_blocks", (64, 3, 16), 2), ("o_blocks", (64, 8, 16), 1),
-                                               ("o_blocks", (64, 8), 1)])
+@pytest.mark.parametrize("role,shape,blocks", [("cols", (64, 3, 16), 2), ("o", (64, 8, 16), 1), ("o", (64, 8), 1)])
 def test_block_storage_prefix_is_whole_input_blocks(role, shape, blocks):
+    """A quantized matrix's codes [out, in/32, 16] and scales [out, in/32] take its layout: the
+    units of an input axis are then whole blocks."""
     t = torch.randint(0, 255, shape, dtype=torch.uint8)
     s = to_storage(t, role, HEADS)
     assert torch.equal(from_storage(s, role, HEADS), t)
-    if role == "cols_blocks":
+    if role == "cols":
         expected = t[:, :blocks]
     else:  # o_proj's input is 4 query heads x 2 rank blocks: keep each head's first rank blocks
         expected = t.reshape(64, 4, 2, *shape[2:])[:, :, :blocks].reshape(64, 4 * blocks, *shape[2:])

@@ -1,0 +1,100 @@
+"""Where a prunable tensor's units lie, as data: a ``Layout`` (how its axis is factored and which
+factor is the pruned unit), and the roles of the decoder block's groups that make one.
+
+The checkpoint stores every pruned tensor with its unit outermost, so that a rate's part is a
+byte prefix. A ``Layout`` says how: factor one axis of the Hugging Face tensor (one factor, -1,
+counts the units), then permute the factored axes so that the units come first. The checkpoint
+reader knows only this (``docs/format.md``); what a role means lives here, and a family whose
+blocks have new kinds of units adds roles here without touching the reader.
+
+Roles (``Group`` members): ``rows`` / ``cols`` (an axis of MLP channels), ``q`` / ``k`` (whole
+rotary pairs, channel p with p + d/2, per query / KV head), ``v`` (value rank per KV head),
+``o`` (the output projection's input, per query head), ``pairs`` (a block's rotary pair indices
+[G, d/2]); ``whole`` tensors are not pruned. A quantized matrix's codes [out, in/32, 16] and
+scales [out, in/32] take their matrix's layout: the units of ``cols`` and ``o`` are then whole
+blocks of 32 input channels (``INPUT_ROLES``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from . import ElastiqError
+
+INPUT_ROLES = frozenset({"cols", "o"})  # roles that prune a matrix's input axis: quantized, whole blocks
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Axis ``axis`` of a tensor factored into ``split`` (the -1 factor counts the units), then the
+    factored axes permuted by ``perm``, which puts the units first."""
+
+    axis: int
+    split: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (full, or already cut to some rate's width) with its units outermost (a contiguous copy)."""
+        known = 1
+        for f in self.split:
+            known *= f if f != -1 else 1
+        factors = [t.shape[self.axis] // known if f == -1 else f for f in self.split]
+        factored = t.reshape(*t.shape[:self.axis], *factors, *t.shape[self.axis + 1:])
+        return factored.permute(self.perm).contiguous()
+
+    def from_storage(self, s: torch.Tensor) -> torch.Tensor:
+        """The tensor of storage ``s`` (any prefix of units) in its own form."""
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        factored = s.permute(inverse)
+        n = len(self.split)
+        merged = 1
+        for size in factored.shape[self.axis:self.axis + n]:
+            merged *= size
+        return factored.reshape(*factored.shape[:self.axis], merged, *factored.shape[self.axis + n:])
+
+    def to_dict(self) -> dict:
+        return {"axis": self.axis, "split": list(self.split), "perm": list(self.perm)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Layout":
+        return cls(int(d["axis"]), tuple(int(f) for f in d["split"]), tuple(int(p) for p in d["perm"]))
+
+
+def role_layout(role: str, num_heads: int, num_kv_heads: int, ndim: int) -> Layout | None:
+    """The layout of a tensor of ``ndim`` dimensions that plays ``role`` in a block with
+    ``num_heads`` query and ``num_kv_heads`` KV heads; None for a tensor that is not pruned."""
+    G, Q = num_kv_heads, num_heads // num_kv_heads
+    if role == "whole":
+        return None
+    if role == "rows":  # [W, ...]
+        return Layout(0, (-1,), tuple(range(ndim)))
+    if role in ("cols", "pairs"):  # [out, W, ...] -> [W, out, ...]
+        return Layout(1, (-1,), (1, 0, *range(2, ndim)))
+    if role == "q":  # [H*d, ...] as [G, Q, 2, P, ...] -> [P, G, Q, 2, ...]: pair p is channels p and p + d/2
+        return Layout(0, (G, Q, 2, -1), (3, 0, 1, 2, *range(4, ndim + 3)))
+    if role == "k":  # [G*d, ...] as [G, 2, P, ...] -> [P, G, 2, ...]
+        return Layout(0, (G, 2, -1), (2, 0, 1, *range(3, ndim + 2)))
+    if role == "v":  # [G*d, ...] as [G, d, ...] -> [d, G, ...]
+        return Layout(0, (G, -1), (1, 0, *range(2, ndim + 1)))
+    if role == "o":  # [hidden, H*d, ...] as [hidden, G, Q, d, ...] -> [d, G, Q, hidden, ...]
+        return Layout(1, (G, Q, -1), (3, 1, 2, 0, *range(4, ndim + 2)))
+    raise ElastiqError(f"unknown tensor role {role!r}; known: whole, rows, cols, pairs, q, k, v, o")
+
+
+def to_storage(t: torch.Tensor, role: str, heads) -> torch.Tensor:
+    """``t`` with the unit ``role`` prunes outermost (``heads``: a ``checkpoint.Heads``)."""
+    layout = role_layout(role, heads.num_heads, heads.num_kv_heads, t.dim())
+    return t.contiguous() if layout is None else layout.to_storage(t)
+
+
+def from_storage(s: torch.Tensor, role: str, heads, ndim: int | None = None) -> torch.Tensor:
+    """The tensor of storage ``s`` of ``role`` (the inverse of ``to_storage``); ``ndim`` is the
+    tensor's own number of dimensions, which ``role`` fixes from the storage's unless given."""
+    if ndim is None:
+        extra = {"q": 3, "k": 2, "v": 1, "o": 2}.get(role, 0)
+        ndim = s.dim() - extra
+    layout = role_layout(role, heads.num_heads, heads.num_kv_heads, ndim)
+    return s if layout is None else layout.from_storage(s)
