@@ -253,3 +253,49 @@ def test_elastiq_run_answers_from_a_qwen3_gguf(tokenizer, data_dir, tmp_path, mo
     assert "compressing it once" in err and out.strip()
     (cached,) = (tmp_path / "cache" / "checkpoints").glob("*-q4.elastiq")
     assert Checkpoint(cached).rates == [0.0, 0.15, 0.25, 0.35]
+
+
+def test_a_phi3_gguf_reads_as_its_model(tokenizer, data_dir, tmp_path):
+    """A Phi-3 GGUF as llama.cpp's converter lays it out (fused ``attn_qkv``, gate and up fused in
+    ``ffn_up``), written here with gguf-py from a tiny Phi-3: intake reads it (transformers' GGUF
+    reader) and unfuses it into the Mistral model, whose logits are the Phi-3 model's."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from elastiq.compressor.intake import load_model
+    from elastiq.exporters.gguf import add_vocab
+
+    config = _phi3(len(tokenizer))
+    config.sliding_window = None  # a GGUF of Phi-3 carries no window
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    vocab_source = Checkpoint(compress(tmp_path / "hf", tmp_path / "v.elastiq", CompressOptions(
+        rates=(), calib_samples=2, calib_seqlen=16, quality_windows=0), data=data_dir, progress=False))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(tmp_path / "phi3.gguf", "phi3")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_vocab(writer, vocab_source, config.vocab_size)
+    for name, t in model.state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    loaded = load_model(tmp_path / "phi3.gguf")
+    assert loaded.model_type == "phi3" and loaded.model.config.model_type == "mistral"
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (loaded.model(ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
