@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..paths import data_dir
 from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, Family
+from ..paths import data_dir
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint
 from ..divergence import Divergence
-from ..quants import Quantized
 from ..modeling.model import Transformer
+from ..quants import Quantized
 
 QUALITY_WINDOWS = 8  # held-out calibration windows measured per rate (0: none)
 

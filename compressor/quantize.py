@@ -21,8 +21,8 @@ from .. import ElastiqError
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
 from ..families import family_for
 from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
-from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from ..modeling.model import Transformer
+from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 from .quality import QUALITY_WINDOWS, rate_quality

@@ -55,10 +55,10 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
 from ..families import Family, family_for
-from ..layouts import from_storage, to_storage
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
-from ..paths import data_dir
+from ..layouts import from_storage, to_storage
 from ..modeling.model import Transformer
+from ..paths import data_dir
 from .allocate import MAX_RATE, allocate
 from .calibrate import C4_SAMPLE, calibration_samples
 

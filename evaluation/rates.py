@@ -13,8 +13,8 @@ from typing import Sequence
 
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, Checkpoint
-from ..runtime.backends import open_engine
 from ..modeling.model import Transformer
+from ..runtime.backends import open_engine
 from .loglikelihood import LogitsFn
 from .suite import ALL_MEASURES, PERPLEXITY, check_measures, hf_logits, run_suite
 

@@ -31,11 +31,11 @@ import torch
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
+from ..families import family_for
 from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, FINAL_NORM, HEAD,
                              ROPE_PAIRS)
-from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
-from ..families import family_for
 from ..modeling.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
+from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),

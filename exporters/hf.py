@@ -32,10 +32,10 @@ import torch
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
-from ..quants import Quantized
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
 from ..modeling.model import ModelArgs, runtime_weights
+from ..quants import Quantized
 
 WEIGHTS = "model.safetensors"
 

@@ -35,10 +35,10 @@ import torch
 from .. import ElastiqError, __version__
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
-from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
 from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
                              FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, ROPE_PAIRS)
 from ..modeling.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
+from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13

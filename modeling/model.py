@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ElastiqError
-from ..kernels import Q4Weight, prepare_q4, q4_activation_dtypes, q4_matmul, rope_gather_for
-from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_V, FFN_GATE, MATRICES, NORMS, ROPE_PAIRS, is_norm
+from ..kernels import Q4Weight, prepare_q4, q4_activation_dtypes, q4_matmul, rope_gather_for
+from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight

@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 
 from .. import ElastiqError
 from .engine import Engine
-from .generate import Sampling, TextStream
 from .floor import DEFAULT_MAX_KL, check_floor, quality_note
+from .generate import Sampling, TextStream
 from .plan import plan_rate
 
 HELP = "commands: /rate R (switch to an offered rate), /rate auto (fit free memory), /rate (show), /quit"

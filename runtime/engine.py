@@ -22,10 +22,10 @@ from ..checkpoint import Checkpoint
 from ..families import family_for
 from ..families.base import ROPE_PAIRS
 from ..kernels.q4_layout import unprepare_q4
+from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
 from ..quants import Quantized, QuantizedTensor
 from .generate import Generator
 from .memory import return_freed_memory
-from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
 
 
 @dataclass(frozen=True)

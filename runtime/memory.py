@@ -32,9 +32,9 @@ from ..families import family_for
 from ..families.base import is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
+from ..modeling.model import LayerArgs, block_weights
 from ..quants import BLOCK, BLOCK_BYTES
 from .generate import PREFILL_CHUNK
-from ..modeling.model import LayerArgs, block_weights
 
 SAFETY_MARGIN = 0.9  # use at most this share of the free memory
 _UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
