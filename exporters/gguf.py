@@ -353,9 +353,14 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
                           f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")
     windows = layer_windows(config)
     window = max((w for w in windows if w), default=None)
-    base, factors = rope_factors(config, args.head_dim, "full_attention" if config.get("layer_types") else None)
+    global_type = "full_attention" if config.get("layer_types") else None
+    base, factors = rope_factors(config, args.head_dim, global_type)
+    linear = None  # an architecture with sliding layers scales its global layers' RoPE itself
     if window and family.gguf_swa:
         _check_swa(config, windows, *family.gguf_swa)
+        rope = rope_parameters(config, global_type)
+        if rope.get("rope_type") == "linear":
+            linear, factors = float(rope["factor"]), None
     widths = [layer.intermediate_size for layer in args.layers]
     tensors = full_heads(weights, args, family.gguf_neox)
     uniform = len(set(widths)) == 1
@@ -396,6 +401,9 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
             writer.add_value_length(args.head_dim)
             writer.add_rope_dimension_count(args.head_dim)
             writer.add_rope_freq_base(base)
+            if linear:
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(linear)
             writer.add_layer_norm_rms_eps(args.rms_norm_eps)
             writer.add_vocab_size(args.vocab_size)
             writer.add_file_type(file_type)

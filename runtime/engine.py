@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..families import family_for
 from ..families.base import ROPE_PAIRS
 from ..kernels.q4_layout import unprepare_q4
-from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident
+from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident, rope_parameters
 from ..quants import Quantized, QuantizedTensor
 from .generate import Generator
 from .memory import return_freed_memory
@@ -142,11 +142,16 @@ class Engine:
 
 
 def check_ctx(config: dict, ctx: int) -> None:
-    """Refuse a context the model was not trained for (its ``max_position_embeddings``)."""
-    limit = config.get("max_position_embeddings")
+    """Refuse a context the model was not trained for (its ``max_position_embeddings``), or one
+    beyond what the runtime computes exactly: a ``longrope`` model (Phi-3's 128k releases) changes
+    its frequencies past ``original_max_position_embeddings``, and the runtime keeps the short ones."""
+    limit, why = config.get("max_position_embeddings"), "max_position_embeddings of its config"
+    if rope_parameters(config).get("rope_type") == "longrope" and config.get("original_max_position_embeddings"):
+        limit = config["original_max_position_embeddings"]
+        why = ("original_max_position_embeddings: this runtime keeps longrope's short-context frequencies, which "
+               "hold up to there")
     if ctx < 2 or (limit and ctx > limit):
-        raise ElastiqError(f"--ctx {ctx} is outside what the model supports: 2 to {limit} positions "
-                           "(max_position_embeddings of its config)")
+        raise ElastiqError(f"--ctx {ctx} is outside what the model supports: 2 to {limit} positions ({why})")
 
 
 def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Quantized:

@@ -53,6 +53,20 @@ KEPT = {"qwen3": "Qwen3", "gemma3": "Gemma 3"}  # families that keep every q/k c
 HF_EXPORT = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "MistralForCausalLM"}
 
 
+def _unit_gain(model: torch.nn.Module, family: str, seed: int = 7) -> torch.nn.Module:
+    """``model`` with unit-gain blocks (as tests/test_export_gguf.py explains) and every norm weight
+    away from its neutral value, so that each one, and the attention pattern, matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(NORM_CENTRE[family] - 0.5 + 1.5 * torch.rand(p.shape, generator=gen))
+            elif p.dim() == 2:
+                p.normal_(0, 0.05 if "embed" in name else p.shape[1] ** -0.5, generator=gen)
+        model.model.norm.weight.fill_(NORM_CENTRE[family] + 19)  # logits spread about +-25
+    return model.eval()
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def source(request, tokenizer, tmp_path_factory):
     """A tiny folder of the family with unit-gain blocks (as tests/test_export_gguf.py explains),
@@ -61,15 +75,7 @@ def source(request, tokenizer, tmp_path_factory):
 
     family = request.param
     torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](len(tokenizer)), dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(NORM_CENTRE[family] - 0.5 + 1.5 * torch.rand(p.shape, generator=gen))
-            elif p.dim() == 2:
-                p.normal_(0, 0.05 if "embed" in name else p.shape[1] ** -0.5, generator=gen)
-        model.model.norm.weight.fill_(NORM_CENTRE[family] + 19)  # logits spread about +-25
+    model = _unit_gain(AutoModelForCausalLM.from_config(CONFIGS[family](len(tokenizer)), dtype=torch.float32), family)
     # not named after the family: llama.cpp treats a GGUF whose name says "phi3" as Phi-3's own
     # tokenizer, which this test's tokenizer is not
     path = tmp_path_factory.mktemp("source")
@@ -173,21 +179,15 @@ def test_hf_export_is_a_stock_model_of_the_family(ckpt, source, ids, tmp_path):
         assert (model(ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.375])
-def test_gguf_export_runs_in_llama_cpp_as_in_the_runtime(ckpt, ids, rate, tmp_path):
-    """llama.cpp's own architecture of the family (MLP padded to the widest block); rate 0's file
-    is also a source that elastiq reads back (transformers' GGUF loader) into the same model."""
+def _llama_cpp_and_runtime(path, ckpt: Checkpoint, rate: float, ids: torch.Tensor):
+    """(ids, llama.cpp's logits of the GGUF at ``path``, the runtime's of ``rate``), on as many of
+    ``ids`` as the file's context holds (a file whose architecture has no sliding window, Phi-3 as
+    llama, claims only the window's)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from elastiq.compressor.intake import load_model
-    from elastiq.exporters.gguf import write_gguf
-
-    path = write_gguf(ckpt.path, rate, tmp_path / "q.gguf", float_type="f32")
     llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, n_batch=128, logits_all=True, verbose=False,
                           type_k=0, type_v=0, flash_attn=False, seed=0)
-    # a file whose architecture has no sliding window (Phi-3 as llama) claims only the window's context
     ids = ids[:, :llm._model.n_ctx_train()]
     llm.eval(ids[0].tolist())
-    logits = torch.from_numpy(np.asarray(llm.scores[:ids.shape[1]]))
     model = _runtime(ckpt, rate)
     if model.args.hidden_act == "gelu_pytorch_tanh":
         # ggml's GELU on the CPU looks its input up in an fp16 table: with that rounding in the
@@ -196,7 +196,18 @@ def test_gguf_export_runs_in_llama_cpp_as_in_the_runtime(ckpt, ids, rate, tmp_pa
         for block in model.layers:
             block.act = lambda x: torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
     with torch.no_grad():
-        expected = model(ids)[0]
+        return ids, torch.from_numpy(np.asarray(llm.scores[:ids.shape[1]])), model(ids)[0]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.375])
+def test_gguf_export_runs_in_llama_cpp_as_in_the_runtime(ckpt, ids, rate, tmp_path):
+    """llama.cpp's own architecture of the family (MLP padded to the widest block); rate 0's file
+    is also a source that elastiq reads back (transformers' GGUF loader) into the same model."""
+    from elastiq.compressor.intake import load_model
+    from elastiq.exporters.gguf import write_gguf
+
+    path = write_gguf(ckpt.path, rate, tmp_path / "q.gguf", float_type="f32")
+    ids, logits, expected = _llama_cpp_and_runtime(path, ckpt, rate, ids)
     assert (logits - expected).abs().max() < 1e-3 * expected.abs().max()
     if rate == 0:
         loaded = load_model(path)
@@ -299,3 +310,62 @@ def test_a_phi3_gguf_reads_as_its_model(tokenizer, data_dir, tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
         assert (loaded.model(ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_a_gemma3_folder_with_vision_reads_as_its_text_model(tokenizer, tmp_path):
+    """The 4B and larger Gemma 3 releases are ``Gemma3ForConditionalGeneration`` folders: intake
+    keeps the language model and head (shared, not copied), whose logits on text are the model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from elastiq.compressor.intake import load_model
+
+    text = _gemma3(len(tokenizer) + 3)  # three more ids: the image tokens
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=len(tokenizer),
+                          eoi_token_index=len(tokenizer) + 1, image_token_index=len(tokenizer) + 2)
+    torch.manual_seed(5)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.model_type == "gemma3" and type(loaded.model).__name__ == "Gemma3ForCausalLM"
+    assert loaded.model.config.model_type == "gemma3_text"
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(input_ids=ids).logits)
+
+
+def test_gemma3_global_layers_linear_rope_scaling_reaches_llama_cpp(tokenizer, data_dir, tmp_path, ids):
+    """Gemma 3 4B and larger scale their global layers' RoPE linearly (factor 8) and not the
+    sliding ones': the GGUF says so as llama.cpp's converter does, and llama.cpp agrees."""
+    from transformers import AutoModelForCausalLM
+
+    config = _gemma3(len(tokenizer))
+    config.rope_parameters["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    model = _unit_gain(AutoModelForCausalLM.from_config(config, dtype=torch.float32), "gemma3", seed=6)
+    ckpt, path = dense_gguf(model, tokenizer, tmp_path, data_dir)
+    ckpt = Checkpoint(ckpt)
+    ids, logits, expected = _llama_cpp_and_runtime(path, ckpt, 0.0, ids)
+    unscaled = {**ckpt.config, "rope_parameters": {**ckpt.config["rope_parameters"],
+                                                   "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}
+    with torch.no_grad():
+        runtime = _runtime(ckpt, 0.0)(ids)[0]
+        assert (runtime - model(ids).logits[0]).abs().max() < 1e-4 * runtime.abs().max()  # the runtime is exact
+        without = Transformer.from_weights(ckpt.read_rate(0.0), unscaled)(ids)[0]
+    assert (without - runtime).abs().max() > 0.02 * runtime.abs().max()  # the scaling matters here
+    assert (logits - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+def test_a_longrope_context_stops_where_the_runtime_is_exact():
+    """Phi-3's 128k releases change their RoPE frequencies past ``original_max_position_embeddings``;
+    the runtime keeps the short ones, so a longer context is refused, saying why."""
+    from elastiq import ElastiqError
+    from elastiq.runtime.engine import check_ctx
+
+    config = {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+              "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}
+    check_ctx(config, 4096)
+    with pytest.raises(ElastiqError, match=r"--ctx 8192 is outside .* 2 to 4096 positions \(original_max_position"):
+        check_ctx(config, 8192)
+    check_ctx({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, 8192)
