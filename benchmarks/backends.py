@@ -33,10 +33,11 @@ BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 def child_export(spec: dict) -> dict:
     """Export one rate for one backend into the cache, afresh."""
     from elastiq.checkpoint import Checkpoint
+    from elastiq.runtime.backends import backend
     from elastiq.runtime.backends.exported import cached_export, export_path
 
     ckpt = Checkpoint(spec["checkpoint"])
-    fmt = {"llama.cpp": "gguf", "onnxruntime": "onnx"}[spec["backend"]]
+    fmt = backend(spec["backend"]).export_format
     export_path(ckpt, spec["rate"], fmt).unlink(missing_ok=True)
     path, seconds = cached_export(ckpt, spec["rate"], fmt)
     return {"export_s": seconds, "file_bytes": path.stat().st_size, "file": str(path)}

@@ -23,7 +23,7 @@ import torch
 
 from . import ElastiqError
 from .atomic import atomic_path, write_text
-from .layouts import INPUT_ROLES, Layout, role_layout
+from .layouts import ADDED_DIMS, INPUT_ROLES, Layout, role_layout
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
 FORMAT_VERSION = 2  # 2: each tensor's layout as data (1: a role name, read through _migrate_v1)
@@ -285,7 +285,7 @@ def _migrate_v1(manifest: dict, heads: Heads) -> None:
     layout (a quantized part's ``cols_blocks`` / ``o_blocks`` is its matrix's ``cols`` / ``o``)."""
     for entry in manifest["tensors"].values():
         role = {"cols_blocks": "cols", "o_blocks": "o"}.get(entry["role"], entry["role"])
-        ndim = len(entry["storage_shape"]) - {"q": 3, "k": 2, "v": 1, "o": 2}.get(role, 0)
+        ndim = len(entry["storage_shape"]) - ADDED_DIMS.get(role, 0)
         layout = role_layout(role, heads.num_heads, heads.num_kv_heads, ndim)
         entry["layout"] = layout.to_dict() if layout else None
 
@@ -455,6 +455,11 @@ class Checkpoint:
                 shape = (shape[0], shape[1] * BLOCK)
             out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], self._format(stored))
         return out
+
+    @property
+    def names(self) -> list[str]:
+        """The model tensors stored (aliases of tied tensors left out, as ``aliases`` names them)."""
+        return list(self._parts)
 
     def holds(self, name: str) -> bool:
         """Whether model tensor ``name`` is stored (or aliased) in the checkpoint."""

@@ -25,6 +25,7 @@ import torch
 from . import ElastiqError
 
 INPUT_ROLES = frozenset({"cols", "o"})  # roles that prune a matrix's input axis: quantized, whole blocks
+ADDED_DIMS = {"q": 3, "k": 2, "v": 1, "o": 2}  # axes a role's factoring adds to its tensor's in storage
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,6 @@ def from_storage(s: torch.Tensor, role: str, heads, ndim: int | None = None) -> 
     """The tensor of storage ``s`` of ``role`` (the inverse of ``to_storage``); ``ndim`` is the
     tensor's own number of dimensions, which ``role`` fixes from the storage's unless given."""
     if ndim is None:
-        extra = {"q": 3, "k": 2, "v": 1, "o": 2}.get(role, 0)
-        ndim = s.dim() - extra
+        ndim = s.dim() - ADDED_DIMS.get(role, 0)
     layout = role_layout(role, heads.num_heads, heads.num_kv_heads, ndim)
     return s if layout is None else layout.from_storage(s)

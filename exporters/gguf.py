@@ -19,6 +19,7 @@ under a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -290,6 +291,11 @@ def _array(t: Weight, float_type: type) -> tuple[np.ndarray, gguf.GGMLQuantizati
     return t.float().numpy().astype(np.float32 if t.dim() == 1 else float_type), None
 
 
+@functools.cache
+def _tensor_names(arch: gguf.MODEL_ARCH) -> frozenset[str]:
+    return frozenset(gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch])
+
+
 def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     """llama.cpp's name of a tensor: a block's slots are llama.cpp's own names (``blk.{i}.{slot}``),
     the embedding, final norm and head are named in ``TOP``; an error when ``arch`` has no such tensor."""
@@ -299,7 +305,7 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     else:
         slot, param = runtime_name.split(".")
         generic = name = TOP[slot]
-    if generic not in {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}:
+    if generic not in _tensor_names(arch):
         raise ExportError(f"tensor {runtime_name} has no GGUF name in llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} "
                           "architecture; this model cannot be written to GGUF")
     return f"{name}.{param}"

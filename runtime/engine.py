@@ -65,7 +65,7 @@ class Engine:
         return_freed_memory()
         start, read = time.perf_counter(), self.ckpt.bytes_read
         weights = {}
-        runtime = self.family.runtime_names(self.ckpt.shapes(rate))
+        runtime = self.family.runtime_names(self.ckpt.names)
         for name, t in self.ckpt.iter_rate(rate, verify):
             if name not in self.ckpt.aliases:  # a tied head is re-tied from the config
                 weights[name] = resident(runtime[name], _to(t, self.device), self.dtype, self.int4)

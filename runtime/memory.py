@@ -149,6 +149,11 @@ def layer_widths(shapes: Mapping[str, tuple], heads: Heads) -> list[LayerArgs]:
                          heads.num_kv_heads, i) for i in layers]
 
 
+def widest_mlp(shapes: Mapping[str, tuple], heads: Heads) -> int:
+    """The widest block's MLP channels in runtime-named ``shapes``: what sizes a forward pass's activations."""
+    return max(layer.intermediate_size for layer in layer_widths(shapes, heads))
+
+
 def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtype, int4: bool,
                       baseline: int, path: str = "torch") -> Footprint:
     """The footprint of ``rate`` run with ``ctx`` positions of KV cache, activations in ``dtype``,
@@ -183,12 +188,12 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     widths = ckpt.rate_entry(rate)["widths"]
     kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
     hidden, vocab, heads = config["hidden_size"], config["vocab_size"], ckpt.heads.num_heads
-    widest_mlp = max(layer.intermediate_size for layer in layer_widths(shapes, ckpt.heads))
+    widest = widest_mlp(shapes, ckpt.heads)
     chunk = min(PREFILL_CHUNK, ctx)
     # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the MLP's
     # gate, up and product; plus attention scores and probabilities over the context (float32), and
     # the last position's logits.
-    activations = chunk * ((8 * hidden + 3 * widest_mlp) * itemsize + 2 * heads * ctx * 4) + vocab * 4
+    activations = chunk * ((8 * hidden + 3 * widest) * itemsize + 2 * heads * ctx * 4) + vocab * 4
     return Footprint(rate, weights, kv, max(activations, transient), baseline)
 
 

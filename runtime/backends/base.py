@@ -14,7 +14,8 @@ from ..memory import Footprint
 class Backend:
     """One runtime a nested checkpoint can run on.
 
-    ``package`` is (module to import, pip requirement), None for what elastiq itself needs.
+    ``package`` is (module to import, pip requirement), None for what elastiq itself needs;
+    ``export_format`` the export it runs from the cache beside the checkpoint, if any.
     ``footprint(ckpt, rate, ctx, baseline, dtype=, int4=, device=)`` predicts the ``Footprint`` of
     running ``rate`` with ``ctx`` positions on top of ``baseline`` bytes, before loading anything;
     ``open(checkpoint, rate, ctx, dtype=, verify=, tokenizer=, scoring=)`` loads the engine (each
@@ -25,6 +26,7 @@ class Backend:
     package: tuple[str, str] | None
     footprint: Callable[..., Footprint]
     open: Callable[..., object]
+    export_format: str | None = None  # the export it runs (gguf, onnx); None: the checkpoint itself
 
     def require(self):
         """Import the backend's package (so that it counts in a memory baseline)."""

@@ -25,7 +25,7 @@ from ...checkpoint import Checkpoint
 from ...families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
-from ..memory import Footprint, layer_widths, runtime_shapes
+from ..memory import Footprint, runtime_shapes, widest_mlp
 from .base import Backend
 from .exported import ExportEngine, export_path
 
@@ -86,8 +86,8 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     """What llama.cpp holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
-    widest_mlp = max(layer.intermediate_size for layer in layer_widths(runtime_shapes(ckpt, rate), heads))
-    path = export_path(ckpt, rate, "gguf")
+    widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
+    path = export_path(ckpt, rate, LlamaCppEngine.format)
     tensors, matmul = _gguf_tensors(ckpt, rate)
     file_bytes = path.stat().st_size if path.is_file() else tensors + _gguf_vocab(ckpt, vocab)
     weights = file_bytes + (matmul if _repacks_q4_0() else 0)
@@ -95,7 +95,7 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     layers = config["num_hidden_layers"]
     kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
     ubatch = min(ctx, PREFILL_CHUNK)
-    workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest_mlp) \
+    workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest) \
         + vocab * 4  # the output buffer of one token's logits
     return Footprint(rate, weights, kv, workspace, baseline)
 
@@ -153,4 +153,4 @@ def _open(checkpoint, rate: float, ctx: int, tokenizer=None, scoring: bool = Fal
     return LlamaCppEngine(checkpoint, rate, ctx, tokenizer=tokenizer, scoring=scoring)
 
 
-BACKEND = Backend("llama.cpp", LlamaCppEngine.requires, footprint, _open)
+BACKEND = Backend("llama.cpp", LlamaCppEngine.requires, footprint, _open, LlamaCppEngine.format)

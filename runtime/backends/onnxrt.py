@@ -17,7 +17,7 @@ import torch
 from ...checkpoint import Checkpoint, kv_bytes_per_token
 from ...quants import BLOCK
 from ..generate import CachedGenerator
-from ..memory import Footprint, layer_widths, runtime_shapes
+from ..memory import Footprint, runtime_shapes, widest_mlp
 from .base import Backend
 from .exported import ExportEngine, export_path
 
@@ -43,14 +43,14 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     """What onnxruntime holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
-    widest_mlp = max(layer.intermediate_size for layer in layer_widths(runtime_shapes(ckpt, rate), heads))
-    path = export_path(ckpt, rate, "onnx")
+    widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
+    path = export_path(ckpt, rate, OnnxEngine.format)
     initializers = path.stat().st_size if path.is_file() else _onnx_weights(ckpt, rate)
     weights = 2 * initializers  # the initializers and onnxruntime's prepacked copy of the matrices
     widths = ckpt.rate_entry(rate)["widths"]
     kv = 2 * ctx * kv_bytes_per_token(ckpt.groups, widths, heads, 4)  # past and present during a call
     chunk = min(ctx, ONNX_PREFILL_CHUNK)
-    workspace = chunk * 4 * (2 * vocab + 8 * hidden + 3 * widest_mlp + 2 * heads.num_heads * ctx)
+    workspace = chunk * 4 * (2 * vocab + 8 * hidden + 3 * widest + 2 * heads.num_heads * ctx)
     return Footprint(rate, weights, kv, workspace, baseline)
 
 
@@ -108,4 +108,4 @@ def _open(checkpoint, rate: float, ctx: int, tokenizer=None, **_) -> OnnxEngine:
     return OnnxEngine(checkpoint, rate, ctx, tokenizer=tokenizer)
 
 
-BACKEND = Backend("onnxruntime", OnnxEngine.requires, footprint, _open)
+BACKEND = Backend("onnxruntime", OnnxEngine.requires, footprint, _open, OnnxEngine.format)
