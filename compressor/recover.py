@@ -38,6 +38,7 @@ never stopped; the state is removed once the checkpoint is written.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -52,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..atomic import atomic_path
+from ..atomic import atomic_path, sweep
 from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
 from ..families import Family, family_for
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
@@ -374,7 +375,9 @@ def _save_state(path: Path, step: int, settings: dict, source: str, model: nn.Mo
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_path(path, directory=True) as tmp:
         save_file({**{f"lora.{k}": v for k, v in tensors.items()}, **extra}, str(tmp / "state.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        buffer = io.BytesIO()  # torch.save's own file writer says a full disk with a RuntimeError, no errno
+        torch.save(optimizer.state_dict(), buffer)
+        (tmp / "optimizer.pt").write_bytes(buffer.getbuffer())
         (tmp / "state.json").write_text(json.dumps({"step": step, "checkpoint": source, "settings": settings,
                                                     "schedule": info}, indent=1))
 
@@ -457,6 +460,8 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     rate_units = {r.rate: None if r.rate == 0 else width_units(ckpt.groups, ckpt.heads, r.widths) for r in rates}
 
     step, info = 0, {}
+    if state is not None:
+        sweep(state)  # a save killed between its two renames left the previous state aside
     if state is not None and state.exists():
         step, extra, info = _load_state(state, settings, str(ckpt.path.resolve()), model, optimizer)
         if shear is not None:
