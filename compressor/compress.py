@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import ElastiqError
+from ..atomic import atomic_path
 from ..checkpoint import QK, SUFFIX, Checkpoint, record_quality, write_checkpoint
 from ..families import family_for
 from ..families.base import ROPE_PAIRS
@@ -103,12 +104,13 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     }
     t = time.perf_counter()
     tensors = {**model.state_dict(), **pairs}
-    path = write_checkpoint(output, tensors, groups, specs, heads, source_info, tokenizer, overwrite=overwrite)
-    options.timings["write"] = time.perf_counter() - t
-    if len(heldout):
-        del model, tensors, loaded
-        t = time.perf_counter()
-        ckpt = Checkpoint(path)  # the sorted model at rate 0 is the source model: the dense reference
-        record_quality(path, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
-        options.timings["quality"] = time.perf_counter() - t
-    return path
+    with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
+        write_checkpoint(staged, tensors, groups, specs, heads, source_info, tokenizer)
+        options.timings["write"] = time.perf_counter() - t
+        if len(heldout):
+            del model, tensors, loaded
+            t = time.perf_counter()
+            ckpt = Checkpoint(staged)  # the sorted model at rate 0 is the source model: the dense reference
+            record_quality(staged, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
+            options.timings["quality"] = time.perf_counter() - t
+    return output

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
+from ..atomic import atomic_path
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
 from ..families import family_for
 from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
@@ -140,14 +141,15 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}
-    path = write_checkpoint(output, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
-                            quantization=spec, overwrite=overwrite)
-    if len(heldout):
-        del model, weights, tensors, quantized, hidden
-        t = time.perf_counter()
-        record_quality(path, rate_quality(Checkpoint(path), ckpt.read_rate(0.0), heldout, progress))
-        options.timings["quality"] = time.perf_counter() - t
-    return path
+    with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
+        write_checkpoint(staged, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
+                         quantization=spec)
+        if len(heldout):
+            del model, weights, tensors, quantized, hidden
+            t = time.perf_counter()
+            record_quality(staged, rate_quality(Checkpoint(staged), ckpt.read_rate(0.0), heldout, progress))
+            options.timings["quality"] = time.perf_counter() - t
+    return output
 
 
 def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:

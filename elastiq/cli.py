@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -470,17 +471,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITERS = ("compress", "quantize", "recover", "export")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when nothing is there: a finished write renames a new file
+    or folder into place, so the identity tells whether it happened."""
+    try:
+        st = os.stat(path)
+    except OSError:  # nothing there (or nothing this user can see)
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt, before: tuple[int, int] | None) -> str:
+    """What an interrupted command left (Ctrl-C): every writer goes through ``atomic_path``, so its
+    output's name holds what it held before (``before``) until the write is whole; recovery keeps its
+    last saved state."""
+    if str(err):  # the interrupted code said what it left (runtime/resolve.py)
+        return f"elastiq: interrupted; {err}"
+    if args.command not in WRITERS:
+        return "elastiq: interrupted"
+    if _identity(args.output) not in (None, before):
+        return f"elastiq: interrupted after writing {args.output}"
+    message = f"elastiq: interrupted; nothing was written to {args.output}"
+    if args.command == "recover":
+        from .compressor.recover import state_dir
+
+        state = state_dir(Path(args.output))
+        message += (f"; the recovery state saved in {state} is kept, and the same command resumes from it"
+                    if state.is_dir() else "; no recovery state was saved yet")
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    before = _identity(args.output) if args.command in WRITERS else None
     try:
         args.func(args)
     except ElastiqError as err:
         print(f"elastiq: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("elastiq: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_interrupted(args, err, before), file=sys.stderr)
         return 130
     return 0
 

@@ -4,9 +4,9 @@ A checkpoint folder is used as it is. A model (a known name such as the default
 ``smollm2-135m``, a Hugging Face folder or a GGUF file) is compressed once with the default
 pipeline (sort at the default rates, then GPTQ to 4 bits) into the cache, and found there on
 every later run; each stage writes under a temporary name, so an interrupted first run leaves
-no checkpoint that looks finished. A lock file beside the cached checkpoint makes a second
-process that asks for the same model at the same time wait for the first one's result instead
-of compressing it again.
+no checkpoint that looks finished (the next run removes what it left and starts over). A lock
+file beside the cached checkpoint makes a second process that asks for the same model at the
+same time wait for the first one's result instead of compressing it again.
 """
 
 from __future__ import annotations
@@ -60,9 +60,16 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
         log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
             "(calibrate and sort, then GPTQ to 4 bits: several minutes on a laptop CPU)")
         float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
-        compress(source, float_ckpt, overwrite=True)
-        quantize_checkpoint(float_ckpt, target, overwrite=True)
-        shutil.rmtree(float_ckpt)
+        try:
+            compress(source, float_ckpt, overwrite=True)
+            quantize_checkpoint(float_ckpt, target, overwrite=True)
+        except KeyboardInterrupt:
+            if (target / MANIFEST).is_file():  # interrupted once the checkpoint was in place
+                raise
+            raise KeyboardInterrupt(f"nothing was written to {target}; the next run compresses {source} "
+                                    "again") from None
+        finally:  # the float intermediate is not kept, whatever stopped the run
+            shutil.rmtree(float_ckpt, ignore_errors=True)
     finally:
         lock.release()
     return target
