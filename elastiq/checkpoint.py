@@ -16,69 +16,27 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from . import ElastiqError
 from .atomic import atomic_path, write_text
 from .layouts import ADDED_DIMS, INPUT_ROLES, Layout, role_layout
+from .manifest import (DIGEST, DTYPES, FILES, MLP, QK, VO, TORCH_DTYPES, CheckpointError, Group, Heads,  # noqa: F401
+                       digest, kept_bytes, kept_units, kv_bytes_per_token, unit_bytes, validate, validate_top)
+# (MLP, QK, VO: the group kinds, which the checkpoint's users import from here with Group and Heads)
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
-FORMAT_VERSION = 2  # 2: each tensor's layout as data (1: a role name, read through _migrate_v1)
+FORMAT_VERSION = 3  # 3: the manifest's and tokenizer files' sha256; 2: each tensor's layout as data
+# (1: a role name, read through _migrate_v1)
+READS = (1, 2, 3)
+MAX_MANIFEST = 256 * 2 ** 20  # bytes: a manifest (and a safetensors header) larger than this is refused unread
 SUFFIX = ".elastiq"
-MLP, QK, VO = "mlp", "qk", "vo"  # group kinds
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-           torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8"}
-_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
-
-class CheckpointError(ElastiqError):
-    """A checkpoint is missing, corrupted, truncated, of an unknown version, or asked for the wrong rate."""
-
-
-@dataclass(frozen=True)
-class Heads:
-    """Attention shape that fixes the Q/K/V/O layouts: H query heads, G KV heads, head size d."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
-# --- the manifest's parts ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Group:
-    """A prunable group of one block: the unit of sorting, one permutation and one kept width.
-
-    ``width`` counts the group's units: MLP channels, rotary pairs per KV head (``qk``), or V/O
-    rank per KV head (``vo``); a kept width is a multiple of ``granularity``. Each member is a
-    (tensor name, role) pair; the role fixes the tensor's storage layout (``layouts.role_layout``).
-    """
-
-    kind: str
-    layer: int
-    width: int
-    granularity: int
-    members: tuple[tuple[str, str], ...]
-
-    @property
-    def name(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "layer": self.layer, "width": self.width,
-                "granularity": self.granularity, "members": [list(m) for m in self.members]}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Group":
-        return cls(d["kind"], d["layer"], d["width"], d["granularity"], tuple((m[0], m[1]) for m in d["members"]))
-
+# --- the manifest's parts (more in manifest.py) ------------------------------------------------
 
 @dataclass(frozen=True)
 class Source:
@@ -105,35 +63,6 @@ class RateSpec:
     rate: float
     widths: Mapping[str, int]
     quality: Mapping[str, float] | None = None
-
-
-def _unit_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes of one unit (one index of the outermost axis) of a storage tensor."""
-    return int(np.prod(shape[1:], dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-
-
-def _kept_units(entry: Mapping, widths: Mapping[str, int]) -> int:
-    if not entry["group"]:
-        return entry["storage_shape"][0]
-    return widths[entry["group"]] // entry.get("unit_channels", 1)
-
-
-def _kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
-    return _kept_units(entry, widths) * _unit_bytes(entry["storage_shape"], _TORCH_DTYPES[entry["dtype"]])
-
-
-def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads,
-                       itemsize: int) -> int:
-    """KV-cache bytes per token at ``widths``: per layer and KV head, 2 channels per kept rotary
-    pair in K plus the kept V rank (the whole head size where a layer has no such group)."""
-    per_layer: dict[int, dict[str, int]] = {}
-    for g in groups:
-        per_layer.setdefault(g.layer, {QK: heads.head_dim, VO: heads.head_dim})
-        if g.kind == QK:
-            per_layer[g.layer][QK] = 2 * widths[g.name]
-        elif g.kind == VO:
-            per_layer[g.layer][VO] = widths[g.name]
-    return sum(k + v for k, v in (layer.values() for layer in per_layer.values())) * heads.num_kv_heads * itemsize
 
 
 # --- the writer ----------------------------------------------------------------------------------
@@ -177,9 +106,9 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
     for name, tensor in tensors.items():
         group, role = roles.get(name, (None, "whole"))
         for stored, t, channels, fields in _parts(name, tensor, role):
-            if t.dim() == 0 or t.dtype not in _DTYPES:
+            if t.dim() == 0 or t.dtype not in DTYPES:
                 raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
-                                      f"tensors of 1 or more dimensions in {', '.join(_DTYPES.values())}")
+                                      f"tensors of 1 or more dimensions in {', '.join(DTYPES.values())}")
             layout = role_layout(role, heads.num_heads, heads.num_kv_heads, t.dim())
             s = t.detach().cpu().contiguous() if layout is None else layout.to_storage(t.detach().cpu())
             if group and s.shape[0] * channels != group.width:
@@ -187,14 +116,14 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
                                       f"group {group.name} says {group.width}")
             ends = sorted({r.widths[group.name] // channels for r in rates} | {s.shape[0]}) if group else [s.shape[0]]
             raw = s.reshape(-1).view(torch.uint8).numpy()
-            unit = _unit_bytes(s.shape, s.dtype)
+            unit = unit_bytes(s.shape, s.dtype)
             segments, start = [], 0
             for end in (e for e in ends if e > 0):
                 segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
                 start = end
             storage[stored] = s
             entries[stored] = {"layout": layout.to_dict() if layout else None, "group": group.name if group else None,
-                               "dtype": _DTYPES[s.dtype],
+                               "dtype": DTYPES[s.dtype],
                                "shape": list(t.shape), "storage_shape": list(s.shape), "unit_channels": channels,
                                "segments": segments, **fields}
 
@@ -202,7 +131,7 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
     rate_table = []
     for r in sorted(rates, key=lambda r: r.rate):
         rate_table.append({"rate": r.rate, "widths": dict(r.widths),
-                           "weight_bytes": sum(_kept_bytes(e, r.widths) for e in entries.values()),
+                           "weight_bytes": sum(kept_bytes(e, r.widths) for e in entries.values()),
                            "kv_bytes_per_token": kv_bytes_per_token(groups, r.widths, heads, kv_size),
                            "quality": dict(r.quality) if r.quality else None})
     manifest = {
@@ -223,19 +152,37 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
         save_file(storage, str(tmp / WEIGHTS), metadata={"format": "elastiq"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest[FILES] = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir()) if f.name != WEIGHTS}
+        (tmp / MANIFEST).write_text(_manifest_text(manifest))
     return path
+
+
+def _manifest_text(manifest: dict) -> str:
+    """``manifest`` as its file holds it, with its own sha256 (``manifest.digest``)."""
+    manifest[DIGEST] = digest(manifest)
+    return json.dumps(manifest, indent=1)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2 ** 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def record_quality(path: Path, quality: Mapping[float, Mapping[str, float]]) -> None:
     """Fill the rate table's ``quality`` of the checkpoint at ``path`` (measured once it was
     written, by reading it back); the manifest is replaced whole, so a reader sees it before or after."""
-    manifest_path = Path(path) / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    ckpt = Checkpoint(path)
+    if ckpt.manifest["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {ckpt.manifest['format_version']}; quality is recorded "
+                              f"in checkpoints of version {FORMAT_VERSION}, as elastiq writes them now")
+    manifest = ckpt.manifest
     for row in manifest["rates"]:
         if row["rate"] in quality:
             row["quality"] = dict(quality[row["rate"]])
-    write_text(manifest_path, json.dumps(manifest, indent=1))
+    write_text(Path(path) / MANIFEST, _manifest_text(manifest))
 
 
 def _dedupe(tensors: Mapping[str, torch.Tensor | Quantized]) -> tuple[dict, dict[str, str]]:
@@ -292,34 +239,50 @@ def _migrate_v1(manifest: dict, heads: Heads) -> None:
 
 # --- the reader ----------------------------------------------------------------------------------
 
+def _parse_json(raw: bytes, what: str):
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{what}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what}: JSON nested too deeply") from None
+
+
+def _read_json(file: Path, what: str, missing: str):
+    """The JSON document in ``file``, refused unread beyond ``MAX_MANIFEST`` bytes."""
+    if not file.is_file():
+        raise CheckpointError(f"{missing} (no {file.name})")
+    size = file.stat().st_size
+    if size > MAX_MANIFEST:
+        raise CheckpointError(f"{file} is {size} bytes; a {what} of more than {MAX_MANIFEST} bytes is refused")
+    return _parse_json(file.read_bytes(), f"{file} is not a valid {what}")
+
+
 class Checkpoint:
     """An open nested checkpoint: its manifest, and reads of exactly one rate's bytes."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        manifest_file = self.path / MANIFEST
-        if not manifest_file.is_file():
-            raise CheckpointError(f"{self.path} is not a nested checkpoint (no {MANIFEST})")
+        self.manifest = _read_json(self.path / MANIFEST, "manifest", f"{self.path} is not a nested checkpoint")
+        self._weights = self.path / WEIGHTS
         try:
-            self.manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{manifest_file} is not valid JSON: {err}") from None
-        version = self.manifest.get("format_version")
-        if version not in (1, FORMAT_VERSION):
-            raise CheckpointError(f"{self.path} has format version {version!r}; this elastiq reads versions 1 and "
-                                  f"{FORMAT_VERSION}: rebuild it with `elastiq compress` (and `elastiq quantize`), "
-                                  "or read it with the elastiq that wrote it")
-        h = self.manifest["heads"]
-        self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
-        if version == 1:
-            _migrate_v1(self.manifest, self.heads)
+            version = validate_top(self.manifest, READS)
+            h = self.manifest["heads"]
+            self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
+            if version == 1:
+                _migrate_v1(self.manifest, self.heads)
+            header, data_start, size = self._read_header()
+            validate(self.manifest, header, data_start, size)
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+        self._check_files()
         self.source = Source.from_dict(self.manifest["source"])
         self.quantization: Mapping | None = self.manifest["quantization"]  # None: a float checkpoint
         self.groups = [Group.from_dict(g) for g in self.manifest["groups"]]
         self.tensors: dict[str, dict] = self.manifest["tensors"]
         self.bytes_read = 0
-        self._weights = self.path / WEIGHTS
-        self._offsets = self._read_header()
+        self._offsets = {name: (data_start + header[name]["data_offsets"][0], data_start + header[name]["data_offsets"][1])
+                         for name in self.tensors}
         self._parts = self._stored_parts()
 
     @property
@@ -344,7 +307,8 @@ class Checkpoint:
         raise CheckpointError(f"rate {rate} is not offered by {self.path.name}; offered: "
                               f"{', '.join(str(r) for r in self.rates)}")
 
-    def _read_header(self) -> dict[str, tuple[int, int]]:
+    def _read_header(self) -> tuple[dict, int, int]:
+        """The safetensors header of the weights file, where its data starts, and the file's size."""
         if not self._weights.is_file():
             raise CheckpointError(f"{self._weights} is missing")
         size = self._weights.stat().st_size
@@ -353,29 +317,31 @@ class Checkpoint:
             if len(head) < 8:
                 raise CheckpointError(f"{self._weights} is truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", head)
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{self._weights} has a corrupted safetensors header") from None
-        base = 8 + n
-        offsets = {}
-        for name, entry in self.tensors.items():
-            if name not in header:
-                raise CheckpointError(f"tensor {name} is in the manifest but not in {WEIGHTS}")
-            start, end = header[name]["data_offsets"]
-            if base + end > size:
-                raise CheckpointError(f"{WEIGHTS} is truncated: tensor {name} ends at byte {base + end}, "
-                                      f"the file has {size}")
-            offsets[name] = (base + start, base + end)
-        return offsets
+            if n > min(size - 8, MAX_MANIFEST):
+                raise CheckpointError(f"{self._weights} has a corrupted safetensors header: it claims {n} bytes of "
+                                      f"header in a file of {size}")
+            header = _parse_json(f.read(n), f"{self._weights} has a corrupted safetensors header")
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self._weights} has a corrupted safetensors header (not a JSON object)")
+        return header, 8 + n, size
+
+    def _check_files(self) -> None:
+        """The sha256 of every file the manifest lists (the tokenizer's), read once at opening."""
+        for name, expected in self.manifest.get(FILES, {}).items():
+            file = self.path / name
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing; the manifest lists it")
+            if _file_sha256(file) != expected:
+                raise CheckpointError(f"{file} fails its sha256 check; {self.path.name} is corrupted: copy it "
+                                      "again or rebuild it")
 
     def read_units(self, name: str, start: int, end: int, verify: bool = True) -> torch.Tensor:
         """Storage units [start, end) of tensor ``name``; ``start`` and ``end`` lie on segment ends.
         The bytes are read straight into the returned tensor's memory (no second copy)."""
         entry = self.tensors[name]
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = TORCH_DTYPES[entry["dtype"]]
         shape = entry["storage_shape"]
-        unit = _unit_bytes(shape, dtype)
+        unit = unit_bytes(shape, dtype)
         buf = torch.empty((end - start) * unit, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with open(self._weights, "rb") as f:
@@ -390,10 +356,10 @@ class Checkpoint:
 
     def _verify(self, name: str, entry: dict, raw: memoryview, start: int, end: int, unit: int) -> None:
         seg_start = 0
-        for seg_end, digest in entry["segments"]:
+        for seg_end, expected in entry["segments"]:
             if seg_start >= start and seg_end <= end:
                 chunk = raw[(seg_start - start) * unit:(seg_end - start) * unit]
-                if hashlib.sha256(chunk).hexdigest() != digest:
+                if hashlib.sha256(chunk).hexdigest() != expected:
                     raise CheckpointError(f"tensor {name}: units [{seg_start}, {seg_end}) fail their sha256 "
                                           f"check; {self.path.name} is corrupted")
             elif seg_start < end and seg_end > start:
@@ -432,7 +398,7 @@ class Checkpoint:
         widths = self.rate_entry(rate)["widths"]
         yielded = {}
         for name, stored in self._parts.items():
-            parts = {part: _from_storage(self.read_units(s, 0, _kept_units(self.tensors[s], widths), verify),
+            parts = {part: _from_storage(self.read_units(s, 0, kept_units(self.tensors[s], widths), verify),
                                          self.tensors[s]) for part, s in stored.items()}
             t = self._assemble(name, stored, parts)
             if name in self.manifest["aliases"].values():
@@ -449,11 +415,22 @@ class Checkpoint:
         out = {}
         for name, stored in self._parts.items():
             entry = self.tensors[stored["codes" if "codes" in stored else ""]]
-            kept = [_kept_units(entry, widths), *entry["storage_shape"][1:]]
+            kept = [kept_units(entry, widths), *entry["storage_shape"][1:]]
             shape = tuple(_from_storage(torch.empty(kept, device="meta"), entry).shape)
             if "codes" in stored:
                 shape = (shape[0], shape[1] * BLOCK)
-            out[name] = (shape, _TORCH_DTYPES[entry["dtype"]], self._format(stored))
+            out[name] = (shape, TORCH_DTYPES[entry["dtype"]], self._format(stored))
+        return out
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each stored model tensor's unpruned Hugging Face shape (a quantized matrix's [N, K])."""
+        out = {}
+        for name, stored in self._parts.items():
+            if "codes" in stored:
+                shape = self.tensors[stored["codes"]]["shape"]
+                out[name] = (shape[0], shape[1] * BLOCK)
+            else:
+                out[name] = tuple(self.tensors[stored[""]]["shape"])
         return out
 
     @property
@@ -487,7 +464,7 @@ class Checkpoint:
         parts = {}
         for part, s in stored.items():
             entry = self.tensors[s]
-            have, want = _kept_units(entry, old), _kept_units(entry, new)
+            have, want = kept_units(entry, old), kept_units(entry, new)
             if have == want:
                 parts[part] = held[part]
                 continue

@@ -200,3 +200,18 @@ def nested_checkpoints(models, data_dir, tmp_path_factory) -> dict:
                                                    QuantizeOptions(method="rtn", embedding_bits=bits), data=data_dir,
                                                    progress=False))
     return out
+
+
+def reseal(path: Path) -> Path:
+    """Checkpoint ``path`` after a deliberate edit of its manifest or tokenizer files: their sha256
+    recomputed, as a rebuilt checkpoint would have them (a damaged one keeps the old ones)."""
+    import hashlib
+    import json
+
+    from elastiq.manifest import DIGEST, FILES, digest
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest[FILES] = {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in manifest[FILES]}
+    manifest[DIGEST] = digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path

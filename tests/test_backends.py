@@ -25,7 +25,7 @@ from elastiq.runtime.generate import Generator, Sampling
 from elastiq.runtime.memory import predict_footprint
 from elastiq.runtime.plan import plan_rate
 from elastiq.modeling.model import Transformer
-from conftest import TEXT, build_tiny
+from conftest import TEXT, build_tiny, reseal
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime")
@@ -158,6 +158,7 @@ def test_export_is_written_once_and_reused(backend, checkpoints, tmp_path, monke
     manifest = json.loads((ckpt.path / "manifest.json").read_text())  # the checkpoint changes
     manifest["source"]["name"] = "changed"
     (ckpt.path / "manifest.json").write_text(json.dumps(manifest))
+    reseal(ckpt.path)  # a rebuilt checkpoint, not a damaged one
     changed = ENGINES[backend](ckpt.path, 0.15, ctx=64)
     assert changed.export != path and changed.export_seconds > 0
     assert sorted(p.name for p in path.parent.iterdir()) == [changed.export.name]  # the stale one is gone

@@ -17,7 +17,7 @@ from elastiq.exporters import FORMATS, export
 from elastiq.exporters.gguf import ExportError, pre_tokenizer_name, qk_rows, rope_factors, write_gguf
 from elastiq.quants import gguf_blocks, gguf_q8_0_blocks
 from elastiq.modeling.model import Transformer
-from conftest import TEXT, build_tiny
+from conftest import TEXT, build_tiny, reseal
 
 gguf = pytest.importorskip("gguf")
 RATES = (0.0, 0.15, 0.35)
@@ -233,6 +233,7 @@ def test_digits_pre_tokenizer_is_smollm(checkpoints, tmp_path):
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
     (path / "tokenizer.json").write_text(json.dumps(spec))
+    reseal(path)
     llm = _llama(write_gguf(path, 0.0, tmp_path / "m.gguf"), vocab_only=True)
     text = "In 2023 , 42 people"
     assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
