@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
-from ..families import family_for
+from ..families import checkpoint_family
 from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
 from ..modeling.model import Transformer
 from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
@@ -87,6 +87,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     """Quantize the float nested checkpoint ``source`` into ``output``."""
     options = options or QuantizeOptions()
     ckpt = Checkpoint(source)
+    family = checkpoint_family(ckpt)
     _check(options, ckpt)
     output = Path(output)
     if output.suffix != SUFFIX:
@@ -97,7 +98,6 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)
     config = ckpt.config
-    family = family_for(config)
     model = Transformer.from_weights(weights, config)
     tokenizer = ckpt.tokenizer()
     hidden, positions, heldout = [], None, torch.empty(0)  # round-to-nearest needs no calibration activations

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..atomic import atomic_path, sweep
 from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
-from ..families import Family, family_for
+from ..families import Family, checkpoint_family, family_for
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
 from ..layouts import from_storage, to_storage
 from ..modeling.model import Transformer
@@ -534,6 +534,7 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     same groups and layout; the same rates (``nested``) or rates 0 and R (``lorashear``)."""
     options = options or RecoverOptions()
     ckpt = Checkpoint(checkpoint)
+    checkpoint_family(ckpt)  # its config and tensors describe one model
     output = Path(output)
     data = data or data_dir()
     if output.suffix != SUFFIX:

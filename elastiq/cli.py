@@ -35,12 +35,14 @@ def _open_engine(args: argparse.Namespace):
     import torch
 
     from .checkpoint import Checkpoint
+    from .families import checkpoint_family
     from .runtime.backends import open_engine
     from .runtime.engine import check_ctx
     from .runtime.plan import plan_rate
     from .runtime.resolve import resolve_checkpoint
 
     ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
+    checkpoint_family(ckpt)  # its config and tensors checked before anything reads them
     check_ctx(ckpt.config, args.ctx)
     if args.backend != "torch" and args.dtype != "auto":
         raise ElastiqError(f"--dtype {args.dtype} applies to the torch backend; {args.backend} computes in its own "
@@ -154,8 +156,9 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(f"{ckpt.path.name}: {source.name} ({source.model_type}), format v{ckpt.manifest['format_version']}")
     quant = ckpt.quantization
     if quant:
-        how = quant["method"] + (f", {quant['order']}" if quant["method"] == "gptq" else "")
-        print(f"weights: {quant['format'].upper()} ({how}); token embedding and LM head "
+        how = ", ".join(str(quant[k]) for k in ("method", "order")  # GPTQ's column order
+                        if quant.get(k) and (k == "method" or quant.get("method") == "gptq"))
+        print(f"weights: {quant['format'].upper()}{f' ({how})' if how else ''}; token embedding and LM head "
               f"{quant.get('embedding_format', 'q4_0').upper()}")
     else:
         print("weights: float (not quantized)")

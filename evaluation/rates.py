@@ -13,6 +13,7 @@ from typing import Sequence
 
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, Checkpoint
+from ..families import checkpoint_family
 from ..modeling.model import Transformer
 from ..runtime.backends import open_engine
 from .loglikelihood import LogitsFn
@@ -30,6 +31,7 @@ def evaluate_rates(ckpt: Checkpoint, rates: Sequence[float], backend: str = "tor
     check_measures(measures)
     for rate in rates:
         ckpt.rate_entry(rate)  # every rate is checked before anything is loaded
+    checkpoint_family(ckpt)  # and its config and tensors
     positions = ckpt.config["max_position_embeddings"]
     if PERPLEXITY in measures and seqlen > positions:
         raise ElastiqError(f"--seqlen {seqlen} is longer than the {positions} positions the model was trained for")
@@ -62,6 +64,7 @@ def reference_model(source: str | Path, vocab_size: int) -> LogitsFn:
     Its vocabulary must be ``vocab_size`` tokens, the compared model's."""
     if (Path(source) / MANIFEST).is_file():
         dense = Checkpoint(source)
+        checkpoint_family(dense)
         config = dense.config
         model = Transformer.from_weights(dense.read_rate(0.0), config)
         logits_fn, vocab = model, config["vocab_size"]

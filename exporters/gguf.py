@@ -32,7 +32,7 @@ import torch
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
-from ..families import family_for
+from ..families import checkpoint_family
 from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, FINAL_NORM, HEAD,
                              ROPE_PAIRS)
 from ..modeling.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
@@ -351,7 +351,7 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     ckpt.rate_entry(rate)  # an error lists the offered rates
     output = _writable(Path(output))
     config = ckpt.config
-    family = family_for(config)
+    family = checkpoint_family(ckpt)
     weights = runtime_weights(ckpt.read_rate(rate), config)
     args = ModelArgs.from_weights(weights, config)
     if abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:

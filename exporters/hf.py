@@ -32,7 +32,7 @@ import torch
 from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
-from ..families import family_for
+from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
 from ..modeling.model import ModelArgs, runtime_weights
 from ..quants import Quantized
@@ -58,7 +58,7 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
     source = ckpt.config
-    family = family_for(source)
+    family = checkpoint_family(ckpt)
     weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
                                for k, v in ckpt.read_rate(rate).items()}, source)
     args = ModelArgs.from_weights(weights, source)

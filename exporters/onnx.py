@@ -35,6 +35,7 @@ import torch
 from .. import ElastiqError, __version__
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
+from ..families import checkpoint_family
 from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
                              FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, ROPE_PAIRS)
 from ..modeling.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
@@ -62,6 +63,7 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
         raise OnnxExportError(f"{output} is a directory; give the path of an .onnx file to write")
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
+    checkpoint_family(ckpt)  # its config and tensors describe one model
     model = build_model(ckpt.read_rate(rate), ckpt.config,
                         {"elastiq_version": __version__, "checkpoint": ckpt.path.name, "rate": str(rate)})
     _write_atomic(output, model.SerializeToString())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .. import ElastiqError
-from ..checkpoint import MLP, QK, VO
+from ..checkpoint import MLP, QK, VO, Checkpoint
 from .base import Family
 from .gemma3 import GEMMA3, GEMMA3_VISION
 from .llama import LLAMA
@@ -27,4 +27,18 @@ def family_for(config: Mapping) -> Family:
     return MODEL_TYPES[model_type]
 
 
-__all__ = ["FAMILIES", "Family", "GGUF_ARCHITECTURES", "GROUP_KINDS", "MODEL_TYPES", "family_for"]
+def checkpoint_family(ckpt: Checkpoint) -> Family:
+    """The family of a checkpoint's model, once its config is checked (``Family.check``) and its
+    stored tensors are the ones that config describes: what every stage that reads a checkpoint
+    asks first, since a checkpoint is untrusted input."""
+    family = family_for(ckpt.config)
+    family.check(ckpt.config)
+    try:
+        family.check_tensors(ckpt.config, ckpt.full_shapes(), ckpt.aliases)
+    except ElastiqError as err:
+        raise ElastiqError(f"{ckpt.path}: {err}") from None
+    return family
+
+
+__all__ = ["FAMILIES", "Family", "GGUF_ARCHITECTURES", "GROUP_KINDS", "MODEL_TYPES", "checkpoint_family",
+           "family_for"]

@@ -172,13 +172,62 @@ class Family:
         return t - self.norm_offset if self.norm_offset and is_norm(runtime_name) else t
 
     def check(self, config: Mapping) -> None:
-        """Refuse a config whose blocks compute what elastiq does not run, saying what it runs."""
+        """Refuse a config that is malformed (``check_config``) or whose blocks compute what elastiq
+        does not run, saying what it runs."""
         from .. import ElastiqError
 
+        check_config(config)
         act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
         if act not in self.activations:
             raise ElastiqError(f"hidden_act {act!r} is not supported for {self.name}; the elastic model runs "
                                f"{', '.join(self.activations)}")
+
+    def shapes(self, config: Mapping) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the unpruned model of ``config`` and its shape (model names)."""
+        h = self.heads(config)
+        H, G, d = h.num_heads, h.num_kv_heads, h.head_dim
+        hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+        by_slot = {ATTN_Q: (H * d, hidden), ATTN_K: (G * d, hidden), ATTN_V: (G * d, hidden), ATTN_OUT: (hidden, H * d),
+                   FFN_GATE: (inter, hidden), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter),
+                   ATTN_Q_NORM: (d,), ATTN_K_NORM: (d,), ROPE_PAIRS: (G, d // 2),
+                   **{norm: (hidden,) for norm in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM)}}
+        out = {f"{self.top[EMBED]}.weight": (vocab, hidden), f"{self.top[FINAL_NORM]}.weight": (hidden,),
+               f"{self.top[HEAD]}.weight": (vocab, hidden)}
+        biased = self.biased(config)
+        for layer in range(config["num_hidden_layers"]):
+            for slot in self.parts:
+                out[self.name_of(layer, slot)] = by_slot[slot]
+                if slot in biased:
+                    out[self.name_of(layer, slot, "bias")] = by_slot[slot][:1]
+        return out
+
+    def check_tensors(self, config: Mapping, shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str]) -> None:
+        """Refuse stored tensors (unpruned ``shapes``, and ``aliases`` of tied ones) that are not the
+        model ``config`` describes: a missing or unknown tensor, or a shape the config does not give.
+        The rotary pair indices are optional (a family or group that keeps every pair), and so is a
+        head the config ties to the embedding."""
+        from .. import ElastiqError
+
+        expected = self.shapes(config)
+        head = f"{self.top[HEAD]}.weight"
+        optional = {name for name in expected if name.endswith(self.parts[ROPE_PAIRS])}
+        if config.get("tie_word_embeddings"):
+            optional.add(head)
+        elif head in aliases:
+            raise ElastiqError(f"its config says tie_word_embeddings false, yet {head} is stored as the embedding "
+                               f"{aliases[head]}")
+        described = (f"a {self.name} model of {config['num_hidden_layers']} layers, hidden size "
+                     f"{config['hidden_size']}, MLP {config['intermediate_size']}, vocabulary {config['vocab_size']}")
+        unknown = sorted((set(shapes) | set(aliases)) - set(expected))
+        missing = sorted(set(expected) - set(shapes) - set(aliases) - optional)
+        if unknown or missing:
+            raise ElastiqError(f"its tensors are not those of {described} (its config): "
+                               + "; ".join(f"{what} {', '.join(names[:3])}" for what, names in
+                                           (("unknown", unknown), ("missing", missing)) if names))
+        for name, shape in shapes.items():
+            if tuple(shape) != expected[name]:
+                raise ElastiqError(f"tensor {name} is {list(shape)}; {described} (its config) has "
+                                   f"{list(expected[name])}")
 
     # --- a transformers model of this family -----------------------------------------------------
 
@@ -198,3 +247,85 @@ def is_norm(runtime_name: str) -> bool:
     """Whether a runtime name (or a block's local one, ``attn_norm.weight``) is a norm's weight."""
     parts = runtime_name.split(".")
     return parts[-1] == "weight" and (parts[-2] in NORMS or runtime_name == f"{FINAL_NORM}.weight")
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", "original_max_position_embeddings")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_LIMIT = 2 ** 31  # no size in a config is larger
+
+
+def check_config(config: Mapping) -> None:
+    """Refuse a Hugging Face config dict whose fields that elastiq reads are missing, of the wrong
+    type or out of range, naming the field and what is accepted: a config travels inside a
+    checkpoint and is untrusted input."""
+    from .. import ElastiqError
+
+    def bad(key: str, expected: str):
+        raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected {expected}")
+
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _LIMIT
+
+    for key in _POSITIVE_INTS:
+        if not positive_int(config.get(key)):
+            bad(key, "a positive integer")
+    layers = config["num_hidden_layers"]
+    for key in _OPTIONAL_POSITIVE_INTS:
+        if config.get(key) is not None and not positive_int(config[key]):
+            bad(key, "a positive integer or null")
+    if config.get("head_dim") and config["head_dim"] % 2:
+        bad("head_dim", "an even number (RoPE rotates pairs)")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv:
+        bad("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    if not config.get("head_dim") and (config["hidden_size"] % heads or config["hidden_size"] // heads % 2):
+        bad("hidden_size", f"an even head size times num_attention_heads ({heads}) when head_dim is not given")
+    eps = config.get("rms_norm_eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        bad("rms_norm_eps", "a number in (0, 1)")
+    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            bad(key, "true or false")
+    for key in ("hidden_act", "hidden_activation", "model_type"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            bad(key, "a string")
+    for key in _TOKEN_IDS:
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config["vocab_size"] for i in ids):
+            bad(key, f"a token id below vocab_size ({config['vocab_size']}), a list of them, or null")
+    types = config.get("layer_types")
+    if types is not None and not (isinstance(types, list) and len(types) == layers and
+                                  all(t in ("full_attention", "sliding_attention") for t in types)):
+        bad("layer_types", f"null or a list of {layers} of full_attention / sliding_attention")
+    _check_rope(config, types)
+
+
+def _check_rope(config: Mapping, types) -> None:
+    """The RoPE parameters (``rope_parameters``, or the older ``rope_theta`` and ``rope_scaling``),
+    of each layer type where a config gives them per type."""
+    from .. import ElastiqError
+
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], Mapping):
+            raise ElastiqError(f"config field {key} is {config[key]!r}; expected an object or null")
+    theta = config.get("rope_theta", 10000.0)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+        raise ElastiqError(f"config field rope_theta is {theta!r}; expected a positive number")
+    params = config.get("rope_parameters")
+    if not params:
+        return
+    nested = [t for t in set(types or []) if isinstance(params.get(t), Mapping)]
+    for where, rope in ([(f"rope_parameters.{t}", params[t]) for t in nested] or [("rope_parameters", params)]):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        value = rope.get("rope_theta")
+        if kind != "default":
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if kind not in ROPE_INIT_FUNCTIONS:
+                raise ElastiqError(f"config field {where}.rope_type is {kind!r}; expected default or one of "
+                                   f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ElastiqError(f"config field {where}.rope_theta is {value!r}; expected a positive number")

@@ -492,6 +492,9 @@ def rotary_frequencies(config: Mapping, layer_type: str | None = None) -> tuple[
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_config = AutoConfig.for_model(**config)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, layer_type=layer_type)
+    try:
+        hf_config = AutoConfig.for_model(**config)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, layer_type=layer_type)
+    except (KeyError, TypeError, ValueError) as err:  # a config from a checkpoint is untrusted input
+        raise ElastiqError(f"the config's {rope_type} RoPE parameters are not what transformers takes: {err!r}") from None
     return inv_freq.float(), float(scaling)

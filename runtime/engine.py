@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint
-from ..families import family_for
+from ..families import checkpoint_family
 from ..families.base import ROPE_PAIRS
 from ..kernels.q4_layout import unprepare_q4
 from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident, rope_parameters
@@ -55,7 +55,7 @@ class Engine:
                  tokenizer=None):
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         self.config = self.ckpt.config
-        self.family = family_for(self.config)
+        self.family = checkpoint_family(self.ckpt)
         check_ctx(self.config, ctx)
         self.int4 = self.ckpt.quantization is not None
         self.dtype = dtype or (torch.bfloat16 if self.int4 else torch.float32)

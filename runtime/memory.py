@@ -28,7 +28,7 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
-from ..families import family_for
+from ..families import checkpoint_family
 from ..families.base import is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
@@ -138,7 +138,7 @@ class Footprint:
 def runtime_shapes(ckpt: Checkpoint, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, str | None]]:
     """``Checkpoint.shapes`` of ``rate`` under the elastic model's names (``runtime_weights``)."""
     shapes = ckpt.shapes(rate)
-    names = family_for(ckpt.config).runtime_names(shapes)
+    names = checkpoint_family(ckpt).runtime_names(shapes)
     return {names[name]: value for name, value in shapes.items()}
 
 
