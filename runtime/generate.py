@@ -23,17 +23,21 @@ PREFILL_CHUNK = 256  # tokens per prefill pass: bounds activation memory (the ru
 @dataclass(frozen=True)
 class Sampling:
     """Greedy when ``temperature`` is 0; else softmax(logits / temperature), optionally over the
-    ``top_k`` most likely tokens, drawn with ``seed``."""
+    ``top_k`` most likely tokens and the smallest set of them holding ``top_p`` of the probability
+    (nucleus sampling), drawn with ``seed``."""
 
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ElastiqError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ElastiqError(f"top_k must be a positive number of tokens, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ElastiqError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -65,6 +69,10 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     if sampling.top_k is not None:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        outside = probs.cumsum(-1) - probs >= sampling.top_p  # the tokens after the nucleus is full
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
 
