@@ -100,7 +100,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         _log(f"elastiq: warning: serving on {args.host} without --api-key: anyone who reaches this port can use it")
     engine = _open_engine(args)
     limits = Limits(max_body=args.max_body, max_queue=args.max_queue, max_tokens=args.max_new_tokens)
-    server = Server(engine, limits, args.api_key, Sampling(args.temperature, args.top_k, args.seed), args.max_kl)
+    name = Path(args.model).name.removesuffix(".elastiq")  # what clients call it: the argument, not the cache's folder
+    server = Server(engine, limits, args.api_key, Sampling(args.temperature, args.top_k, args.seed), args.max_kl, name)
     _log(f"elastiq: serving {server.name} at rate {engine.rate} on http://{args.host}:{args.port}/v1 "
          "(OpenAI API; Ctrl-C stops)")
     serve(server, args.host, args.port)
