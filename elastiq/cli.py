@@ -94,6 +94,8 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     from .runtime.generate import Sampling
+    from .runtime.governor import Governor, model_needs
+    from .runtime.memory import free_memory
     from .runtime.serve import Limits, Server, serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
@@ -101,9 +103,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     engine = _open_engine(args)
     limits = Limits(max_body=args.max_body, max_queue=args.max_queue, max_tokens=args.max_new_tokens)
     name = Path(args.model).name.removesuffix(".elastiq")  # what clients call it: the argument, not the cache's folder
-    server = Server(engine, limits, args.api_key, Sampling(args.temperature, args.top_k, args.seed), args.max_kl, name)
+    governor = None
+    if args.rate == "auto" and args.memory_budget is None:  # a rate or a budget the user set is kept
+        governor = Governor(model_needs(engine, args.max_kl), engine.rate, lambda: free_memory(engine.device),
+                            hold_s=args.hold)
+    server = Server(engine, limits, args.api_key, Sampling(args.temperature, args.top_k, args.seed), args.max_kl,
+                    name, governor)
     _log(f"elastiq: serving {server.name} at rate {engine.rate} on http://{args.host}:{args.port}/v1 "
-         "(OpenAI API; Ctrl-C stops)")
+         f"(OpenAI API; the rate {'follows the free memory' if governor else 'stays'}; Ctrl-C stops)")
     serve(server, args.host, args.port)
 
 
@@ -372,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API", description=(
         "Serve the model on http://HOST:PORT/v1 with OpenAI's chat completions, completions (streamed as "
         "server-sent events or not) and models endpoints, and /v1/elastiq/status. The rate is planned as for run; "
+        "with --rate auto it then follows the free memory (shrinking under pressure, growing back after --hold); "
         "a request may pin a more-pruned offered rate with {\"elastiq\": {\"rate\": R}} or the model NAME@R. "
         "Requests run one at a time; --max-queue of them wait, further ones get 503. --temperature, --top-k, "
         "--seed and --max-new-tokens are the defaults of a request that leaves them out."))
@@ -383,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"largest request body, e.g. 1MiB (default {MAX_BODY // 2**20} MiB; larger ones get 413)")
     srv.add_argument("--max-queue", type=_non_negative, default=MAX_QUEUE,
                      help=f"requests that may wait for the engine (default {MAX_QUEUE}; more get 503 with Retry-After)")
+    srv.add_argument("--hold", type=float, default=10.0, metavar="SECONDS",
+                     help="with --rate auto and no --memory-budget the rate follows the free memory, shrinking at "
+                          "once and growing back once a less-pruned rate has fitted for SECONDS (default 10)")
     srv.set_defaults(func=_cmd_serve)
 
     comp = sub.add_parser("compress", help="compress a model into a nested checkpoint", description=(

@@ -7,9 +7,10 @@ The engine is not thread-safe, so one worker thread runs every generation, one r
 another; the requests waiting for it are bounded (``Limits.max_queue``, then 503 with a
 Retry-After), as are the body, ``max_tokens`` and the prompt (the context), so that no request
 makes the process grow beyond the KV cache it reserved at load. A client that goes away stops its
-generation at the next token. A request may pin a more-pruned rate (``"elastiq": {"rate": R}``
-or the model ``NAME@R``); the engine switches to it in memory and back to the loaded rate for the
-next request that does not.
+generation at the next token. With a ``Governor`` the serving rate follows the free memory,
+switched at the next token boundary (an in-flight request's context is re-filled at the new
+widths); a request may pin a more-pruned rate (``"elastiq": {"rate": R}`` or the model
+``NAME@R``), within what memory allows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .. import ElastiqError
 from .chat import stop_ids, template_ids
 from .floor import DEFAULT_MAX_KL, check_floor, within_floor
 from .generate import Sampling
+from .governor import Governor
 from .memory import free_memory
 
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -74,7 +76,7 @@ class Job:
     """One admitted request, as the worker runs it."""
 
     ids: list[int]
-    rate: float
+    pin: float | None  # a rate the request asked for
     max_tokens: int
     sampling: Sampling
     stops: list[str]
@@ -126,12 +128,16 @@ def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = No
 class Server:
     """The ASGI app (``app``) serving ``engine``. Fields a request leaves out take ``defaults``
     (the command line's temperature, top-k and seed); ``api_key``, when set, is required as a
-    bearer token; a pinned rate must be offered, within the quality floor ``max_kl``, and no less
-    pruned than the rate loaded (which was planned to fit the memory, or asked for)."""
+    bearer token. The serving rate is the ``governor``'s target, or the rate loaded without one; a
+    pinned rate must be offered, within the quality floor ``max_kl``, and no less pruned than it."""
 
     def __init__(self, engine, limits: Limits = Limits(), api_key: str | None = None,
-                 defaults: Sampling = Sampling(), max_kl: float = DEFAULT_MAX_KL, name: str | None = None):
+                 defaults: Sampling = Sampling(), max_kl: float = DEFAULT_MAX_KL, name: str | None = None,
+                 governor: Governor | None = None):
         self.engine, self.limits, self.api_key, self.defaults, self.max_kl = engine, limits, api_key, defaults, max_kl
+        self.governor = governor
+        if governor is not None:
+            governor.on_change = lambda _: self._settle_soon()
         self.home = engine.rate
         self.name = name or engine.ckpt.path.name.removesuffix(".elastiq")
         self.stops = stop_ids(engine.tokenizer)
@@ -151,7 +157,11 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app):
+        if self.governor is not None:
+            self.governor.start()
         yield
+        if self.governor is not None:
+            self.governor.stop()
         self.closing.set()  # a generation still running ends at its next token
         self.worker.shutdown(wait=True, cancel_futures=True)
         print(f"elastiq: stopped after serving {self.served} requests ({self.tokens} tokens)", file=sys.stderr)
@@ -188,8 +198,16 @@ class Server:
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         return body
 
-    def _rate(self, body: dict) -> float:
-        """The rate the request runs at: pinned by ``elastiq.rate`` or ``model: NAME@R``, else the loaded one."""
+    def _serving(self) -> float:
+        """The rate a request that pins none runs at."""
+        return self.home if self.governor is None else self.governor.rate
+
+    def _target(self, job: Job) -> float:
+        """The rate ``job`` runs at now: its pin, unless memory asks for a more-pruned one."""
+        return self._serving() if job.pin is None else max(job.pin, self._serving())
+
+    def _rate(self, body: dict) -> float | None:
+        """The rate the request pins by ``elastiq.rate`` or ``model: NAME@R``, if any."""
         model = _get(body, "model", str, self.name)
         name, _, pinned = model.partition("@")
         if name != self.name:
@@ -206,7 +224,7 @@ class Server:
         if extra.get("rate") is not None:
             rates.append(("elastiq.rate", _get(extra, "rate", float)))
         if not rates:
-            return self.home
+            return None
         if len({r for _, r in rates}) > 1:
             raise ApiError(400, f"the model name pins rate {rates[0][1]} and elastiq.rate {rates[1][1]}",
                            param="elastiq.rate", code="invalid_rate")
@@ -218,10 +236,10 @@ class Server:
             check_floor(ckpt, rate, self.max_kl)
         except ElastiqError as err:
             raise ApiError(400, str(err), param=param, code="invalid_rate") from None
-        if rate < self.home:
-            raise ApiError(400, f"rate {rate} is less pruned than the rate {self.home} this server loaded (the "
+        if rate < self._serving():
+            raise ApiError(400, f"rate {rate} is less pruned than the rate {self._serving()} this server runs (the "
                                 "least-pruned that fits the memory, or --rate); a request may pin a rate of "
-                                f"{self.home} or more", param=param, code="invalid_rate")
+                                f"{self._serving()} or more", param=param, code="invalid_rate")
         return rate
 
     def _job(self, body: dict, ids: list[int]) -> Job:
@@ -313,12 +331,12 @@ class Server:
         done = self._admit(job, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
         done.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
 
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict:
+        def chunk(text: str | None, end: Outcome | None = None, role: bool = False) -> dict:
             delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
             choice = {"delta": delta} if chat else {"text": text or "", "logprobs": None}
             data = {**head, "object": kind + (".chunk" if chat else ""),
-                    "choices": [{"index": 0, **choice, "finish_reason": finish}]}
-            return {"data": json.dumps(data)}
+                    "choices": [{"index": 0, **choice, "finish_reason": end and end.finish_reason}]}
+            return {"data": json.dumps(data | ({"elastiq": {"rate": end.rate}} if end else {}))}
 
         async def events():
             try:
@@ -331,7 +349,7 @@ class Server:
                 except Exception as err:  # the status line is sent: the error is the stream's last event
                     yield {"data": json.dumps((err if isinstance(err, ApiError) else _internal(err)).body())}
                     return
-                yield chunk(None, outcome.finish_reason)
+                yield chunk(None, outcome)
                 if usage:
                     yield {"data": json.dumps({**head, "object": kind + (".chunk" if chat else ""), "choices": [],
                                                "usage": _usage(outcome)})}
@@ -345,6 +363,10 @@ class Server:
         """Queue ``job`` for the worker, or refuse it when the queue is full (503, Retry-After)."""
         if self.closing.is_set():
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+        if self.governor is not None and self.governor.starved:
+            raise ApiError(503, f"not enough free memory for any rate: {self.governor.starved}; retry later",
+                           "server_error", code="memory_pressure",
+                           headers={"Retry-After": str(max(1, math.ceil(self.governor.hold_s)))})
         waiting = self.admitted - 1  # beside the one running
         if waiting >= self.limits.max_queue:
             per_request = self.busy_s / self.served if self.served else 1.0
@@ -381,6 +403,9 @@ class Server:
             nonlocal shown, hit
             if job.cancel.is_set() or self.closing.is_set():
                 raise _Abort
+            if self._target(job) != engine.rate and engine.backend == "torch":  # an export's switch replaces
+                self._switch(self._target(job), "the governor")  # its generator: it waits for the next request
+                engine.generator.prefill(job.ids + tokens)  # the context so far, at the new widths
             tokens.append(token)
             with self.tokenizer_lock:
                 text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -394,11 +419,8 @@ class Server:
         if job.cancel.is_set() or self.closing.is_set():
             return Outcome("", "cancelled", len(job.ids), 0, engine.rate)
         try:
-            if engine.rate != job.rate:
-                switch = engine.set_rate(job.rate)
-                self.switches += 1
-                print(f"elastiq: rate {switch.old_rate} -> {switch.new_rate} in {switch.seconds:.2f} s, "
-                      f"{switch.bytes_read / 1e6:.1f} MB read (a request pinned it)", file=sys.stderr)
+            if engine.rate != self._target(job):
+                self._switch(self._target(job), "the governor" if job.pin is None else "a request pinned it")
             decode_start = time.perf_counter()
             try:
                 engine.generator.generate(job.ids, job.max_tokens, job.sampling, self.stops, on_token)
@@ -421,12 +443,28 @@ class Server:
         self.busy_s += time.perf_counter() - start
         return Outcome(text[:end], finish, len(job.ids), len(tokens), engine.rate)
 
+    def _switch(self, rate: float, why: str) -> None:
+        """Move the engine to ``rate`` (the worker thread only), logging the switch's cost."""
+        done = self.engine.set_rate(rate)
+        self.switches += 1
+        print(f"elastiq: rate {done.old_rate} -> {done.new_rate} in {done.seconds:.2f} s, "
+              f"{done.bytes_read / 1e6:.1f} MB read ({why})", file=sys.stderr)
+
+    def _settle_soon(self) -> None:
+        """Have the worker move an idle engine to the governor's target (a busy one moves at its next token)."""
+        def settle():
+            if self.engine.rate != self._serving() and not self.closing.is_set():
+                self._switch(self._serving(), "the governor")
+
+        with contextlib.suppress(RuntimeError):  # the worker is shut down
+            self.worker.submit(settle)
+
     # --- what the server holds -------------------------------------------------------------------
 
     async def models(self, request: Request):
         self._authorize(request)
         ckpt = self.engine.ckpt
-        names = [self.name] + [f"{self.name}@{r}" for r in ckpt.rates if r >= self.home and
+        names = [self.name] + [f"{self.name}@{r}" for r in ckpt.rates if r >= self._serving() and
                                within_floor(ckpt, r, self.max_kl)]
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "created": 0,
                                                          "owned_by": "elastiq"} for n in names]})
@@ -441,7 +479,8 @@ class Server:
             "requests_served": self.served, "requests_waiting": max(self.admitted - 1, 0), "switches": self.switches,
             "tokens_generated": self.tokens,
             "tokens_per_second": self.tokens / self.decode_s if self.decode_s else 0.0,
-            "last_tokens_per_second": self.last_tok_s})
+            "last_tokens_per_second": self.last_tok_s,
+            "governor": None if self.governor is None else self.governor.status()})
 
 
 def _http_error(request: Request, err: HTTPException) -> JSONResponse:

@@ -21,7 +21,10 @@ import torch
 
 from elastiq.runtime.chat import reply, stop_ids, template_ids
 from elastiq.runtime.engine import Engine
+from elastiq.runtime.floor import DEFAULT_MAX_KL
 from elastiq.runtime.generate import Sampling
+from elastiq.runtime.governor import Governor, memory_pressure, model_needs
+from elastiq.runtime.memory import FreeMemory
 from elastiq.runtime.serve import Limits, Server, visible
 from conftest import build_tiny
 
@@ -301,6 +304,76 @@ def test_visible_text_holds_back_what_may_start_a_stop_string():
     assert visible("Hello wor", ["world"]) == (6, False)
     assert visible("Hello world!", ["world", "lo"]) == (3, True)
     assert visible("Hello", []) == (5, False)
+
+
+class Device:
+    """A test double of the free-memory probe: a device with ``room`` bytes for the model, of which
+    the engine's current rate holds its predicted share."""
+
+    def __init__(self, engine: Engine, needs: dict[float, int], room: int):
+        self.engine, self.needs, self.room = engine, needs, room
+
+    def __call__(self) -> FreeMemory:
+        return FreeMemory(max(self.room - self.needs[self.engine.rate], 0), "a test device")
+
+
+def _until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_governor_shrinks_under_pressure_and_grows_back(engine, reference, monkeypatch):
+    needs = model_needs(engine, DEFAULT_MAX_KL)
+    assert sorted(needs) == [0.0, 0.15] and needs[0.15] < needs[0.0]  # 0.35 is below the floor
+    plenty, tight = 10 * needs[0.0], (needs[0.0] + needs[0.15]) / 2 / 0.9  # tight: 0.15 fits, 0.0 does not
+    device = Device(engine, needs, plenty)
+    run = Running(Server(engine, Limits(max_tokens=40), governor=Governor(needs, 0.0, device, hold_s=0.5,
+                                                                         interval_s=0.05)))
+    status = lambda: httpx.get(run.url + "/v1/elastiq/status").json()  # noqa: E731
+    try:
+        client = run.client()
+        assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4).model_extra[
+            "elastiq"] == {"rate": 0.0}
+        # a drop while a request streams: it goes on at the new rate, from the next token, to its end
+        monkeypatch.setattr(run.server, "stops", [])
+        _slow(engine, monkeypatch, 0.02)
+        stream = iter(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, stream=True,
+                                                stream_options={"include_usage": True}))
+        next(stream)
+        device.room = tight
+        chunks = list(stream)
+        assert chunks[-1].usage.completion_tokens == 40 and chunks[-2].model_extra["elastiq"] == {"rate": 0.15}
+        monkeypatch.undo()
+        # after the switch, the same answer as a fresh engine at that rate
+        got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16)
+        assert got.model_extra["elastiq"] == {"rate": 0.15}
+        assert got.choices[0].message.content == _expected_chat(reference, 0.15, 16)
+        with pytest.raises(openai.BadRequestError, match="less pruned than the rate 0.15 this server runs"):
+            client.chat.completions.create(model="tiny@0.0", messages=MESSAGES)
+        # no rate fits: new requests get 503 with the reason
+        device.room = 0
+        _until(lambda: status()["governor"]["starved"])
+        answer = httpx.post(run.url + "/v1/completions", json={"prompt": PROMPT})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "memory_pressure"
+        assert "no rate fits" in answer.json()["error"]["message"] and answer.headers["retry-after"] == "1"
+        # memory comes back: after the hold-off, the rate grows back, and answers equal rate 0's
+        device.room = plenty
+        start = time.monotonic()
+        _until(lambda: status()["rate"] == 0.0)
+        assert time.monotonic() - start >= 0.4
+        got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16)
+        assert got.choices[0].message.content == _expected_chat(reference, 0.0, 16)
+        assert status()["governor"]["moves"] == 2 and status()["switches"] == 2
+    finally:
+        run.stop()
+
+
+def test_memory_pressure_is_read_from_linux_psi(tmp_path):
+    (tmp_path / "memory").write_text("some avg10=12.50 avg60=1.00 avg300=0.00 total=5\n"
+                                     "full avg10=3.00 avg60=0.00 avg300=0.00 total=1\n")
+    assert memory_pressure(tmp_path / "memory") == 0.125 and memory_pressure(tmp_path / "none") is None
 
 
 def test_the_serve_command_answers_and_stops_on_sigterm(ckpt_path, tmp_path):
