@@ -47,14 +47,15 @@ def memory_pressure(path: Path = PRESSURE) -> float | None:
 
 
 class Governor:
-    """The target rate among ``needs`` (rate -> predicted model bytes, ``allowed`` rates only:
+    """The target rate among ``needs`` (rate -> predicted model bytes, of the rates it may run:
     offered and within the quality floor), starting at ``rate``, from ``probe``'s free memory every
-    ``interval_s``; ``on_change(rate)`` is called from the governor's thread when the target moves."""
+    ``interval_s``. ``on_change(rate)``, set by the server, is called from the governor's thread when
+    the target moves."""
 
     def __init__(self, needs: dict[float, int], rate: float, probe: Callable[[], FreeMemory],
-                 on_change: Callable[[float], None] = lambda _: None, margin: float = SAFETY_MARGIN,
-                 hold_s: float = 10.0, interval_s: float = 0.25):
-        self.needs, self.rate, self.probe, self.on_change = dict(needs), rate, probe, on_change
+                 margin: float = SAFETY_MARGIN, hold_s: float = 10.0, interval_s: float = 0.25):
+        self.needs, self.rate, self.probe = dict(needs), rate, probe
+        self.on_change: Callable[[float], None] = lambda _: None
         self.margin, self.hold_s, self.interval_s = margin, hold_s, interval_s
         self.free: FreeMemory | None = None
         self.pressure: float | None = None

@@ -118,6 +118,8 @@ def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = No
             raise ApiError(400, f"'{name}' is required", param=name, code="missing_field")
         return default
     ok = isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and ok and not math.isfinite(value):
+        ok = False  # JSON's NaN and Infinity, which Python's parser accepts
     if not ok:
         what = " or ".join(_TYPES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)[:40]}", param=name,
@@ -260,9 +262,11 @@ class Server:
             raise ApiError(400, "'stop' must be a string or up to 4 non-empty strings", param="stop",
                            code="invalid_type")
         d = self.defaults
-        temperature = _get(body, "temperature", float, d.temperature)
+        temperature, seed = _get(body, "temperature", float, d.temperature), _get(body, "seed", int, d.seed)
+        if not -2**63 <= seed < 2**64:
+            raise ApiError(400, f"seed must be a 64-bit integer, got {seed}", param="seed", code="invalid_value")
         try:
-            sampling = Sampling(temperature, _get(body, "top_k", int, d.top_k), _get(body, "seed", int, d.seed),
+            sampling = Sampling(temperature, _get(body, "top_k", int, d.top_k), seed,
                                 _get(body, "top_p", float, d.top_p))
         except ElastiqError as err:
             raise ApiError(400, str(err), code="invalid_value") from None
@@ -288,7 +292,8 @@ class Server:
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):  # content parts: the text ones are kept
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                content = "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+                                  and isinstance(p.get("text"), str))
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
                 raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and a string 'content'",
                                param=f"messages[{i}]", code="invalid_type")
