@@ -72,11 +72,18 @@ def test_readme_first_command_answers_in_a_bare_clone(alone, tmp_path):
     assert Path(where[0]).is_relative_to(alone) and Path(where[1]) == alone / "elastiq" / "data"
 
 
-def test_wheel_carries_the_data(alone, tmp_path):
-    """A built wheel (what a non-editable ``pip install .`` installs) holds the data and its README."""
+def test_wheel_carries_the_data_and_every_module(alone, tmp_path):
+    """A built wheel (what a non-editable ``pip install .`` installs) holds the data and its README,
+    and every module of every package folder (a sub-package missing from pyproject's list is not)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q",
                     "-w", str(tmp_path), "."], cwd=alone, check=True, timeout=900)
     wheel, = tmp_path.glob("elastiq-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     data = {str(p.relative_to(alone)) for p in (alone / "elastiq" / "data").rglob("*") if p.is_file()}
     assert len(data) == 9 and data <= names
+    import tomllib
+
+    folders = tomllib.loads((alone / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    modules = {f"{package.replace('.', '/')}/{py.relative_to(alone / folder)}" for package, folder in folders.items()
+               for py in (alone / folder).rglob("*.py") if package != "elastiq" or py.parent == alone / "elastiq"}
+    assert modules and modules <= names, sorted(modules - names)
