@@ -343,7 +343,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
-                        help="a checkpoint folder, or a model name whose cached checkpoint to use (default smollm2-135m)")
+                        help="a checkpoint folder, or a model name whose cached checkpoint to use "
+                             "(default smollm2-135m)")
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/elastiq-fuzz"))

@@ -281,8 +281,7 @@ class Checkpoint:
         self.groups = [Group.from_dict(g) for g in self.manifest["groups"]]
         self.tensors: dict[str, dict] = self.manifest["tensors"]
         self.bytes_read = 0
-        self._offsets = {name: (data_start + header[name]["data_offsets"][0], data_start + header[name]["data_offsets"][1])
-                         for name in self.tensors}
+        self._offsets = {name: tuple(data_start + o for o in header[name]["data_offsets"]) for name in self.tensors}
         self._parts = self._stored_parts()
 
     @property

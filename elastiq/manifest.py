@@ -23,6 +23,7 @@ import torch
 
 from . import ElastiqError
 from .layouts import Layout
+from .quants import BLOCK, FORMATS
 
 FORMAT = "elastiq-nested-checkpoint"
 DIGEST, FILES = "manifest_sha256", "files"  # version 3's integrity fields
@@ -180,8 +181,9 @@ def _field(d: Mapping, key: str, where: str, ok: Callable[[Any], bool], expected
 def _only(d: Mapping, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(k for k in d if k not in allowed)
     if unknown:
-        raise CheckpointError(f"{f'manifest field {where}' if where else 'the manifest'} has unknown field(s) {', '.join(map(repr, unknown))}; "
-                            f"known: {', '.join(allowed)}")
+        what = f"manifest field {where}" if where else "the manifest"
+        raise CheckpointError(f"{what} has unknown field(s) {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(allowed)}")
 
 
 # --- the manifest ---------------------------------------------------------------------------------
@@ -191,12 +193,12 @@ def validate_top(manifest: Any, versions: tuple[int, ...]) -> int:
     format, a known ``format_version``, its fields and (version 3) its own sha256; returns the version."""
     if not isinstance(manifest, dict):
         raise CheckpointError(f"the manifest is {_show(manifest)}; expected a JSON object with the fields "
-                            f"{', '.join(_TOP)}")
+                              f"{', '.join(_TOP)}")
     version = manifest.get("format_version")
     if not _is_int(version) or version not in versions:
         raise CheckpointError(f"format version {_show(version)}; this elastiq reads versions "
-                            f"{', '.join(map(str, versions[:-1]))} and {versions[-1]}: rebuild it with `elastiq "
-                            "compress` (and `elastiq quantize`), or read it with the elastiq that wrote it")
+                              f"{', '.join(map(str, versions[:-1]))} and {versions[-1]}: rebuild it with `elastiq "
+                              "compress` (and `elastiq quantize`), or read it with the elastiq that wrote it")
     _field(manifest, "format", "", lambda v: v == FORMAT, json.dumps(FORMAT))
     _only(manifest, _TOP + ((DIGEST, FILES) if version >= 3 else ()), "")
     if version >= 3:
@@ -204,7 +206,7 @@ def validate_top(manifest: Any, versions: tuple[int, ...]) -> int:
                           "64 lowercase hex digits")
         if recorded != digest(manifest):
             raise CheckpointError("manifest.json fails its sha256 check: its contents are not what was written "
-                                "(damaged in transfer or edited); copy the checkpoint again or rebuild it")
+                                  "(damaged in transfer or edited); copy the checkpoint again or rebuild it")
         _field(manifest, FILES, "", lambda v: isinstance(v, dict) and all(
             isinstance(k, str) and re.fullmatch(r"[\w.-]+", k) and k not in (".", "..", "manifest.json",
                                                                            "weights.safetensors")
@@ -282,8 +284,6 @@ def _source(source: Any) -> None:
 
 
 def _quantization(quant: Any) -> None:
-    from .quants import BLOCK, FORMATS
-
     if quant is None:
         return
     if not isinstance(quant, dict):
@@ -321,8 +321,6 @@ def _groups(groups: Any) -> dict[str, dict]:
 
 def _entry(name: str, e: dict, groups: Mapping[str, dict], header: Mapping, data_start: int, file_size: int,
            version: int, dtypes: Mapping[str, torch.dtype]) -> None:
-    from .quants import FORMATS
-
     where = f"tensors[{name!r}]"
     _only(e, _ENTRY + (("role",) if version == 1 else ()), where)
     dtype = _field(e, "dtype", where, _in(dtypes), f"one of {', '.join(dtypes)}")
@@ -358,15 +356,15 @@ def _entry(name: str, e: dict, groups: Mapping[str, dict], header: Mapping, data
         raise CheckpointError(f"tensor {name} is in the manifest but not in weights.safetensors")
     if stored.get("dtype") != dtype or stored.get("shape") != storage:
         raise CheckpointError(f"tensor {name}: weights.safetensors stores {_show(stored.get('dtype'))} "
-                            f"{_show(stored.get('shape'))}, the manifest says {dtype} {storage}")
+                              f"{_show(stored.get('shape'))}, the manifest says {dtype} {storage}")
     offsets = stored.get("data_offsets")
     size = math.prod(storage) * torch.empty((), dtype=dtypes[dtype]).element_size()
     if not (_ints(offsets, 0, 2 ** 62) and len(offsets) == 2 and offsets[1] - offsets[0] == size):
         raise CheckpointError(f"tensor {name}: weights.safetensors gives data_offsets {_show(offsets)}; "
-                            f"expected a range of {size} bytes")
+                              f"expected a range of {size} bytes")
     if data_start + offsets[1] > file_size:
-        raise CheckpointError(f"weights.safetensors is truncated: tensor {name} ends at byte {data_start + offsets[1]}, "
-                            f"the file has {file_size}")
+        raise CheckpointError(f"weights.safetensors is truncated: tensor {name} ends at byte "
+                              f"{data_start + offsets[1]}, the file has {file_size}")
 
 
 def _layout(layout: dict, shape: list[int], storage: list[int], where: str) -> None:
@@ -393,7 +391,7 @@ def _parts(tensors: Mapping[str, dict]) -> dict[str, dict[str, dict]]:
     for name, p in parts.items():
         if set(p) not in ({""}, {"codes", "scales"}):
             raise CheckpointError(f"tensor {name} is stored as part(s) {sorted(p)}; expected one float tensor, or "
-                                "'codes' and 'scales'")
+                                  "'codes' and 'scales'")
         if "codes" in p:
             codes, scales = p["codes"], p["scales"]
             same = ("format", "group", "unit_channels")
@@ -402,8 +400,8 @@ def _parts(tensors: Mapping[str, dict]) -> dict[str, dict[str, dict]]:
             dtype, width = _CODES[codes.get("format", "q4_0")]
             if (codes["dtype"], codes["shape"][-1], scales["dtype"], len(scales["shape"])) != (dtype, width, "F16", 2):
                 raise CheckpointError(f"tensor {name}: {codes.get('format', 'q4_0')} codes are {dtype} [out, in/32, "
-                                    f"{width}] and scales F16 [out, in/32]; the manifest says {codes['dtype']} "
-                                    f"{codes['shape']} and {scales['dtype']} {scales['shape']}")
+                                      f"{width}] and scales F16 [out, in/32]; the manifest says {codes['dtype']} "
+                                      f"{codes['shape']} and {scales['dtype']} {scales['shape']}")
     return parts
 
 
@@ -418,7 +416,7 @@ def _members(groups: Mapping[str, dict], tensors: Mapping[str, dict], parts: Map
         for e in p.values():
             if e["group"] != member_of.get(name):
                 raise CheckpointError(f"tensor {name} says group {_show(e['group'])}; the groups make it a member of "
-                                    f"{_show(member_of.get(name))}")
+                                      f"{_show(member_of.get(name))}")
 
 
 def _widths(row: dict, where: str, groups: Mapping[str, dict], tensors: Mapping[str, dict]) -> dict[str, int]:
@@ -433,7 +431,7 @@ def _widths(row: dict, where: str, groups: Mapping[str, dict], tensors: Mapping[
             w, channels = widths[e["group"]], e.get("unit_channels", 1)
             if w % channels or (w // channels not in [s[0] for s in e["segments"]]):
                 raise CheckpointError(f"{where}: tensor {name} cannot be cut to width {w} of group {e['group']} "
-                                    "on its segment ends")
+                                      "on its segment ends")
     return widths
 
 
