@@ -309,19 +309,19 @@ class Checkpoint:
     def _read_header(self) -> tuple[dict, int, int]:
         """The safetensors header of the weights file, where its data starts, and the file's size."""
         if not self._weights.is_file():
-            raise CheckpointError(f"{self._weights} is missing")
+            raise CheckpointError(f"{WEIGHTS} is missing")
         size = self._weights.stat().st_size
         with open(self._weights, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{self._weights} is truncated (no safetensors header)")
+                raise CheckpointError(f"{WEIGHTS} is truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, MAX_MANIFEST):
-                raise CheckpointError(f"{self._weights} has a corrupted safetensors header: it claims {n} bytes of "
+                raise CheckpointError(f"{WEIGHTS} has a corrupted safetensors header: it claims {n} bytes of "
                                       f"header in a file of {size}")
-            header = _parse_json(f.read(n), f"{self._weights} has a corrupted safetensors header")
+            header = _parse_json(f.read(n), f"{WEIGHTS} has a corrupted safetensors header")
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self._weights} has a corrupted safetensors header (not a JSON object)")
+            raise CheckpointError(f"{WEIGHTS} has a corrupted safetensors header (not a JSON object)")
         return header, 8 + n, size
 
     def _check_files(self) -> None:
