@@ -1,10 +1,14 @@
-"""First runs: a model is compressed into the cache once, even when two processes ask at once."""
+"""First runs: a model is compressed into the cache once, even when two processes (two runs, two
+servers) ask at once."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 from elastiq.checkpoint import Checkpoint
 
@@ -30,3 +34,43 @@ def test_two_first_runs_at_once_compress_once(tiny_dirs, tmp_path):
     assert ckpt.manifest["quantization"]["format"] == "q4_0"
     cached = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
     assert cached == [ckpt.path.name, ckpt.path.name + ".lock"]  # no float intermediate, nothing half-written
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_servers_started_at_once_on_an_empty_cache_both_answer(tiny_dirs, tmp_path):
+    """Two `elastiq serve MODEL` on an empty cache: one compresses, the other waits on the lock,
+    and both then serve the one cached checkpoint."""
+    import httpx
+
+    env = {**os.environ, "ELASTIQ_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    ports = [_free_port(), _free_port()]
+    procs = [subprocess.Popen([sys.executable, "-m", "elastiq", "serve", str(tiny_dirs["llama"]), "--port", str(port),
+                               "--ctx", "64", "--max-new-tokens", "3", "--max-kl", "inf"], env=env, cwd=tmp_path,
+                              stderr=subprocess.PIPE, text=True) for port in ports]
+    try:
+        answers, deadline = {}, time.monotonic() + 600
+        while len(answers) < 2:
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+                [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            for port in set(ports) - set(answers):
+                try:
+                    answers[port] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                               json={"prompt": "The capital of France is", "max_tokens": 3}).json()
+                except httpx.TransportError:
+                    time.sleep(0.5)
+        assert all(a["usage"]["completion_tokens"] >= 1 for a in answers.values())
+        assert len({a["choices"][0]["text"] for a in answers.values()}) == 1  # one checkpoint, greedy
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=60)[1] for p in procs]
+    assert sum("compressing it once" in log for log in logs) == 1
+    assert sum("another elastiq process is compressing" in log for log in logs) == 1, logs
+    assert all("Traceback" not in log for log in logs)
+    cached = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
+    assert len(cached) == 2 and cached[1] == cached[0] + ".lock"  # one checkpoint, nothing half-written
