@@ -32,11 +32,17 @@ CALIB = ["--calib-samples", "4", "--calib-seqlen", "32"]
 RECOVER = ["--steps", "3", "--save-every", "1", "--batch", "1", "--seqlen", "16", "--samples", "2", "--no-bf16"]
 
 DRIVER = r"""
-import json, os, resource, sys, traceback
+import json, os, resource, signal, sys, traceback
 from contextlib import redirect_stderr
 from io import StringIO
 
 from elastiq.cli import main
+
+# A child inherits its parent's blocked signals and ignored ones (a native library in the pytest
+# process may block SIGINT on its main thread; a shell's background job ignores it): undo both, so
+# that the Ctrl-C this driver sends itself raises KeyboardInterrupt whatever ran before.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod"}
 fault, count = None, 0  # [signal, folder, final path or None, k]
