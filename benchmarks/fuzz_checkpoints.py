@@ -241,12 +241,10 @@ def run_command(args: list[str], out: Path | None) -> tuple[str, str]:
     return "ok", stdout.getvalue()
 
 
-def read_ranges(good: Path, rate: float) -> list[tuple[int, int]]:
-    """The byte ranges of the weights file that loading ``rate`` reads (and hashes)."""
-    from elastiq.checkpoint import Checkpoint
+def read_ranges(ckpt, rate: float) -> list[tuple[int, int]]:
+    """The byte ranges of the weights file that loading ``rate`` of ``ckpt`` reads (and hashes)."""
     from elastiq.manifest import TORCH_DTYPES, kept_units, unit_bytes
 
-    ckpt = Checkpoint(good)
     widths = ckpt.rate_entry(rate)["widths"]
     out = []
     for name, e in ckpt.tensors.items():
@@ -262,7 +260,7 @@ def fuzz(good: Path, cases: int, seed: int, work: Path, kinds: tuple[str, ...] =
 
     ckpt = Checkpoint(good)
     rates = (ckpt.rates[0], ckpt.rates[-1])
-    reads = {"run": read_ranges(good, rates[0]), "export": read_ranges(good, rates[1]), "inspect": []}
+    reads = {"run": read_ranges(ckpt, rates[0]), "export": read_ranges(ckpt, rates[1]), "inspect": []}
     reference = {}
     for command in COMMANDS:
         out = work / f"reference.{command}.gguf"
@@ -291,7 +289,24 @@ def fuzz(good: Path, cases: int, seed: int, work: Path, kinds: tuple[str, ...] =
             if outcome in ("traceback",) or (outcome == "ran, differs" and kind != REHASHED):
                 log(f"case {i} {kind} ({case.what}) {command}: {outcome}: {output[:300]}")
         shutil.rmtree(dst.parent)
-    return {"rows": rows, "counts": count(rows)}
+    return {"rows": rows, "counts": count(rows), "rates": list(rates)}
+
+
+def summary(result: dict) -> dict:
+    """What a run's JSON and table keep: the counts, the flipped bytes read and caught, the first
+    error of each kind of damage and command, and every command that ran with another output or
+    gave a traceback (the seed regenerates the rest)."""
+    rows = result["rows"]
+    flips = [r for r in rows if r["kind"] == "data byte" and r["in_read"]]
+    samples = {}
+    for r in rows:
+        if r["outcome"] == "error":
+            samples.setdefault((r["kind"], r["command"]), r)
+    return {**{k: v for k, v in result.items() if k != "rows"}, "commands": len(rows),
+            "flips_read": len(flips),
+            "flips_caught": sum(r["outcome"] == "error" and "sha256" in r["message"] for r in flips),
+            "error_samples": list(samples.values()),
+            "other": [r for r in rows if r["outcome"] in ("ran, differs", "traceback")]}
 
 
 def count(rows: list[dict]) -> dict:
@@ -303,33 +318,28 @@ def count(rows: list[dict]) -> dict:
     return {k: {c: dict(v) for c, v in cmds.items()} for k, cmds in out.items()}
 
 
-def markdown(result: dict, command: str, seconds: float) -> str:
-    rows = result["rows"]
+def markdown(result: dict, command: str) -> str:
+    """The table of a run's ``summary``."""
     lines = [f"Command: `{command}`", "",
              f"{result['cases']} damaged copies of `{result['checkpoint']}` (seed {result['seed']}), each through "
              f"`inspect`, `run` (rate {result['rates'][0]}, which reads every stored byte) and `export` (GGUF at rate "
-             f"{result['rates'][1]}, which reads a prefix of each pruned tensor): {len(rows)} commands in "
-             f"{seconds / 60:.0f} min. `ran, differs` on damage that is not re-hashed would be a silent run of "
-             "corrupted data; on a re-hashed manifest it is the run of what the edited manifest says.", "",
+             f"{result['rates'][1]}, which reads a prefix of each pruned tensor): {result['commands']} commands in "
+             f"{result['seconds'] / 60:.0f} min. `ran, differs` on damage that is not re-hashed would be a silent run "
+             "of corrupted data; on a re-hashed manifest it is the run of what the edited manifest says.", "",
              "| damage | commands | clean error | ran, same output | ran, other output | traceback |",
              "|---|---|---|---|---|---|"]
     for kind in KINDS:
-        mine = [r for r in rows if r["kind"] == kind]
-        if not mine:
-            continue
-        c = Counter(r["outcome"] for r in mine)
-        lines.append(f"| {kind} | {len(mine)} | {c['error']} | {c['ran, same']} | {c['ran, differs']} | "
-                     f"**{c['traceback']}** |")
-    flips = [r for r in rows if r["kind"] == "data byte" and r["in_read"]]
-    caught = sum(r["outcome"] == "error" and "sha256" in r["message"] for r in flips)
-    lines += ["", f"Flipped data bytes inside what the command reads: {len(flips)}, of which {caught} failed their "
-              "sha256 check.", "", "A sample of the error messages (one per kind of damage and command):", ""]
-    seen = set()
-    for r in rows:
-        if r["outcome"] == "error" and (r["kind"], r["command"]) not in seen:
-            seen.add((r["kind"], r["command"]))
-            lines.append(f"- {r['kind']}, `{r['command']}` ({r['damage']}): {r['message'][:200]}")
-    bad = [r for r in rows if r["outcome"] == "traceback" or (r["outcome"] == "ran, differs" and r["kind"] != REHASHED)]
+        c = Counter()
+        for outcomes in result["counts"].get(kind, {}).values():
+            c.update(outcomes)
+        if c:
+            lines.append(f"| {kind} | {c.total()} | {c['error']} | {c['ran, same']} | {c['ran, differs']} | "
+                         f"**{c['traceback']}** |")
+    lines += ["", f"Flipped data bytes inside what the command reads: {result['flips_read']}, of which "
+              f"{result['flips_caught']} failed their sha256 check.", "",
+              "A sample of the error messages (one per kind of damage and command):", ""]
+    lines += [f"- {r['kind']}, `{r['command']}` ({r['damage']}): {r['message'][:200]}" for r in result["error_samples"]]
+    bad = [r for r in result["other"] if r["outcome"] == "traceback" or r["kind"] != REHASHED]
     if bad:
         lines += ["", "Failures:", ""] + [f"- {r['kind']}, `{r['command']}` ({r['damage']}): {r['outcome']} "
                                           f"{(r['message'] or '')[:200]}" for r in bad]
@@ -356,13 +366,10 @@ def main() -> None:
     args.work.mkdir(parents=True)
     start = time.perf_counter()
     result = fuzz(good, args.cases, args.seed, args.work, log=lambda line: print(line, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - start
-    from elastiq.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(good)
-    result.update(checkpoint=good.name, cases=args.cases, seed=args.seed, rates=[ckpt.rates[0], ckpt.rates[-1]],
-                  seconds=round(seconds), command=command_line())
-    save_results(args.output, result, markdown(result, command_line(), seconds))
+    result.update(checkpoint=good.name, cases=args.cases, seed=args.seed, seconds=round(time.perf_counter() - start),
+                  command=command_line())
+    kept = summary(result)
+    save_results(args.output, kept, markdown(kept, command_line()))
 
 
 if __name__ == "__main__":

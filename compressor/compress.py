@@ -111,6 +111,6 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
             del model, tensors, loaded
             t = time.perf_counter()
             ckpt = Checkpoint(staged)  # the sorted model at rate 0 is the source model: the dense reference
-            record_quality(staged, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
+            record_quality(ckpt, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output

@@ -147,7 +147,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         if len(heldout):
             del model, weights, tensors, quantized, hidden
             t = time.perf_counter()
-            record_quality(staged, rate_quality(Checkpoint(staged), ckpt.read_rate(0.0), heldout, progress))
+            written = Checkpoint(staged)
+            record_quality(written, rate_quality(written, ckpt.read_rate(0.0), heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output
 

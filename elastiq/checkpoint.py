@@ -171,18 +171,18 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def record_quality(path: Path, quality: Mapping[float, Mapping[str, float]]) -> None:
-    """Fill the rate table's ``quality`` of the checkpoint at ``path`` (measured once it was
-    written, by reading it back); the manifest is replaced whole, so a reader sees it before or after."""
-    ckpt = Checkpoint(path)
-    if ckpt.manifest["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {ckpt.manifest['format_version']}; quality is recorded "
-                              f"in checkpoints of version {FORMAT_VERSION}, as elastiq writes them now")
+def record_quality(ckpt: Checkpoint, quality: Mapping[float, Mapping[str, float]]) -> None:
+    """Fill the rate table's ``quality`` of the open checkpoint ``ckpt`` (measured once it was
+    written, by reading it back), in memory and on disk; the manifest is replaced whole, so a reader
+    sees it before or after."""
     manifest = ckpt.manifest
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt.path} has format version {manifest['format_version']}; quality is recorded "
+                              f"in checkpoints of version {FORMAT_VERSION}, as elastiq writes them now")
     for row in manifest["rates"]:
         if row["rate"] in quality:
             row["quality"] = dict(quality[row["rate"]])
-    write_text(Path(path) / MANIFEST, _manifest_text(manifest))
+    write_text(ckpt.path / MANIFEST, _manifest_text(manifest))
 
 
 def _dedupe(tensors: Mapping[str, torch.Tensor | Quantized]) -> tuple[dict, dict[str, str]]:

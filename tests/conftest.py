@@ -89,6 +89,25 @@ def build_tiny(family: str, tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32).eval()
 
 
+def context_dependent(family: str, tokenizer, folder: Path) -> Path:
+    """A tiny model of ``family`` saved (with ``tokenizer``) in ``folder``, whose greedy output
+    depends on the context: at transformers' initialisation (std 0.02) a 2-layer model repeats one
+    token, and agreeing on it would say nothing. Here the blocks have unit gain (std 1/sqrt(fan-in),
+    biases std 0.1) and the (tied) embeddings are small, so that a token's own embedding does not
+    dominate its logits; the final norm's weight of 20 brings the logits to a spread of about +-25."""
+    model = build_tiny(family, tokenizer, seed=5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif p.dim() == 2:
+                p.normal_(0, 0.05 if "embed" in name else p.shape[1] ** -0.5)
+        model.model.norm.weight.fill_(20)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
     return build_tiny("llama", tokenizer)

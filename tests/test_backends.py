@@ -25,7 +25,7 @@ from elastiq.runtime.generate import Generator, Sampling
 from elastiq.runtime.memory import predict_footprint
 from elastiq.runtime.plan import plan_rate
 from elastiq.modeling.model import Transformer
-from conftest import TEXT, build_tiny, reseal
+from conftest import TEXT, context_dependent, reseal
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime")
@@ -48,15 +48,8 @@ def checkpoints(tokenizer, data_dir, tmp_path_factory) -> dict[str, Checkpoint]:
     """A tiny Llama whose greedy output depends on the context (unit-gain blocks, small tied
     embeddings, a final norm of 20: see test_export_gguf), as a float and a 4-bit (RTN) checkpoint,
     and 4-bit with an 8-bit embedding."""
-    model = build_tiny("llama", tokenizer, seed=5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05 if "embed" in name else p.shape[1] ** -0.5)
-        model.model.norm.weight.fill_(20)
     root = tmp_path_factory.mktemp("backends")
-    model.save_pretrained(root / "src")
-    tokenizer.save_pretrained(root / "src")
+    context_dependent("llama", tokenizer, root / "src")
     # Unmeasured quality: this model is built for context-dependent greedy output, and its pruned rates are
     # far from it; the quality floor is tested in test_runtime.
     options = CompressOptions(rates=RATES[1:], calib_samples=4, calib_seqlen=32, quality_windows=0)

@@ -179,8 +179,8 @@ def test_quality_floor_keeps_a_broken_rate_from_being_chosen(nested_checkpoints,
 
     path = shutil.copytree(nested_checkpoints["llama-q4"].path, tmp_path / "floor.elastiq")
     measured = {0.0: 0.02, 0.15: 0.2, 0.35: 1.5}
-    record_quality(path, {r: {"heldout_ppl": 10.0 + kl, "kl_mean": kl, "kl_p99": 3 * kl, "top1_agreement": 0.9 - kl / 2,
-                              "tokens": 100} for r, kl in measured.items()})
+    record_quality(Checkpoint(path), {r: {"heldout_ppl": 10.0 + kl, "kl_mean": kl, "kl_p99": 3 * kl,
+                                          "top1_agreement": 0.9 - kl / 2, "tokens": 100} for r, kl in measured.items()})
     ckpt = Checkpoint(path)
     base = 300 * 2**20
     totals = {f.rate: f.total for f in plan_rate(ckpt, 0.0, 64, torch.bfloat16, True, baseline=base).footprints}

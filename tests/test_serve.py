@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 
 from elastiq.runtime.chat import reply, stop_ids, template_ids
 from elastiq.runtime.engine import Engine
@@ -26,7 +25,7 @@ from elastiq.runtime.generate import Sampling
 from elastiq.runtime.governor import Governor, memory_pressure, model_needs
 from elastiq.runtime.memory import FreeMemory
 from elastiq.runtime.serve import Limits, Server, visible
-from conftest import build_tiny
+from conftest import context_dependent
 
 CTX = 128
 MESSAGES = [{"role": "user", "content": "Robert Boulter is an English film actor ."}]
@@ -37,25 +36,19 @@ PROMPT = "He had a guest role in 2000 ."
 def ckpt_path(tokenizer, data_dir, tmp_path_factory):
     """A tiny 4-bit (RTN) Llama offering rates 0, 0.15 and 0.35, whose greedy output depends on the
     context (test_backends' weights); its recorded quality puts rate 0.35 below the floor."""
-    from elastiq.checkpoint import record_quality
+    from elastiq.checkpoint import Checkpoint, record_quality
     from elastiq.compressor.compress import CompressOptions, compress
     from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 
-    model = build_tiny("llama", tokenizer, seed=5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05 if "embed" in name else p.shape[1] ** -0.5)
-        model.model.norm.weight.fill_(20)
     root = tmp_path_factory.mktemp("serve")
-    model.save_pretrained(root / "src")
-    tokenizer.save_pretrained(root / "src")
+    context_dependent("llama", tokenizer, root / "src")
     options = CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=32, quality_windows=0)
     float_path = compress(root / "src", root / "f.elastiq", options, data=data_dir, progress=False)
     path = quantize_checkpoint(float_path, root / "tiny.elastiq", QuantizeOptions(method="rtn", quality_windows=0),
                                data=data_dir, progress=False)
-    record_quality(path, {r: {"heldout_ppl": 10.0 + kl, "kl_mean": kl, "kl_p99": 3 * kl, "top1_agreement": 0.9,
-                              "tokens": 100} for r, kl in {0.0: 0.02, 0.15: 0.2, 0.35: 1.5}.items()})
+    measured = {0.0: 0.02, 0.15: 0.2, 0.35: 1.5}
+    record_quality(Checkpoint(path), {r: {"heldout_ppl": 10.0 + kl, "kl_mean": kl, "kl_p99": 3 * kl,
+                                          "top1_agreement": 0.9, "tokens": 100} for r, kl in measured.items()})
     return path
 
 
