@@ -30,6 +30,31 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a thread count is a whole number, 1 or more (default: the cores this "
+                                         f"process may use); got {text!r}")
+    return value
+
+
+def _use_threads(args: argparse.Namespace) -> str:
+    """Set the run's thread count, --threads or else the cores the process may use (affinity, cgroup
+    CPU quota), for every backend; says how many and why, for the log."""
+    from .runtime.threads import set_threads, usable_cores
+
+    cores, source = usable_cores()
+    if args.threads is not None and args.threads > cores:
+        _log(f"elastiq: warning: --threads {args.threads} is more than the {cores} cores this process may use "
+             f"({source}); the threads will take turns on them")
+    threads = args.threads or cores
+    set_threads(threads)
+    return f"{threads} thread{'s' if threads != 1 else ''} ({'--threads' if args.threads else source})"
+
+
 def _open_engine(args: argparse.Namespace):
     """Resolve the model argument to a checkpoint, plan its rate from free memory, and load it."""
     import torch
@@ -41,6 +66,7 @@ def _open_engine(args: argparse.Namespace):
     from .runtime.plan import plan_rate
     from .runtime.resolve import resolve_checkpoint
 
+    threads = _use_threads(args)
     ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
     checkpoint_family(ckpt)  # its config and tensors checked before anything reads them
     check_ctx(ckpt.config, args.ctx)
@@ -60,7 +86,7 @@ def _open_engine(args: argparse.Namespace):
         how = "cached" if engine.export_seconds is None else f"exported in {engine.export_seconds:.1f} s"
         _log(f"elastiq: {args.backend} runs {engine.export} ({how})")
     _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
-         f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB")
+         f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB; {threads}")
     return engine
 
 
@@ -219,6 +245,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     measures = [m.strip() for m in args.tasks.split(",") if m.strip()]
     check_measures(measures)  # before a model is loaded, or compressed
+    _use_threads(args)  # the results record torch's count
     data = Path(args.data) if args.data else None
     if args.rate is not None or args.backend is not None or (Path(args.model) / MANIFEST).is_file():
         from .checkpoint import Checkpoint
@@ -316,6 +343,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, metavar="N",
+                        help="CPU threads of every backend (torch, llama.cpp, onnxruntime); default: the cores this "
+                             "process may use, the least of its CPU affinity and its cgroup's CPU quota")
+
+
 def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     """Options shared by the commands that run a checkpoint."""
     from .compressor.wheel_models import DEFAULT_MODEL
@@ -342,6 +375,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
                         help="torch (default) runs the checkpoint itself; llama.cpp and onnxruntime run the rate's "
                              "GGUF or ONNX export, written once into NAME.elastiq.exports beside the checkpoint")
+    _add_threads_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=list(BACKENDS),
                     help="run the checkpoint on torch (default), or on its GGUF (llama.cpp) or ONNX (onnxruntime) "
                          "export of each rate, cached beside it")
+    _add_threads_arg(ev)
     ev.add_argument("--kl-reference", metavar="DENSE",
                     help="also measure, on the WikiText-2 windows, the KL divergence of each rate's next-token "
                          "distributions to this dense model (a model as above, or a checkpoint's rate 0) and how "
