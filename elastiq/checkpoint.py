@@ -227,6 +227,19 @@ def _from_storage(s: torch.Tensor, entry: Mapping) -> torch.Tensor:
     return s if layout is None else Layout.from_dict(layout).from_storage(s)
 
 
+def _form(s: torch.Tensor, entry: Mapping, unit_order: bool) -> torch.Tensor:
+    """Storage units ``s`` in the tensor's own form, its pruned axis in unit order or not."""
+    layout = entry.get("layout")
+    if layout is None or not unit_order:
+        return _from_storage(s, entry)
+    return Layout.from_dict(layout).in_unit_order(s)
+
+
+def _per_unit(entry: Mapping) -> int:
+    """Positions of a pruned axis per unit (a quantized part's input axis: blocks of 32 channels)."""
+    return entry["shape"][int(entry["layout"]["axis"])] // entry["storage_shape"][0]
+
+
 def _migrate_v1(manifest: dict, heads: Heads) -> None:
     """Read a version 1 manifest as version 2, in memory: each tensor's role name becomes its
     layout (a quantized part's ``cols_blocks`` / ``o_blocks`` is its matrix's ``cols`` / ``o``)."""
@@ -389,22 +402,64 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name} is stored as {fmt!r}; this elastiq reads {', '.join(FORMATS)}")
         return FORMATS[fmt](parts["codes"], parts["scales"])
 
-    def iter_rate(self, rate: float, verify: bool = True) -> Iterator[tuple[str, torch.Tensor | Quantized]]:
+    def iter_rate(self, rate: float, verify: bool = True,
+                  unit_order: bool = False) -> Iterator[tuple[str, torch.Tensor | Quantized]]:
         """The model at ``rate``, one tensor at a time in Hugging Face form (pruned axes cut;
         quantized matrices as ``QuantizedTensor`` or ``Q8Tensor``), reading only its bytes; an alias
         of a tied tensor comes last and is the same object as the tensor it names. Loading tensor by
-        tensor keeps one tensor's raw bytes in memory at a time."""
+        tensor keeps one tensor's raw bytes in memory at a time. With ``unit_order``, each pruned
+        axis comes in unit order (``layouts.Layout.in_unit_order``: every rate a prefix of it)."""
         widths = self.rate_entry(rate)["widths"]
         yielded = {}
         for name, stored in self._parts.items():
-            parts = {part: _from_storage(self.read_units(s, 0, kept_units(self.tensors[s], widths), verify),
-                                         self.tensors[s]) for part, s in stored.items()}
+            parts = {part: _form(self.read_units(s, 0, kept_units(self.tensors[s], widths), verify),
+                                 self.tensors[s], unit_order) for part, s in stored.items()}
             t = self._assemble(name, stored, parts)
             if name in self.manifest["aliases"].values():
                 yielded[name] = t
             yield name, t
         for alias, name in self.manifest["aliases"].items():
             yield alias, yielded[name]
+
+    def unit_axis(self, name: str) -> int | None:
+        """The pruned axis of model tensor ``name`` (None: it is not pruned)."""
+        layout = self.tensors[self._first_part(name)].get("layout")
+        return None if layout is None else int(layout["axis"])
+
+    def unit_order(self, name: str, rate: float) -> torch.Tensor | None:
+        """Where each position of model tensor ``name``'s pruned axis at ``rate``, in unit order,
+        comes from in the tensor's own order (``Layout.unit_order``); a quantized matrix's input
+        axis in channels (32 per block). None: the tensor is not pruned, or its unit order is its own."""
+        entry = self.tensors[self._first_part(name)]
+        if entry.get("layout") is None:
+            return None
+        layout = Layout.from_dict(entry["layout"])
+        length = kept_units(entry, self.rate_entry(rate)["widths"]) * _per_unit(entry)
+        order = layout.unit_order(length)
+        if torch.equal(order, torch.arange(length)):
+            return None
+        if "codes" in self._parts[name] and layout.axis == 1:
+            order = (order[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+        return order
+
+    def read_span(self, name: str, start: int, end: int, verify: bool = True) -> torch.Tensor | Quantized:
+        """Positions [start, end) of model tensor ``name``'s pruned axis in unit order (a quantized
+        matrix's input axis in channels), reading only them: what growing a held tensor from one
+        rate's width (``start``) to a wider rate's (``end``) needs."""
+        stored = self._parts[name]
+        quantized_input = "codes" in stored and self.unit_axis(name) == 1
+        parts = {}
+        for part, s in stored.items():
+            entry = self.tensors[s]
+            per_unit = _per_unit(entry) * (BLOCK if quantized_input else 1)
+            if start % per_unit or end % per_unit:
+                raise CheckpointError(f"tensor {name}: [{start}, {end}) is not whole units of {per_unit}")
+            parts[part] = _form(self.read_units(s, start // per_unit, end // per_unit, verify), entry, True)
+        return self._assemble(name, stored, parts)
+
+    def _first_part(self, name: str) -> str:
+        stored = self._parts[self.manifest["aliases"].get(name, name)]
+        return stored["codes" if "codes" in stored else ""]
 
     def shapes(self, rate: float) -> dict[str, tuple[tuple[int, ...], torch.dtype, str | None]]:
         """Each model tensor at ``rate`` without reading it: (Hugging Face shape, stored dtype,
@@ -449,33 +504,6 @@ class Checkpoint:
     def read_rate(self, rate: float, verify: bool = True) -> dict[str, torch.Tensor | Quantized]:
         """The model at ``rate`` as one dict (see ``iter_rate``)."""
         return dict(self.iter_rate(rate, verify))
-
-    def resize(self, name: str, tensor: torch.Tensor | Quantized, rate: float, new_rate: float,
-               verify: bool = True) -> torch.Tensor | Quantized:
-        """Tensor ``name`` held at ``rate`` (Hugging Face form, as ``iter_rate`` gave it) at ``new_rate``:
-        a narrower width is cut from ``tensor`` without reading the file; a wider one reads and
-        verifies only the units it lacks. Unpruned tensors come back as they are."""
-        old, new = self.rate_entry(rate)["widths"], self.rate_entry(new_rate)["widths"]
-        stored = self._parts[self.manifest["aliases"].get(name, name)]
-        held = {"codes": tensor.codes, "scales": tensor.scales} if isinstance(tensor, Quantized) else {"": tensor}
-        if set(held) != set(stored):
-            raise CheckpointError(f"tensor {name} is stored as parts {sorted(stored)}, got {sorted(held)}")
-        parts = {}
-        for part, s in stored.items():
-            entry = self.tensors[s]
-            have, want = kept_units(entry, old), kept_units(entry, new)
-            if have == want:
-                parts[part] = held[part]
-                continue
-            units = _to_storage(held[part], entry)
-            if units.shape[0] != have:
-                raise CheckpointError(f"tensor {s}: rate {rate} keeps {have} units, the tensor given has {units.shape[0]}")
-            if want < have:
-                units = units[:want]
-            else:
-                units = torch.cat((units, self.read_units(s, have, want, verify).to(units.device)))
-            parts[part] = _from_storage(units, entry)
-        return self._assemble(name, stored, parts)
 
     def tokenizer(self):
         """The tokenizer saved with the checkpoint."""

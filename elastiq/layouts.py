@@ -56,6 +56,32 @@ class Layout:
             merged *= size
         return factored.reshape(*factored.shape[:self.axis], merged, *factored.shape[self.axis + n:])
 
+    @property
+    def ndim(self) -> int:
+        """Dimensions of the tensor (its storage has one more for each factor past the first)."""
+        return len(self.perm) - len(self.split) + 1
+
+    def in_unit_order(self, s: torch.Tensor) -> torch.Tensor:
+        """The tensor of storage ``s`` (any prefix of units) in its own shape, but with its pruned
+        axis in unit order, the factors as stored: any rate's part of that axis is then a prefix,
+        which is how the runtime holds it (``unit_order`` gives where each position comes from)."""
+        n = len(self.split)
+        factors = [i for i, p in enumerate(self.perm) if self.axis <= p < self.axis + n]
+        before = sorted((i for i, p in enumerate(self.perm) if p < self.axis), key=self.perm.__getitem__)
+        after = sorted((i for i, p in enumerate(self.perm) if p >= self.axis + n), key=self.perm.__getitem__)
+        t = s.permute(*before, *factors, *after)
+        merged = 1
+        for size in t.shape[len(before):len(before) + n]:
+            merged *= size
+        return t.reshape(*t.shape[:len(before)], merged, *t.shape[len(before) + n:])
+
+    def unit_order(self, length: int) -> torch.Tensor:
+        """Where each position of the pruned axis (``length`` long) in unit order comes from:
+        position j of ``in_unit_order`` is position ``unit_order(length)[j]`` of the tensor."""
+        shape = [1] * self.ndim
+        shape[self.axis] = length
+        return self.to_storage(torch.arange(length).view(shape)).flatten()
+
     def to_dict(self) -> dict:
         return {"axis": self.axis, "split": list(self.split), "perm": list(self.perm)}
 

@@ -5,30 +5,34 @@ A checkpoint's Q4_0 matrix [N, K] (GGUF-packed codes [N, K/32, 16], fp16 scales 
 by it, and held as a ``Q4Weight``. The torch path (this module) uses torch's int4 CPU matmul,
 ``aten._weight_int4pack_mm_for_cpu``: bfloat16 activations, bf16 scales, fp32 accumulation. That
 op wants N to be a multiple of 16, and pruned q/k projections have N = heads * 2u (e.g. 486), so
-the weight is padded with zero rows to the next multiple of 16 and the output is sliced back.
+the weight is padded with zero rows to whole tiles of torch's layout (32 or 64 rows, found by
+``int4pack_tile``) and the output is sliced back; whole tiles let a held weight be cut and grown
+in place when the rate changes (``q4_layout.q4_resize``).
 ``kernels.prepare_q4`` / ``kernels.q4_linear`` pick the path; the Triton path is ``w4a16_triton``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..quants import BLOCK, PACKED, torch_int4
+from ..quants import BLOCK, PACKED
 
 INT4PACK_N = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
-REPACK_TILE = 64  # rows of the widest int4pack tile (AVX-512); smaller tiles divide it
 REPACK_BYTES = 16 << 20  # int32 codes repacked at a time
+TILES = (16, 32, 64, 128)  # row tiles torch's int4pack could use (BLOCK_N: 32 with AVX2, 64 with AVX-512)
 
 
 @dataclass(frozen=True)
 class Q4Weight:
     """A Q4_0 matrix [N, K] prepared for one path's matmul on one device.
 
-    ``path`` is "torch" (``packed``: torch's int4pack tiles of the matrix padded to N a multiple
-    of 16; ``scales``: bf16 scales-and-zeros [K/32, padded N, 2]) or "triton" (``packed``: the
+    ``path`` is "torch" (``packed``: torch's int4pack tiles of the matrix padded to whole tiles,
+    ``int4pack_rows``; ``scales``: bf16 scales-and-zeros [K/32, padded N, 2]; the padding rows hold
+    zeros, or the codes of rows a wider rate had there) or "triton" (``packed``: the
     GGUF-packed codes block-major [K/32, N, 16]; ``scales``: fp16 [K/32, N]).
     """
 
@@ -77,19 +81,72 @@ def check_q4_linear_args(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor |
 
 def prepare_int4pack(codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
     """The torch path's ``Q4Weight`` (CPU) of checked codes and scales: N padded with zero rows
-    (codes 0, scale 0) to a multiple of 16, then ``quants.torch_int4``. torch's repack takes the
-    codes as int32, 8x their packed bytes, so a large matrix is repacked in row blocks of at most
-    ``REPACK_BYTES`` of int32 codes: each a whole number of the layout's 64-row tiles, so that the
-    blocks' bytes concatenate to the whole matrix's."""
+    (codes 0, scale 0) to whole tiles of torch's layout (``int4pack_rows``), then repacked by torch."""
     N, blocks, _ = codes.shape
-    pad = -N % INT4PACK_N
-    codes = F.pad(codes.cpu(), (0, 0, 0, 0, 0, pad))
-    scales = F.pad(scales.cpu(), (0, 0, 0, pad))
-    rows = max(REPACK_TILE, REPACK_BYTES // (blocks * BLOCK * 4) // REPACK_TILE * REPACK_TILE)
-    parts = [torch_int4(codes[i:i + rows], scales[i:i + rows]) for i in range(0, N + pad, rows)]
-    packed = parts[0][0] if len(parts) == 1 else torch.cat([p for p, _ in parts])
-    scales_and_zeros = parts[0][1] if len(parts) == 1 else torch.cat([z for _, z in parts], dim=1)
-    return Q4Weight(N, blocks * BLOCK, "torch", packed, scales_and_zeros)
+    rows = int4pack_rows(N)
+    packed = pack_int4(codes.cpu(), rows)
+    return Q4Weight(N, blocks * BLOCK, "torch", packed, int4pack_scales(F.pad(scales.cpu(), (0, 0, 0, rows - N))))
+
+
+def pack_int4(codes: torch.Tensor, rows: int, offset: int = 0) -> torch.Tensor:
+    """torch's int4pack [rows, K/2] of a matrix of ``rows`` rows (whole tiles) that holds the
+    GGUF-packed ``codes`` [R, K/32, 16] at rows offset..offset+R and zero codes elsewhere. torch's
+    repack takes the codes as int32, 8x their packed bytes, so a large matrix is repacked in row
+    blocks of at most ``REPACK_BYTES`` of int32 codes, each a whole number of tiles, whose bytes
+    concatenate to the whole matrix's (``int4pack_tile`` checks that torch's layout does; without
+    a known tile, the matrix is repacked whole)."""
+    R, blocks, _ = codes.shape
+    k = blocks * BLOCK
+    tile = int4pack_tile()
+    step = rows if tile is None else max(tile, REPACK_BYTES // (k * 4) // tile * tile)
+    parts = []
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        chunk = torch.zeros(end - start, blocks, BLOCK, dtype=torch.int32)
+        lo, hi = max(start, offset), min(end, offset + R)
+        if lo < hi:  # GGUF order: byte j of a block holds codes j (low nibble) and j + 16 (high)
+            part = codes[lo - offset:hi - offset]
+            chunk[lo - start:hi - start, :, :PACKED] = part & 0x0F
+            chunk[lo - start:hi - start, :, PACKED:] = part >> 4
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.view(end - start, k), 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def int4pack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The int4 op's bf16 scales-and-zeros [K/32, N, 2] of fp16 ``scales`` [N, K/32], zeros 0, so
+    that w = (q - 8) * d exactly as Q4_0."""
+    s = scales.float().T
+    return torch.stack((s, torch.zeros_like(s)), dim=-1).to(torch.bfloat16)
+
+
+def int4pack_rows(n: int) -> int:
+    """Rows a matrix of ``n`` rows holds in the torch path: whole tiles (or whole 16s without a known tile)."""
+    step = int4pack_tile() or INT4PACK_N
+    return -(-n // step) * step
+
+
+@functools.cache
+def int4pack_tile() -> int | None:
+    """Rows of one tile of this torch build's int4pack layout, found by probing torch's own repack:
+    the smallest of ``TILES`` such that (1) a matrix's bytes are its tiles' bytes one after another,
+    (2) each tile is laid out input-channel-major, so the first k channels of every tile are the
+    repack of the first k channels, and (3) matrices whose nonzero codes lie apart repack to bytes
+    that combine by OR. A held weight is cut and grown on these three facts alone, never by
+    decoding torch's bytes; None when the layout has no such tile (then rates are changed by
+    repacking from the checkpoint's codes)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, k = 2 * TILES[-1], 4 * BLOCK
+    probe = torch.randint(0, 16, (rows, k), generator=gen, dtype=torch.int32)
+    repack = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.contiguous(), 1)  # noqa: E731
+    whole = repack(probe)
+    apart = torch.rand(rows, k, generator=gen) < 0.5
+    combined = torch.equal(repack(probe * apart) | repack(probe * ~apart), whole)
+    for tile in TILES:
+        tiles = torch.cat([repack(probe[i:i + tile]) for i in range(0, rows, tile)])
+        prefix = whole.reshape(rows // tile, k, tile // 2)[:, :2 * BLOCK].reshape(rows, BLOCK)
+        if combined and torch.equal(tiles, whole) and torch.equal(repack(probe[:, :2 * BLOCK]), prefix):
+            return tile
+    return None
 
 
 def q4_linear_torch(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,83 +1,115 @@
-"""Where each 4-bit path keeps a prepared weight's codes: its size, and its codes back.
+"""A prepared weight's size, and its cut or growth to another rate's width, in each path's layout.
 
 The runtime predicts its memory from the checkpoint's shapes before it loads anything
-(``q4_nbytes``), and changes rate while running by cutting or growing held weights without
-the file (``unprepare_q4``, then ``prepare_q4`` again). Both must agree with ``prepare_q4``
-(``q4.py``, ``w4a16_triton.py``) exactly; the tests check them against it.
+(``q4_nbytes``), and changes rate while running by resizing the weights it holds
+(``q4_resize``): a narrower width is cut from memory without reading anything, a wider one
+appends only the rows or input channels it lacks, read from the checkpoint. The held matrix keeps
+its pruned axis in the checkpoint's unit order, so every rate's part of it is a prefix.
 
-torch's int4pack layout (aten/src/ATen/native/cpu/int4mm_kernel.cpp, ``weight_to_int4pack_kernel``)
-depends on the CPU build: rows are cut into blocks of BLOCK_N (64 with AVX-512, 32 otherwise), each
-block stored as [K, rows/2] bytes; byte j of a full block holds rows lo[j] (low nibble) and hi[j]
-(high nibble); a shorter last block pairs adjacent rows. Which layout this torch uses is found once
-by packing a probe; an unknown one is an error, never a guess.
+The Triton path holds the checkpoint's own bytes block-major, so a prefix is a slice. torch's
+int4pack layout is private to torch and never decoded here: the torch path relies only on the
+three facts ``q4.int4pack_tile`` checks against torch's own repack (whole tiles concatenate, each
+tile is input-channel-major, codes that lie apart combine by OR). A matrix of n rows holds whole
+tiles; cutting it keeps the tiles that hold the first n rows, and the rows past n in the last one
+keep codes of the wider rate they came from (the same units at every rate, so still true).
+Growing repacks only the new rows, with zero codes where the last held tile already has rows, and
+ORs the held tile into them. Without a known tile, a resize repacks the new width from the file.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from ..quants import BLOCK, PACKED, pack
-from .q4 import INT4PACK_N, Q4Weight
+from ..quants import BLOCK, PACKED
+from .q4 import Q4Weight, int4pack_rows, int4pack_scales, int4pack_tile, pack_int4, prepare_int4pack
 
-_LAYOUTS = {  # BLOCK_N, and the rows of a full block in the low and in the high nibbles of its bytes
-    "avx512": (64, slice(0, 32), slice(32, 64)),
-    "avx2": (32, slice(0, 16), slice(16, 32)),
-    "scalar": (32, slice(0, None, 2), slice(1, None, 2)),
-}
+# Reads rows (axis 0) or input channels (axis 1) [start, end) of a matrix from the checkpoint:
+# GGUF-packed codes and fp16 scales, as ``prepare_q4`` takes them.
+ReadCodes = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def q4_nbytes(out_features: int, in_features: int, path: str) -> int:
     """Bytes a weight [out_features, in_features] prepared for ``path`` holds: "triton" keeps the
-    codes and fp16 scales as stored; "torch" pads N to a multiple of 16 and keeps bf16 scales with
-    a zero beside each."""
+    codes and fp16 scales as stored; "torch" pads N to whole tiles and keeps bf16 scales with a
+    zero beside each."""
     blocks = in_features // BLOCK
     if path == "triton":
         return out_features * blocks * (PACKED + 2)
-    padded = out_features + (-out_features % INT4PACK_N)
-    return padded * blocks * (PACKED + 2 * 2)
+    return int4pack_rows(out_features) * blocks * (PACKED + 2 * 2)
 
 
-def unprepare_q4(weight: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GGUF-packed codes [N, K/32, 16] and fp16 scales [N, K/32] of a prepared ``weight``,
-    such that preparing them again gives the same bytes. The torch path holds bf16 scales that
-    were rounded from fp16 ones; turning them back to fp16 is exact (a bf16 rounding of an fp16
-    value only drops low mantissa bits, which fp16 keeps), so nothing drifts across switches."""
+def q4_resize(weight: Q4Weight, size: int, axis: int, read: ReadCodes) -> Q4Weight:
+    """``weight`` with its first ``size`` rows (``axis`` 0) or input channels (``axis`` 1, whole
+    blocks of 32): cut from memory without calling ``read``, or grown by ``read(current, size)``.
+    Where torch's layout has no known tile, ``read(0, size)`` gives the whole new width."""
+    current = weight.out_features if axis == 0 else weight.in_features
+    if size == current:
+        return weight
+    if weight.path == "torch" and int4pack_tile() is None:
+        return prepare_int4pack(*read(0, size))
+    if size < current:
+        return _cut(weight, size, axis)
+    codes, scales = read(current, size)
+    return _grow(weight, codes, scales, axis)
+
+
+def _cut(weight: Q4Weight, size: int, axis: int) -> Q4Weight:
+    packed, scales = weight.packed, weight.scales
+    if weight.path == "triton":  # codes [K/32, N, 16], scales [K/32, N]
+        if axis == 0:
+            return Q4Weight(size, weight.in_features, "triton", packed[:, :size].contiguous(),
+                            scales[:, :size].contiguous())
+        blocks = size // BLOCK
+        return Q4Weight(weight.out_features, size, "triton", packed[:blocks].clone(), scales[:blocks].clone())
+    if axis == 0:  # the tiles that hold the first `size` rows
+        rows = int4pack_rows(size)
+        if rows < packed.shape[0]:
+            packed, scales = packed[:rows].clone(), scales[:, :rows].clone()
+        return Q4Weight(size, weight.in_features, "torch", packed, scales)
+    tile, rows = int4pack_tile(), packed.shape[0]  # the first `size` channels of every tile
+    cut = packed.view(rows // tile, weight.in_features, tile // 2)[:, :size].reshape(rows, size // 2)
+    return Q4Weight(weight.out_features, size, "torch", cut, scales[:size // BLOCK].clone())
+
+
+def _grow(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor, axis: int) -> Q4Weight:
+    """``weight`` with rows (axis 0) or input channels (axis 1) appended: GGUF-packed ``codes``
+    and fp16 ``scales`` of the new part, [new rows, K/32, 16] or [N, new channels / 32, 16]."""
+    codes, scales = codes.to(weight.packed.device), scales.to(weight.packed.device)
     if weight.path == "triton":
-        return weight.packed.transpose(0, 1).contiguous(), weight.scales.T.contiguous()
-    padded = weight.scales.shape[1]
-    codes = _unpack_int4pack(weight.packed, padded, weight.in_features, int4pack_layout())
-    scales = weight.scales[:, :weight.out_features, 0].T.to(torch.float16)
-    return pack(codes[:weight.out_features]), scales.contiguous()
+        dim = 1 if axis == 0 else 0
+        packed = torch.cat((weight.packed, codes.transpose(0, 1)), dim=dim)
+        held_scales = torch.cat((weight.scales, scales.T), dim=dim)
+        n, k = (weight.out_features + codes.shape[0], weight.in_features) if axis == 0 else \
+            (weight.out_features, weight.in_features + codes.shape[1] * BLOCK)
+        return Q4Weight(n, k, "triton", packed.contiguous(), held_scales.contiguous())
+    if axis == 0:
+        return _grow_rows(weight, codes, scales)
+    return _grow_channels(weight, codes, scales)
 
 
-def _unpack_int4pack(packed: torch.Tensor, n: int, k: int, layout: str) -> torch.Tensor:
-    """Codes [n, k] (uint8) of a torch int4pack weight of ``n`` rows in ``layout``."""
-    block_n, lo, hi = _LAYOUTS[layout]
-    flat = packed.reshape(-1)
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    full = n // block_n * block_n
-    if full:  # all full blocks at once: [blocks, K, block_n/2] bytes
-        chunk = flat[:full * k // 2].view(full // block_n, k, block_n // 2).transpose(1, 2)
-        rows = codes[:full].view(full // block_n, block_n, k)
-        rows[:, lo] = chunk & 0x0F
-        rows[:, hi] = chunk >> 4
-    if full < n:  # the short last block pairs adjacent rows
-        chunk = flat[full * k // 2:].view(k, (n - full) // 2).T
-        codes[full:][0::2] = chunk & 0x0F
-        codes[full:][1::2] = chunk >> 4
-    return codes
+def _grow_rows(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
+    """torch path: rows n..size appended. The tile that holds row n (if n is not on a tile's end)
+    is repacked with the new rows, its held rows left zero, and ORed with the held tile."""
+    tile, n, k = int4pack_tile(), weight.out_features, weight.in_features
+    size = n + codes.shape[0]
+    first, held_rows, rows = n // tile * tile, weight.packed.shape[0], int4pack_rows(size)
+    new = pack_int4(codes, rows - first, n - first)
+    new[:held_rows - first] |= weight.packed[first:held_rows]
+    held_scales = torch.empty(weight.scales.shape[0], rows, 2, dtype=weight.scales.dtype)
+    held_scales[:, :n] = weight.scales[:, :n]
+    held_scales[:, n:size] = int4pack_scales(scales)
+    held_scales[:, size:] = 0
+    return Q4Weight(size, k, "torch", torch.cat((weight.packed[:first], new)), held_scales)
 
 
-@functools.cache
-def int4pack_layout() -> str:
-    """The int4pack layout of this torch build: a probe of one full block of 64 rows and a short
-    one of 16 is packed by torch and unpacked with each known layout."""
-    probe = torch.randint(0, 16, (80, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-    for layout in _LAYOUTS:
-        if torch.equal(_unpack_int4pack(packed, 80, 64, layout), probe.to(torch.uint8)):
-            return layout
-    raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout elastiq does not know, so "
-                       "4-bit weights cannot change rate in memory; reload the checkpoint at the new rate")
+def _grow_channels(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
+    """torch path: input channels appended to every tile (padding rows get zero codes)."""
+    tile, rows, n, k = int4pack_tile(), weight.packed.shape[0], weight.out_features, weight.in_features
+    added = codes.shape[1] * BLOCK
+    new = pack_int4(codes, rows)
+    packed = torch.cat((weight.packed.view(rows // tile, k, tile // 2), new.view(rows // tile, added, tile // 2)), 1)
+    held_scales = torch.cat((weight.scales, int4pack_scales(F.pad(scales, (0, 0, 0, rows - n)))))
+    return Q4Weight(n, k + added, "torch", packed.reshape(rows, (k + added) // 2), held_scales)

@@ -223,8 +223,29 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | None) -> nn.Module:
-    """The module of one projection, holding ``weight`` (and ``bias``) without a copy."""
+class UnitOrdered(nn.Module):
+    """A projection whose pruned axis is held in the checkpoint's unit order, where every rate's
+    part is a prefix (so that the runtime changes rate by cutting or growing it in place): its
+    input is gathered into that order (``axis`` 1), or its output back into the model's (``axis`` 0).
+    ``order`` is where each held position comes from (``Checkpoint.unit_order``)."""
+
+    def __init__(self, inner: nn.Module, order: torch.Tensor, axis: int):
+        super().__init__()
+        self.inner, self.axis = inner, axis
+        self.register_buffer("index", order if axis == 1 else torch.argsort(order))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis == 1:
+            return self.inner(x.index_select(-1, self.index))
+        return self.inner(x).index_select(-1, self.index)
+
+
+def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | None,
+            order: tuple[int, torch.Tensor] | None = None) -> nn.Module:
+    """The module of one projection, holding ``weight`` (and ``bias``) without a copy; ``order``
+    (axis, order): the pruned axis is held in unit order (``UnitOrdered``)."""
+    if order is not None:
+        return UnitOrdered(_linear(weight, bias), order[1], order[0])
     if isinstance(weight, Q4Weight):
         return Q4Linear(weight, bias)
     if isinstance(weight, Q8Weight):
@@ -255,10 +276,11 @@ class Block(nn.Module):
     is gated (SwiGLU, or GeGLU with tanh-approximated GELU) of the block's own width. Where the
     block has ``post_attention_norm`` / ``post_ffw_norm`` (Gemma), they normalise each branch's
     output before it joins the residual stream. Attention sees ``attending``'s sliding window.
+    ``orders`` names the slots whose pruned axis ``w`` holds in unit order (``UnitOrdered``).
     """
 
     def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight],
-                 attending: LayerAttention):
+                 attending: LayerAttention, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
         super().__init__()
         H, G, u, r = args.num_heads, args.num_kv_heads, layer.rope_pairs, layer.v_rank
         self.num_heads, self.num_kv_heads = H, G
@@ -268,7 +290,7 @@ class Block(nn.Module):
         self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
         self.act = ACTIVATIONS[args.hidden_act]
         for slot in MATRICES:
-            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias")))
+            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot)))
         for slot in NORMS:
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
         self.register_buffer("rope_pairs", w[ROPE_PAIRS])
@@ -343,7 +365,7 @@ class Transformer(nn.Module):
     its codes for lookups and the head its own packed form for the int4 matmul)."""
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], attending: list[LayerAttention],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
         super().__init__()
         self.args, self.dtype, self.attending = args, dtype, attending
         embed = weights["embed_tokens.weight"]
@@ -355,7 +377,8 @@ class Transformer(nn.Module):
             with torch.device("meta"):
                 self.embed_tokens = nn.Embedding(*embed.shape)
             self.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i), attending[i])
+        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i), attending[i],
+                                          block_weights(orders or {}, i))
                                     for i, layer in enumerate(args.layers))
         self.norm = _norm(weights["norm.weight"], args.rms_norm_eps)
         self.lm_head = _linear(weights["lm_head.weight"], None)
@@ -399,7 +422,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping, dtype: torch.dtype = torch.float32,
-                     int4: bool = False) -> "Transformer":
+                     int4: bool = False, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None) -> "Transformer":
         """The model of ``weights`` (a checkpoint's or transformers' names, any rate's widths, with
         or without each block's rotary pair indices [G, u]: pairs 0..u-1 when absent) and the
         Hugging Face config dict ``config``, computing in ``dtype``. Float tensors become the
@@ -407,7 +430,9 @@ class Transformer(nn.Module):
         (``QuantizedTensor``, ``Q8Tensor``) are dequantized to ``dtype`` (the reference), or with
         ``int4`` kept packed for the quantized kernels (then ``dtype`` must suit them: bfloat16 on
         CPU); weights already prepared (``Q4Weight``, ``Q8Weight``, as ``resident`` makes them)
-        are used as they are. A tied embedding and head are made resident once."""
+        are used as they are. A tied embedding and head are made resident once. ``orders``
+        {runtime name of a block's slot, ``layers.{i}.{slot}``: (axis, order)} says which matrices
+        (and their biases) ``weights`` holds with their pruned axis in unit order."""
         weights = runtime_weights(weights, config)
         if config.get("tie_word_embeddings"):
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
@@ -430,7 +455,7 @@ class Transformer(nn.Module):
                 raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
                                    f"rows say {(args.num_kv_heads, layer.rope_pairs)}")
             weights[name] = pairs.long()
-        return cls(args, weights, layer_attention(config, device), dtype).eval()
+        return cls(args, weights, layer_attention(config, device), dtype, orders).eval()
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":

@@ -2,10 +2,14 @@
 
 ``Engine`` opens a checkpoint, loads the chosen rate tensor by tensor (each tensor's raw bytes are
 dropped once it is in the form the model holds), and keeps a ``Generator`` whose KV cache serves
-the conversation. ``set_rate`` changes every block in place, one block at a time: a smaller rate
-is cut from the weights in memory without touching the file, a larger one reads and verifies only
-the units it lacks (``Checkpoint.resize``). The KV cache has the old widths, so it is emptied and
-the next turn re-fills the context.
+the conversation. Pruned tensors are held with their pruned axis in the checkpoint's unit order
+(``Checkpoint.iter_rate(unit_order=True)``; the model gathers to and from it, ``UnitOrdered``), so
+that every rate's part of a held tensor is a prefix. ``set_rate`` changes every block in place, one
+block at a time: a smaller rate is cut from the weights in memory without reading the file, a
+larger one reads and verifies only the units it lacks (``Checkpoint.read_span``) and appends them;
+4-bit matrices are cut and grown in their kernel's layout (``kernels.q4_layout.q4_resize``),
+never unpacked. The KV cache has the old widths, so it is emptied and the next turn re-fills the
+context.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -21,11 +26,13 @@ from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import ROPE_PAIRS
-from ..kernels.q4_layout import unprepare_q4
-from ..modeling.model import Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, resident, rope_parameters
-from ..quants import Quantized, QuantizedTensor
+from ..kernels import Q4Weight
+from ..kernels.q4_layout import q4_resize
+from ..modeling.model import (Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, UnitOrdered, block_weights,
+                              resident, rope_parameters)
+from ..quants import Quantized
 from .generate import Generator
-from .memory import return_freed_memory
+from .memory import held_orders, return_freed_memory
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,11 @@ class Engine:
         start, read = time.perf_counter(), self.ckpt.bytes_read
         weights = {}
         runtime = self.family.runtime_names(self.ckpt.names)
-        for name, t in self.ckpt.iter_rate(rate, verify):
+        for name, t in self.ckpt.iter_rate(rate, verify, unit_order=True):
             if name not in self.ckpt.aliases:  # a tied head is re-tied from the config
                 weights[name] = resident(runtime[name], _to(t, self.device), self.dtype, self.int4)
-        self.model = Transformer.from_weights(weights, self.config, self.dtype, self.int4)
+        orders = held_orders(self.ckpt, rate, self.device)
+        self.model = Transformer.from_weights(weights, self.config, self.dtype, self.int4, orders)
         del weights
         return_freed_memory()
         self.rate = rate
@@ -89,13 +97,15 @@ class Engine:
             self.model.clear_caches()  # their widths are the old rate's
             switched = []
             try:
+                target = self.ckpt.shapes(rate), held_orders(self.ckpt, rate, self.device)
                 for i in range(len(self.model.layers)):
-                    self._switch_block(i, old, rate)
+                    self._switch_block(i, *target)
                     switched.append(i)
                 self.rate = rate
             except BaseException:
+                back = self.ckpt.shapes(old), held_orders(self.ckpt, old, self.device)
                 for i in switched:
-                    self._switch_block(i, rate, old)
+                    self._switch_block(i, *back)
                 raise
             finally:
                 return_freed_memory()
@@ -108,22 +118,41 @@ class Engine:
         with torch.inference_mode():
             return self.model(ids.to(self.device)).float().cpu()
 
-    def _switch_block(self, index: int, old: float, new: float) -> None:
-        """Replace block ``index`` (held at rate ``old``) by its weights at rate ``new``."""
+    def _switch_block(self, index: int, shapes: Mapping[str, tuple], orders: Mapping[str, tuple]) -> None:
+        """Replace block ``index`` by its weights at the rate of ``shapes`` (``Checkpoint.shapes``)
+        and ``orders`` (``held_orders``)."""
         held = _held(self.model.layers[index])
         weights = {}
         for local, t in held.items():
             slot, _, param = local.partition(".")
             name = self.family.name_of(index, slot, param)
-            if self.ckpt.holds(name):  # else rotary pairs a family does not prune: identity, at every rate
-                t = self.ckpt.resize(name, t, old, new, self.verify)
-            weights[local] = resident(local, _to(t, self.device), self.dtype, self.int4)
+            axis = self.ckpt.unit_axis(name) if self.ckpt.holds(name) else None
+            if axis is not None:  # else not pruned (or rotary pairs a family keeps whole): as held
+                t = self._resize(name, local, t, axis, shapes[name][0][axis])
+            weights[local] = resident(local, t, self.dtype, self.int4)
         del held
         layer = LayerArgs.of(weights, self.model.args.num_kv_heads, index)
-        self.model.layers[index] = Block(self.model.args, layer, weights, self.model.attending[index])
+        self.model.layers[index] = Block(self.model.args, layer, weights, self.model.attending[index],
+                                         block_weights(orders, index))
         layers = list(self.model.args.layers)
         layers[index] = layer
         self.model.args = replace(self.model.args, layers=tuple(layers))
+
+    def _resize(self, name: str, local: str, t: torch.Tensor | Q4Weight, axis: int,
+                size: int) -> torch.Tensor | Q4Weight:
+        """Held tensor ``name`` (``local`` in its block; its pruned axis ``axis`` in unit order) cut
+        or grown to ``size`` along that axis."""
+        if isinstance(t, Q4Weight):
+            def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                part = self.ckpt.read_span(name, start, end, self.verify)
+                return part.codes, part.scales
+
+            return q4_resize(t, size, axis, read)
+        current = t.shape[axis]
+        if size <= current:
+            return t if size == current else t.narrow(axis, 0, size).clone()
+        added = self.ckpt.read_span(name, current, size, self.verify)
+        return torch.cat((t, resident(local, _to(added, self.device), self.dtype, self.int4)), axis)
 
     def weight_bytes(self) -> int:
         """Bytes of weights the model holds (each shared tensor once; the KV cache is not counted)."""
@@ -160,13 +189,15 @@ def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Qua
     return t.to(device)
 
 
-def _held(block: Block) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """A block's tensors by their runtime names within the block (``slot.param``, ``rope_pairs``),
-    4-bit matrices back as codes."""
+def _held(block: Block) -> dict[str, torch.Tensor | Q4Weight]:
+    """A block's tensors as it holds them, by their runtime names within the block (``slot.param``,
+    ``rope_pairs``)."""
     out = {}
     for name, module in block.named_children():
+        if isinstance(module, UnitOrdered):
+            module = module.inner
         if isinstance(module, Q4Linear):
-            out[f"{name}.weight"] = QuantizedTensor(*unprepare_q4(module.weight))
+            out[f"{name}.weight"] = module.weight
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias
         elif isinstance(module, (nn.Linear, RMSNorm)):

@@ -120,4 +120,5 @@ class Governor:
         """What ``/v1/elastiq/status`` reports of the governor."""
         return {"target_rate": self.rate, "reason": self.reason, "starved": self.starved, "moves": self.moves,
                 "free_memory_bytes": self.free.bytes if self.free else None,
-                "memory_pressure_some_avg10": self.pressure, "hold_s": self.hold_s, "margin": self.margin}
+                "memory_pressure_some_avg10": self.pressure, "hold_s": self.hold_s, "margin": self.margin,
+                "needs_bytes": {str(r): n for r, n in sorted(self.needs.items())}}

@@ -2,11 +2,13 @@
 
 Free memory is the least of: what the OS says is available (psutil), what the process's cgroup
 still allows (cgroup v2 ``memory.max`` - ``memory.current``, or v1 ``memory.limit_in_bytes`` -
-``memory.usage_in_bytes``), and on a GPU what CUDA reports free. A rate's footprint is predicted
+``memory.usage_in_bytes``, its inactive file cache counted as free, since the kernel reclaims it
+first), and on a GPU what CUDA reports free. A rate's footprint is predicted
 from the checkpoint's shapes alone, counting what the runtime will hold:
 
 - weights: each tensor in the form the model keeps it (``modeling.model.resident``: floats in the
-  compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``);
+  compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``),
+  and the indices of the matrices held in unit order (``held_orders``);
 - KV cache: ``ctx`` positions of every layer's kept key and value channels;
 - workspace: the larger of a prefill chunk's activations and loading's transient copies;
 - baseline: the process's own resident memory before loading (Python, torch, the tokenizer).
@@ -115,9 +117,26 @@ def _cgroup_room(root: Path, proc_cgroup: Path) -> FreeMemory | None:
             if limit_text == "max" or int(limit_text) >= _UNLIMITED_V1:
                 return None
             limit = int(limit_text)
+            usage -= min(_inactive_file(limit_file.with_name("memory.stat"), version), usage)
             return FreeMemory(max(limit - usage, 0), f"cgroup {version} limit {limit / 2**20:.0f} MiB minus "
                                                      f"{usage / 2**20:.0f} MiB in use ({limit_file})")
     return None
+
+
+def _inactive_file(stat: Path, version: str) -> int:
+    """Bytes of the cgroup's file cache that the kernel reclaims first (``inactive_file`` in its
+    ``memory.stat``; v1's hierarchical ``total_inactive_file``), which its usage counts but a new
+    allocation can take: the cgroup's reading of the weights file is not memory the model lacks.
+    The same working set as the kubelet's; 0 when the file is missing."""
+    key = "total_inactive_file" if version == "v1" else "inactive_file"
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,21 @@ def runtime_shapes(ckpt: Checkpoint, rate: float) -> dict[str, tuple[tuple[int, 
     shapes = ckpt.shapes(rate)
     names = checkpoint_family(ckpt).runtime_names(shapes)
     return {names[name]: value for name, value in shapes.items()}
+
+
+def held_orders(ckpt: Checkpoint, rate: float,
+                device: torch.device | str = "cpu") -> dict[str, tuple[int, torch.Tensor]]:
+    """{``layers.{i}.{slot}``: (axis, order)} of the block matrices the runtime holds with their
+    pruned axis in unit order, at ``rate`` (``Checkpoint.unit_order``; a matrix whose unit order
+    is its own, as an MLP's, is left out): the model gathers to and from that order
+    (``modeling.model.UnitOrdered``), and holds each order as an int64 index."""
+    names = checkpoint_family(ckpt).runtime_names(ckpt.names)
+    orders = {}
+    for name, runtime in names.items():
+        slot, _, param = runtime.rpartition(".")
+        if runtime.startswith("layers.") and param == "weight" and (order := ckpt.unit_order(name, rate)) is not None:
+            orders[slot] = (ckpt.unit_axis(name), order.to(device))
+    return orders
 
 
 def layer_widths(shapes: Mapping[str, tuple], heads: Heads) -> list[LayerArgs]:
@@ -182,6 +216,7 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         weights += held
         transient = max(transient, load)
     weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
+    weights += sum(order.numel() * 8 for _, order in held_orders(ckpt, rate, "meta").values())
     embed_shape, _, embed_format = shapes["embed_tokens.weight"]
     if tied and embed_format == "q4_0" and int4:
         weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)

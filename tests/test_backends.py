@@ -209,15 +209,16 @@ def test_footprints_predict_what_each_backend_holds(name, checkpoints, tmp_path)
 
 def test_plan_rate_uses_the_backends_footprint(checkpoints):
     ckpt = checkpoints["q4"]
-    torch_plan = plan_rate(ckpt, None, 64, torch.bfloat16, True)
+    base = 500 * 2**20  # a fixed process baseline: a measured one moves between calls by more than rates differ
+    torch_plan = plan_rate(ckpt, None, 64, torch.bfloat16, True, baseline=base)
     for backend in ENGINES:
-        plan = plan_rate(ckpt, None, 64, torch.float32, True, backend=backend)
+        plan = plan_rate(ckpt, None, 64, torch.float32, True, backend=backend, baseline=base)
         totals = {f.rate: f.total for f in plan.footprints}
         assert totals != {f.rate: f.total for f in torch_plan.footprints}
-        assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.15] + 1, backend=backend).rate == 0.15
-        assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.0], backend=backend).rate == 0.0
+        assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.15] + 1, backend=backend, baseline=base).rate == 0.15
+        assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.0], backend=backend, baseline=base).rate == 0.0
         with pytest.raises(ElastiqError, match=r"no offered rate fits the budget of .* rate 0.35: \d+ MiB"):
-            plan_rate(ckpt, None, 64, torch.float32, True, totals[0.35] // 2, backend=backend)
+            plan_rate(ckpt, None, 64, torch.float32, True, totals[0.35] // 2, backend=backend, baseline=base)
     with pytest.raises(ElastiqError, match="backend 'tensorrt' is not known; accepted: torch, llama.cpp, onnxruntime"):
         plan_rate(ckpt, None, 64, torch.float32, True, backend="tensorrt")
 

@@ -162,10 +162,26 @@ def test_a_version_1_checkpoint_reads_as_it_did(quantized, tiny_llama, tmp_path,
         for name in a:
             x, y = a[name], b[name]
             assert torch.equal(*(t.codes for t in (x, y))) if hasattr(x, "codes") else torch.equal(x, y), name
-    held = v1.read_rate(0.3)["model.layers.0.mlp.down_proj.weight"]
-    grown = v1.resize("model.layers.0.mlp.down_proj.weight", held, 0.3, 0.0)
-    full = v2.read_rate(0.0)["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(*(t.codes for t in (grown, full))) if quantized else torch.equal(grown, full)
+    _check_unit_order(v1, v2)
+
+
+def _check_unit_order(ckpt: Checkpoint, reference: Checkpoint) -> None:
+    """A pruned tensor read in unit order is the tensor gathered by ``unit_order``, its rate 0.3
+    part a prefix of its rate 0 part, and the rest is what ``read_span`` reads."""
+    dense = lambda t: t.dequantize() if hasattr(t, "codes") else t  # noqa: E731
+    held, full = dict(ckpt.iter_rate(0.3, unit_order=True)), dict(reference.iter_rate(0.0, unit_order=True))
+    natural = reference.read_rate(0.0)
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
+        axis = ckpt.unit_axis(name)
+        order = reference.unit_order(name, 0.0)
+        if name.endswith(("q_proj.weight", "o_proj.weight", "v_proj.weight")):
+            assert order is not None and not torch.equal(order, torch.sort(order).values), name
+        if order is not None:
+            assert torch.equal(dense(natural[name]).index_select(axis, order), dense(full[name])), name
+        kept, width = dense(held[name]).shape[axis], dense(full[name]).shape[axis]
+        rest = dense(ckpt.read_span(name, kept, width))
+        assert torch.equal(torch.cat((dense(held[name]), rest), axis), dense(full[name])), name
 
 
 def test_unknown_format_version(tiny_llama, tmp_path, tokenizer):

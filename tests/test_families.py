@@ -144,9 +144,11 @@ def test_the_engine_switches_rate_in_memory(ckpt, ids):
     engine = Engine(ckpt.path, 0.0, ctx=128)
     for rate in (0.375, 0.125, 0.0):
         engine.set_rate(rate)
+        assert torch.equal(engine.logits(ids), Engine(ckpt.path, rate, ctx=128).logits(ids))  # bit for bit a fresh load
         with torch.no_grad():
             expected = _runtime(ckpt, rate)(ids)
-        assert torch.equal(engine.logits(ids), expected)
+        # the engine holds pruned input axes in unit order: the same terms, summed in another order
+        torch.testing.assert_close(engine.logits(ids), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_export_equals_the_runtime(ckpt, ids, tmp_path):

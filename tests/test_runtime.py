@@ -14,7 +14,9 @@ from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
 from elastiq.kernels import prepare_q4
-from elastiq.kernels.q4_layout import int4pack_layout, q4_nbytes, unprepare_q4
+from elastiq.kernels import q4 as q4_kernels, q4_layout, q4_linear
+from elastiq.kernels.q4 import int4pack_rows, int4pack_tile
+from elastiq.kernels.q4_layout import q4_nbytes, q4_resize
 from elastiq.kernels.q8 import INT8PACK_ROWS, prepare_q8, q8_embedding, q8_linear
 from elastiq.quants import quantize_q8_0, quantize_rtn, torch_int4
 from elastiq.runtime.chat import chat, template_ids
@@ -101,28 +103,74 @@ def test_q8_matmul_and_lookup_equal_the_dequantized_matrix(rows):
 
 
 @pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64), (7300, 576)])
-def test_prepared_weights_give_back_their_codes_and_predict_their_size(shape):
+def test_prepared_weights_predict_their_size(shape):
     codes, scales = quantize_rtn(torch.randn(*shape))
     weight = prepare_q4(codes, scales)
     assert weight.nbytes == q4_nbytes(*shape, weight.path)
+    pad = int4pack_rows(shape[0]) - shape[0]
+    assert 0 <= pad < int4pack_tile() and weight.packed.shape[0] == shape[0] + pad
     if shape[0] > 7232:  # repacked in row blocks: the same bytes as torch's repack of the whole
-        whole, whole_scales = torch_int4(F.pad(codes, (0, 0, 0, 0, 0, 12)), F.pad(scales, (0, 0, 0, 12)))
+        whole, whole_scales = torch_int4(F.pad(codes, (0, 0, 0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad)))
         assert torch.equal(weight.packed, whole) and torch.equal(weight.scales, whole_scales)
-    back_codes, back_scales = unprepare_q4(weight)
-    assert torch.equal(back_codes, codes)
-    again = prepare_q4(back_codes, back_scales)
-    assert torch.equal(again.packed, weight.packed) and torch.equal(again.scales, weight.scales)
-    assert int4pack_layout() in ("avx512", "avx2", "scalar")
+
+
+def test_torch_int4_layout_has_the_tiles_a_resize_relies_on():
+    assert int4pack_tile() in (32, 64)  # AVX2 and AVX-512 builds; None would make every switch repack
+
+
+def _resize_walk(codes, scales, axis, sizes, x):
+    """Resize a held weight through ``sizes`` along ``axis``; after each step it must multiply as a
+    fresh prepare of that width does, hold what q4_nbytes predicts, and have read only what it lacked."""
+    cut = (lambda t, n: t[:n]) if axis == 0 else (lambda t, n: t[:, :n // 32])  # noqa: E731
+    reads = []
+
+    def read(start, end):
+        reads.append((start, end))
+        return (codes[start:end], scales[start:end]) if axis == 0 else \
+            (codes[:, start // 32:end // 32], scales[:, start // 32:end // 32])
+
+    weight = prepare_q4(cut(codes, sizes[0]), cut(scales, sizes[0]))
+    for old, new in zip(sizes, sizes[1:]):
+        reads.clear()
+        weight = q4_resize(weight, new, axis, read)
+        fresh = prepare_q4(cut(codes, new), cut(scales, new))
+        inputs = x if axis == 0 else x[:, :new]
+        assert torch.equal(q4_linear(inputs, weight), q4_linear(inputs, fresh)), (old, new)
+        assert weight.nbytes == fresh.nbytes == q4_nbytes(fresh.out_features, fresh.in_features, fresh.path)
+        yield old, new, reads, weight, fresh
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_held_weights_are_cut_without_reading_and_grown_by_what_they_lack(axis):
+    torch.manual_seed(0)
+    codes, scales = quantize_rtn(torch.randn(200, 320))
+    x = torch.randn(3, 320).bfloat16()
+    sizes = [100, 150, 37, 64, 200, 5, 96, 200, 1, 133] if axis == 0 else [96, 160, 32, 320, 64, 288, 32]
+    for old, new, reads, weight, fresh in _resize_walk(codes, scales, axis, sizes, x):
+        assert reads == ([] if new < old else [(old, new)])
+        if axis == 1 or new % int4pack_tile() == 0:  # else the last tile's spare rows may keep a wider rate's codes
+            assert torch.equal(weight.packed, fresh.packed) and torch.equal(weight.scales, fresh.scales)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"), reason="triton is not installed")
-def test_triton_prepared_weights_give_back_their_codes(monkeypatch):
+@pytest.mark.parametrize("axis", [0, 1])
+def test_triton_held_weights_resize_as_slices(axis, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    codes, scales = quantize_rtn(torch.randn(96, 64))
-    weight = prepare_q4(codes, scales)
-    assert weight.path == "triton" and weight.nbytes == q4_nbytes(96, 64, "triton")
-    back_codes, back_scales = unprepare_q4(weight)
-    assert torch.equal(back_codes, codes) and torch.equal(back_scales, scales)
+    codes, scales = quantize_rtn(torch.randn(96, 128))
+    x = torch.randn(2, 128).bfloat16()
+    sizes = [40, 96, 7, 64] if axis == 0 else [64, 128, 32, 96]
+    for old, new, reads, weight, fresh in _resize_walk(codes, scales, axis, sizes, x):
+        assert weight.path == "triton" and reads == ([] if new < old else [(old, new)])
+        assert torch.equal(weight.packed, fresh.packed) and torch.equal(weight.scales, fresh.scales)
+
+
+def test_without_a_known_tile_a_resize_repacks_the_new_width_from_the_file(monkeypatch):
+    codes, scales = quantize_rtn(torch.randn(120, 64))
+    monkeypatch.setattr(q4_kernels, "int4pack_tile", lambda: None)  # a torch whose int4 layout elastiq does not know
+    monkeypatch.setattr(q4_layout, "int4pack_tile", lambda: None)
+    x = torch.randn(2, 64).bfloat16()
+    for old, new, reads, weight, fresh in _resize_walk(codes, scales, 0, [120, 50, 120], x):
+        assert reads == [(0, new)] and weight.packed.shape[0] % 16 == 0
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-q4", "qwen2-q8"])
@@ -227,6 +275,12 @@ def test_free_memory_honours_cgroup_limits(tmp_path):
     (tmp_path / "v1").write_text("5:cpu,cpuacct:/\n4:memory:/\n")
     v1 = free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v1")
     assert v1.bytes == 48 * 2**20 and "cgroup v1" in v1.source
+    # file cache the kernel reclaims first (the weights file, once read) is not memory in use
+    (tmp_path / "memory" / "memory.stat").write_text(f"cache {12 * 2**20}\ntotal_inactive_file {10 * 2**20}\n")
+    assert free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v1").bytes == 58 * 2**20
+    (tmp_path / "app" / "memory.max").write_text(f"{300 * 2**20}\n")
+    (tmp_path / "app" / "memory.stat").write_text(f"anon {90 * 2**20}\ninactive_file {4 * 2**20}\n")
+    assert free_memory(cgroup_root=tmp_path, proc_cgroup=tmp_path / "v2").bytes == 204 * 2**20
 
 
 def test_sizes_parse_and_bad_ones_say_what_is_accepted():

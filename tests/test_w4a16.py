@@ -30,7 +30,7 @@ import torch
 
 from elastiq import kernels
 from elastiq.kernels import Q4Weight, prepare_q4, q4_linear
-from elastiq.kernels.q4 import q4_linear_torch
+from elastiq.kernels.q4 import int4pack_rows, int4pack_tile, q4_linear_torch
 from elastiq.quants import dequantize
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -127,16 +127,19 @@ def test_cpu_path_bias(N):
     check_against_reference(q4_linear(x, prepare_q4(codes, scales), bias), x, codes, scales, bias, True)
 
 
-def test_cpu_padding_to_16_rows():
-    """N = 486 is held as 496 rows (zero rows added) and sliced back: the 486 outputs are exactly
-    those of the same rows inside a 496-row matrix, and the memory counted is that of 496 rows."""
-    codes, scales = make_weight(496, 576, False)
+def test_cpu_padding_to_whole_tiles():
+    """N = 486 is held as whole tiles of torch's int4pack layout (512 rows with AVX2's 32-row tiles,
+    zero rows added) and sliced back: the 486 outputs are exactly those of the same rows inside the
+    padded matrix, and the memory counted is that of the padded rows."""
+    rows = int4pack_rows(486)
+    assert rows % int4pack_tile() == 0 and 486 <= rows < 486 + int4pack_tile()
+    codes, scales = make_weight(rows, 576, False)
     x = make_x((7, 576), torch.bfloat16)
     weight = prepare_q4(codes[:486], scales[:486])
     out = q4_linear(x, weight)
     assert out.shape == (7, 486) and out.is_contiguous()
     assert torch.equal(out, q4_linear(x, prepare_q4(codes, scales))[:, :486])
-    assert weight.nbytes == 496 * 576 // 2 + (576 // 32) * 496 * 2 * 2  # int4 codes + bf16 scales and zeros
+    assert weight.nbytes == rows * 576 // 2 + (576 // 32) * rows * 2 * 2  # int4 codes + bf16 scales and zeros
 
 
 def test_cpu_path_takes_any_layout_of_codes():
