@@ -431,7 +431,7 @@ class Checkpoint:
         comes from in the tensor's own order (``Layout.unit_order``); a quantized matrix's input
         axis in channels (32 per block). None: the tensor is not pruned, or its unit order is its own."""
         entry = self.tensors[self._first_part(name)]
-        if entry.get("layout") is None:
+        if entry.get("layout") is None or len(entry["layout"]["split"]) == 1:  # one factor: positions stay in order
             return None
         layout = Layout.from_dict(entry["layout"])
         length = kept_units(entry, self.rate_entry(rate)["widths"]) * _per_unit(entry)
@@ -469,11 +469,12 @@ class Checkpoint:
         out = {}
         for name, stored in self._parts.items():
             entry = self.tensors[stored["codes" if "codes" in stored else ""]]
-            kept = [kept_units(entry, widths), *entry["storage_shape"][1:]]
-            shape = tuple(_from_storage(torch.empty(kept, device="meta"), entry).shape)
+            shape = list(entry["shape"])
+            if entry.get("layout") is not None:  # the pruned axis keeps its kept units' positions
+                shape[int(entry["layout"]["axis"])] = kept_units(entry, widths) * _per_unit(entry)
             if "codes" in stored:
-                shape = (shape[0], shape[1] * BLOCK)
-            out[name] = (shape, TORCH_DTYPES[entry["dtype"]], self._format(stored))
+                shape = [shape[0], shape[1] * BLOCK]
+            out[name] = (tuple(shape), TORCH_DTYPES[entry["dtype"]], self._format(stored))
         return out
 
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
