@@ -42,17 +42,21 @@ def _threads(text: str) -> int:
 
 
 def _use_threads(args: argparse.Namespace) -> str:
-    """Set the run's thread count, --threads or else the cores the process may use (affinity, cgroup
-    CPU quota), for every backend; says how many and why, for the log."""
+    """Set the run's thread count, --threads, else OMP_NUM_THREADS, else the cores the process may use
+    (affinity, cgroup CPU quota), for every backend; says how many and why, for the log."""
     from .runtime.threads import set_threads, usable_cores
 
     cores, source = usable_cores()
-    if args.threads is not None and args.threads > cores:
-        _log(f"elastiq: warning: --threads {args.threads} is more than the {cores} cores this process may use "
+    asked, why = args.threads, "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if asked is None and omp.isdigit() and int(omp) > 0:  # the user's setting torch would honour (not a list)
+        asked, why = int(omp), "OMP_NUM_THREADS"
+    if asked is not None and asked > cores:
+        _log(f"elastiq: warning: {why} {asked} is more than the {cores} cores this process may use "
              f"({source}); the threads will take turns on them")
-    threads = args.threads or cores
+    threads = asked or cores
     set_threads(threads)
-    return f"{threads} thread{'s' if threads != 1 else ''} ({'--threads' if args.threads else source})"
+    return f"{threads} thread{'s' if threads != 1 else ''} ({why if asked else source})"
 
 
 def _open_engine(args: argparse.Namespace):
@@ -345,8 +349,9 @@ def _size(text: str) -> int:
 
 def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_threads, metavar="N",
-                        help="CPU threads of every backend (torch, llama.cpp, onnxruntime); default: the cores this "
-                             "process may use, the least of its CPU affinity and its cgroup's CPU quota")
+                        help="CPU threads of every backend (torch, llama.cpp, onnxruntime); default: OMP_NUM_THREADS "
+                             "when set, else the cores this process may use, the least of its CPU affinity and its "
+                             "cgroup's CPU quota")
 
 
 def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:

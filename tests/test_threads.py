@@ -124,5 +124,9 @@ def test_run_uses_the_asked_threads_on_every_backend(checkpoint, torch_threads, 
     err = capsys.readouterr().err
     assert f"warning: --threads {cores + 1} is more than the {cores} cores this process may use ({source})" in err
     assert torch.get_num_threads() == cores + 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert main(["run", *common]) == 0
     assert torch.get_num_threads() == cores and f"; {cores} thread" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting stands when --threads is not given
+    assert main(["run", *common]) == 0
+    assert torch.get_num_threads() == 1 and "; 1 thread (OMP_NUM_THREADS)" in capsys.readouterr().err
