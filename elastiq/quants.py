@@ -118,16 +118,6 @@ def matmulnbits(packed: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def torch_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and scales for ``torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, w, 32, s)``
-    from GGUF-packed codes [N, K/32, 16] and scales [N, K/32]: (w, bf16 scales-and-zeros
-    [K/32, N, 2] with zeros 0, so that w = (q - 8) * d exactly as Q4_0)."""
-    codes = unpack(packed).to(torch.int32)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    s = scales.float().T
-    return weight, torch.stack((s, torch.zeros_like(s)), dim=-1).to(torch.bfloat16)
-
-
 def quantize_q8_0(w: torch.Tensor) -> Q8Tensor:
     """Round-to-nearest Q8_0 of ``w`` [..., K]: d = max |w| / 127 per block, rounded to fp16
     before the codes round(w / d) are chosen (so they fit the stored scale)."""

@@ -215,7 +215,8 @@ def test_plan_rate_uses_the_backends_footprint(checkpoints):
         plan = plan_rate(ckpt, None, 64, torch.float32, True, backend=backend, baseline=base)
         totals = {f.rate: f.total for f in plan.footprints}
         assert totals != {f.rate: f.total for f in torch_plan.footprints}
-        assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.15] + 1, backend=backend, baseline=base).rate == 0.15
+        fits = plan_rate(ckpt, None, 64, torch.float32, True, totals[0.15] + 1, backend=backend, baseline=base)
+        assert fits.rate == 0.15
         assert plan_rate(ckpt, None, 64, torch.float32, True, totals[0.0], backend=backend, baseline=base).rate == 0.0
         with pytest.raises(ElastiqError, match=r"no offered rate fits the budget of .* rate 0.35: \d+ MiB"):
             plan_rate(ckpt, None, 64, torch.float32, True, totals[0.35] // 2, backend=backend, baseline=base)

@@ -10,8 +10,9 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from elastiq import ElastiqError
+from elastiq.kernels.q4 import int4pack_scales, pack_int4
 from elastiq.quants import (dequantize, gguf_blocks, gguf_q8_0_blocks, matmulnbits, matmulnbits_q8, pack, q4_0_codes,
-                            q4_0_scales, quantize_q8_0, quantize_rtn, torch_int4, unpack)
+                            q4_0_scales, quantize_q8_0, quantize_rtn, unpack)
 
 
 def _weights(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_matmulnbits_is_a_repack_of_the_same_codes():
 def test_torch_int4_matmul_uses_the_same_grid():
     w = _weights(64, 128)
     packed, scales = quantize_rtn(w)
-    weight, scales_zeros = torch_int4(packed, scales)
+    weight, scales_zeros = pack_int4(packed, 64), int4pack_scales(scales)
     x = torch.randn(5, 128).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, 32, scales_zeros).float()
     ref = x.float() @ (dequantize(packed, scales.to(torch.bfloat16).half())).T
