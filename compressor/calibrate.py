@@ -109,20 +109,50 @@ def calibration_texts(path: Path) -> list[str]:
     return texts
 
 
+HELDOUT_EVERY = 10  # every 10th document of a calibration file is reserved for held-out windows
+
+
 def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 0, heldout: int = 0) -> torch.Tensor:
     """``n`` windows of ``seqlen`` tokens from the calibration file ``path``, then ``heldout`` more
     (held out of calibration to measure quality); deterministic for a seed, and the first ``n``
     do not depend on ``heldout``.
 
-    The GPTQ convention: each window comes from a random document long enough to hold one, at a
-    random offset. When too few documents are that long (short chat turns, paragraphs of a text
-    file), the rest are cut from the short documents joined in file order (by blank lines).
+    Held-out windows come only from the reserved documents (every ``HELDOUT_EVERY``-th in file
+    order) and the others never do, whatever ``n``, ``seqlen`` and ``seed``: the quality measured
+    at the end of compression is on text that neither calibration nor recovery trained on. Within
+    each part, the GPTQ convention: each window comes from a random document long enough to hold
+    one, at a random offset. When too few documents are that long (short chat turns, paragraphs
+    of a text file), the rest are cut from the short documents joined in file order (by blank
+    lines).
     """
     if n <= 0 or seqlen <= 1:
         raise ElastiqError(f"--calib-samples ({n}) must be positive and --calib-seqlen ({seqlen}) at least 2")
     texts = calibration_texts(path)
-    wanted, n = n, n + heldout
-    rng = random.Random(seed)
+    train = [t for k, t in enumerate(texts) if k % HELDOUT_EVERY != HELDOUT_EVERY - 1 or len(texts) == 1]
+    reserved = [t for k, t in enumerate(texts) if k % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    samples = _windows(tokenizer, train, n, seqlen, random.Random(seed))
+    if len(samples) < n:
+        raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens outside its held-out "
+                           f"documents ({len(texts)} documents); {n} are needed to calibrate: lower "
+                           "--calib-seqlen or --calib-samples, or give more text")
+    if heldout:
+        held = _windows(tokenizer, reserved, heldout, seqlen, random.Random(seed + 1))
+        if len(held) < heldout:
+            raise ElastiqError(f"{path.name} holds only {len(held)} windows of {seqlen} tokens in its held-out "
+                               f"documents (every {HELDOUT_EVERY}th of {len(texts)}); {heldout} are needed to "
+                               "measure each rate: lower --quality-windows (0 measures nothing) or --calib-seqlen, "
+                               "or give more text")
+        samples += held
+    return torch.tensor(samples)
+
+
+def heldout_windows(tokenizer, path: Path, count: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """The ``count`` held-out windows that ``calibration_samples`` appends for ``seed``, alone."""
+    return calibration_samples(tokenizer, path, 1, seqlen, seed, heldout=count)[1:]
+
+
+def _windows(tokenizer, texts: list[str], n: int, seqlen: int, rng: random.Random) -> list[list[int]]:
+    """Up to ``n`` windows of ``seqlen`` tokens from ``texts`` (see ``calibration_samples``)."""
     order = list(range(len(texts)))
     rng.shuffle(order)
     samples, short = [], []
@@ -132,20 +162,13 @@ def calibration_samples(tokenizer, path: Path, n: int, seqlen: int, seed: int = 
             start = rng.randrange(len(ids) - seqlen)
             samples.append(ids[start:start + seqlen])
             if len(samples) == n:
-                return torch.tensor(samples)
+                return samples
         else:
             short.append(k)
     joined = tokenizer.encode("\n\n".join(texts[k] for k in sorted(short))) if short else []  # in file order
     windows = [joined[i:i + seqlen] for i in range(0, len(joined) - seqlen + 1, seqlen)]
     rng.shuffle(windows)
-    samples += windows[:n - len(samples)]
-    if len(samples) < n:
-        need = (f"{n} are needed ({wanted} to calibrate, {heldout} held out to measure each rate): lower "
-                "--calib-seqlen, --calib-samples or --quality-windows" if heldout else
-                f"{n} are needed: lower --calib-seqlen or --calib-samples")
-        raise ElastiqError(f"{path.name} holds only {len(samples)} windows of {seqlen} tokens "
-                           f"({len(texts)} documents); {need}, or give more text")
-    return torch.tensor(samples)
+    return samples + windows[:n - len(samples)]
 
 
 class _Captured(Exception):

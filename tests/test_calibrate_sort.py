@@ -18,7 +18,8 @@ def test_samples_are_deterministic_windows_of_c4(tokenizer, data_dir):
     a = calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=1)
     assert a.shape == (4, 32) and torch.equal(a, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=1))
     assert not torch.equal(a, calibration_samples(tokenizer, data_dir / C4_SAMPLE, 4, 32, seed=2))
-    with pytest.raises(ElastiqError, match="holds only 0 windows of 10000000 tokens .2000 documents.; 1 are needed"):
+    with pytest.raises(ElastiqError, match="holds only 0 windows of 10000000 tokens outside its held-out documents "
+                                           r"\(2000 documents\); 1 are needed to calibrate"):
         calibration_samples(tokenizer, data_dir / C4_SAMPLE, 1, 10_000_000)
 
 
@@ -55,7 +56,8 @@ def test_own_calibration_text_in_each_format(suffix, tokenizer, tmp_path):
     samples = calibration_samples(tokenizer, path, 2, seqlen, seed=0)
     assert samples.shape == (2, seqlen) and all(row in windows for row in samples.tolist())
     with pytest.raises(ElastiqError, match=f"mine{suffix} holds only {len(windows)} windows of {seqlen} tokens "
-                                           f".3 documents.; 50 are needed: lower --calib-seqlen"):
+                                           f"outside its held-out documents .3 documents.; 50 are needed to "
+                                           "calibrate: lower --calib-seqlen"):
         calibration_samples(tokenizer, path, 50, seqlen)
 
 
@@ -67,6 +69,25 @@ def test_long_documents_give_one_window_each(tokenizer, tmp_path):
     found = sorted(next(d for d, doc in enumerate(ids) if any(doc[i:i + 32] == row for i in range(len(doc))))
                    for row in samples.tolist())
     assert found == [0, 1]
+
+
+def test_held_out_windows_come_from_reserved_documents_only(tokenizer, tmp_path):
+    """Every 10th document feeds the held-out windows and nothing else, for any window count:
+    the quality recorded at the end of compression is on text no training step saw."""
+    docs = [" ".join(f"doc{d}word{i}" for i in range(60)) for d in range(30)]
+    path = _write_calibration(tmp_path / "docs.jsonl", docs)
+    ids = [tokenizer.encode(d) for d in docs]
+
+    def source(row):
+        return next(d for d, doc in enumerate(ids) if any(doc[i:i + 16] == row for i in range(len(doc))))
+
+    drawn = calibration_samples(tokenizer, path, 20, 16, seed=0, heldout=3)
+    assert sorted(source(r) for r in drawn[20:].tolist()) == [9, 19, 29]
+    assert all(source(r) % 10 != 9 for r in drawn[:20].tolist())
+    assert torch.equal(drawn[:20], calibration_samples(tokenizer, path, 20, 16, seed=0))
+    with pytest.raises(ElastiqError, match=r"only 3 windows of 16 tokens in its held-out documents \(every 10th of "
+                                           r"30\); 4 are needed to measure each rate: lower --quality-windows"):
+        calibration_samples(tokenizer, path, 20, 16, seed=0, heldout=4)
 
 
 @pytest.mark.parametrize("name, content, message", [
