@@ -152,14 +152,28 @@ def _rates(text: str) -> list[float]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
-    from .compressor.compress import CompressOptions, compress
+    from .compressor.compress import CompressOptions
+    from .compressor.pipeline import PipelineOptions, build
+    from .compressor.quantize import QuantizeOptions
+    from .compressor.recover import RecoverOptions
 
-    options = CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                              calib_data=args.calib_data, quality_windows=args.quality_windows,
-                              seed=args.seed, method=args.method, allocation=args.allocation, rotate=args.rotate)
-    path = compress(args.model, args.output, options, overwrite=args.overwrite)
-    print(f"elastiq: wrote {path} (calibrate + sort {options.timings['calibrate_and_sort']:.0f} s, "
-          f"of which sorting {options.timings['sort']:.1f} s)", file=sys.stderr)
+    options = PipelineOptions(
+        compress=CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                                 calib_data=args.calib_data, quality_windows=args.quality_windows, seed=args.seed,
+                                 method=args.method, allocation=args.allocation, rotate=args.rotate),
+        recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps, distill=1.0, temperature=1.0),
+        quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
+                                                               embedding_bits=args.embedding_bits))
+    path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log)
+    timings = options.compress.timings
+    if timings:  # empty when a resumed run found the sorting stage done
+        print(f"elastiq: calibrate + sort {timings['calibrate_and_sort']:.0f} s, of which sorting "
+              f"{timings['sort']:.1f} s", file=sys.stderr)
+    if options.recover is not None and "train" in options.recover.timings:
+        print(f"elastiq: recovery {options.recover.timings['train']:.0f} s", file=sys.stderr)
+    if options.quantize is not None:
+        print(f"elastiq: quantization {options.quantize.timings['quantize']:.0f} s", file=sys.stderr)
+    print(f"elastiq: wrote {path}", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
 
 
@@ -180,7 +194,8 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 
     options = RecoverOptions(method=args.method, rate=args.rate, steps=args.steps, lr=args.lr, rank=args.rank,
                              alpha=args.alpha, batch=args.batch, seqlen=args.seqlen, samples=args.samples,
-                             distill=args.distill, temperature=args.temperature, bf16=not args.no_bf16,
+                             distill=args.distill, teacher=args.teacher, lm_weight=args.lm_weight,
+                             temperature=args.temperature, bf16=BF16[args.bf16],
                              seed=args.seed, save_every=args.save_every)
     path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (training {options.timings['train']:.0f} s)", file=sys.stderr)
@@ -435,10 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "once and growing back once a less-pruned rate has fitted for SECONDS (default 10)")
     srv.set_defaults(func=_cmd_serve)
 
-    comp = sub.add_parser("compress", help="compress a model into a nested checkpoint", description=(
-        "Calibrate on the C4 sample, sort every prunable axis by importance (so each rate is a prefix), "
-        "allocate per-layer widths for each rate from block influence, and write one nested checkpoint "
-        "offering every rate. Rate 0 (the full sorted model) is always offered."))
+    comp = sub.add_parser("compress", help="compress a model into a nested 4-bit checkpoint (the whole pipeline)",
+                          description=(
+        "The cloud pipeline in one command: calibrate on the C4 sample, sort every prunable axis by importance "
+        "(so each rate is a prefix), allocate per-layer widths for each rate from block influence, recover "
+        "every rate at once with nested LoRA distilled from the dense model, and quantize to GGUF Q4_0 with "
+        "GPTQ: one nested checkpoint offering every rate, each with its quality against the dense model. "
+        "Rate 0 (the full sorted model) is always offered. Each stage's checkpoint is kept in "
+        "NAME.elastiq.stages/ until the end, so a stopped run resumes where it was when run again with the "
+        "same options. The separate commands (recover, quantize) stay for experiments."))
     comp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     comp.add_argument("--output", "-o", required=True, help="the checkpoint folder to write, NAME.elastiq")
     comp.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
@@ -452,7 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rotate", action="store_true",
                       help="rotate the residual stream (orthogonal, fused into the weights; exact in float) "
                            "so that 4-bit quantization meets fewer outliers; unties a tied LM head")
-    _add_calibration_args(comp, "calibration sampling and rotation seed (default 0)")
+    comp.add_argument("--no-recover", action="store_true",
+                      help="skip recovery fine-tuning (quality at pruned rates falls: benchmarks/results/distillation.md)")
+    comp.add_argument("--recover-steps", type=_positive, default=200,
+                      help="recovery optimizer steps of 4 x 256 C4 tokens (default 200)")
+    comp.add_argument("--no-quantize", action="store_true", help="write the float32 checkpoint, not 4-bit")
+    comp.add_argument("--quantize-method", choices=["gptq", "rtn"], default="gptq",
+                      help="GPTQ (default) or round-to-nearest")
+    comp.add_argument("--embedding-bits", type=int, choices=[4, 8], default=4,
+                      help="token embedding and LM head as Q4_0 (4, default) or Q8_0 (8)")
+    _add_calibration_args(comp, "calibration sampling, rotation and recovery seed (default 0)")
     comp.set_defaults(func=_cmd_compress)
 
     qua = sub.add_parser("quantize", help="quantize a nested checkpoint to 4 bits", description=(
@@ -494,10 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seqlen", type=_positive, default=256, help="tokens per window (default 256)")
     rec.add_argument("--samples", type=_positive, default=512, help="C4 windows in the training pool (default 512)")
     rec.add_argument("--distill", type=float, default=0.0,
-                     help="weight of self-distillation, KL of the masked pass against the full-width pass "
-                          "(default 0: off)")
+                     help="weight of distillation, KL(teacher || the rate being trained) (default 0: off)")
+    rec.add_argument("--teacher", choices=["dense", "self"], default="dense",
+                     help="who teaches when distilling: the dense model the training starts from, frozen (default), "
+                          "or the full-width pass of the model being trained")
+    rec.add_argument("--lm-weight", type=float, default=1.0,
+                     help="weight of the next-token loss on the training text (default 1; 0 with --distill: "
+                          "distillation only)")
     rec.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
-    rec.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    rec.add_argument("--bf16", choices=list(BF16), default="auto",
+                     help="train in bfloat16 autocast (on) or float32 (off); auto (default): on where the CPU "
+                          "computes bf16 natively (AVX-512 BF16 or AMX), where it is faster")
     rec.add_argument("--save-every", type=_positive, default=25, help="steps between state saves (default 25)")
     rec.add_argument("--seed", type=int, default=0, help="data, rate draw and LoRA initialisation seed (default 0)")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -557,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BF16 = {"auto": None, "on": True, "off": False}  # recover --bf16
 WRITERS = ("compress", "quantize", "recover", "export")
 
 
@@ -587,6 +624,12 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt, before: tuple
         state = state_dir(Path(args.output))
         message += (f"; the recovery state saved in {state} is kept, and the same command resumes from it"
                     if state.is_dir() else "; no recovery state was saved yet")
+    if args.command == "compress":
+        from .compressor.pipeline import stages_dir
+
+        stages = stages_dir(Path(args.output))
+        if stages.is_dir():
+            message += f"; the finished stages in {stages} are kept, and the same command resumes from them"
     return message
 
 

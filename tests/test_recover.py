@@ -221,3 +221,53 @@ def test_cli_recover(checkpoints, tmp_path, capsys):
     assert Checkpoint(out).manifest["source"]["recovery"]["rank"] == 2
     assert main(args + ["--overwrite", "--method", "lorashear", "--rate", "0.95"]) == 2
     assert "LoRAShear's rate must lie in (0, 0.9), got 0.95" in capsys.readouterr().err
+
+
+def test_dense_teacher_is_the_frozen_starting_model(checkpoints, tokenizer):
+    """Distilling from the dense model: the loss is KL(dense || masked rate) against the weights the
+    training started from, whatever LoRA has learnt since; with LoRA at zero, rate 0 has nothing to learn."""
+    from elastiq.compressor.recover import _loss
+
+    ckpt = Checkpoint(checkpoints["llama"])
+    weights, config, ids = ckpt.read_rate(0.0), ckpt.config, _ids(tokenizer)
+    options = _options(distill=1.0, temperature=1.0, lm_weight=0.0)
+    model = lora_model(weights, config, rank=4, alpha=8.0, seed=0)
+    teacher = Transformer.from_weights(weights, config).eval().requires_grad_(False)
+    masks = UnitMasks(model, ckpt.groups, ckpt.heads)
+    units = width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(0.35)["widths"])
+
+    def kl_to_dense(rate):
+        with torch.no_grad():
+            dense = Transformer.from_weights(weights, config)(ids)[0].log_softmax(-1)
+            sliced = Transformer.from_weights(ckpt.read_rate(rate), config)(ids)[0].log_softmax(-1)
+        return (dense.exp() * (dense - sliced)).sum(-1).mean().item()
+
+    assert _loss(model, masks, ids, None, options, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert _loss(model, masks, ids, units, options, teacher).item() == pytest.approx(kl_to_dense(0.35), rel=1e-4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _loss(model, masks, ids, units, options, teacher).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(teacher(ids), Transformer.from_weights(ckpt.read_rate(0.0), config)(ids))
+    assert _loss(model, masks, ids, None, options, teacher).item() > 1e-4  # rate 0 has moved off the teacher
+
+
+def test_bf16_defaults_to_what_the_cpu_computes_natively(checkpoints, data_dir, tmp_path):
+    from elastiq.compressor.recover import native_bf16
+
+    options = _options(steps=1, bf16=None)
+    out = recover_checkpoint(checkpoints["llama"], tmp_path / "b.elastiq", options, data=data_dir, progress=False)
+    assert options.bf16 is native_bf16()
+    assert Checkpoint(out).manifest["source"]["recovery"]["bf16"] is native_bf16()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(teacher="oracle"), "unknown teacher 'oracle'; known: dense, self"),
+    (dict(lm_weight=0.0), r"lm_weight \(0.0\) must be at least 0, and distill \(0.0\) positive when it is 0"),
+    (dict(lm_weight=-1.0, distill=1.0), r"lm_weight \(-1.0\) must be at least 0"),
+])
+def test_bad_distillation_options(kwargs, message, checkpoints, data_dir, tmp_path):
+    with pytest.raises(RecoverError, match=message):
+        recover_checkpoint(checkpoints["llama"], tmp_path / "x.elastiq", _options(**kwargs), data=data_dir,
+                           progress=False)
+    assert not (tmp_path / "x.elastiq").exists()

@@ -29,7 +29,8 @@ KIB = 1024
 LIMIT = 64 * KIB  # below every output's largest file (the tiny model's weights: 100-680 kB)
 RECOVER_LIMIT = 128 * KIB  # above the LoRA state (96 kB), below the optimizer state (215 kB)
 CALIB = ["--calib-samples", "4", "--calib-seqlen", "32"]
-RECOVER = ["--steps", "3", "--save-every", "1", "--batch", "1", "--seqlen", "16", "--samples", "2", "--no-bf16"]
+FLOAT = ["--no-recover", "--no-quantize"]  # compress: the float checkpoint the other commands read
+RECOVER = ["--steps", "3", "--save-every", "1", "--batch", "1", "--seqlen", "16", "--samples", "2", "--bf16", "off"]
 
 DRIVER = r"""
 import json, os, resource, signal, sys, traceback
@@ -108,7 +109,7 @@ def _commands(src: Path, ckpt: Path, folder: Path) -> dict[str, tuple[list[str],
     c, q, r = folder / "c.elastiq", folder / "q.elastiq", folder / "r.elastiq"
     exports = {fmt: (["export", str(ckpt), "--rate", "0.35", "--format", fmt, "-o", str(folder / name)],
                      folder / name) for fmt, name in (("gguf", "e.gguf"), ("onnx", "e.onnx"), ("hf", "hf"))}
-    return {"compress": (["compress", str(src), "-o", str(c), "--rates", "0.35", *CALIB, "--quality-windows", "1"], c),
+    return {"compress": (["compress", str(src), "-o", str(c), "--rates", "0.35", *CALIB, "--quality-windows", "1", *FLOAT], c),
             "quantize": (["quantize", str(ckpt), "-o", str(q), *CALIB, "--quality-windows", "1"], q),
             "recover": (["recover", str(ckpt), "-o", str(r), *RECOVER], r),
             **exports,
@@ -128,7 +129,7 @@ def src(models) -> Path:
 def reference(src, tmp_path_factory) -> Path:
     """An uninterrupted ``elastiq compress`` (the float checkpoint the other commands read)."""
     out = tmp_path_factory.mktemp("reference") / "c.elastiq"
-    assert main(["compress", str(src), "-o", str(out), "--rates", "0.35", *CALIB, "--quality-windows", "1"]) == 0
+    assert main(["compress", str(src), "-o", str(out), "--rates", "0.35", *CALIB, "--quality-windows", "1", *FLOAT]) == 0
     return out
 
 
