@@ -83,8 +83,11 @@ def _order(slot: str, h: torch.Tensor, in_features: int, heads: int, least_impor
 
 @torch.no_grad()
 def quantize_checkpoint(source: str | Path, output: str | Path, options: QuantizeOptions | None = None,
-                        overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
-    """Quantize the float nested checkpoint ``source`` into ``output``."""
+                        overwrite: bool = False, data: Path | None = None, progress: bool = True,
+                        dense: str | Path | None = None) -> Path:
+    """Quantize the float nested checkpoint ``source`` into ``output``; each rate's quality is
+    measured against rate 0 of ``dense`` (a float checkpoint of the same model: the sorted one
+    before recovery), or of ``source`` itself."""
     options = options or QuantizeOptions()
     ckpt = Checkpoint(source)
     family = checkpoint_family(ckpt)
@@ -148,7 +151,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             del model, weights, tensors, quantized, hidden
             t = time.perf_counter()
             written = Checkpoint(staged)
-            record_quality(written, rate_quality(written, ckpt.read_rate(0.0), heldout, progress))
+            reference = Checkpoint(dense) if dense is not None else ckpt
+            record_quality(written, rate_quality(written, reference.read_rate(0.0), heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output
 

@@ -47,7 +47,8 @@ def test_influence_and_uniform_allocations_differ(models, data_dir, tmp_path):
 def test_cli_compress_and_inspect(models, tmp_path, capsys):
     src, _ = models["llama"]
     out = tmp_path / "cli.elastiq"
-    args = ["compress", str(src), "-o", str(out), "--rates", "0.2,0.4", "--calib-samples", "2", "--calib-seqlen", "32"]
+    args = ["compress", str(src), "-o", str(out), "--rates", "0.2,0.4", "--calib-samples", "2", "--calib-seqlen", "32",
+            "--no-recover", "--no-quantize"]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "| rate | weights MB | of full | KV bytes/token |" in table and "weights: float (not quantized)" in table
@@ -65,7 +66,8 @@ def test_cli_compress_calibrates_on_own_text(models, data_dir, tmp_path, capsys)
     src, _ = models["llama"]
     text = tmp_path / "notes.txt"
     text.write_text((data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    common = ["--rates", "0.3", "--calib-samples", "2", "--calib-seqlen", "32"]
+    common = ["--rates", "0.3", "--calib-samples", "2", "--calib-seqlen", "32", "--quality-windows", "1",
+              "--no-recover", "--no-quantize"]
     assert main(["compress", str(src), "-o", str(tmp_path / "own.elastiq"), "--calib-data", str(text), *common]) == 0
     assert main(["compress", str(src), "-o", str(tmp_path / "c4.elastiq"), *common]) == 0
     own, c4 = (Checkpoint(tmp_path / f"{n}.elastiq").manifest["source"] for n in ("own", "c4"))

@@ -1,0 +1,150 @@
+"""The cloud pipeline in one call: calibrate and sort, allocate, recover, quantize.
+
+``build`` runs the stages of ``compress`` (calibration, sorting, allocation), ``recover`` (nested
+LoRA, distilled from the dense model) and ``quantize`` (GPTQ to Q4_0) one after the other, each
+writing its checkpoint into a work folder beside the output, ``NAME.elastiq.stages/`` (sorting
+alone, with neither of the others, writes the output directly):
+``sorted.elastiq``, then ``recovered.elastiq`` (with recovery's own resumable state beside it),
+then the final checkpoint under the output's name, after which the work folder is removed. A run
+stopped at any point resumes at the stage it was in (recovery at its last saved step) when run
+again with the same source and options; with other options it starts over. Every rate's quality
+in the final checkpoint is measured against the sorted model before recovery: the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import ElastiqError
+from ..atomic import write_text
+from ..checkpoint import MANIFEST, SUFFIX, Checkpoint, record_quality
+from ..paths import data_dir
+from .calibrate import calibration_file, heldout_windows
+from .compress import CompressOptions, compress
+from .intake import check_source
+from .quality import rate_quality
+from .quantize import QuantizeOptions, quantize_checkpoint
+from .recover import RecoverOptions, recover_checkpoint
+
+STAGES = "stages.json"  # the work folder's record of what its checkpoints were made from
+
+
+@dataclass
+class PipelineOptions:
+    """Each stage's options; ``recover`` or ``quantize`` None leaves that stage out (without
+    ``quantize`` the output is the float checkpoint)."""
+
+    compress: CompressOptions = field(default_factory=CompressOptions)
+    recover: RecoverOptions | None = field(default_factory=lambda: RecoverOptions(distill=1.0, temperature=1.0))
+    quantize: QuantizeOptions | None = field(default_factory=QuantizeOptions)
+
+    def settings(self, source: str) -> dict:
+        """What decides every stage's result, as the work folder records it."""
+        comp = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.compress).items() if k != "timings"}
+        comp["rates"] = list(comp["rates"])
+        quant = None
+        if self.quantize is not None:
+            quant = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.quantize).items()
+                     if k != "timings"}
+        return {"source": source, "compress": comp,
+                "recover": self.recover.settings() if self.recover is not None else None, "quantize": quant}
+
+
+def stages_dir(output: Path) -> Path:
+    """The work folder of ``output``: ``NAME.elastiq.stages`` beside it."""
+    return output.with_name(output.name + ".stages")
+
+
+def _source_key(source: str | Path) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _done(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def build(source: str | Path, output: str | Path, options: PipelineOptions | None = None, overwrite: bool = False,
+          data: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Compress ``source`` (a model path or name) into the nested checkpoint ``output`` through
+    every stage ``options`` asks for, resuming the stages a stopped run of the same options left."""
+    options = options or PipelineOptions()
+    output = Path(output)
+    if output.suffix != SUFFIX:
+        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
+    if output.exists() and not overwrite:
+        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+    if options.recover is not None:
+        options.recover.seed = options.compress.seed
+        if options.recover.bf16 is None:  # settled now: the work folder's record must not change on resume
+            from .recover import native_bf16
+            options.recover.bf16 = native_bf16()
+    if options.quantize is not None:  # quantization calibrates on the same text as sorting
+        c, q = options.compress, options.quantize
+        q.calib_samples, q.calib_seqlen, q.calib_data = c.calib_samples, c.calib_seqlen, c.calib_data
+        q.quality_windows, q.seed = c.quality_windows, c.seed
+    if options.recover is None and options.quantize is None:  # one stage: straight to the output
+        return compress(source, output, options.compress, overwrite=overwrite, data=data, progress=progress)
+    check_source(source)  # a bad source fails before any stage starts
+    work = stages_dir(output)
+    settings = options.settings(_source_key(source))
+    record = work / STAGES
+    if work.exists():
+        if record.is_file() and json.loads(record.read_text()) == settings:
+            log(f"elastiq: resuming the stages in {work}")
+        else:
+            log(f"elastiq: {work} holds stages of another source or other options; starting over")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(record, json.dumps(settings, indent=2) + "\n")
+
+    try:
+        return _stages(source, output, options, work, data, progress, log)
+    except BaseException:
+        if not any(p.name != STAGES for p in work.iterdir()):  # nothing finished: nothing to resume from
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Path, data: Path | None,
+            progress: bool, log: Callable[[str], None]) -> Path:
+    count = 1 + (options.recover is not None) + (options.quantize is not None)
+    dense = work / f"sorted{SUFFIX}"
+    if not _done(dense):
+        log(f"elastiq: stage 1/{count}: calibrate, sort and allocate")
+        compress(source, dense, options.compress, overwrite=True, data=data, progress=progress)
+    current = dense
+    if options.recover is not None:
+        recovered = work / f"recovered{SUFFIX}"
+        if not _done(recovered):
+            log(f"elastiq: stage 2/{count}: recover ({options.recover.steps} steps of nested LoRA"
+                + (", distilled from the dense model)" if options.recover.distill else ")"))
+            recover_checkpoint(dense, recovered, options.recover, overwrite=True, data=data or data_dir(),
+                               progress=progress)
+        current = recovered
+    if options.quantize is not None:
+        log(f"elastiq: stage {count}/{count}: quantize ({options.quantize.method})")
+        quantize_checkpoint(current, output, options.quantize, overwrite=True, data=data, progress=progress,
+                            dense=dense)
+    else:
+        if options.compress.quality_windows:
+            _measure_against(Checkpoint(current), Checkpoint(dense), options.compress, data, progress)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(current, output)
+    shutil.rmtree(work)
+    return output
+
+
+def _measure_against(ckpt: Checkpoint, dense: Checkpoint, options: CompressOptions, data: Path | None,
+                     progress: bool) -> None:
+    """Record each rate of the float checkpoint ``ckpt`` against rate 0 of ``dense`` on the
+    held-out windows compression measured the dense model's rates on."""
+    windows = heldout_windows(ckpt.tokenizer(), calibration_file(options.calib_data, data),
+                              options.quality_windows, options.calib_seqlen, options.seed)
+    record_quality(ckpt, rate_quality(ckpt, dense.read_rate(0.0), windows, progress))
