@@ -39,8 +39,9 @@ from sorting_quality import dense_subset, row  # the script's folder is on sys.p
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.15, 0.25, 0.35)
-VARIANTS = {"nested": dict(method="nested"), "nested+distill": dict(method="nested", distill=1.0),
-            "lorashear": dict(method="lorashear", rate=0.25)}
+VARIANTS = {"nested": dict(method="nested", distill=0.0, lm_weight=1.0),
+            "nested+distill": dict(method="nested", distill=1.0, lm_weight=1.0, teacher="self", temperature=2.0),
+            "lorashear": dict(method="lorashear", rate=0.25, distill=0.0, lm_weight=1.0)}
 
 
 def time_steps(start: Path, base: dict, steps: int) -> dict:

@@ -40,7 +40,7 @@ class PipelineOptions:
     ``quantize`` the output is the float checkpoint)."""
 
     compress: CompressOptions = field(default_factory=CompressOptions)
-    recover: RecoverOptions | None = field(default_factory=lambda: RecoverOptions(distill=1.0, temperature=1.0))
+    recover: RecoverOptions | None = field(default_factory=RecoverOptions)
     quantize: QuantizeOptions | None = field(default_factory=QuantizeOptions)
 
     def settings(self, source: str) -> dict:

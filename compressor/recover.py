@@ -10,11 +10,13 @@ the sliced model, before and after LoRA is merged back.
 
 Two methods:
 - ``nested``: at each step one offered rate is drawn, the larger ones more often (probability of
-  the i-th smallest offered rate, rate 0 included, proportional to i + 1), and the LM loss on C4
-  windows is taken through its masks. Optionally a teacher adds KL(teacher || masked model) at a
-  temperature: the dense model (``teacher="dense"``: the starting weights, frozen, unpruned,
-  unquantized; the LM loss can then be weighed down or off) or the full-width pass of the same
-  LoRA model (``teacher="self"``, detached). Merged, the sort order and every width stay as they
+  the i-th smallest offered rate, rate 0 included, proportional to i + 1), and its masked model
+  is trained on C4 windows towards a teacher, KL(teacher || masked model) at a temperature, plus
+  ``lm_weight`` times the next-token loss. The teacher is the dense model by default
+  (``teacher="dense"``: the starting weights, frozen, unpruned, unquantized) or the full-width
+  pass of the same LoRA model (``teacher="self"``, detached). The default, distillation from the
+  dense model alone, measured closest to the dense model at every rate
+  (``benchmarks/results/distillation.md``). Merged, the sort order and every width stay as they
   were.
 - ``lorashear`` (after LoRAShear, Chen et al. 2023, simplified): a warm-up and ``prune_periods``
   periods of progressive structured pruning, then knowledge recovery. A unit's importance is the
@@ -45,7 +47,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -92,10 +94,10 @@ class RecoverOptions:
     batch: int = 4
     seqlen: int = 256
     samples: int = 512
-    distill: float = 0.0
+    distill: float = 1.0
     teacher: str = "dense"
-    lm_weight: float = 1.0
-    temperature: float = 2.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
     rate: float = 0.25
     prune_periods: int = 3
     prune_fraction: float = 0.5
@@ -447,9 +449,11 @@ def _loss(model: nn.Module, masks: UnitMasks, ids: torch.Tensor, scales: Mapping
 
 @torch.no_grad()
 def _heldout_loss(model: nn.Module, masks: UnitMasks, windows: torch.Tensor,
-                  scales: Mapping[str, torch.Tensor] | None, options: RecoverOptions,
-                  teacher: nn.Module | None = None) -> float:
-    return sum(_loss(model, masks, w[None], scales, options, teacher).item() for w in windows) / len(windows)
+                  scales: Mapping[str, torch.Tensor] | None, options: RecoverOptions) -> float:
+    """The next-token loss on held-out windows (LoRAShear's measure of each source, whatever the
+    training loss: the dense model's distillation loss against itself would be zero)."""
+    lm = replace(options, lm_weight=1.0, distill=0.0)
+    return sum(_loss(model, masks, w[None], scales, lm).item() for w in windows) / len(windows)
 
 
 def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path | None = None,
@@ -492,7 +496,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
         if shear is not None:
             shear.load(extra)
     if shear is not None and "dense_loss" not in info:
-        info["dense_loss"] = {k: _heldout_loss(model, masks, w, None, options, teacher) for k, w in heldout.items()}
+        info["dense_loss"] = {k: _heldout_loss(model, masks, w, None, options) for k, w in heldout.items()}
         info["source_weights"] = {k: 1 / len(sources) for k in sources}
     names = list(sources)
     draw = torch.tensor([probabilities[r.rate] for r in rates])
@@ -510,7 +514,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
             shear.begin(step)
             scales = shear.scales(step)
             if step >= shear.recovery_start and (step - shear.recovery_start) % shear.period == 0:
-                current = {k: _heldout_loss(model, masks, w, scales, options, teacher) for k, w in heldout.items()}
+                current = {k: _heldout_loss(model, masks, w, scales, options) for k, w in heldout.items()}
                 info["source_weights"] = source_weights(info["dense_loss"], current)
             source = "c4"
             if step >= shear.recovery_start:

@@ -161,7 +161,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         compress=CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                                  calib_data=args.calib_data, quality_windows=args.quality_windows, seed=args.seed,
                                  method=args.method, allocation=args.allocation, rotate=args.rotate),
-        recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps, distill=1.0, temperature=1.0),
+        recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits))
     path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log)
@@ -522,15 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch", type=_positive, default=4, help="C4 windows per step (default 4)")
     rec.add_argument("--seqlen", type=_positive, default=256, help="tokens per window (default 256)")
     rec.add_argument("--samples", type=_positive, default=512, help="C4 windows in the training pool (default 512)")
-    rec.add_argument("--distill", type=float, default=0.0,
-                     help="weight of distillation, KL(teacher || the rate being trained) (default 0: off)")
+    rec.add_argument("--distill", type=float, default=1.0,
+                     help="weight of distillation, KL(teacher || the rate being trained) (default 1; 0: off)")
     rec.add_argument("--teacher", choices=["dense", "self"], default="dense",
                      help="who teaches when distilling: the dense model the training starts from, frozen (default), "
                           "or the full-width pass of the model being trained")
-    rec.add_argument("--lm-weight", type=float, default=1.0,
-                     help="weight of the next-token loss on the training text (default 1; 0 with --distill: "
-                          "distillation only)")
-    rec.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    rec.add_argument("--lm-weight", type=float, default=0.0,
+                     help="weight of the next-token loss on the training text (default 0: distillation only, "
+                          "which keeps every rate closest to the dense model: benchmarks/results/distillation.md)")
+    rec.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     rec.add_argument("--bf16", choices=list(BF16), default="auto",
                      help="train in bfloat16 autocast (on) or float32 (off); auto (default): on where the CPU "
                           "computes bf16 natively (AVX-512 BF16 or AMX), where it is faster")

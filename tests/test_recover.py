@@ -62,8 +62,9 @@ def test_masked_full_model_equals_every_slice(family, checkpoints, tokenizer):
 
 @pytest.fixture(scope="module")
 def nested(checkpoints, data_dir, tmp_path_factory):
-    """Nested LoRA with self-distillation, in bf16 autocast, on the Qwen2 checkpoint."""
-    options = _options(distill=1.0, bf16=True)
+    """Nested LoRA with the next-token loss and distillation from the dense model, in bf16
+    autocast, on the Qwen2 checkpoint."""
+    options = _options(distill=1.0, lm_weight=1.0, bf16=True)
     out = recover_checkpoint(checkpoints["qwen2"], tmp_path_factory.mktemp("r") / "r.elastiq", options,
                              data=data_dir, progress=False)
     return out, options
@@ -263,7 +264,7 @@ def test_bf16_defaults_to_what_the_cpu_computes_natively(checkpoints, data_dir, 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(teacher="oracle"), "unknown teacher 'oracle'; known: dense, self"),
-    (dict(lm_weight=0.0), r"lm_weight \(0.0\) must be at least 0, and distill \(0.0\) positive when it is 0"),
+    (dict(lm_weight=0.0, distill=0.0), r"lm_weight \(0.0\) must be at least 0, and distill \(0.0\) positive when it is 0"),
     (dict(lm_weight=-1.0, distill=1.0), r"lm_weight \(-1.0\) must be at least 0"),
 ])
 def test_bad_distillation_options(kwargs, message, checkpoints, data_dir, tmp_path):
