@@ -68,6 +68,7 @@ def per_window(model: Transformer, dense: dict[str, list[torch.Tensor]], data: d
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt n)."""
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std() / math.sqrt(len(t))).item() if len(t) > 1 else float("nan")
 
