@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import QK, SUFFIX, Checkpoint, record_quality, write_checkpoint
+from ..checkpoint import QK, checkpoint_output, Checkpoint, record_quality, write_checkpoint
 from ..families import family_for
 from ..families.base import ROPE_PAIRS
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
@@ -44,11 +44,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
              overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
     """Compress ``source`` (a model path or name) into the nested checkpoint ``output``."""
     options = options or CompressOptions()
-    output = Path(output)
-    if output.suffix != SUFFIX:
-        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
-    if output.exists() and not overwrite:
-        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+    output = checkpoint_output(output, overwrite)
     if options.method not in METHODS:
         raise ElastiqError(f"unknown sorting method {options.method!r}; known: {', '.join(METHODS)}")
     if options.allocation not in ALLOCATIONS:

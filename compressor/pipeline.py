@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import ElastiqError
 from ..atomic import write_text
-from ..checkpoint import MANIFEST, SUFFIX, Checkpoint, record_quality
+from ..checkpoint import MANIFEST, checkpoint_output, SUFFIX, Checkpoint, record_quality
 from ..paths import data_dir
 from .calibrate import calibration_file, heldout_windows
 from .compress import CompressOptions, compress
@@ -74,11 +73,7 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
     """Compress ``source`` (a model path or name) into the nested checkpoint ``output`` through
     every stage ``options`` asks for, resuming the stages a stopped run of the same options left."""
     options = options or PipelineOptions()
-    output = Path(output)
-    if output.suffix != SUFFIX:
-        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
-    if output.exists() and not overwrite:
-        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+    output = checkpoint_output(output, overwrite)
     if options.recover is not None:
         options.recover.seed = options.compress.seed
         if options.recover.bf16 is None:  # settled now: the work folder's record must not change on resume

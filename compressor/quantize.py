@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import MLP, SUFFIX, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
+from ..checkpoint import MLP, checkpoint_output, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
 from ..families import checkpoint_family
 from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
 from ..modeling.model import Transformer
@@ -92,11 +92,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     ckpt = Checkpoint(source)
     family = checkpoint_family(ckpt)
     _check(options, ckpt)
-    output = Path(output)
-    if output.suffix != SUFFIX:
-        raise ElastiqError(f"the output must be a folder named *{SUFFIX}, got {output}")
-    if output.exists() and not overwrite:
-        raise ElastiqError(f"{output} exists; pass --overwrite to replace it")
+    output = checkpoint_output(output, overwrite)
 
     start = time.perf_counter()
     weights = ckpt.read_rate(0.0)

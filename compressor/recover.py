@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path, sweep
-from ..checkpoint import MLP, QK, SUFFIX, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
+from ..checkpoint import MLP, checkpoint_output, QK, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
 from ..families import Family, checkpoint_family, family_for
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
 from ..layouts import from_storage, to_storage
@@ -564,12 +564,8 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     options = options or RecoverOptions()
     ckpt = Checkpoint(checkpoint)
     checkpoint_family(ckpt)  # its config and tensors describe one model
-    output = Path(output)
+    output = checkpoint_output(output, overwrite, RecoverError)
     data = data or data_dir()
-    if output.suffix != SUFFIX:
-        raise RecoverError(f"the output must be a folder named *{SUFFIX}, got {output}")
-    if output.exists() and not overwrite:
-        raise RecoverError(f"{output} exists; pass --overwrite to replace it")
     _check_options(options, ckpt, data)
     state = state_dir(output)
     result = recover(ckpt, options, data, state, progress)

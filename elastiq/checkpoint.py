@@ -80,6 +80,16 @@ def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str,
             (f"{prefix}_scales", t.scales, unit, {"part_of": name, "part": "scales", "format": fmt})]
 
 
+def checkpoint_output(output: str | Path, overwrite: bool, error: type[Exception] = CheckpointError) -> Path:
+    """``output`` as a path a writer may fill: a folder named *.elastiq, absent unless ``overwrite``."""
+    output = Path(output)
+    if output.suffix != SUFFIX:
+        raise error(f"the output must be a folder named *{SUFFIX}, got {output}")
+    if output.exists() and not overwrite:
+        raise error(f"{output} exists; pass --overwrite to replace it")
+    return output
+
+
 def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
                      rates: Sequence[RateSpec], heads: Heads, source: Mapping, tokenizer=None,
                      kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None,
