@@ -98,26 +98,28 @@ def _greedy_llama(llm, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-# case: (checkpoint, float type in the file, how llama.cpp rounds a matmul's input, tolerance, decisive
-# greedy steps required). F16 and Q4_0 files round each matmul input to fp16 / Q8_0; F32 files do not.
-# With the same rounding applied to the runtime, the first position (which no attention mixes) agrees
-# to float32 summation order: 1e-4 of the largest logit. Over the whole sequence, F32 files agree to
-# that bound too; F16 and Q4_0 files are held to what their rounding was measured to cost on these
-# unit-gain models (F16 weights and activations: 0.2% of the largest logit; Q4_0's Q8_0 activations:
-# 3.4%; with a Q8_0 embedding and head, 2.4%). The runtime itself is not rounded there: the bound is
-# the export's whole error. Under these bounds most of the tiny model's greedy steps are near ties,
-# so fewer decisive steps are required; SmolLM2's greedy agreement is measured in
-# benchmarks/results/export_gguf.md.
-CASES = {"llama": ("llama", "f32", None, 1e-4, 32), "llama-f16": ("llama", "f16", _f16, 3e-3, 32),
-         "uniform": ("uniform", "f32", None, 1e-4, 32), "qwen2": ("qwen2", "f32", None, 1e-4, 32),
-         "llama-q4": ("llama-q4", "f16", _q8_0, 5e-2, 8), "llama-q8": ("llama-q8", "f16", _q8_0, 3e-2, 8),
-         "qwen2-q8": ("qwen2-q8", "f16", _q8_0, 3e-2, 8)}
+# case: (checkpoint, float type in the file, how llama.cpp rounds a matmul's input, first-position bound,
+# tolerance, decisive greedy steps required). F16 and Q4_0 files round each matmul input to fp16 / Q8_0;
+# F32 files do not. With the same rounding applied to the runtime, the first position (which no
+# attention mixes) agrees to float32 summation order: 1e-4 of the largest logit. F16 files are the
+# exception on AVX2-only builds of llama.cpp: there the first position was measured 2-4e-4 from the
+# fp16 emulation (5-8e-4 without it), against 1e-7 on AVX-512 builds, so F16 is held to 1e-3 there.
+# Over the whole sequence, F32 files agree to 1e-4 too; F16 and Q4_0 files are held to what their
+# rounding was measured to cost on these unit-gain models (F16 weights and activations: 0.2% of the
+# largest logit; Q4_0's Q8_0 activations: 3.4%; with a Q8_0 embedding and head, 2.4%). The runtime
+# itself is not rounded there: the bound is the export's whole error. Under these bounds most of the
+# tiny model's greedy steps are near ties, so fewer decisive steps are required; SmolLM2's greedy
+# agreement is measured in benchmarks/results/export_gguf.md.
+CASES = {"llama": ("llama", "f32", None, 1e-4, 1e-4, 32), "llama-f16": ("llama", "f16", _f16, 1e-3, 3e-3, 32),
+         "uniform": ("uniform", "f32", None, 1e-4, 1e-4, 32), "qwen2": ("qwen2", "f32", None, 1e-4, 1e-4, 32),
+         "llama-q4": ("llama-q4", "f16", _q8_0, 1e-4, 5e-2, 8), "llama-q8": ("llama-q8", "f16", _q8_0, 1e-4, 3e-2, 8),
+         "qwen2-q8": ("qwen2-q8", "f16", _q8_0, 1e-4, 3e-2, 8)}
 
 
 @pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_llama_cpp_matches_the_runtime(case, rate, checkpoints, tokenizer, tmp_path):
-    name, float_type, rounding, tolerance, steps = CASES[case]
+    name, float_type, rounding, first, tolerance, steps = CASES[case]
     llm = _llama(write_gguf(checkpoints[name], rate, tmp_path / "m.gguf", float_type=float_type))
     ids = tokenizer.encode(TEXT)
     generated = _greedy_llama(llm, ids, GREEDY)
@@ -126,7 +128,7 @@ def test_llama_cpp_matches_the_runtime(case, rate, checkpoints, tokenizer, tmp_p
         rounded = _runtime(checkpoints[name], rate, rounding)(torch.tensor([ids[:1]]))[0]
         reference = _runtime(checkpoints[name], rate)(torch.tensor([ids + generated[:-1]]))[0]
     scale = reference.abs().max()
-    assert (scores[0] - rounded[0]).abs().max() <= 1e-4 * scale, (case, rate)
+    assert (scores[0] - rounded[0]).abs().max() <= first * scale, (case, rate)
     bound = tolerance * scale
     assert (scores - reference).abs().max() <= bound, (case, rate)
     # greedy: at every step of llama.cpp's own continuation, its token is the runtime's argmax, unless
