@@ -48,6 +48,18 @@ def test_cached_decoding_equals_the_full_pass(family, nested_checkpoints, tokeni
         assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5, rate
 
 
+def _assert_close_choices(got: torch.Tensor, want: torch.Tensor, rate: float) -> None:
+    """``got`` logits [1, T, vocab] within 5% of ``want``'s scale, and the same next token wherever
+    ``want``'s two best logits are more than twice the largest difference apart (no rounding within
+    that difference can swap them); such decisive positions must be at least a quarter of them."""
+    error = (got - want).abs().max()
+    assert error < 0.05 * want.abs().max(), rate
+    top = want[0].topk(2)
+    decisive = top.values[:, 0] - top.values[:, 1] > 2 * error
+    assert torch.equal(got[0].argmax(-1)[decisive], top.indices[decisive, 0]), rate
+    assert decisive.float().mean() > 0.25, (rate, int(decisive.sum()))
+
+
 def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, tokenizer):
     """Packed int4 weights with bf16 activations against the same codes dequantized to float32."""
     ids = torch.tensor([tokenizer.encode(TEXT)])
@@ -59,8 +71,7 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
         with torch.no_grad():
             got, want = packed(ids).float(), _reference(ckpt, rate)(ids)
         # bf16 activations carry 8 significant bits through 2 blocks: a few percent of the logit scale
-        assert (got - want).abs().max() < 0.05 * want.abs().max(), rate
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+        _assert_close_choices(got, want, rate)
 
 
 @pytest.mark.parametrize("name", ["llama-q8", "qwen2-q8"])
@@ -77,8 +88,7 @@ def test_the_8bit_embedding_and_head_match_their_dequantized_reference(name, nes
         with torch.no_grad():
             got, want = packed(ids).float(), _reference(ckpt, rate)(ids)
             last = packed(ids, last_only=True).float()  # one row: the int8 matmul path
-        assert (got - want).abs().max() < 0.05 * want.abs().max(), rate
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+        _assert_close_choices(got, want, rate)
         assert (last[:, 0] - got[:, -1]).abs().max() < 0.02 * want.abs().max()
 
 
