@@ -6,8 +6,11 @@ then every (backend, rate) runs in its own process, one after another, as ``elas
 opens it: ``plan_rate`` predicts the footprint for that backend (the backend's package imported and
 the tokenizer loaded first, as the CLI does), ``open_engine`` loads the cached export, and the
 engine's generator prefills a 128-token WikiText-2 prompt and decodes 64 greedy tokens (medians of
---repeats). Peak RSS (``VmHWM``) is compared with the prediction. The 1-minute load average is
-recorded before and after: the machine is shared.
+--repeats). Peak RSS (``VmHWM``) is compared with the prediction. Then, per rate, what
+``--backend auto`` picks (``runtime.fastest``: its own probe, in a fresh process with an empty cache,
+and how long choosing took the first time and once remembered), and per backend a rate switch
+0 -> 0.35 -> 0 in one process (torch resizes in memory; the export backends load the other rate's
+cached export). The 1-minute load average is recorded before and after: the machine is shared.
 
     nice python benchmarks/backends.py      # writes benchmarks/results/backends.{json,md}
 """
@@ -82,14 +85,56 @@ def child_dense(spec: dict) -> dict:
     return child_llamacpp({**spec, "gguf": str(smollm2_gguf()), "tokenizer": spec["checkpoint"]})
 
 
-CHILDREN = {"export": child_export, "run": child_run, "dense": child_dense}
+def child_auto(spec: dict) -> dict:
+    """What --backend auto picks at one rate, from an empty cache (measuring) and then from memory."""
+    import tempfile
+    import time
+
+    import torch
+
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.runtime.fastest import choose_backend
+
+    torch.set_num_threads(spec["threads"])
+    ckpt = Checkpoint(spec["checkpoint"])
+    os.environ["ELASTIQ_CACHE"] = tempfile.mkdtemp()
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        choice = choose_backend(ckpt, spec["rate"], spec["ctx"], torch.bfloat16, True, spec["threads"],
+                                tokenizer=ckpt.tokenizer())
+        seconds.append(time.perf_counter() - start)
+    return {"chosen": choice.backend, "probe": {n: s.decode_tok_s for n, s in choice.speeds.items()},
+            "first_s": seconds[0], "remembered_s": seconds[1]}
+
+
+def child_switch(spec: dict) -> dict:
+    """Median seconds of switching 0 -> 0.35 and back on one backend (exports cached), over --repeats."""
+    import torch
+
+    from elastiq.checkpoint import Checkpoint
+    from elastiq.runtime.backends import open_engine
+
+    torch.set_num_threads(spec["threads"])
+    ckpt = Checkpoint(spec["checkpoint"])
+    dtype = torch.bfloat16 if spec["backend"] == "torch" else torch.float32
+    engine = open_engine(spec["backend"], ckpt, 0.0, spec["ctx"], dtype)
+    shrink, grow = [], []
+    for _ in range(spec["repeats"]):
+        shrink.append(engine.set_rate(0.35).seconds)
+        grow.append(engine.set_rate(0.0).seconds)
+    return {"shrink_s": statistics.median(shrink), "grow_s": statistics.median(grow)}
+
+
+CHILDREN = {"export": child_export, "run": child_run, "dense": child_dense, "auto": child_auto,
+            "switch": child_switch}
 
 
 def to_markdown(results: dict) -> str:
     load = results["load_average"]
     loaded = max(load["before"], load["after"]) > 2
     lines = [f"# Backends: torch, llama.cpp and onnxruntime per rate ({results['device']})", "",
-             f"Command: `{results['command']}`", "",
+             f"Command: `{results['command']}`", "", f"CPU: {results['cpu']}.", "",
              f"Checkpoint `{Path(results['checkpoint']).name}` (SmolLM2-135M-Instruct, GPTQ Q4_0). Prompt "
              f"{results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
              f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
@@ -116,6 +161,22 @@ def to_markdown(results: dict) -> str:
     lines += ["", f"llama.cpp on the dense base model (the wheel's SmolLM2-135M-Instruct Q4_1 GGUF), same prompt and "
               f"settings: prefill {dense['prefill_tok_s']:.0f} tok/s, decode {dense['decode_tok_s']:.1f} tok/s, load "
               f"{dense['load_s']:.2f} s, peak RSS {mib(dense['peak_rss'])} MiB."]
+    lines += ["", "![decode and prefill tok/s per rate and backend](backends.png)"]
+    if results.get("auto"):
+        lines += ["", "What `--backend auto` picks at each rate (its own probe: 64 tokens prefilled, 32 decoded, best "
+                  "of 3, in a fresh process with an empty cache; the exports were already cached), and the seconds "
+                  "choosing took the first time (measuring every backend) and then from the remembered figures:", "",
+                  "| rate | picks | probe decode tok/s | first choice s | remembered s |", "|---|---|---|---|---|"]
+        for rate, auto in results["auto"].items():
+            probe = ", ".join(f"{n} {v:.0f}" for n, v in sorted(auto["probe"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {rate} | {auto['chosen']} | {probe} | {auto['first_s']:.1f} | {auto['remembered_s']:.2f} |")
+    if results.get("switch"):
+        lines += ["", f"Switching rate in one process, medians of {results['repeats']} round trips: torch resizes in "
+                  "memory (a shrink reads nothing); llama.cpp and onnxruntime load the other rate's cached export "
+                  "(the whole file) and empty the KV cache:", "", "| backend | 0 -> 0.35 s | 0.35 -> 0 s |",
+                  "|---|---|---|"]
+        for backend, row in results["switch"].items():
+            lines.append(f"| {backend} | {row['shrink_s']:.3f} | {row['grow_s']:.3f} |")
     lines += ["", "Predicted parts (MiB): weights / KV cache / workspace / baseline:", "",
               "| backend | rate | weights | KV cache | workspace | baseline |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -123,6 +184,29 @@ def to_markdown(results: dict) -> str:
         lines.append(f"| {row['backend']} | {row['rate']} | {mib(p['weights'])} | {mib(p['kv_cache'])} | "
                      f"{mib(p['workspace'])} | {mib(p['baseline'])} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Decode and prefill tok/s against the rate, one line per backend, llama.cpp's dense file as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
+        for backend in BACKENDS:
+            rows = [r for r in results["rows"] if r["backend"] == backend]
+            ax.plot([r["rate"] for r in rows], [r[key] for r in rows], marker="o", label=backend)
+        ax.axhline(results["dense"][key], color="grey", linestyle="--", label="llama.cpp, dense Q4_1 file")
+        ax.set_xlabel("pruning rate")
+        ax.set_ylabel(f"{label} tok/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M-Instruct, 4-bit, {results['threads']} threads: {results['cpu'].split(' (')[0]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -140,8 +224,10 @@ def main() -> None:
 
     common = {"checkpoint": args.checkpoint, **generation_spec(args)}
     rates = [float(r) for r in args.rates.split(",")]
+    from elastiq.runtime.fastest import cpu_signature
+
     results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]),
-               "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+               "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "cpu": cpu_signature(),
                "load_average": {"before": os.getloadavg()[0]}, "rows": []}
     exports = {}
     for backend in BACKENDS[1:]:
@@ -160,7 +246,12 @@ def main() -> None:
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
     results["dense"] = run_child(__file__, "dense", common)
     print("dense", results["dense"], file=sys.stderr)
+    results["auto"] = {rate: run_child(__file__, "auto", {**common, "rate": rate}) for rate in rates}
+    print("auto", results["auto"], file=sys.stderr)
+    results["switch"] = {backend: run_child(__file__, "switch", {**common, "backend": backend}) for backend in BACKENDS}
+    print("switch", results["switch"], file=sys.stderr)
     results["load_average"]["after"] = os.getloadavg()[0]
+    plot(results, RESULTS / "backends.png")
     write_text(RESULTS / "backends.json", json.dumps(results, indent=1))
     write_text(RESULTS / "backends.md", to_markdown(results))
     print(to_markdown(results))

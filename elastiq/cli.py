@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import ElastiqError, __version__
-from .runtime.backends import BACKENDS
+from .runtime.backends import AUTO, BACKENDS
 
 
 def _positive(text: str) -> int:
@@ -67,6 +67,7 @@ def _open_engine(args: argparse.Namespace):
     from .families import checkpoint_family
     from .runtime.backends import open_engine
     from .runtime.engine import check_ctx
+    from .runtime.fastest import choose_backend
     from .runtime.plan import plan_rate
     from .runtime.resolve import resolve_checkpoint
 
@@ -74,21 +75,30 @@ def _open_engine(args: argparse.Namespace):
     ckpt = Checkpoint(resolve_checkpoint(args.model, log=_log))
     checkpoint_family(ckpt)  # its config and tensors checked before anything reads them
     check_ctx(ckpt.config, args.ctx)
-    if args.backend != "torch" and args.dtype != "auto":
-        raise ElastiqError(f"--dtype {args.dtype} applies to the torch backend; {args.backend} computes in its own "
+    name = args.backend
+    if name == AUTO and args.dtype != "auto":
+        name = "torch"
+        _log(f"elastiq: --dtype {args.dtype} is the torch backend's: running on torch")
+    if name not in ("torch", AUTO) and args.dtype != "auto":
+        raise ElastiqError(f"--dtype {args.dtype} applies to the torch backend; {name} computes in its own "
                            "types (float32 activations): leave --dtype auto")
     int4 = ckpt.quantization is not None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
         (torch.bfloat16 if int4 else torch.float32)
     tokenizer = ckpt.tokenizer()  # before planning: the tokenizer is part of the process's baseline
-    plan = plan_rate(ckpt, None if args.rate == "auto" else args.rate, args.ctx, dtype, int4, args.memory_budget,
-                     backend=args.backend, max_kl=args.max_kl)
-    _log(f"elastiq: {ckpt.path}: {plan.reason}" + ("" if args.backend == "torch" else f" on {args.backend}"))
-    engine = open_engine(args.backend, ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify,
-                         tokenizer=tokenizer)
-    if args.backend != "torch":
+    rate = None if args.rate == "auto" else args.rate
+    if name == AUTO:
+        choice = choose_backend(ckpt, rate, args.ctx, dtype, int4, torch.get_num_threads(), args.memory_budget,
+                                args.max_kl, tokenizer, log=lambda message: _log(f"elastiq: {message}"))
+        name, plan = choice.backend, choice.plan
+        _log(f"elastiq: --backend auto chose {choice.reason}")
+    else:
+        plan = plan_rate(ckpt, rate, args.ctx, dtype, int4, args.memory_budget, backend=name, max_kl=args.max_kl)
+    _log(f"elastiq: {ckpt.path}: {plan.reason}" + ("" if name == "torch" else f" on {name}"))
+    engine = open_engine(name, ckpt, plan.rate, args.ctx, dtype, verify=not args.no_verify, tokenizer=tokenizer)
+    if name != "torch":
         how = "cached" if engine.export_seconds is None else f"exported in {engine.export_seconds:.1f} s"
-        _log(f"elastiq: {args.backend} runs {engine.export} ({how})")
+        _log(f"elastiq: {name} runs {engine.export} ({how})")
     _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
          f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB; {threads}")
     return engine
@@ -392,9 +402,11 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bytes read")
-    parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
-                        help="torch (default) runs the checkpoint itself; llama.cpp and onnxruntime run the rate's "
-                             "GGUF or ONNX export, written once into NAME.elastiq.exports beside the checkpoint")
+    parser.add_argument("--backend", choices=[AUTO, *BACKENDS], default=AUTO,
+                        help="auto (default): the installed backend measured to decode this checkpoint fastest on "
+                             "this machine, at the least-pruned rate any backend can run (measured once, remembered "
+                             "in the cache); torch runs the checkpoint itself; llama.cpp and onnxruntime run the "
+                             "rate's GGUF or ONNX export, written once into NAME.elastiq.exports beside the checkpoint")
     _add_threads_arg(parser)
 
 

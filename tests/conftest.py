@@ -44,6 +44,20 @@ TEXT = "Robert Boulter is an English film , television and theatre actor . He ha
 
 
 @pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("elastiq-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(request, _session_cache, monkeypatch) -> None:
+    """elastiq's cache (remembered backend speeds, checkpoints built from models) is a folder of the
+    test session, never the user's: except for the realmodel tests, which build the default model
+    once in the user's cache as the README's first command does."""
+    if request.node.get_closest_marker("realmodel") is None:
+        monkeypatch.setenv("ELASTIQ_CACHE", str(_session_cache))
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     from elastiq.paths import data_dir as find
 

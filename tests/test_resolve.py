@@ -73,4 +73,5 @@ def test_two_servers_started_at_once_on_an_empty_cache_both_answer(tiny_dirs, tm
     assert sum("another elastiq process is compressing" in log for log in logs) == 1, logs
     assert all("Traceback" not in log for log in logs)
     cached = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
-    assert len(cached) == 2 and cached[1] == cached[0] + ".lock"  # one checkpoint, nothing half-written
+    # one checkpoint, its lock and the exports --backend auto measured, nothing half-written
+    assert cached == [cached[0], cached[0] + ".exports", cached[0] + ".lock"], cached

@@ -113,20 +113,20 @@ def test_run_uses_the_asked_threads_on_every_backend(checkpoint, torch_threads, 
     monkeypatch.setattr(onnxruntime, "InferenceSession", record_session)
     common = [str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "2", "--ctx", "64", "--rate", "0.35"]
     torch.set_num_threads(2)
-    assert main(["run", *common, "--threads", "1"]) == 0
+    assert main(["run", *common, "--threads", "1", "--backend", "torch"]) == 0
     assert torch.get_num_threads() == 1
     assert "; 1 thread (--threads)" in capsys.readouterr().err
     for backend in ("llama.cpp", "onnxruntime"):
         assert main(["run", *common, "--threads", "1", "--backend", backend]) == 0
     assert asked == [("llama.cpp", 1, 1), ("onnxruntime", 1)]
     cores, source = usable_cores()
-    assert main(["run", *common, "--threads", str(cores + 1)]) == 0  # more than the usable cores: allowed, warned
+    assert main(["run", *common, "--threads", str(cores + 1), "--backend", "torch"]) == 0  # more than the usable cores: allowed, warned
     err = capsys.readouterr().err
     assert f"warning: --threads {cores + 1} is more than the {cores} cores this process may use ({source})" in err
     assert torch.get_num_threads() == cores + 1
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert main(["run", *common]) == 0
+    assert main(["run", *common, "--backend", "torch"]) == 0
     assert torch.get_num_threads() == cores and f"; {cores} thread" in capsys.readouterr().err
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting stands when --threads is not given
-    assert main(["run", *common]) == 0
+    assert main(["run", *common, "--backend", "torch"]) == 0
     assert torch.get_num_threads() == 1 and "; 1 thread (OMP_NUM_THREADS)" in capsys.readouterr().err

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .base import Backend
 
 BACKENDS: dict[str, str] = {"torch": "elastic", "llama.cpp": "llamacpp", "onnxruntime": "onnxrt"}
+AUTO = "auto"  # not a backend: the installed one measured fastest for the checkpoint here (``runtime.fastest``)
 
 
 def backend(name: str) -> Backend:
@@ -39,4 +40,4 @@ def open_engine(name: str, checkpoint: str | Path | Checkpoint, rate: float, ctx
     return chosen.open(checkpoint, rate, ctx, dtype=dtype, verify=verify, tokenizer=tokenizer, scoring=scoring)
 
 
-__all__ = ["BACKENDS", "backend", "open_engine"]
+__all__ = ["AUTO", "BACKENDS", "backend", "open_engine"]
