@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -58,7 +59,7 @@ def child_run(spec: dict) -> dict:
     int4 = ckpt.manifest["quantization"] is not None
     dtype = torch.bfloat16 if int4 and spec["backend"] == "torch" else torch.float32
     tokenizer = ckpt.tokenizer()  # as `elastiq run` does: part of the baseline
-    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, backend=spec["backend"])
+    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, backend=spec["backend"], max_kl=math.inf)
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
     engine = open_engine(spec["backend"], ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
     assert getattr(engine, "export_seconds", None) is None, "the export should have been cached"
@@ -102,7 +103,7 @@ def child_auto(spec: dict) -> dict:
     for _ in range(2):
         start = time.perf_counter()
         choice = choose_backend(ckpt, spec["rate"], spec["ctx"], torch.bfloat16, True, spec["threads"],
-                                tokenizer=ckpt.tokenizer())
+                                max_kl=math.inf, tokenizer=ckpt.tokenizer())
         seconds.append(time.perf_counter() - start)
     return {"chosen": choice.backend, "probe": {n: s.decode_tok_s for n, s in choice.speeds.items()},
             "first_s": seconds[0], "remembered_s": seconds[1]}

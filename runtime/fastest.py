@@ -143,7 +143,8 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
         except ElastiqError as err:
             unusable[name] = str(err)
     if not plans:
-        raise ElastiqError("no backend can run this checkpoint here: " +
+        errors = set(unusable.values())
+        raise ElastiqError(errors.pop() if len(errors) == 1 else "no backend can run this checkpoint here: " +
                            "; ".join(f"{name}: {why}" for name, why in unusable.items()))
     best = min(plan.rate for plan in plans.values())
     candidates = [name for name, plan in plans.items() if plan.rate == best]

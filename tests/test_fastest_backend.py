@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint
 from elastiq.cli import main
 from elastiq.compressor.compress import CompressOptions, compress
@@ -103,3 +104,19 @@ def test_run_says_which_backend_auto_chose(ckpt, own_cache, capsys):
     err = capsys.readouterr().err
     assert "--dtype bfloat16 is the torch backend's: running on torch" in err and "auto chose" not in err
     assert (cache_dir() / SPEEDS_FILE).is_file()
+
+
+def test_when_no_backend_can_run_the_reason_is_said_once(ckpt, own_cache):
+    with pytest.raises(ElastiqError) as refused:
+        _choose(ckpt, [], rate=0.2)
+    assert str(refused.value).startswith("rate 0.2 is not offered") and str(refused.value).count("0.2") == 1
+    with pytest.raises(ElastiqError) as refused:
+        choose_backend(ckpt, None, 64, torch.bfloat16, True, 1, memory_budget=2**20, tokenizer=ckpt.tokenizer())
+    # each backend's footprint is mostly the process's baseline, which grows as backends are imported:
+    # the three refusals are said once when they are equal, else one by one
+    message = str(refused.value)
+    if message.count("no offered rate fits the budget of 1 MiB") == 1:
+        assert message.startswith("no offered rate fits the budget of 1 MiB")
+    else:
+        assert re.match(r"no backend can run this checkpoint here: torch: no offered rate fits the budget of 1 MiB "
+                        r".*; llama\.cpp: no offered rate fits .*; onnxruntime: no offered rate fits ", message)

@@ -1,0 +1,116 @@
+"""What ``torch.compile`` (Inductor's CPU backend) buys the torch runtime's decode step, as the model is written today.
+
+The torch Engine opens each rate of a 4-bit checkpoint (bfloat16 activations on the int4 codes),
+prefills a prompt eagerly, then decodes greedy tokens one at a time: eagerly, and through
+``torch.compile(decode_step, dynamic=True)``, where ``decode_step`` is the model's forward at one
+position of the KV cache (the position symbolic, so that one graph serves every step). Reported:
+the first compiled call's seconds (compiling; Inductor's on-disk cache is emptied first), steady
+decode tok/s of both paths (medians of --repeats runs of --decode-tokens steps), and whether the
+greedy tokens are equal. The rate switch is not exercised: each rate is compiled in its own process.
+
+    python benchmarks/compiled_decode.py CKPT.elastiq --rates 0.0,0.35
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from elastiq.atomic import write_text
+from measure import prompt_ids, run_child
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def child(spec: dict) -> dict:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # the first call pays the whole compile
+    import torch
+
+    from elastiq.runtime.engine import Engine
+
+    torch.set_num_threads(spec["threads"])
+    engine = Engine(spec["checkpoint"], spec["rate"], ctx=spec["ctx"])
+    model, generator = engine.model, engine.generator
+    ids = prompt_ids(engine.tokenizer, spec["prompt_tokens"])
+
+    def step(token: torch.Tensor, start: int) -> torch.Tensor:
+        return model(token, start=start, last_only=True)[0, -1]
+
+    compiled = torch.compile(step, dynamic=True)
+
+    @torch.inference_mode()
+    def decode(fn) -> tuple[list[int], float, float]:
+        """Greedy tokens from the prompt; seconds of the first step and of the rest."""
+        generator.reset()
+        logits, _ = generator.prefill(ids)
+        tokens, times = [], []
+        for _ in range(spec["decode_tokens"]):
+            tokens.append(int(logits.argmax()))
+            start = time.perf_counter()
+            logits = fn(torch.tensor([[tokens[-1]]]), len(generator.cached))
+            times.append(time.perf_counter() - start)
+            generator.cached.append(tokens[-1])
+        return tokens, times[0], sum(times[1:])
+
+    steps = spec["decode_tokens"] - 1
+    eager = [decode(step) for _ in range(spec["repeats"])]
+    first = decode(compiled)
+    runs = [decode(compiled) for _ in range(spec["repeats"])]
+    return {"eager_tok_s": statistics.median(steps / r[2] for r in eager),
+            "compiled_tok_s": statistics.median(steps / r[2] for r in runs),
+            "compile_s": first[1], "equal_tokens": all(r[0] == eager[0][0] for r in [first, *runs]),
+            "agree": next((i for i, (a, b) in enumerate(zip(first[0], eager[0][0])) if a != b), len(first[0]))}
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"Command: `{results['command']}`", "",
+             f"torch {results['torch']}, {results['threads']} threads, CPU: {results['cpu']}. Prompt "
+             f"{results['prompt_tokens']} tokens (prefilled eagerly), {results['decode_tokens']} greedy decode steps, "
+             f"medians of {results['repeats']} runs; each rate in its own process.", "",
+             "| rate | eager decode tok/s | compiled decode tok/s | compiled / eager | first compiled call s | "
+             "greedy tokens equal to eager |", "|---|---|---|---|---|---|"]
+    for rate, r in results["rates"].items():
+        equal = "all" if r["equal_tokens"] else f"first {r['agree']}"
+        lines.append(f"| {rate} | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
+                     f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f} | {r['compile_s']:.0f} | {equal} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--rates", default="0.0,0.35")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child[1]))))
+        return
+    import torch
+
+    from elastiq.runtime.fastest import cpu_signature
+
+    spec = {k: getattr(args, k) for k in ("checkpoint", "prompt_tokens", "decode_tokens", "ctx", "repeats", "threads")}
+    results = {"command": "python benchmarks/compiled_decode.py " + shlex.join(sys.argv[1:]), **spec,
+               "torch": torch.__version__, "cpu": cpu_signature(), "rates": {}}
+    for rate in (float(r) for r in args.rates.split(",")):
+        results["rates"][str(rate)] = run_child(__file__, "decode", {**spec, "rate": rate})
+        print(rate, results["rates"][str(rate)], file=sys.stderr, flush=True)
+    write_text(RESULTS / "compiled_decode.json", json.dumps(results, indent=1))
+    write_text(RESULTS / "compiled_decode.md", to_markdown(results))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
