@@ -99,8 +99,10 @@ def _open_engine(args: argparse.Namespace):
     if name != "torch":
         how = "cached" if engine.export_seconds is None else f"exported in {engine.export_seconds:.1f} s"
         _log(f"elastiq: {name} runs {engine.export} ({how})")
+    read = f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB" if name == "torch" else \
+        f"of its {name} export"
     _log(f"elastiq: loaded rate {engine.rate} in {engine.load_seconds:.1f} s, reading {engine.load_bytes / 1e6:.1f} MB "
-         f"of {ckpt.path.joinpath('weights.safetensors').stat().st_size / 1e6:.1f} MB; {threads}")
+         f"{read}; {threads}")
     return engine
 
 

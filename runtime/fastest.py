@@ -165,9 +165,11 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
         remembered[keys[name]] = {"backend": name, "rate": best, "checkpoint": str(ckpt.path), "threads": threads,
                                   "cpu": cpu_signature(), **speeds[name].__dict__}
         fresh.append(name)
-    if fresh:
+    if fresh:  # written with the figures of checkpoints that no longer exist left out
+        kept = {key: entry for key, entry in remembered.items()
+                if not (isinstance(entry, dict) and "checkpoint" in entry and not Path(entry["checkpoint"]).exists())}
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(remembered, indent=1, sort_keys=True) + "\n")
+        write_text(path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
     chosen = max(candidates, key=lambda name: speeds[name].decode_tok_s if name in speeds else 0.0)
     return Choice(chosen, plans[chosen], speeds, _reason(chosen, best, plans, speeds, fresh, unusable, path))
 

@@ -80,8 +80,14 @@ def test_the_remembered_speeds_decide_and_another_thread_count_measures_again(ck
     choice = _choose(ckpt, logs, rate=0.35)
     assert logs == [] and choice.backend == "onnxruntime" and choice.plan.rate == 0.35
     assert "onnxruntime 400 tok/s, torch 50 tok/s, llama.cpp 40 tok/s; measured 2026-01-02" in choice.reason
+    gone = {"backend": "torch", "checkpoint": str(own_cache / "deleted.elastiq"), "decode_tok_s": 9.0,
+            "prefill_tok_s": 9.0, "measured": "2026-01-01"}
+    (own_cache / SPEEDS_FILE).write_text(json.dumps({**json.loads((own_cache / SPEEDS_FILE).read_text()),
+                                                     "0123456789abcdef": gone}))
     other = _choose(ckpt, logs, rate=0.35, threads=threads + 1)  # another machine set-up: its own figures
     assert len(logs) == 1 and "measuring" in logs[0] and other.speeds["onnxruntime"].decode_tok_s != 400.0
+    remembered = json.loads((own_cache / SPEEDS_FILE).read_text())
+    assert len(remembered) == 6 and "0123456789abcdef" not in remembered  # a deleted checkpoint's figures go
 
 
 def test_a_backend_that_is_not_installed_is_left_out_with_its_reason(ckpt, own_cache, monkeypatch):
@@ -97,6 +103,8 @@ def test_run_says_which_backend_auto_chose(ckpt, own_cache, capsys):
     err = capsys.readouterr().err
     chosen = re.search(r"--backend auto chose (\S+): the fastest decoder of rate 0.0 here", err).group(1)
     assert chosen in BACKENDS and "measuring how fast" in err and "loaded rate 0.0" in err
+    size = r"of its \S+ export" if chosen != "torch" else r"of \d+\.\d MB"  # what was read, out of what
+    assert re.search(rf"loaded rate 0.0 in \d+\.\d s, reading \d+\.\d MB {size}; ", err), err
     assert main(["run", path, "--prompt", "Hello", "--max-new-tokens", "4", "--ctx", "64"]) == 0
     err = capsys.readouterr().err
     assert f"--backend auto chose {chosen}:" in err and "measuring" not in err
