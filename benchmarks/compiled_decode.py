@@ -6,7 +6,9 @@ prefills a prompt eagerly, then decodes greedy tokens one at a time: eagerly, an
 position of the KV cache (the position symbolic, so that one graph serves every step). Reported:
 the first compiled call's seconds (compiling; Inductor's on-disk cache is emptied first), steady
 decode tok/s of both paths (medians of --repeats runs of --decode-tokens steps), and whether the
-greedy tokens are equal. The rate switch is not exercised: each rate is compiled in its own process.
+greedy tokens are equal, and from torch.profiler over one eager decode run, the int4 matmuls' calls
+and milliseconds a step and their share of the ops' time (the profile slows each op down a little).
+The rate switch is not exercised: each rate is compiled in its own process.
 
     python benchmarks/compiled_decode.py CKPT.elastiq --rates 0.0,0.35
 """
@@ -14,6 +16,7 @@ greedy tokens are equal. The rate switch is not exercised: each rate is compiled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -32,6 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def child(spec: dict) -> dict:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # the first call pays the whole compile
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from elastiq.runtime.engine import Engine
 
@@ -46,27 +50,37 @@ def child(spec: dict) -> dict:
     compiled = torch.compile(step, dynamic=True)
 
     @torch.inference_mode()
-    def decode(fn) -> tuple[list[int], float, float]:
-        """Greedy tokens from the prompt; seconds of the first step and of the rest."""
+    def decode(fn, around=contextlib.nullcontext()) -> tuple[list[int], float, float]:
+        """Greedy tokens from the prompt; seconds of the first step and of the rest. The decode
+        steps, not the prefill, run inside the context ``around``."""
         generator.reset()
         logits, _ = generator.prefill(ids)
         tokens, times = [], []
-        for _ in range(spec["decode_tokens"]):
-            tokens.append(int(logits.argmax()))
-            start = time.perf_counter()
-            logits = fn(torch.tensor([[tokens[-1]]]), len(generator.cached))
-            times.append(time.perf_counter() - start)
-            generator.cached.append(tokens[-1])
+        with around:
+            for _ in range(spec["decode_tokens"]):
+                tokens.append(int(logits.argmax()))
+                start = time.perf_counter()
+                logits = fn(torch.tensor([[tokens[-1]]]), len(generator.cached))
+                times.append(time.perf_counter() - start)
+                generator.cached.append(tokens[-1])
         return tokens, times[0], sum(times[1:])
 
     steps = spec["decode_tokens"] - 1
     eager = [decode(step) for _ in range(spec["repeats"])]
+    prof = profile(activities=[ProfilerActivity.CPU])
+    decode(step, prof)
+    ops = prof.key_averages()
+    total = sum(op.self_cpu_time_total for op in ops)
+    int4 = [op for op in ops if "int4pack_mm" in op.key]
     first = decode(compiled)
     runs = [decode(compiled) for _ in range(spec["repeats"])]
     return {"eager_tok_s": statistics.median(steps / r[2] for r in eager),
             "compiled_tok_s": statistics.median(steps / r[2] for r in runs),
             "compile_s": first[1], "equal_tokens": all(r[0] == eager[0][0] for r in [first, *runs]),
-            "agree": next((i for i, (a, b) in enumerate(zip(first[0], eager[0][0])) if a != b), len(first[0]))}
+            "agree": next((i for i, (a, b) in enumerate(zip(first[0], eager[0][0])) if a != b), len(first[0])),
+            "int4_share": sum(op.self_cpu_time_total for op in int4) / total,
+            "int4_calls_per_step": sum(op.count for op in int4) / spec["decode_tokens"],
+            "int4_ms_per_step": sum(op.self_cpu_time_total for op in int4) / 1e3 / spec["decode_tokens"]}
 
 
 def to_markdown(results: dict) -> str:
@@ -75,11 +89,13 @@ def to_markdown(results: dict) -> str:
              f"{results['prompt_tokens']} tokens (prefilled eagerly), {results['decode_tokens']} greedy decode steps, "
              f"medians of {results['repeats']} runs; each rate in its own process.", "",
              "| rate | eager decode tok/s | compiled decode tok/s | compiled / eager | first compiled call s | "
-             "greedy tokens equal to eager |", "|---|---|---|---|---|---|"]
+             "greedy tokens equal to eager | int4 matmuls a step | their ms a step | their share of eager op time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rate, r in results["rates"].items():
         equal = "all" if r["equal_tokens"] else f"first {r['agree']}"
         lines.append(f"| {rate} | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
-                     f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f} | {r['compile_s']:.0f} | {equal} |")
+                     f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f} | {r['compile_s']:.0f} | {equal} | "
+                     f"{r['int4_calls_per_step']:.0f} | {r['int4_ms_per_step']:.1f} | {r['int4_share']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
