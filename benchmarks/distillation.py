@@ -54,6 +54,14 @@ def windows(tokenizer, count: int, c4_count: int, seqlen: int) -> dict[str, torc
 
 
 @torch.inference_mode()
+def dense_logprobs(start: Checkpoint, data: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Per corpus, each window's next-token log-probabilities [T-1, vocab] under ``start`` at rate 0
+    (the dense model: sorting is exact there), float32."""
+    reference = Transformer.from_weights(start.read_rate(0.0), start.config).eval()
+    return {c: [reference(w[None])[0, :-1].float().log_softmax(-1) for w in ws] for c, ws in data.items()}
+
+
+@torch.inference_mode()
 def per_window(model: Transformer, dense: dict[str, list[torch.Tensor]], data: dict[str, torch.Tensor]) -> dict:
     """Per window: mean NLL, and mean KL(dense || model) over its tokens."""
     out = {}
@@ -92,10 +100,7 @@ def main() -> None:
     start = Checkpoint(args.start)
     config, tokenizer = start.config, start.tokenizer()
     data = windows(tokenizer, args.windows, args.c4_windows, args.eval_seqlen)
-    reference = Transformer.from_weights(start.read_rate(0.0), config).eval()
-    with torch.inference_mode():
-        dense = {c: [reference(w[None])[0, :-1].float().log_softmax(-1) for w in ws] for c, ws in data.items()}
-    del reference
+    dense = dense_logprobs(start, data)
     results = {"command": "python " + shlex.join(sys.argv), "start": str(args.start),
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "windows": args.windows,
                "c4_windows": args.c4_windows, "eval_seqlen": args.eval_seqlen, "variants": {}}

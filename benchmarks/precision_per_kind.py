@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distillation import mean_se, per_window, windows
+from distillation import dense_logprobs, mean_se, per_window, windows
 from elastiq.atomic import write_text
 from elastiq.checkpoint import Checkpoint
 from elastiq.modeling.model import Transformer
@@ -112,10 +112,7 @@ def main() -> None:
     config, tokenizer = start.config, start.tokenizer()
     rates = [float(r) for r in args.rates.split(",")] if args.rates else list(start.rates)
     data = windows(tokenizer, args.windows, args.c4_windows, args.eval_seqlen)
-    reference = Transformer.from_weights(start.read_rate(0.0), config).eval()
-    with torch.inference_mode():
-        dense = {c: [reference(w[None])[0, :-1].float().log_softmax(-1) for w in ws] for c, ws in data.items()}
-    del reference
+    dense = dense_logprobs(start, data)
     kinds = _kinds(config["num_hidden_layers"])
     results = {"command": "python " + shlex.join(sys.argv), "start": str(args.start),
                "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "windows": args.windows,

@@ -14,6 +14,7 @@ cache, so later runs choose at once.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -33,7 +34,7 @@ from .backends import BACKENDS, backend, open_engine
 from .backends.exported import export_key
 from .floor import DEFAULT_MAX_KL
 from .memory import return_freed_memory
-from .plan import RatePlan, plan_rate
+from .plan import RatePlan, plan_rate, process_baseline
 
 SPEEDS_FILE = "backend-speeds.json"
 PROBE_PROMPT = 64  # tokens prefilled before the timed decode
@@ -65,6 +66,7 @@ class Choice:
     reason: str
 
 
+@functools.cache
 def cpu_signature() -> str:
     """The CPU as far as kernels care: model name, architecture and the instruction sets in ``CPU_FEATURES``."""
     model, flags = platform.processor() or "", set()
@@ -137,9 +139,18 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
     Speeds come from the cache file when it holds them for this key, else are measured (``log``
     says so first) and remembered."""
     plans, unusable = {}, {}
-    for name in BACKENDS:
+    for name in BACKENDS:  # every package imported first, so that one baseline serves every plan
         try:
-            plans[name] = plan_rate(ckpt, rate, ctx, dtype, int4, memory_budget, backend=name, max_kl=max_kl)
+            backend(name).require()
+        except ElastiqError as err:
+            unusable[name] = str(err)
+    baseline = process_baseline()
+    for name in BACKENDS:
+        if name in unusable:
+            continue
+        try:
+            plans[name] = plan_rate(ckpt, rate, ctx, dtype, int4, memory_budget, backend=name, baseline=baseline,
+                                    max_kl=max_kl)
         except ElastiqError as err:
             unusable[name] = str(err)
     if not plans:

@@ -24,6 +24,13 @@ class RatePlan:
     reason: str
 
 
+def process_baseline() -> int:
+    """This process's resident memory now, without what the heap kept from earlier work: what a
+    rate's footprint is added to."""
+    return_freed_memory()
+    return psutil.Process().memory_info().rss
+
+
 def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype, int4: bool,
               memory_budget: int | None = None, device: str | torch.device = "cpu",
               margin: float = SAFETY_MARGIN, backend: str = "torch", baseline: int | None = None,
@@ -38,8 +45,7 @@ def plan_rate(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.dtype
     runtime = backends.backend(backend)
     runtime.require()
     if baseline is None:
-        return_freed_memory()  # what the heap keeps from earlier work is not part of the baseline
-        baseline = psutil.Process().memory_info().rss
+        baseline = process_baseline()
     footprints = [runtime.footprint(ckpt, r, ctx, baseline, dtype=dtype, int4=int4, device=device)
                   for r in ckpt.rates]
     if rate is not None:
