@@ -1,4 +1,4 @@
-"""GPTQ on the GGUF Q4_0 grid, visiting a matrix's input columns in a chosen order of whole blocks.
+"""GPTQ on the GGUF Q4_0 (or Q8_0) grid, visiting a matrix's input columns in a chosen order of whole blocks.
 
 GPTQ quantizes one input column at a time and spreads its error, weighted by the inverse
 Hessian H = X^T X of the layer's inputs, over the columns not yet quantized. The order decides
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from .. import ElastiqError
-from ..quants import BLOCK, pack, q4_0_codes, q4_0_scales, round_to_grid
+from ..quants import (BLOCK, FORMATS, Quantized, pack, q4_0_codes, q4_0_scales, q8_0_codes, q8_0_round, q8_0_scales,
+                      round_to_grid)
 
 ORDERS = ("forward", "least-important-first")  # for input axes that pruning cuts; the first is the default
 
@@ -45,10 +46,18 @@ def act_order(hessian: torch.Tensor) -> torch.Tensor:
     return blocks[energy.argsort(descending=True, stable=True)].flatten()
 
 
+# Each format's grid: fp16 block scales of weights, and the dequantized value of a column on it.
+GRIDS = {"q4_0": (q4_0_scales, lambda w, d: d.float() * (round_to_grid(w, d) - 8)),
+         "q8_0": (q8_0_scales, lambda w, d: d.float() * q8_0_round(w, d))}
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp: float = 0.01,
-         batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``weight`` [out, in] given ``hessian`` [in, in] (sum of x x^T over calibration inputs)
-    visiting columns in ``order``; returns (GGUF-packed codes [out, in/32, 16], fp16 scales [out, in/32])."""
+         batch: int = 128, fmt: str = "q4_0") -> Quantized:
+    """Quantize ``weight`` [out, in] to ``fmt`` ("q4_0" or "q8_0") given ``hessian`` [in, in] (sum of
+    x x^T over calibration inputs), visiting columns in ``order``."""
+    if fmt not in GRIDS:
+        raise ElastiqError(f"GPTQ quantizes to {' or '.join(GRIDS)}, not {fmt!r}")
+    block_scales_of, on_grid = GRIDS[fmt]
     n = weight.shape[1]
     if hessian.shape != (n, n) or sorted(order.tolist()) != list(range(n)):
         raise ElastiqError(f"GPTQ needs a [{n}, {n}] Hessian and a permutation of the {n} input columns")
@@ -70,9 +79,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp:
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % BLOCK == 0:
-                d = q4_0_scales(w1[:, i:i + BLOCK])[:, 0]
+                d = block_scales_of(w1[:, i:i + BLOCK])[:, 0]
                 scales[:, (i1 + i) // BLOCK] = d
-            q = d.float() * (round_to_grid(w1[:, i], d) - 8)
+            q = on_grid(w1[:, i], d)
             quantized[:, i1 + i] = q
             err = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
@@ -82,4 +91,5 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp:
     natural = quantized[:, order.argsort()]
     block_scales = torch.empty_like(scales)
     block_scales[:, order.view(-1, BLOCK)[:, 0] // BLOCK] = scales
-    return pack(q4_0_codes(natural, block_scales)), block_scales
+    codes = pack(q4_0_codes(natural, block_scales)) if fmt == "q4_0" else q8_0_codes(natural, block_scales)
+    return FORMATS[fmt](codes, block_scales)

@@ -44,14 +44,17 @@ class PipelineOptions:
 
     def settings(self, source: str) -> dict:
         """What decides every stage's result, as the work folder records it."""
-        comp = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.compress).items() if k != "timings"}
-        comp["rates"] = list(comp["rates"])
+        comp = {k: _plain(v) for k, v in asdict(self.compress).items() if k != "timings"}
         quant = None
         if self.quantize is not None:
-            quant = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.quantize).items()
-                     if k != "timings"}
+            quant = {k: _plain(v) for k, v in asdict(self.quantize).items() if k != "timings"}
         return {"source": source, "compress": comp,
                 "recover": self.recover.settings() if self.recover is not None else None, "quantize": quant}
+
+
+def _plain(value):
+    """An option as JSON reads it back (a path as its text, a tuple as a list), so records compare."""
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
 
 def stages_dir(output: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Quantization stage: a float nested checkpoint in, the same checkpoint with Q4_0 matrices out.
+"""Quantization stage: a float nested checkpoint in, the same checkpoint with Q4_0 matrices out
+(and Q8_0 ones where a few more bits pay for their bytes).
 
 The full sorted model runs in elastiq's own elastic model (a sorted model needs the RoPE gather),
 block by block over C4 windows, and each block's matrices are quantized with the Hessians of
@@ -6,6 +7,12 @@ inputs that came through the already-quantized earlier blocks (GPTQ's sequential
 rate is then a prefix of whole blocks of the same codes: slicing never re-quantizes. The token
 embedding and the LM head are quantized round-to-nearest, to Q4_0 or, with ``embedding_bits=8``,
 to Q8_0 (stored once when tied).
+
+``q8`` names the block matrices that GPTQ puts on the Q8_0 grid instead: slots (by default
+``attn_v``, the value projections) and ``first-last`` (every matrix of the first and the last
+block). Measured per kind on SmolLM2 (benchmarks/results/precision_per_kind.md), the value
+projections buy the most KL to the dense model per added byte at every rate, by far: llama.cpp's
+own 4-bit mixes also give ``attn_v`` more bits.
 """
 
 from __future__ import annotations
@@ -21,15 +28,18 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import MLP, checkpoint_output, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
 from ..families import checkpoint_family
-from ..families.base import EMBED, HEAD, PRUNED_INPUTS, READS
+from ..families.base import ATTN_V, EMBED, HEAD, MATRICES, PRUNED_INPUTS, READS
 from ..modeling.model import Transformer
-from ..quants import BLOCK, Quantized, QuantizedTensor, dequantize, quantize_q8_0, quantize_rtn
+from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 from .quality import QUALITY_WINDOWS, rate_quality
 
 METHODS = ("gptq", "rtn")
 EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM head: their format
+FIRST_LAST = "first-last"  # every matrix of the first and the last block
+Q8_KINDS = (*MATRICES, FIRST_LAST)  # what ``q8`` may name
+DEFAULT_Q8 = (ATTN_V,)
 
 
 @dataclass
@@ -41,6 +51,7 @@ class QuantizeOptions:
     bits: int = 4
     block_size: int = BLOCK
     embedding_bits: int = 4
+    q8: tuple[str, ...] = DEFAULT_Q8  # block matrices on the Q8_0 grid (Q8_KINDS)
     calib_samples: int = 32
     calib_seqlen: int = 512
     calib_data: Path | None = None  # a text, JSON lines or parquet file; None: the packaged C4 sample
@@ -57,6 +68,9 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
     if options.embedding_bits not in EMBEDDING_FORMATS:
         raise ElastiqError(f"the token embedding and LM head are quantized to 4 or 8 bits (GGUF Q4_0 or Q8_0); "
                            f"got {options.embedding_bits}")
+    if unknown := [k for k in options.q8 if k not in Q8_KINDS]:
+        raise ElastiqError(f"--q8 names {', '.join(map(repr, unknown))}; it takes block matrices by slot or "
+                           f"{FIRST_LAST!r}: {', '.join(Q8_KINDS)}")
     if options.method not in METHODS:
         raise ElastiqError(f"unknown quantization method {options.method!r}; known: {', '.join(METHODS)}")
     if options.order not in ORDERS:
@@ -109,19 +123,22 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         positions = torch.arange(samples.shape[1])
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, Quantized] = {}
+    last = len(model.layers) - 1
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
         hessians = _block_hessians(block, hidden, positions) if options.method == "gptq" else {}
         for slot, reads in READS.items():
             linear = block.get_submodule(slot)
+            eight = slot in options.q8 or (FIRST_LAST in options.q8 and index in (0, last))
+            fmt = "q8_0" if eight else "q4_0"
             if options.method == "gptq":
                 h = hessians[reads]
                 order = _order(slot, h, linear.in_features, model.args.num_heads,
                                options.order == "least-important-first")
-                codes, scales = gptq(linear.weight, h, order, options.damp)
+                t = gptq(linear.weight, h, order, options.damp, fmt=fmt)
             else:
-                codes, scales = quantize_rtn(linear.weight)
-            linear.weight.copy_(dequantize(codes, scales))  # later blocks see this block quantized
-            quantized[family.name_of(index, slot)] = QuantizedTensor(codes, scales)
+                t = quantize_q8_0(linear.weight) if eight else QuantizedTensor(*quantize_rtn(linear.weight))
+            linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
+            quantized[family.name_of(index, slot)] = t
         hidden = [block(x, positions) for x in hidden]
     embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
     for name in (embed, head):
@@ -139,7 +156,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "quality_windows": options.quality_windows,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
-            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits]}
+            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits], "q8_0_matrices": list(options.q8)}
     with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
         write_checkpoint(staged, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
                          quantization=spec)

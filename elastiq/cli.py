@@ -163,6 +163,12 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"rates are comma-separated fractions like 0.15,0.25, got {text!r}") from None
 
 
+def _q8_kinds(text: str) -> tuple[str, ...]:
+    """--q8's comma-separated kinds of block matrix; ``none`` for none."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    return () if kinds == ("none",) else kinds
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions
     from .compressor.pipeline import PipelineOptions, build
@@ -175,7 +181,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                                  method=args.method, allocation=args.allocation, rotate=args.rotate),
         recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
-                                                               embedding_bits=args.embedding_bits))
+                                                               embedding_bits=args.embedding_bits, q8=args.q8))
     path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log)
     timings = options.compress.timings
     if timings:  # empty when a resumed run found the sorting stage done
@@ -193,7 +199,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from .compressor.quantize import QuantizeOptions, quantize_checkpoint
 
     options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
-                              embedding_bits=args.embedding_bits, calib_samples=args.calib_samples,
+                              embedding_bits=args.embedding_bits, q8=args.q8, calib_samples=args.calib_samples,
                               calib_seqlen=args.calib_seqlen, calib_data=args.calib_data,
                               quality_windows=args.quality_windows, seed=args.seed)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
@@ -237,7 +243,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     if quant:
         how = ", ".join(str(quant[k]) for k in ("method", "order")  # GPTQ's column order
                         if quant.get(k) and (k == "method" or quant.get("method") == "gptq"))
-        print(f"weights: {quant['format'].upper()}{f' ({how})' if how else ''}; token embedding and LM head "
+        eight = f", {', '.join(quant['q8_0_matrices'])} Q8_0" if quant.get("q8_0_matrices") else ""
+        print(f"weights: {quant['format'].upper()}{f' ({how})' if how else ''}{eight}; token embedding and LM head "
               f"{quant.get('embedding_format', 'q4_0').upper()}")
     else:
         print("weights: float (not quantized)")
@@ -414,6 +421,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compressor.compress import DEFAULT_RATES
+    from .compressor.quantize import DEFAULT_Q8, Q8_KINDS
     from .compressor.wheel_models import DEFAULT_MODEL
     from .evaluation.suite import ALL_MEASURES
     from .runtime.serve import MAX_BODY, MAX_QUEUE
@@ -495,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="GPTQ (default) or round-to-nearest")
     comp.add_argument("--embedding-bits", type=int, choices=[4, 8], default=4,
                       help="token embedding and LM head as Q4_0 (4, default) or Q8_0 (8)")
+    q8_help = (f"block matrices quantized to Q8_0 (8 bits, 1.06 bytes a weight) instead of Q4_0: comma-separated "
+               f"slots or first-last (every matrix of the first and last block), from {', '.join(Q8_KINDS)}; "
+               f"none for all 4-bit (default {','.join(DEFAULT_Q8)}: the value projections, the most quality "
+               f"per byte measured, benchmarks/results/precision_per_kind.md)")
+    comp.add_argument("--q8", type=_q8_kinds, default=DEFAULT_Q8, metavar="KINDS", help=q8_help)
     _add_calibration_args(comp, "calibration sampling, rotation and recovery seed (default 0)")
     comp.set_defaults(func=_cmd_compress)
 
@@ -514,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--embedding-bits", type=int, default=4,
                      help="bits of the token embedding and LM head (round-to-nearest): 4 (GGUF Q4_0, default) or 8 "
                           "(Q8_0: closer to the float model, 1.06 bytes per weight instead of 0.56)")
+    qua.add_argument("--q8", type=_q8_kinds, default=DEFAULT_Q8, metavar="KINDS", help=q8_help)
     _add_calibration_args(qua, "calibration sampling seed (default 0)")
     qua.set_defaults(func=_cmd_quantize)
 

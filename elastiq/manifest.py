@@ -292,6 +292,8 @@ def _quantization(quant: Any) -> None:
     _field(quant, "format", "quantization", _in(FORMATS), formats)
     _field(quant, "embedding_format", "quantization", _in(FORMATS), formats, optional=True)
     _field(quant, "method", "quantization", lambda v: isinstance(v, str), "a string", optional=True)
+    _field(quant, "q8_0_matrices", "quantization", lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+           "a list of strings (the kinds of block matrix kept at 8 bits)", optional=True)
     _field(quant, "order", "quantization", lambda v: isinstance(v, str), "a string", optional=True)
     _field(quant, "block", "quantization", lambda v: v == BLOCK, str(BLOCK), optional=True)
 

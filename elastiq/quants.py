@@ -1,5 +1,6 @@
-"""The code formats of the nested checkpoint: GGUF ``Q4_0`` (every quantized matrix) and ``Q8_0``
-(the token embedding and LM head, when asked for 8 bits), and their views for each backend.
+"""The code formats of the nested checkpoint: GGUF ``Q4_0`` (most quantized matrices) and ``Q8_0``
+(the matrices a quantization keeps at 8 bits: by default every value projection, and the token
+embedding and LM head when asked for), and their views for each backend.
 
 One ``Q4_0`` block holds 32 consecutive weights along a matrix's input axis, one fp16 scale ``d`` and
 codes ``q`` in 0..15 with w = d * (q - 8). The checkpoint stores the codes packed as GGUF packs
@@ -118,14 +119,28 @@ def matmulnbits(packed: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def q8_0_scales(w: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest scales [..., K/32] (fp16) of ``w`` [..., K]: d = max |w| / 127 per block."""
+    return (_blocks(w.float()).abs().amax(-1) / 127).to(torch.float16)
+
+
+def q8_0_round(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Codes (float, -128..127) of ``w`` on the grid d * q, ``d`` broadcast against ``w`` (a zero scale gives 0)."""
+    d = d.float()
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return torch.round(w.float() * inv).clamp(-128, 127)
+
+
+def q8_0_codes(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes [..., K/32, 32] (int8) of ``w`` [..., K] on the grid of fp16 ``scales`` [..., K/32]."""
+    return q8_0_round(_blocks(w), scales[..., None]).to(torch.int8)
+
+
 def quantize_q8_0(w: torch.Tensor) -> Q8Tensor:
     """Round-to-nearest Q8_0 of ``w`` [..., K]: d = max |w| / 127 per block, rounded to fp16
     before the codes round(w / d) are chosen (so they fit the stored scale)."""
-    blocks = _blocks(w.float())
-    scales = (blocks.abs().amax(-1) / 127).to(torch.float16)
-    d = scales.float()[..., None]
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    return Q8Tensor(torch.round(blocks * inv).clamp(-128, 127).to(torch.int8), scales)
+    scales = q8_0_scales(w)
+    return Q8Tensor(q8_0_codes(w, scales), scales)
 
 
 def dequantize_q8_0(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -142,3 +157,14 @@ def matmulnbits_q8(codes: torch.Tensor) -> torch.Tensor:
     """onnxruntime ``MatMulNBits`` / ``GatherBlockQuantized`` (bits 8, block 32) weight bytes
     [N, K/32, 32] of Q8_0 codes: q + 128 (the top bit flipped), for the default zero point 128."""
     return codes.view(torch.uint8) ^ 0x80
+
+
+def q8_0_halves(codes: torch.Tensor, scales: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                        tuple[torch.Tensor, torch.Tensor]]:
+    """A Q8_0 matrix as two 4-bit ones for torch's int4 matmul: with u = q + 128 = 16 a + b,
+    d q = 16 d (a - 8) + d (b - 8) + 8 d. Returns (GGUF-packed codes, fp16 scales) of the high half
+    (codes a, scales 16 d: a Q4_0 matrix) and of the low half (codes b, scales d), whose grid needs
+    a zero point of 8 scales (``Q4Weight.zero``). 16 d is exact in fp16, so nothing is rounded."""
+    u = codes.to(torch.int16) + 128
+    return ((pack((u >> 4).to(torch.uint8).flatten(-2)), scales * 16),
+            (pack((u & 0x0F).to(torch.uint8).flatten(-2)), scales))

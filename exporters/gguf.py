@@ -12,7 +12,7 @@ a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
-zero row or column is blocks of scale 0), and an 8-bit embedding or head as ``Q8_0`` blocks;
+zero row or column is blocks of scale 0), and 8-bit ones (value projections, embedding, head) as ``Q8_0`` blocks;
 float checkpoints are written as F16 (or F32); norms and biases as F32. The file is written
 under a temporary name and renamed into place.
 """
@@ -59,11 +59,12 @@ Weight = torch.Tensor | QuantizedTensor | Q8Tensor
 
 def _rows(t: Weight, index: torch.Tensor, total: int) -> Weight:
     """``t`` with row j moved to row ``index[j]`` of ``total`` rows; the other rows are zero."""
-    if isinstance(t, QuantizedTensor):
-        codes = torch.full((total, *t.codes.shape[1:]), ZERO_CODES, dtype=torch.uint8)
+    if isinstance(t, (QuantizedTensor, Q8Tensor)):
+        zero = ZERO_CODES if isinstance(t, QuantizedTensor) else 0
+        codes = torch.full((total, *t.codes.shape[1:]), zero, dtype=t.codes.dtype)
         scales = torch.zeros((total, *t.scales.shape[1:]), dtype=t.scales.dtype)
         codes[index], scales[index] = t.codes, t.scales
-        return QuantizedTensor(codes, scales)
+        return type(t)(codes, scales)
     out = t.new_zeros((total, *t.shape[1:]))
     out[index] = t
     return out
@@ -72,14 +73,14 @@ def _rows(t: Weight, index: torch.Tensor, total: int) -> Weight:
 def _columns(t: Weight, index: torch.Tensor, total: int) -> Weight:
     """``t`` with input column j moved to column ``index[j]`` of ``total``; the others zero. A
     quantized matrix moves whole blocks, so ``index`` must map blocks of 32 onto blocks."""
-    if not isinstance(t, QuantizedTensor):
+    if not isinstance(t, (QuantizedTensor, Q8Tensor)):
         return _rows(t.T, index, total).T.contiguous()
     blocks = index.view(-1, BLOCK)
     starts = blocks[:, 0]
     if (starts % BLOCK).any() or not torch.equal(blocks, starts[:, None] + torch.arange(BLOCK)):
-        raise ExportError("a pruned input axis of a 4-bit matrix must keep whole blocks of 32 channels")
-    moved = _rows(QuantizedTensor(t.codes.movedim(1, 0), t.scales.T), starts // BLOCK, total // BLOCK)
-    return QuantizedTensor(moved.codes.movedim(0, 1).contiguous(), moved.scales.T.contiguous())
+        raise ExportError("a pruned input axis of a quantized matrix must keep whole blocks of 32 channels")
+    moved = _rows(type(t)(t.codes.movedim(1, 0), t.scales.T), starts // BLOCK, total // BLOCK)
+    return type(t)(moved.codes.movedim(0, 1).contiguous(), moved.scales.T.contiguous())
 
 
 def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:

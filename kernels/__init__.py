@@ -9,7 +9,9 @@ and the torch path built from ``rope.py`` otherwise. Triton is imported only whe
 and ``q4_linear`` multiplies activations by it (W4A16): with the Triton kernel (``w4a16_triton``)
 where ``apply_rope_gather`` would use Triton (CUDA, or CPU under the interpreter), with torch's int4
 CPU matmul (``q4.py``) otherwise. The path is chosen when the weight is prepared, since each path
-holds the weight in its own layout, and ``q4_linear`` follows the weight.
+holds the weight in its own layout, and ``q4_linear`` follows the weight. ``prepare_q8_matrix``
+holds an 8-bit block matrix for the same path: two 4-bit halves on the torch path
+(``q8.Q8Pair``), dequantized where Triton runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Callable
 
 import torch
 
+from ..quants import dequantize_q8_0
 from .q4 import Q4Weight, check_q4_args, check_q4_linear_args, int4pack_matmul, prepare_int4pack
+from .q8 import Q8Pair, prepare_q8_pair
 from .rope import apply_rope, check_rope_gather_args, rope_tables
 
 RopeGather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -80,6 +84,17 @@ def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device |
         raise ValueError(f"the 4-bit matmul runs on cpu (torch int4), or on cuda when Triton is importable; "
                          f"got device {device}")
     return prepare_int4pack(codes, scales)
+
+
+def prepare_q8_matrix(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                      device: torch.device | str = "cpu") -> Q8Pair | torch.Tensor:
+    """A Q8_0 block matrix (``codes`` [N, K/32, 32] int8, ``scales`` [N, K/32] float16) held for the
+    path ``prepare_q4`` would pick on ``device``: as two 4-bit halves for torch's int4 CPU matmul
+    (``q8.Q8Pair``), or dequantized to ``dtype`` where the Triton path runs (its kernel is 4-bit only)."""
+    device = torch.device(device)
+    if device.type == "cpu" and not _use_triton_on(device):
+        return prepare_q8_pair(codes, scales)
+    return dequantize_q8_0(codes, scales).to(device, dtype)
 
 
 def q4_linear(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

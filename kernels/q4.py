@@ -41,6 +41,7 @@ class Q4Weight:
     path: str
     packed: torch.Tensor
     scales: torch.Tensor
+    zero: int = 0  # torch path: w = (q - 8 + zero) * d (0 for Q4_0; the low half of a Q8_0 matrix has 8)
 
     @property
     def nbytes(self) -> int:
@@ -79,13 +80,15 @@ def check_q4_linear_args(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor |
         raise ValueError(f"x, the weight and the bias must be on one device; got {sorted(map(str, devices))}")
 
 
-def prepare_int4pack(codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
-    """The torch path's ``Q4Weight`` (CPU) of checked codes and scales: N padded with zero rows
-    (codes 0, scale 0) to whole tiles of torch's layout (``int4pack_rows``), then repacked by torch."""
+def prepare_int4pack(codes: torch.Tensor, scales: torch.Tensor, zero: int = 0) -> Q4Weight:
+    """The torch path's ``Q4Weight`` (CPU) of checked codes and scales, w = (q - 8 + ``zero``) * d:
+    N padded with zero rows (codes 0, scale 0) to whole tiles of torch's layout (``int4pack_rows``),
+    then repacked by torch."""
     N, blocks, _ = codes.shape
     rows = int4pack_rows(N)
     packed = pack_int4(codes.cpu(), rows)
-    return Q4Weight(N, blocks * BLOCK, "torch", packed, int4pack_scales(F.pad(scales.cpu(), (0, 0, 0, rows - N))))
+    return Q4Weight(N, blocks * BLOCK, "torch", packed,
+                    int4pack_scales(F.pad(scales.cpu(), (0, 0, 0, rows - N)), zero), zero)
 
 
 def pack_int4(codes: torch.Tensor, rows: int, offset: int = 0) -> torch.Tensor:
@@ -112,11 +115,11 @@ def pack_int4(codes: torch.Tensor, rows: int, offset: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def int4pack_scales(scales: torch.Tensor) -> torch.Tensor:
-    """The int4 op's bf16 scales-and-zeros [K/32, N, 2] of fp16 ``scales`` [N, K/32], zeros 0, so
-    that w = (q - 8) * d exactly as Q4_0."""
+def int4pack_scales(scales: torch.Tensor, zero: int = 0) -> torch.Tensor:
+    """The int4 op's bf16 scales-and-zeros [K/32, N, 2] of fp16 ``scales`` [N, K/32]: the op computes
+    w = (q - 8) * d + z, so z = ``zero`` * d (0: exactly Q4_0)."""
     s = scales.float().T
-    return torch.stack((s, torch.zeros_like(s)), dim=-1).to(torch.bfloat16)
+    return torch.stack((s, zero * s), dim=-1).to(torch.bfloat16)
 
 
 def int4pack_rows(n: int) -> int:

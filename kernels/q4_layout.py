@@ -49,7 +49,7 @@ def q4_resize(weight: Q4Weight, size: int, axis: int, read: ReadCodes) -> Q4Weig
     if size == current:
         return weight
     if weight.path == "torch" and int4pack_tile() is None:
-        return prepare_int4pack(*read(0, size))
+        return prepare_int4pack(*read(0, size), weight.zero)
     if size < current:
         return _cut(weight, size, axis)
     codes, scales = read(current, size)
@@ -68,10 +68,10 @@ def _cut(weight: Q4Weight, size: int, axis: int) -> Q4Weight:
         rows = int4pack_rows(size)
         if rows < packed.shape[0]:
             packed, scales = packed[:rows].clone(), scales[:, :rows].clone()
-        return Q4Weight(size, weight.in_features, "torch", packed, scales)
+        return Q4Weight(size, weight.in_features, "torch", packed, scales, weight.zero)
     tile, rows = int4pack_tile(), packed.shape[0]  # the first `size` channels of every tile
     cut = packed.view(rows // tile, weight.in_features, tile // 2)[:, :size].reshape(rows, size // 2)
-    return Q4Weight(weight.out_features, size, "torch", cut, scales[:size // BLOCK].clone())
+    return Q4Weight(weight.out_features, size, "torch", cut, scales[:size // BLOCK].clone(), weight.zero)
 
 
 def _grow(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor, axis: int) -> Q4Weight:
@@ -100,9 +100,9 @@ def _grow_rows(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor) -> Q
     new[:held_rows - first] |= weight.packed[first:held_rows]
     held_scales = torch.empty(weight.scales.shape[0], rows, 2, dtype=weight.scales.dtype)
     held_scales[:, :n] = weight.scales[:, :n]
-    held_scales[:, n:size] = int4pack_scales(scales)
+    held_scales[:, n:size] = int4pack_scales(scales, weight.zero)
     held_scales[:, size:] = 0
-    return Q4Weight(size, k, "torch", torch.cat((weight.packed[:first], new)), held_scales)
+    return Q4Weight(size, k, "torch", torch.cat((weight.packed[:first], new)), held_scales, weight.zero)
 
 
 def _grow_channels(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor) -> Q4Weight:
@@ -111,5 +111,5 @@ def _grow_channels(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor) 
     added = codes.shape[1] * BLOCK
     new = pack_int4(codes, rows)
     packed = torch.cat((weight.packed.view(rows // tile, k, tile // 2), new.view(rows // tile, added, tile // 2)), 1)
-    held_scales = torch.cat((weight.scales, int4pack_scales(F.pad(scales, (0, 0, 0, rows - n)))))
-    return Q4Weight(n, k + added, "torch", packed.reshape(rows, (k + added) // 2), held_scales)
+    held_scales = torch.cat((weight.scales, int4pack_scales(F.pad(scales, (0, 0, 0, rows - n)), weight.zero)))
+    return Q4Weight(n, k + added, "torch", packed.reshape(rows, (k + added) // 2), held_scales, weight.zero)

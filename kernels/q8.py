@@ -1,4 +1,4 @@
-"""8-bit block matmul and lookup for the token embedding and LM head stored as GGUF ``Q8_0``.
+"""8-bit matmuls and lookup for matrices stored as GGUF ``Q8_0``.
 
 A ``Q8_0`` matrix [N, K] (int8 codes [N, K/32, 32], fp16 scales [N, K/32], w = d * q; see
 ``elastiq.quants``) is held block-major, codes [K/32, N, 32] and scales [K/32, N], so that block b
@@ -12,6 +12,13 @@ about 3x faster than a bfloat16 ``F.linear`` of the dequantized head on SmolLM2'
 That op takes its scales in the activations' dtype, so they are held in it (bfloat16 on CPU, as
 torch's int4 path holds the Q4_0 scales). More rows, or other devices, dequantize the weight a
 slice of rows at a time and use ``F.linear``.
+
+A block matrix kept at 8 bits (a value projection, by default) is multiplied as two 4-bit halves
+by torch's int4 CPU matmul (``Q8Pair``, ``elastiq.quants.q8_0_halves``): 1 byte a weight read in
+two calls, the int4 kernels' speed, and a pruned axis cut and grown as a Q4_0 one is
+(``q4_layout``). Holding it dequantized in bf16 instead, tried first, costs 2 bytes a weight and
+decoded SmolLM2 0.78-0.88x as fast as the all-4-bit model: oneDNN's bf16 matmul of a [1, 576] x
+[576, 192] took 130 us a call between the int4 calls, 20 us alone.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..quants import BLOCK
+from ..quants import BLOCK, q8_0_halves
+from .q4 import Q4Weight, int4pack_matmul, prepare_int4pack
 
 INT8PACK_ROWS = 8  # activation rows up to which the blockwise int8 matmul beats dequantizing
 DEQUANT_ROWS = 8192  # output rows dequantized at a time otherwise
@@ -84,3 +92,37 @@ def q8_linear(x: torch.Tensor, weight: Q8Weight) -> torch.Tensor:
         w = (codes.to(x.dtype) * weight.scales[:, start:start + DEQUANT_ROWS, None].to(x.dtype))
         parts.append(F.linear(rows, w.movedim(0, 1).flatten(1)))
     return torch.cat(parts, dim=-1).view(*x.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class Q8Pair:
+    """A Q8_0 matrix [N, K] as its two 4-bit halves prepared for torch's int4 CPU matmul: ``high``
+    (codes (q + 128) >> 4, scales 16 d) and ``low`` (codes (q + 128) & 15, scales d, zero point 8),
+    so that w = high + low exactly (``elastiq.quants.q8_0_halves``)."""
+
+    high: Q4Weight
+    low: Q4Weight
+
+    @property
+    def out_features(self) -> int:
+        return self.high.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.high.in_features
+
+    @property
+    def nbytes(self) -> int:
+        return self.high.nbytes + self.low.nbytes
+
+
+def prepare_q8_pair(codes: torch.Tensor, scales: torch.Tensor) -> Q8Pair:
+    """The ``Q8Pair`` (CPU) of Q8_0 ``codes`` [N, K/32, 32] (int8) and ``scales`` [N, K/32] (float16)."""
+    (high_codes, high_scales), (low_codes, low_scales) = q8_0_halves(codes.cpu(), scales.cpu())
+    return Q8Pair(prepare_int4pack(high_codes, high_scales), prepare_int4pack(low_codes, low_scales, zero=8))
+
+
+def q8_pair_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q8Pair) -> torch.Tensor:
+    """``x`` [..., K] (bfloat16, CPU) times ``weight`` transposed, plus ``bias``: [..., N] bfloat16,
+    the halves' products (fp32 accumulation, each rounded to bf16) added in bf16."""
+    return int4pack_matmul(x, None, weight=weight.high) + int4pack_matmul(x, bias, weight=weight.low)

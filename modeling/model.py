@@ -12,7 +12,8 @@ Two ways to run it: a full causal pass over ``input_ids`` (evaluation, calibrati
 incremental decoding through a per-layer ``KVCache`` (``setup_caches``, then ``forward(ids,
 start=position)``). Quantized matrices either become float (the reference) or stay packed
 (``int4=True``): Q4_0 in ``Q4Linear`` / ``Q4Embedding`` through ``elastiq.kernels.q4_linear``, an
-8-bit (Q8_0) embedding and head in ``Q8Embedding`` / ``Q8Linear`` sharing one ``Q8Weight``.
+8-bit (Q8_0) embedding and head in ``Q8Embedding`` / ``Q8Linear`` sharing one ``Q8Weight``, an
+8-bit block matrix in ``Q8PairLinear`` (two 4-bit halves).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from torch import nn
 
 from .. import ElastiqError
 from ..families import family_for
-from ..families.base import ATTN_K, ATTN_V, FFN_GATE, MATRICES, NORMS, ROPE_PAIRS, is_norm
-from ..kernels import Q4Weight, prepare_q4, q4_activation_dtypes, q4_matmul, rope_gather_for
-from ..kernels.q8 import Q8Weight, prepare_q8, q8_embedding, q8_linear
+from ..families.base import ATTN_K, ATTN_V, EMBED, FFN_GATE, HEAD, MATRICES, NORMS, ROPE_PAIRS, is_norm
+from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_gather_for
+from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
-Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight
+Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight | Q8Pair
 # The gated MLP's activations, by transformers' hidden_act names.
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
@@ -189,6 +190,20 @@ class Q8Linear(nn.Module):
         return q8_linear(x, Q8Weight(self.codes, self.scales))
 
 
+class Q8PairLinear(nn.Module):
+    """A linear layer whose Q8_0 weight is held as two 4-bit halves (``kernels.q8.Q8Pair``) for
+    torch's int4 CPU matmul: bf16 activations."""
+
+    def __init__(self, weight: Q8Pair, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q8_pair_matmul(x, self.bias, weight=self.weight)
+
+
 class Q8Embedding(nn.Module):
     """Token embeddings kept as Q8_0 codes, shared with a tied ``Q8Linear`` head."""
 
@@ -250,6 +265,8 @@ def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | Non
         return Q4Linear(weight, bias)
     if isinstance(weight, Q8Weight):
         return Q8Linear(weight)
+    if isinstance(weight, Q8Pair):
+        return Q8PairLinear(weight, bias)
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -467,16 +484,21 @@ def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
     """Tensor ``name`` (its runtime name) in the form the model holds it: floats in ``dtype`` (norm
     weights in float32), integers (rotary pair indices) in int64; quantized matrices dequantized,
     or with ``int4`` prepared for their kernels (a Q4_0 token embedding stays as codes, since a
-    lookup needs rows, not a matmul; a Q8_0 one is held block-major for both)."""
+    lookup needs rows, not a matmul; a Q8_0 one is held block-major for both; a Q8_0 block matrix
+    as ``kernels.prepare_q8_matrix`` holds it)."""
     if isinstance(t, Q8Tensor):
-        return prepare_q8(t.codes, t.scales, dtype, t.codes.device) if int4 else t.dequantize().to(dtype)
+        if not int4:
+            return t.dequantize().to(dtype)
+        if name in (f"{EMBED}.weight", f"{HEAD}.weight"):
+            return prepare_q8(t.codes, t.scales, dtype, t.codes.device)
+        return prepare_q8_matrix(t.codes, t.scales, dtype, t.codes.device)
     if isinstance(t, QuantizedTensor):
         if not int4:
             return t.dequantize().to(dtype)
         if name == "embed_tokens.weight":
             return t
         return prepare_q4(t.codes, t.scales, t.codes.device)
-    if isinstance(t, (Q4Weight, Q8Weight)):
+    if isinstance(t, (Q4Weight, Q8Weight, Q8Pair)):
         return t
     if is_norm(name):
         return t.float()  # the norms compute in float32
@@ -490,7 +512,7 @@ def block_weights(weights: Mapping[str, Weight], index: int) -> dict[str, Weight
 
 
 def _rows(t: Weight) -> int:
-    return t.out_features if isinstance(t, (Q4Weight, Q8Weight)) else t.shape[0]
+    return t.out_features if isinstance(t, (Q4Weight, Q8Weight, Q8Pair)) else t.shape[0]
 
 
 def _device(t: Weight) -> torch.device:

@@ -28,9 +28,10 @@ from ..families import checkpoint_family
 from ..families.base import ROPE_PAIRS
 from ..kernels import Q4Weight
 from ..kernels.q4_layout import q4_resize
-from ..modeling.model import (Block, KVCache, LayerArgs, Q4Linear, RMSNorm, Transformer, UnitOrdered, block_weights,
-                              resident, rope_parameters)
-from ..quants import Quantized
+from ..kernels.q8 import Q8Pair
+from ..modeling.model import (Block, KVCache, LayerArgs, Q4Linear, Q8PairLinear, RMSNorm, Transformer, UnitOrdered,
+                              block_weights, resident, rope_parameters)
+from ..quants import Quantized, q8_0_halves
 from .generate import Generator
 from .memory import held_orders, return_freed_memory
 
@@ -138,8 +139,8 @@ class Engine:
         layers[index] = layer
         self.model.args = replace(self.model.args, layers=tuple(layers))
 
-    def _resize(self, name: str, local: str, t: torch.Tensor | Q4Weight, axis: int,
-                size: int) -> torch.Tensor | Q4Weight:
+    def _resize(self, name: str, local: str, t: torch.Tensor | Q4Weight | Q8Pair, axis: int,
+                size: int) -> torch.Tensor | Q4Weight | Q8Pair:
         """Held tensor ``name`` (``local`` in its block; its pruned axis ``axis`` in unit order) cut
         or grown to ``size`` along that axis."""
         if isinstance(t, Q4Weight):
@@ -148,6 +149,18 @@ class Engine:
                 return part.codes, part.scales
 
             return q4_resize(t, size, axis, read)
+        if isinstance(t, Q8Pair):  # each half cut or grown as a 4-bit matrix; the span read once
+            spans = {}
+
+            def half(i: int):
+                def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    if (start, end) not in spans:
+                        part = self.ckpt.read_span(name, start, end, self.verify)
+                        spans[start, end] = q8_0_halves(part.codes, part.scales)
+                    return spans[start, end][i]
+                return read
+
+            return Q8Pair(q4_resize(t.high, size, axis, half(0)), q4_resize(t.low, size, axis, half(1)))
         current = t.shape[axis]
         if size <= current:
             return t if size == current else t.narrow(axis, 0, size).clone()
@@ -163,6 +176,8 @@ class Engine:
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
             if isinstance(module, Q4Linear):
                 tensors += [module.weight.packed, module.weight.scales]
+            if isinstance(module, Q8PairLinear):
+                tensors += [w for half in (module.weight.high, module.weight.low) for w in (half.packed, half.scales)]
             for t in tensors:
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
@@ -189,14 +204,14 @@ def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Qua
     return t.to(device)
 
 
-def _held(block: Block) -> dict[str, torch.Tensor | Q4Weight]:
+def _held(block: Block) -> dict[str, torch.Tensor | Q4Weight | Q8Pair]:
     """A block's tensors as it holds them, by their runtime names within the block (``slot.param``,
     ``rope_pairs``)."""
     out = {}
     for name, module in block.named_children():
         if isinstance(module, UnitOrdered):
             module = module.inner
-        if isinstance(module, Q4Linear):
+        if isinstance(module, (Q4Linear, Q8PairLinear)):
             out[f"{name}.weight"] = module.weight
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias

@@ -31,7 +31,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
 from ..families import checkpoint_family
-from ..families.base import is_norm
+from ..families.base import EMBED, HEAD, is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..modeling.model import LayerArgs, block_weights
@@ -203,9 +203,12 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         quantized = fmt is not None
         stored = numel // BLOCK * BLOCK_BYTES[fmt] if quantized else numel * stored_dtype.itemsize
         # held: the form the model keeps; load: what loading it holds at once
-        if fmt == "q8_0" and int4:  # int8 codes and scales in the activations' dtype, from the bytes read
-            held = numel + numel // BLOCK * itemsize
+        if fmt == "q8_0" and int4 and name in (f"{EMBED}.weight", f"{HEAD}.weight"):
+            held = numel + numel // BLOCK * itemsize  # int8 codes and scales in the activations' dtype
             load = stored + held
+        elif fmt == "q8_0" and int4:  # a block matrix: two 4-bit halves (torch), or dequantized (Triton)
+            held = 2 * q4_nbytes(*shape, path) if path == "torch" else numel * itemsize
+            load = min(4 * numel, REPACK_BYTES) + stored + 2 * held
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
             held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
             load = min(4 * numel, REPACK_BYTES) + 2 * held

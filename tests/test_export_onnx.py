@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.exporters.onnx import OnnxExportError, build_model, write_onnx
-from elastiq.quants import QuantizedTensor, matmulnbits
+from elastiq.quants import Q8Tensor, QuantizedTensor, matmulnbits, matmulnbits_q8
 from elastiq.modeling.model import Transformer, runtime_weights
 from conftest import TEXT
 
@@ -98,14 +98,16 @@ def test_matmulnbits_weights_are_the_checkpoints_codes(nested_checkpoints, tmp_p
     weights = runtime_weights(ckpt.read_rate(0.15), ckpt.config)  # the initializers' names
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    quantized = {k: v for k, v in weights.items() if isinstance(v, QuantizedTensor)}
+    quantized = {k: v for k, v in weights.items() if isinstance(v, (QuantizedTensor, Q8Tensor))}
     assert len(matmuls) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
     for node in matmuls:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert node.domain == "com.microsoft" and len(node.input) == 3  # no zero points: the default 8
+        assert node.domain == "com.microsoft" and len(node.input) == 3  # no zero points: the defaults
         t = quantized[node.input[1].removesuffix(".matmulnbits")]
-        assert attrs == {"K": t.shape[1], "N": t.shape[0], "bits": 4, "block_size": 32}
-        assert inits[node.input[1]].tobytes() == matmulnbits(t.codes).numpy().tobytes()
+        eight = isinstance(t, Q8Tensor)
+        assert eight == (".attn_v." in node.input[1])  # the value projections are Q8_0 by default
+        assert attrs == {"K": t.shape[1], "N": t.shape[0], "bits": 8 if eight else 4, "block_size": 32}
+        assert inits[node.input[1]].tobytes() == (matmulnbits_q8 if eight else matmulnbits)(t.codes).numpy().tobytes()
         assert np.array_equal(inits[node.input[2]], t.scales.float().numpy())
         assert inits[node.input[2]].dtype == np.float32
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]

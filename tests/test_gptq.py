@@ -1,4 +1,4 @@
-"""GPTQ on the Q4_0 grid: exact reduction to RTN, lower output error than RTN, orders of whole blocks."""
+"""GPTQ on the Q4_0 and Q8_0 grids: exact reduction to RTN, lower output error than RTN, orders of whole blocks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from elastiq import ElastiqError
 from elastiq.compressor.gptq import act_order, gptq, sorted_axis_order
-from elastiq.quants import dequantize, quantize_rtn
+from elastiq.quants import Q8Tensor, dequantize, quantize_q8_0, quantize_rtn
 
 
 def _problem(out: int = 48, n: int = 128, samples: int = 1024, seed: int = 0):
@@ -20,20 +20,26 @@ def _problem(out: int = 48, n: int = 128, samples: int = 1024, seed: int = 0):
 
 def test_identity_hessian_gives_round_to_nearest():
     w, _ = _problem()
-    packed, scales = gptq(w, torch.eye(128), sorted_axis_order(128))
+    t = gptq(w, torch.eye(128), sorted_axis_order(128))
     rtn_packed, rtn_scales = quantize_rtn(w)
-    assert torch.equal(packed, rtn_packed) and torch.equal(scales, rtn_scales)
+    assert torch.equal(t.codes, rtn_packed) and torch.equal(t.scales, rtn_scales)
+    t8, rtn8 = gptq(w, torch.eye(128), sorted_axis_order(128), fmt="q8_0"), quantize_q8_0(w)
+    assert isinstance(t8, Q8Tensor) and torch.equal(t8.codes, rtn8.codes) and torch.equal(t8.scales, rtn8.scales)
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
 @pytest.mark.parametrize("order", ["forward", "act"])
-def test_gptq_beats_rtn_on_the_output(order):
+def test_gptq_beats_rtn_on_the_output(order, fmt):
     w, x = _problem()
     h = x.T.double() @ x.double()
     columns = sorted_axis_order(128, least_important_first=False) if order == "forward" else act_order(h)
-    q = dequantize(*gptq(w, h, columns))
+    q = gptq(w, h, columns, fmt=fmt).dequantize()
+    rtn = dequantize(*quantize_rtn(w)) if fmt == "q4_0" else quantize_q8_0(w).dequantize()
     gptq_err = (x @ (w - q).T).square().sum()
-    rtn_err = (x @ (w - dequantize(*quantize_rtn(w))).T).square().sum()
+    rtn_err = (x @ (w - rtn).T).square().sum()
     assert gptq_err < 0.5 * rtn_err  # measured: about 0.3
+    if fmt == "q8_0":  # and 8 bits are far closer than 4
+        assert gptq_err < 0.01 * (x @ (w - gptq(w, h, columns).dequantize()).T).square().sum()
 
 
 def test_least_important_first_order_for_heads():
@@ -53,5 +59,7 @@ def test_orders_must_be_whole_blocks():
     w, x = _problem()
     with pytest.raises(ElastiqError, match="whole 32-column blocks"):
         gptq(w, torch.eye(128), torch.arange(128).roll(1))
+    with pytest.raises(ElastiqError, match="q4_0 or q8_0, not 'q2_k'"):
+        gptq(w, torch.eye(128), torch.arange(128), fmt="q2_k")
     with pytest.raises(ElastiqError, match="not 3 head"):
         sorted_axis_order(128, heads=3)

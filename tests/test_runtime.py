@@ -67,7 +67,9 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
     for rate in RATES:
         packed = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config,
                                           dtype=torch.bfloat16, int4=True)
-        assert sum(1 for m in packed.modules() if type(m).__name__ == "Q4Linear") == 2 * 7 + 1  # 7 per block, head
+        # 6 per block and the head packed; the Q8_0 value projections as two 4-bit halves
+        assert sum(1 for m in packed.modules() if type(m).__name__ == "Q4Linear") == 2 * 6 + 1
+        assert sum(1 for m in packed.modules() if type(m).__name__ == "Q8PairLinear") == 2
         with torch.no_grad():
             got, want = packed(ids).float(), _reference(ckpt, rate)(ids)
         # bf16 activations carry 8 significant bits through 2 blocks: a few percent of the logit scale

@@ -31,7 +31,9 @@ import torch
 from elastiq import kernels
 from elastiq.kernels import Q4Weight, prepare_q4, q4_linear
 from elastiq.kernels.q4 import int4pack_rows, int4pack_tile, q4_linear_torch
-from elastiq.quants import dequantize
+from elastiq.kernels.q4_layout import q4_resize
+from elastiq.kernels.q8 import Q8Pair, prepare_q8_pair, q8_pair_matmul
+from elastiq.quants import dequantize, dequantize_q8_0, q8_0_halves
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if HAVE_TRITON:
@@ -308,3 +310,55 @@ def test_triton_path_takes_half_precision_only(interpret):
     weight = prepare_q4(*make_weight(96, 64, False))
     with pytest.raises(TypeError, match="the triton 4-bit path takes float16 or bfloat16 activations; got torch.float32"):
         q4_linear(make_x((1, 64), torch.float32), weight)
+
+
+# --- 8-bit block matrices as two 4-bit halves (kernels.q8.Q8Pair) --------------------------------
+
+def make_q8(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Q8_0 codes [N, K/32, 32] (the whole int8 range) and fp16 scales of 5 significant bits
+    (exact in bf16, as are 16 and 8 times them)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (N, K // 32, 32), generator=gen, dtype=torch.int8)
+    mantissa = torch.randint(16, 32, (N, K // 32), generator=gen)
+    return codes, (mantissa * 2.0 ** -16).half()
+
+
+@pytest.mark.parametrize("lead,N,K", CPU_SHAPES)
+def test_q8_pair_matches_float_reference(lead, N, K):
+    """Each half's product is rounded to bf16 once and the two are added in bf16: within
+    eps * (|y_high| + |y_low| + |y|) plus float32 accumulation of the exact weights d * q."""
+    codes, scales = make_q8(N, K)
+    x = make_x((*lead, K), torch.bfloat16)
+    weight = kernels.prepare_q8_matrix(codes, scales, torch.bfloat16)
+    assert isinstance(weight, Q8Pair) and (weight.out_features, weight.in_features) == (N, K)
+    out = q8_pair_matmul(x, None, weight=weight)
+    (hc, hs), (lc, ls) = q8_0_halves(codes, scales)
+    high, low = dequantize(hc, hs), dequantize(lc, ls) + 8 * ls.float().repeat_interleave(32, -1)
+    assert torch.equal(high + low, dequantize_q8_0(codes, scales))
+    y_high, y_low = x.float() @ high.T, x.float() @ low.T
+    S = x.float().abs() @ (high.abs() + low.abs()).T
+    tol = EPS[torch.bfloat16] * (y_high.abs() + y_low.abs() + (y_high + y_low).abs()) + 2 * K * 2.0 ** -24 * S
+    assert out.dtype == torch.bfloat16 and out.shape == y_high.shape
+    assert ((out.float() - (y_high + y_low)).abs() - tol).max() <= 0
+
+
+@pytest.mark.parametrize("axis,size", [(0, 40), (0, 70), (1, 320)])
+def test_q8_pair_is_cut_and_grown_like_a_prepared_slice(axis, size):
+    """A held pair cut to ``size`` rows or input channels, and a pair of that size grown back to the
+    whole matrix from the codes it lacks, multiply exactly as pairs prepared from those slices."""
+    codes, scales = make_q8(96, 576)
+    cut = (lambda c, a, b: c[a:b]) if axis == 0 else (lambda c, a, b: c[:, a // 32:b // 32])  # noqa: E731
+    whole, part = prepare_q8_pair(codes, scales), prepare_q8_pair(cut(codes, 0, size), cut(scales, 0, size))
+
+    def read(i):
+        return lambda a, b: q8_0_halves(cut(codes, a, b), cut(scales, a, b))[i]
+
+    def never(a, b):
+        raise AssertionError("a cut reads nothing")
+
+    shrunk = Q8Pair(q4_resize(whole.high, size, axis, never), q4_resize(whole.low, size, axis, never))
+    grown = Q8Pair(q4_resize(part.high, 576 if axis else 96, axis, read(0)),
+                   q4_resize(part.low, 576 if axis else 96, axis, read(1)))
+    x, x_part = make_x((3, 576), torch.bfloat16), make_x((3, size if axis else 576), torch.bfloat16)
+    assert torch.equal(q8_pair_matmul(x_part, None, weight=shrunk), q8_pair_matmul(x_part, None, weight=part))
+    assert torch.equal(q8_pair_matmul(x, None, weight=grown), q8_pair_matmul(x, None, weight=whole))
