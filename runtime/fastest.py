@@ -9,7 +9,9 @@ model and instruction sets), thread count and backend version: the backend opens
 export backend writes its export into the cache beside the checkpoint), prefills ``PROBE_PROMPT``
 tokens and decodes ``PROBE_TOKENS`` greedy tokens, ``PROBE_REPEATS`` times, keeping the fastest
 repeat (the least disturbed by other work). The figures are remembered in ``SPEEDS_FILE`` in the
-cache, so later runs choose at once.
+cache, so later runs choose at once. Measuring holds a lock beside that file: a second process
+that needs the same figures waits for them instead of measuring at the same time (which would
+slow both probes and could choose differently).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from filelock import FileLock, Timeout
 
 from .. import ElastiqError, __version__
 from ..atomic import write_text
@@ -107,6 +110,16 @@ def _read_speeds(path: Path) -> dict:
     return speeds if isinstance(speeds, dict) else {}
 
 
+def _remembered(remembered: dict, keys: dict[str, str]) -> dict[str, Speed]:
+    """The speeds ``remembered`` holds for each backend's key."""
+    speeds = {}
+    for name, key in keys.items():
+        entry = remembered.get(key)
+        if isinstance(entry, dict) and {"decode_tok_s", "prefill_tok_s", "measured"} <= entry.keys():
+            speeds[name] = Speed(entry["decode_tok_s"], entry["prefill_tok_s"], entry["measured"])
+    return speeds
+
+
 def probe_ids(tokenizer, count: int = PROBE_PROMPT) -> list[int]:
     """``count`` tokens of English prose for the probe's prefill."""
     ids = tokenizer.encode(PROBE_TEXT)
@@ -160,27 +173,35 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
     best = min(plan.rate for plan in plans.values())
     candidates = [name for name, plan in plans.items() if plan.rate == best]
     path = cache_dir() / SPEEDS_FILE
-    remembered = _read_speeds(path)
     keys = {name: speed_key(ckpt, best, name, threads, dtype) for name in candidates}
-    speeds, fresh = {}, []
-    for name in candidates:
-        entry = remembered.get(keys[name])
-        if isinstance(entry, dict) and {"decode_tok_s", "prefill_tok_s", "measured"} <= entry.keys():
-            speeds[name] = Speed(entry["decode_tok_s"], entry["prefill_tok_s"], entry["measured"])
-    missing = [name for name in candidates if name not in speeds] if len(candidates) > 1 else []
-    if missing:
-        log(f"--backend auto: measuring how fast {', '.join(missing)} decode{'s' if len(missing) == 1 else ''} rate "
-            f"{best} on this machine, once (exports are written into the cache beside the checkpoint)")
-    for name in missing:
-        speeds[name] = measure_speed(name, ckpt, best, dtype, tokenizer)
-        remembered[keys[name]] = {"backend": name, "rate": best, "checkpoint": str(ckpt.path), "threads": threads,
-                                  "cpu": cpu_signature(), **speeds[name].__dict__}
-        fresh.append(name)
-    if fresh:  # written with the figures of checkpoints that no longer exist left out
-        kept = {key: entry for key, entry in remembered.items()
-                if not (isinstance(entry, dict) and "checkpoint" in entry and not Path(entry["checkpoint"]).exists())}
+    speeds = _remembered(_read_speeds(path), keys)
+    fresh = []
+    if len(candidates) > 1 and len(speeds) < len(candidates):
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        lock = FileLock(str(path) + ".lock")  # a second process waits for the first's figures, not measuring beside it
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log("--backend auto: another elastiq process is measuring the backends on this machine; waiting for it")
+            lock.acquire()
+        try:
+            remembered = _read_speeds(path)
+            speeds = _remembered(remembered, keys)
+            missing = [name for name in candidates if name not in speeds]
+            if missing:
+                log(f"--backend auto: measuring how fast {', '.join(missing)} decode{'s' if len(missing) == 1 else ''} "
+                    f"rate {best} on this machine, once (exports are written into the cache beside the checkpoint)")
+            for name in missing:
+                speeds[name] = measure_speed(name, ckpt, best, dtype, tokenizer)
+                remembered[keys[name]] = {"backend": name, "rate": best, "checkpoint": str(ckpt.path),
+                                          "threads": threads, "cpu": cpu_signature(), **speeds[name].__dict__}
+                fresh.append(name)
+            if fresh:  # written with the figures of checkpoints that no longer exist left out
+                kept = {key: entry for key, entry in remembered.items() if not (
+                    isinstance(entry, dict) and "checkpoint" in entry and not Path(entry["checkpoint"]).exists())}
+                write_text(path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        finally:
+            lock.release()
     chosen = max(candidates, key=lambda name: speeds[name].decode_tok_s if name in speeds else 0.0)
     return Choice(chosen, plans[chosen], speeds, _reason(chosen, best, plans, speeds, fresh, unusable, path))
 

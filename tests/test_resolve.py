@@ -4,6 +4,7 @@ servers) ask at once."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,6 +73,10 @@ def test_two_servers_started_at_once_on_an_empty_cache_both_answer(tiny_dirs, tm
     assert sum("compressing it once" in log for log in logs) == 1
     assert sum("another elastiq process is compressing" in log for log in logs) == 1, logs
     assert all("Traceback" not in log for log in logs)
+    # --backend auto measured once, under its lock, and both servers chose by the same figures
+    chosen = [re.search(r"--backend auto chose (\S+):", log) for log in logs]
+    assert all(chosen) and chosen[0][1] == chosen[1][1], logs
+    assert sum("auto: measuring how fast" in log for log in logs) == 1, logs
     cached = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
     # one checkpoint, its lock and the exports --backend auto measured, nothing half-written
     assert cached == [cached[0], cached[0] + ".exports", cached[0] + ".lock"], cached
