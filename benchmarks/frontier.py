@@ -117,7 +117,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--work", default="/tmp/elastiq-frontier", help="where the GGUF files go")
     parser.add_argument("--name", default="frontier", help="results/NAME.{json,md,png}")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rewrite NAME.md and NAME.png from the measured NAME.json, running nothing")
     args = parser.parse_args()
+    if args.tables_only:
+        output = RESULTS / f"{args.name}.json"
+        results = json.loads(output.read_text())
+        write_text(output.with_suffix(".md"), markdown(results) + "\n")
+        plot(results, output.with_suffix(".png"))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -211,7 +219,35 @@ def markdown(results: dict) -> str:
                 d = [a - b for a, b in zip(r["tasks"][t]["per_item"], o["tasks"][t]["per_item"])]
                 cells.append("{:+.1f} ± {:.1f}".format(*(100 * x for x in mean_se(d))))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + between_checkpoints(rows))
+
+
+def between_checkpoints(rows: dict) -> list[str]:
+    """Each elastiq checkpoint after the first against the first given, rate by rate, paired per
+    window (negative: closer to the dense model than the first)."""
+    by_name: dict[str, dict[str, dict]] = {}
+    for label, r in rows.items():
+        if r["kind"] == "elastiq":
+            _, name, rate = label.split()
+            by_name.setdefault(name, {})[rate] = r
+    if len(by_name) < 2:
+        return []
+    (first, reference), *others = by_name.items()
+    lines = ["", f"Against `{first}`, paired per window (Δ = this checkpoint − {first}):", "",
+             "| checkpoint | rate | Δ MB | Δ WikiText-2 KL | Δ C4 KL | Δ WikiText-2 NLL | Δ C4 NLL |",
+             "|---|---|---|---|---|---|---|"]
+    for name, by_rate in others:
+        for rate, r in by_rate.items():
+            if rate not in reference:
+                continue
+            o = reference[rate]
+            cells = [name, rate, f"{(r['bytes'] - o['bytes']) / 1e6:+.1f}"]
+            for measure_ in ("kl", "nll"):
+                for corpus in ("wikitext2", "c4-heldout"):
+                    d = [a - b for a, b in zip(r[corpus][measure_], o[corpus][measure_])]
+                    cells.append("{:+.3f} ± {:.3f}".format(*mean_se(d)))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:

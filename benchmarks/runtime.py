@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -46,7 +47,8 @@ def child_elastiq(spec: dict) -> dict:
     int4 = ckpt.manifest["quantization"] is not None
     dtype = torch.bfloat16 if int4 else torch.float32
     tokenizer = ckpt.tokenizer()  # as `elastiq run` does: the tokenizer is part of the baseline
-    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4)  # baseline: this process before loading
+    # baseline: this process before loading; every rate is measured, whatever the quality floor says
+    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, max_kl=math.inf)
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
     engine = Engine(ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
     ids = prompt_ids(engine.tokenizer, spec["prompt_tokens"])
