@@ -7,7 +7,7 @@ needed and the same function can wrap torch, llama.cpp or onnxruntime backends.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -43,6 +43,26 @@ def score(logits_fn: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], 
     Requests are sorted longest first and packed into batches of at most ``batch_tokens`` padded
     tokens; inputs longer than ``max_length`` keep their last ``max_length`` tokens.
     """
+    out = [0.0] * len(requests)
+    for k, logprobs, target in _continuations(logits_fn, requests, max_length, batch_tokens, desc):
+        out[k] = logprobs.gather(-1, target[:, None]).sum().item()
+    return out
+
+
+def greedy_matches(logits_fn: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                   batch_tokens: int = 4096, desc: str | None = None) -> list[bool]:
+    """Whether greedy decoding after each context produces exactly its continuation: every
+    continuation token is the argmax at its position (the harness's ``is_greedy``)."""
+    out = [False] * len(requests)
+    for k, logprobs, target in _continuations(logits_fn, requests, max_length, batch_tokens, desc):
+        out[k] = bool(torch.equal(logprobs.argmax(-1), target))
+    return out
+
+
+def _continuations(logits_fn: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                   batch_tokens: int, desc: str | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(request index, log-probabilities [n, V] at the continuation's n positions, its ids [n]) for
+    every request, run in batches as ``score`` describes."""
     prepared = []
     for context, continuation in requests:
         if not continuation:
@@ -51,7 +71,6 @@ def score(logits_fn: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], 
         predicted = min(len(continuation), len(seq) - 1)
         prepared.append((seq[:-1], seq[-predicted:]))
     order = sorted(range(len(prepared)), key=lambda k: -len(prepared[k][0]))
-    out = [0.0] * len(prepared)
     with tqdm(total=len(order), desc=desc, disable=desc is None, leave=False) as bar, torch.inference_mode():
         start = 0
         while start < len(order):
@@ -64,8 +83,6 @@ def score(logits_fn: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], 
             for row, k in enumerate(batch):
                 inputs, target = prepared[k]
                 end = len(inputs)
-                logprobs = logits[row, end - len(target):end].float().log_softmax(-1)
-                out[k] = logprobs.gather(-1, torch.tensor(target)[:, None]).sum().item()
+                yield k, logits[row, end - len(target):end].float().log_softmax(-1), torch.tensor(target)
             start += len(batch)
             bar.update(len(batch))
-    return out

@@ -18,9 +18,8 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..divergence import Divergence
 from .loglikelihood import LogitsFn
+from .tasks import WIKITEXT2_TEST
 from .zeroshot import mean_stderr
-
-WIKITEXT2_TEST = Path("wikitext2") / "wiki.test.raw"
 
 
 def wikitext2_tokens(tokenizer, data: Path) -> torch.Tensor:

@@ -1,10 +1,17 @@
-"""The five zero-shot multiple-choice tasks, read from the data folder (``paths.data_dir``).
+"""The zero-shot tasks, read from the data folder (``paths.data_dir``): five multiple-choice ones
+and last-word prediction.
 
 Each task becomes a list of ``Item``s: one (context, continuation) pair per choice and the gold
 index, built as lm-evaluation-harness builds its requests (``arc_easy``, ``arc_challenge``,
 ``piqa``, ``winogrande``, ``hellaswag`` task configs): ARC and PIQA prompts are
 ``Question: ...\\nAnswer:``, the continuation follows a single space, and WinoGrande uses partial
 scoring (each option completes the context; the shared continuation is scored).
+
+``last_word`` is LAMBADA's measure on text elastiq carries (LAMBADA itself is not offline here):
+each WikiText-2 test paragraph of at least ``LAST_WORD_CONTEXT`` words that ends in a word and a
+full stop becomes the paragraph up to that word, and the model must produce the word's tokens
+greedily (lm-evaluation-harness's ``is_greedy``; accuracy ``acc``). Unlike the multiple-choice
+tasks it is far from chance even for a 135M model, so it moves with compression.
 
 One difference from lm-evaluation-harness, forced by the data: its HellaSwag prompt capitalises
 the second context sentence (``ctx_b.capitalize()``); the data file keeps that sentence's
@@ -22,6 +29,7 @@ from typing import Callable
 from .. import ElastiqError
 
 TARGET_DELIMITER = " "
+WIKITEXT2_TEST = Path("wikitext2") / "wiki.test.raw"  # perplexity's text, and last-word prediction's
 
 
 class TaskDataError(ElastiqError):
@@ -43,11 +51,16 @@ class Item:
 
 @dataclass(frozen=True)
 class Task:
-    """A task's name, the metric the literature reports for it, and its loader."""
+    """A task's name, the metric the literature reports for it, and its loader. A ``greedy`` task's
+    items have one choice, right when greedy decoding produces it; the others pick the likeliest."""
 
     name: str
     metric: str  # "acc" or "acc_norm"
     load: Callable[[Path], list[Item]]
+    greedy: bool = False
+
+
+LAST_WORD_CONTEXT = 30  # words a paragraph has before its last word, at least
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -98,12 +111,27 @@ def _hellaswag(data: Path) -> list[Item]:
             for i in range(0, len(lines), 6)]
 
 
+def _last_word(data: Path) -> list[Item]:
+    path = data / WIKITEXT2_TEST
+    if not path.is_file():
+        raise TaskDataError(f"task data file {path} is missing")
+    items = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        words = line.split()
+        if len(words) < LAST_WORD_CONTEXT + 2 or words[0] == "=" or words[-1] != ".":
+            continue  # short, a heading, or not ending in a full stop
+        if words[-2].isalpha():
+            items.append(Item((" ".join(words[:-2]),), (words[-2],), 0))
+    return items
+
+
 TASKS: dict[str, Task] = {
     "arc_easy": Task("arc_easy", "acc", _arc("arc_easy.jsonl")),
     "arc_challenge": Task("arc_challenge", "acc_norm", _arc("arc_challenge.jsonl")),
     "piqa": Task("piqa", "acc", _piqa),
     "winogrande": Task("winogrande", "acc", _winogrande),
     "hellaswag": Task("hellaswag", "acc_norm", _hellaswag),
+    "last_word": Task("last_word", "acc", _last_word, greedy=True),
 }
 
 

@@ -1,4 +1,5 @@
-"""Zero-shot multiple-choice accuracy (acc and acc_norm) with lm-evaluation-harness's definitions."""
+"""Zero-shot accuracy with lm-evaluation-harness's definitions: multiple choice (acc and acc_norm)
+and greedy continuation (acc of ``is_greedy``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 import time
 from typing import Sequence
 
-from .loglikelihood import LogitsFn, encode_pair, score
+from .loglikelihood import LogitsFn, encode_pair, greedy_matches, score
 from .tasks import Item, Task
 
 
@@ -39,9 +40,16 @@ def accuracies(items: Sequence[Item], loglikelihoods: Sequence[Sequence[float]])
 
 def evaluate_task(task: Task, items: Sequence[Item], logits_fn: LogitsFn, tokenizer, max_length: int,
                   batch_tokens: int = 4096, progress: bool = True) -> dict:
-    """Score every choice of every item and return the task's accuracies and wall time."""
+    """Score every choice of every item (or, for a greedy task, whether greedy decoding produces
+    it) and return the task's accuracies and wall time."""
     start = time.perf_counter()
     requests = [encode_pair(tokenizer, ctx, cont) for item in items for ctx, cont in item.requests()]
+    if task.greedy:
+        right = [float(m) for m in greedy_matches(logits_fn, requests, max_length, batch_tokens,
+                                                  desc=task.name if progress else None)]
+        return {"metric": task.metric, "n": len(right), "acc": sum(right) / max(len(right), 1),
+                "acc_stderr": mean_stderr(right), "per_item": {"acc": [int(v) for v in right]},
+                "seconds": time.perf_counter() - start}
     flat = score(logits_fn, requests, max_length, batch_tokens, desc=task.name if progress else None)
     lls, k = [], 0
     for item in items:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elastiq.evaluation.loglikelihood import encode_pair, score
+from elastiq.evaluation.loglikelihood import encode_pair, greedy_matches, score
 from elastiq.evaluation.suite import hf_logits
 from elastiq.evaluation.tasks import Item
 from elastiq.evaluation.zeroshot import accuracies, mean_stderr
@@ -52,6 +52,18 @@ def test_long_requests_keep_their_last_tokens(tiny_llama, tokenizer):
     kept = min(len(continuation), max_length)
     expected = _reference(tiny_llama, seq[:-kept], seq[-kept:])
     assert score(hf_logits(tiny_llama), [(context, continuation)], max_length)[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_greedy_matches_is_every_continuation_token_the_argmax():
+    """A model that always predicts "the last id plus one": a continuation counting up from the
+    context is produced greedily, one that skips a number anywhere is not; batching changes nothing."""
+    def counting(ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot((ids + 1) % 50, 50).float() * 5
+
+    requests = [([3, 4], [5, 6, 7]), ([3, 4], [5, 7]), ([9], [11]), ([1, 2, 3, 4, 5], [6])]
+    for batch_tokens in (1, 4096):
+        assert greedy_matches(counting, requests, max_length=64, batch_tokens=batch_tokens) == [True, False, False,
+                                                                                               True]
 
 
 def test_accuracies_on_known_loglikelihoods():

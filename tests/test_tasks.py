@@ -35,6 +35,21 @@ def test_prompts_follow_the_harness(data_dir):
     assert get_task("arc_challenge").metric == get_task("hellaswag").metric == "acc_norm"
 
 
+def test_last_word_items_are_wikitext2_paragraphs_up_to_their_last_word(data_dir):
+    """Each item: a WikiText-2 test paragraph of 30 words or more before its last word, which is
+    alphabetic and followed by the paragraph's final full stop; in file order, so deterministic."""
+    items = get_task("last_word").load(data_dir)
+    lines = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
+    paragraphs = {" ".join(line.split()) for line in lines}
+    assert len(items) > 500
+    for item in items:
+        (context,), (word,) = item.contexts, item.choices
+        assert word.isalpha() and len(context.split()) >= 30 and item.gold == 0
+        assert f"{context} {word} ." in paragraphs
+    assert items[0].requests()[0][1] == " " + items[0].choices[0]  # the word follows a space
+    assert get_task("last_word").greedy and get_task("last_word").metric == "acc"
+
+
 def test_unknown_task():
     with pytest.raises(ElastiqError, match="unknown task 'mmlu'; known tasks: arc_easy, arc_challenge"):
         get_task("mmlu")
