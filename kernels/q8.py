@@ -16,9 +16,10 @@ slice of rows at a time and use ``F.linear``.
 A block matrix kept at 8 bits (a value projection, by default) is multiplied as two 4-bit halves
 by torch's int4 CPU matmul (``Q8Pair``, ``elastiq.quants.q8_0_halves``): 1 byte a weight read in
 two calls, the int4 kernels' speed, and a pruned axis cut and grown as a Q4_0 one is
-(``q4_layout``). Holding it dequantized in bf16 instead, tried first, costs 2 bytes a weight and
-decoded SmolLM2 0.78-0.88x as fast as the all-4-bit model: oneDNN's bf16 matmul of a [1, 576] x
-[576, 192] took 130 us a call between the int4 calls, 20 us alone.
+(``q4_layout``). Holding it dequantized in bf16 instead, the first version, costs 2 bytes a
+weight and decoded SmolLM2 0.78-0.88x as fast as the all-4-bit model (``benchmarks/embedding_bits.py``
+on that version; the torch profiler put oneDNN's bf16 matmul of [1, 576] x [576, 192] at about
+130 us a call between the int4 calls, 20 us alone).
 """
 
 from __future__ import annotations
