@@ -402,9 +402,12 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight  # tied: one parameter
         for module in self.modules():  # the 4-bit kernels skip this check on every call
-            if isinstance(module, Q4Linear) and dtype not in q4_activation_dtypes(module.weight):
-                accepted = " or ".join(str(d).removeprefix("torch.") for d in q4_activation_dtypes(module.weight))
-                raise ElastiqError(f"4-bit matrices prepared for the {module.weight.path} kernel multiply {accepted} "
+            if not isinstance(module, (Q4Linear, Q8PairLinear)):
+                continue
+            weight = module.weight if isinstance(module, Q4Linear) else module.weight.high  # a pair: 4-bit halves
+            if dtype not in q4_activation_dtypes(weight):
+                accepted = " or ".join(str(d).removeprefix("torch.") for d in q4_activation_dtypes(weight))
+                raise ElastiqError(f"4-bit matrices prepared for the {weight.path} kernel multiply {accepted} "
                                    f"activations; the model was asked for {str(dtype).removeprefix('torch.')}")
 
     @property

@@ -76,6 +76,20 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
         _assert_close_choices(got, want, rate)
 
 
+def test_8bit_block_matrices_refuse_activations_their_kernel_does_not_take(nested_checkpoints):
+    """A model whose every block matrix is Q8_0 (two 4-bit halves, no Q4Linear) still says at build
+    time that the int4 CPU kernel multiplies bfloat16 only, not at its first matmul."""
+    ckpt = nested_checkpoints["qwen2-q4"]
+    weights = {name: quantize_q8_0(t.dequantize()) if hasattr(t, "codes") else t  # embedding and head too
+               for name, t in ckpt.read_rate(0.0).items()}
+    model = Transformer.from_weights(weights, ckpt.config, dtype=torch.bfloat16, int4=True)
+    assert sum(type(m).__name__ == "Q8PairLinear" for m in model.modules()) == 7 * 2
+    assert not any(type(m).__name__ == "Q4Linear" for m in model.modules())
+    with pytest.raises(ElastiqError, match="4-bit matrices prepared for the torch kernel multiply bfloat16 "
+                                          "activations; the model was asked for float32"):
+        Transformer.from_weights(weights, ckpt.config, dtype=torch.float32, int4=True)
+
+
 @pytest.mark.parametrize("name", ["llama-q8", "qwen2-q8"])
 def test_the_8bit_embedding_and_head_match_their_dequantized_reference(name, nested_checkpoints, tokenizer):
     """Q8_0 embedding and head held as 8-bit codes (one copy when tied) against float32."""
