@@ -1,9 +1,14 @@
-"""Where elastiq keeps its cache and finds its calibration and evaluation data."""
+"""Where elastiq keeps its cache and finds its calibration and evaluation data, and the lock that
+lets two processes share one cache entry."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
 
 from . import ElastiqError
 
@@ -34,3 +39,19 @@ def data_dir() -> Path:
                            f"broken): reinstall elastiq, or set ${DATA_ENV} to a folder that holds wikitext2/, "
                            "tasks/ and c4/")
     return PACKAGED_DATA
+
+
+@contextmanager
+def cache_lock(path: Path, waiting: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock file beside cache entry ``path`` (``path.lock``): a second process that wants
+    the same entry says ``waiting`` and waits for the first one's result instead of making it again."""
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

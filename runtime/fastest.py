@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from filelock import FileLock, Timeout
 
 from .. import ElastiqError, __version__
 from ..atomic import write_text
 from ..checkpoint import Checkpoint
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_lock
 from .backends import BACKENDS, backend, open_engine
 from .backends.exported import export_key
 from .floor import DEFAULT_MAX_KL
@@ -178,13 +177,9 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
     fresh = []
     if len(candidates) > 1 and len(speeds) < len(candidates):
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock")  # a second process waits for the first's figures, not measuring beside it
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log("--backend auto: another elastiq process is measuring the backends on this machine; waiting for it")
-            lock.acquire()
-        try:
+        # a second process waits for the first's figures instead of measuring beside it
+        with cache_lock(path, "--backend auto: another elastiq process is measuring the backends on this machine; "
+                              "waiting for it", log):
             remembered = _read_speeds(path)
             speeds = _remembered(remembered, keys)
             missing = [name for name in candidates if name not in speeds]
@@ -200,8 +195,6 @@ def choose_backend(ckpt: Checkpoint, rate: float | None, ctx: int, dtype: torch.
                 kept = {key: entry for key, entry in remembered.items() if not (
                     isinstance(entry, dict) and "checkpoint" in entry and not Path(entry["checkpoint"]).exists())}
                 write_text(path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
-        finally:
-            lock.release()
     chosen = max(candidates, key=lambda name: speeds[name].decode_tok_s if name in speeds else 0.0)
     return Choice(chosen, plans[chosen], speeds, _reason(chosen, best, plans, speeds, fresh, unusable, path))
 

@@ -17,10 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock, Timeout
-
 from ..checkpoint import MANIFEST, SUFFIX
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_lock
 
 
 def cached_checkpoint_path(source: str) -> Path:
@@ -48,13 +46,8 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
 
     check_source(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(target) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"elastiq: another elastiq process is compressing {source} into {target}; waiting for it")
-        lock.acquire()
-    try:
+    waiting = f"elastiq: another elastiq process is compressing {source} into {target}; waiting for it"
+    with cache_lock(target, waiting, log):
         if (target / MANIFEST).is_file():  # the other process finished it
             return target
         log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
@@ -70,6 +63,4 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
                                     "again") from None
         finally:  # the float intermediate is not kept, whatever stopped the run
             shutil.rmtree(float_ckpt, ignore_errors=True)
-    finally:
-        lock.release()
     return target
