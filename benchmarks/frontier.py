@@ -41,25 +41,10 @@ from elastiq.exporters.gguf import write_gguf
 from elastiq.paths import data_dir
 
 from distillation import mean_se  # the script's folder is on sys.path
+from measure import quantize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_TYPES = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
-
-
-def quantize(dense: Path, kind: str, out: Path, threads: int) -> Path:
-    """``dense`` quantized by llama.cpp to ``kind`` (a ``LLAMA_FTYPE_MOSTLY_*`` suffix)."""
-    import llama_cpp
-
-    if out.exists():
-        return out
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
-    params.nthread = threads
-    tmp = out.with_name(out.name + ".partial")
-    if llama_cpp.llama_model_quantize(str(dense).encode(), str(tmp).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {dense} to {kind}")
-    tmp.rename(out)
-    return out
 
 
 class LlamaLogits:

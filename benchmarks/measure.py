@@ -1,5 +1,6 @@
-"""What the benchmarks share: a process's peak memory, the prompt, child processes, and writing
-results (a JSON and its markdown table, quoting the command that made them)."""
+"""What the benchmarks share: a process's peak memory, the machine's memory read bandwidth, the
+prompt, child processes, llama.cpp's own quantizations, and writing results (a JSON and its
+markdown table, quoting the command that made them)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,43 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("/proc/self/status has no VmHWM; peak RSS needs Linux")
+
+
+def read_bandwidth(threads: int, size: int = 1 << 29, repeats: int = 7) -> float:
+    """Bytes a second this process reads from memory with ``threads`` threads: the median of
+    ``repeats`` sums of a float32 buffer of ``size`` bytes (far beyond the caches). What a decode
+    step that only streamed its weights once could reach: the bound tok/s figures are set against."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    buffer = torch.ones(size // 4)
+    buffer.sum()  # pages touched, code warm
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        seconds.append(time.perf_counter() - start)
+    return size / sorted(seconds)[repeats // 2]
+
+
+def quantize(source: Path, kind: str, out: Path, threads: int, requantize: bool = False) -> Path:
+    """``source`` (a GGUF file) quantized by llama.cpp to ``kind`` (a ``LLAMA_FTYPE_MOSTLY_*`` suffix),
+    kept at ``out``; ``requantize`` lets llama.cpp start from an already quantized file."""
+    import llama_cpp
+
+    if out.exists():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.nthread = threads
+    params.allow_requantize = requantize
+    tmp = out.with_name(out.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+    tmp.rename(out)
+    return out
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

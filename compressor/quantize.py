@@ -125,7 +125,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     quantized: dict[str, Quantized] = {}
     last = len(model.layers) - 1
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
-        hessians = _block_hessians(block, hidden, positions) if options.method == "gptq" else {}
+        tables = block.rope_tables(positions) if options.method == "gptq" else None
+        hessians = _block_hessians(block, hidden, tables) if options.method == "gptq" else {}
         for slot, reads in READS.items():
             linear = block.get_submodule(slot)
             eight = slot in options.q8 or (FIRST_LAST in options.q8 and index in (0, last))
@@ -139,7 +140,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                 t = quantize_q8_0(linear.weight) if eight else QuantizedTensor(*quantize_rtn(linear.weight))
             linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
             quantized[family.name_of(index, slot)] = t
-        hidden = [block(x, positions) for x in hidden]
+        hidden = [block(x, tables) for x in hidden]
     embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
     for name in (embed, head):
         if name in weights and name not in quantized:
@@ -175,9 +176,9 @@ def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:
     return QuantizedTensor(*quantize_rtn(w)) if bits == 4 else quantize_q8_0(w)
 
 
-def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor],
-                    positions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sum of x x^T (float64) over the calibration tokens, for each distinct input of the block's matrices."""
+def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], tables: tuple) -> dict[str, torch.Tensor]:
+    """Sum of x x^T (float64) over the calibration tokens, for each distinct input of the block's
+    matrices; ``tables``: the block's RoPE tables at the samples' positions (``Block.rope_tables``)."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -189,7 +190,7 @@ def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor],
     handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in set(READS.values())]
     try:
         for x in hidden:
-            block(x, positions)
+            block(x, tables)
     finally:
         for h in handles:
             h.remove()

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..quants import dequantize_q8_0
 from .q4 import Q4Weight, check_q4_args, check_q4_linear_args, int4pack_matmul, prepare_int4pack
 from .q8 import Q8Pair, prepare_q8_pair
-from .rope import apply_rope, check_rope_gather_args, rope_tables
+from .rope import TorchRope, check_rope_gather_args, pair_channels, position_tables, rotate_gathered_
 
-RopeGather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+if TYPE_CHECKING:
+    from .rope_triton import TritonRope
+
 Q4Matmul = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -36,38 +38,39 @@ def apply_rope_gather(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Rotate ``q`` [B, T, H, 2u] and ``k`` [B, T, G, 2u] in place: kept pair i of KV group g
     (query heads g*H/G .. (g+1)*H/G - 1, key head g) turns at ``inv_freq[pairs[g, i]]`` times the
     token's position (``positions`` [T] or [B, T]), with cos/sin scaled by ``attention_scaling``.
-    The arguments are checked on every call; a caller that checked them once uses ``rope_gather_for``."""
+    The arguments are checked on every call; the elastic model uses ``rope_for``."""
     check_rope_gather_args(q, k, positions, inv_freq, pairs)
-    rope_gather_for(q.device)(q, k, positions, inv_freq, pairs, attention_scaling)
-
-
-def rope_gather_for(device: torch.device) -> RopeGather:
-    """The RoPE gather for tensors on ``device``, chosen once: the Triton kernel (CUDA, or the CPU
-    under Triton's interpreter) or the torch path. It does not check its arguments: the elastic
-    model's blocks check their shapes when they are built, not on every token."""
-    if _use_triton_on(torch.device(device)):
+    if _use_triton_on(q.device):
         from .rope_triton import launch_rope_gather
 
-        return launch_rope_gather
-    return _rope_gather_torch
+        launch_rope_gather(q, k, positions, inv_freq, pairs, attention_scaling)
+    else:
+        _rope_gather_torch(q, k, positions, inv_freq, pairs, attention_scaling)
+
+
+def rope_for(device: torch.device | str) -> "TorchRope | TritonRope":
+    """How the elastic model rotates q and k on ``device``, chosen once: the Triton kernel (CUDA,
+    or the CPU under Triton's interpreter) or the torch path. Both take the same three calls:
+    ``tables(positions, inv_freq, scaling)`` once per forward pass and set of frequencies,
+    ``prepare(pairs)`` once per block, ``rotate_(q, k, tables, prepared)`` per block and pass. They
+    do not check their arguments: the model's blocks check their shapes when they are built."""
+    if _use_triton_on(torch.device(device)):
+        from .rope_triton import TritonRope
+
+        return TritonRope()
+    return TorchRope()
 
 
 def rope_gather_torch_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                        pairs: torch.Tensor, attention_scaling: float = 1.0) -> None:
-    """The torch path of ``apply_rope_gather``: ``rope_tables`` and ``apply_rope`` over the B*T
-    tokens taken as one sequence (so [B, T] positions need no loop), copied back into q and k."""
+    """The torch path of ``apply_rope_gather`` (``rope.position_tables``, then ``rope.rotate_gathered_``)."""
     check_rope_gather_args(q, k, positions, inv_freq, pairs)
     _rope_gather_torch(q, k, positions, inv_freq, pairs, attention_scaling)
 
 
 def _rope_gather_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                        pairs: torch.Tensor, attention_scaling: float = 1.0) -> None:
-    B, T, H, width = q.shape
-    G = k.shape[2]
-    cos, sin = rope_tables(inv_freq, pairs, positions.expand(B, T).reshape(-1), attention_scaling)
-    for x, heads_per_group in ((q, H // G), (k, 1)):
-        tokens = x.reshape(B * T, x.shape[2], width).transpose(0, 1)[None]  # [1, heads, B*T, 2u]
-        x.copy_(apply_rope(tokens, cos, sin, heads_per_group)[0].transpose(0, 1).unflatten(0, (B, T)))
+    rotate_gathered_(q, k, *position_tables(positions, inv_freq, attention_scaling), pair_channels(pairs))
 
 
 def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device | str = "cpu") -> Q4Weight:

@@ -3,7 +3,10 @@
 Sorting permutes the rotary pairs of every KV group, and pruning keeps a prefix of them, so kept
 pair ``i`` of group ``g`` rotates at the frequency of original pair ``pairs[g, i]``. A head with
 ``u`` kept pairs has ``2u`` channels in the rotate-half layout: channel ``i`` pairs with ``i + u``.
-This is the torch path of the fused gather; it computes in float32.
+This is the torch path of the fused gather (``TorchRope``, as the elastic model runs it): cos/sin
+of every original pair are computed once per forward pass for all the blocks that share the
+frequencies (``position_tables``), and each block gathers its own pairs' columns from them
+(``rotate_gathered_``), rotating q and k in float32 where they lie, [B, T, heads, 2u].
 """
 
 from __future__ import annotations
@@ -14,24 +17,47 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDICES = (torch.int32, torch.int64)
 
 
-def rope_tables(inv_freq: torch.Tensor, pairs: torch.Tensor, positions: torch.Tensor,
-                attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [G, T, 2u] for ``inv_freq`` [d/2] (original head size d), ``pairs``
-    [G, u] and ``positions`` [T]: each group's u gathered frequencies, repeated for the two halves."""
-    freqs = inv_freq.float()[pairs.long()]  # [G, u]
-    angles = positions.float()[None, :, None] * freqs[:, None, :]  # [G, T, u]
-    angles = torch.cat((angles, angles), dim=-1)
+def position_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
+                    attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., d/2] (float32, times ``attention_scaling``) of every original pair of
+    ``inv_freq`` [d/2] at ``positions`` ([T] or [B, T]): each block's kept pairs are
+    gathered from it, so that blocks with different kept pairs share one table."""
+    angles = positions.float()[..., None] * inv_freq.float()
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_group: int) -> torch.Tensor:
-    """Rotate ``x`` [B, heads, T, 2u], whose heads come in groups of ``heads_per_group`` (the query
-    heads of one KV head, or 1 for keys), with group g's tables ``cos[g]``, ``sin[g]``."""
-    xg = x.float().unflatten(1, (-1, heads_per_group))  # [B, G, heads_per_group, T, 2u]
-    x1, x2 = xg.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = xg * cos[:, None] + rotated * sin[:, None]
-    return out.flatten(1, 2).to(x.dtype)
+def pair_channels(pairs: torch.Tensor) -> torch.Tensor:
+    """The original pair of each of a block's rotated channels [G * 2u], from ``pairs`` [G, u]
+    (rotate-half layout: channels i and i + u of a head turn at the same frequency)."""
+    return torch.cat((pairs, pairs), dim=1).flatten().long()
+
+
+def rotate_gathered_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     channels: torch.Tensor) -> None:
+    """Rotate ``q`` [B, T, H, 2u] and ``k`` [B, T, G, 2u] in place with the columns ``channels``
+    (``pair_channels``) of ``position_tables``' cos and sin ([T, d/2] or [B, T, d/2]); query heads
+    h*G/H share KV group h // (H/G)'s columns. Computes in float32, rounds once to q's dtype."""
+    B, T, H, width = q.shape
+    G = k.shape[2]
+    cos = cos.index_select(-1, channels).unflatten(-1, (G, 1, width))  # [.., T, G, 1, 2u]
+    sin = sin.index_select(-1, channels).unflatten(-1, (G, 1, width))
+    for x, per_group in ((q, H // G), (k, 1)):
+        xf = x.float().unflatten(2, (G, per_group))
+        x1, x2 = xf.chunk(2, dim=-1)
+        x.copy_((xf * cos + torch.cat((-x2, x1), dim=-1) * sin).flatten(2, 3))
+
+
+class TorchRope:
+    """The torch path as the elastic model runs it: ``tables`` once per forward pass and set of
+    frequencies, ``prepare`` once per block, ``rotate_`` per block and pass."""
+
+    tables = staticmethod(position_tables)
+    prepare = staticmethod(pair_channels)
+
+    @staticmethod
+    def rotate_(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                channels: torch.Tensor) -> None:
+        rotate_gathered_(q, k, *tables, channels)
 
 
 def check_rope_gather_args(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,

@@ -84,3 +84,21 @@ def launch_rope_gather(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
         pos_sb, pos_st, inv_freq.stride(0), pairs.stride(0), pairs.stride(1),
         BLOCK_H=triton.next_power_of_2(H), BLOCK_G=triton.next_power_of_2(G), BLOCK_U=triton.next_power_of_2(u),
     )
+
+
+class TritonRope:
+    """The kernel as the elastic model runs it, behind ``rope.TorchRope``'s interface: the kernel
+    computes cos/sin itself, so a forward pass's ``tables`` are just its positions and frequencies."""
+
+    @staticmethod
+    def tables(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> tuple:
+        return positions, inv_freq, attention_scaling
+
+    @staticmethod
+    def prepare(pairs: torch.Tensor) -> torch.Tensor:
+        return pairs
+
+    @staticmethod
+    def rotate_(q: torch.Tensor, k: torch.Tensor, tables: tuple, pairs: torch.Tensor) -> None:
+        positions, inv_freq, scaling = tables
+        launch_rope_gather(q, k, positions, inv_freq, pairs, scaling)

@@ -29,7 +29,7 @@ from torch import nn
 from .. import ElastiqError
 from ..families import family_for
 from ..families.base import ATTN_K, ATTN_V, EMBED, FFN_GATE, HEAD, MATRICES, NORMS, ROPE_PAIRS, is_norm
-from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_gather_for
+from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 
@@ -118,10 +118,14 @@ def layer_windows(config: Mapping) -> list[int | None]:
 
 
 def layer_attention(config: Mapping, device: torch.device | str = "cpu") -> list[LayerAttention]:
-    """``LayerAttention`` of every block (blocks of one layer type share their frequencies)."""
+    """``LayerAttention`` of every block (blocks of one layer type share one frequency tensor, and
+    so one RoPE table a forward pass)."""
     types = config.get("layer_types") or [None] * config["num_hidden_layers"]
-    rope = {t: rotary_frequencies(config, t) for t in set(types)}
-    return [LayerAttention(rope[t][0].to(device), rope[t][1], w) for t, w in zip(types, layer_windows(config))]
+    rope = {}
+    for t in set(types):
+        inv_freq, scaling = rotary_frequencies(config, t)
+        rope[t] = inv_freq.to(device), scaling
+    return [LayerAttention(*rope[t], w) for t, w in zip(types, layer_windows(config))]
 
 
 def runtime_weights(weights: Mapping[str, Weight], config: Mapping) -> dict[str, Weight]:
@@ -314,7 +318,8 @@ class Block(nn.Module):
         if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
             raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
                                f"frequencies do not fit {G} KV heads of {u} kept pairs")
-        self.rope_gather = rope_gather_for(self.rope_pairs.device)  # checked here, not on every token
+        self.rope = rope_for(self.rope_pairs.device)  # shapes checked here, not on every token
+        self.rope_index = self.rope.prepare(self.rope_pairs)
         self.kv_cache: KVCache | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -328,17 +333,25 @@ class Block(nn.Module):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         return q, k, v
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
-        """RoPE in place at ``positions``: the query heads of KV group g use group g's frequencies
-        (``elastiq.kernels`` picks the Triton kernel on a GPU, the torch path elsewhere)."""
-        self.rope_gather(q, k, positions, self.inv_freq, self.rope_pairs, self.attending.scaling)
+    def rope_tables(self, positions: torch.Tensor) -> tuple:
+        """What ``rotate`` needs at ``positions``, the same for every block of these frequencies:
+        the model computes it once per forward pass (``elastiq.kernels.rope_for``)."""
+        return self.rope.tables(positions, self.inv_freq, self.attending.scaling)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, tables: tuple) -> None:
+        """RoPE in place at the positions of ``tables`` (``rope_tables``): the query heads of KV
+        group g use group g's frequencies (``elastiq.kernels`` picks the Triton kernel on a GPU,
+        the torch path elsewhere)."""
+        self.rope.rotate_(q, k, tables, self.rope_index)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """Attention of queries q [B, H, T, 2u] over keys k [B, G, S, 2u] and values v [B, G, S, r]
         (each KV head serving its H/G query heads): [B, H, T, r]. The queries sit at positions
         ``start``..``start``+T-1 of the S keys (``start`` None: the same T positions, causal); a
-        query at position p sees the keys at positions p - window < s <= p in a windowed block."""
-        T, S = q.shape[2], k.shape[2]
+        query at position p sees the keys at positions p - window < s <= p in a windowed block.
+        One query position (decoding) attends as the H/G query heads of each KV head taken as
+        positions of one head, which spares SDPA's grouped-query path (several times slower on CPU)."""
+        B, H, T, S = *q.shape[:3], k.shape[2]
         first = S - T if start is None else start
         window = self.attending.window
         if window is not None and first + T > window:
@@ -352,12 +365,16 @@ class Block(nn.Module):
         else:
             mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
             causal = False
+        if T == 1:  # no causal mask to keep: a window's mask [1, S] holds for every grouped head
+            y = F.scaled_dot_product_attention(q.view(B, self.num_kv_heads, H // self.num_kv_heads, -1), k, v,
+                                               attn_mask=mask, scale=self.scale)
+            return y.view(B, H, 1, -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def attention(self, x: torch.Tensor, positions: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, tables: tuple, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        self.rotate(q, k, positions)
+        self.rotate(q, k, tables)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if start is not None:
             if self.kv_cache is None:
@@ -369,8 +386,9 @@ class Block(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        a = self.attention(self.attn_norm(x), positions, start)
+    def forward(self, x: torch.Tensor, tables: tuple, start: int | None = None) -> torch.Tensor:
+        """The block at the positions of ``tables`` (``rope_tables``); ``start`` as in ``attend``."""
+        a = self.attention(self.attn_norm(x), tables, start)
         h = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
         m = self.mlp(self.ffn_norm(h))
         return h + (m if self.post_ffw_norm is None else self.post_ffw_norm(m))
@@ -385,6 +403,9 @@ class Transformer(nn.Module):
                  dtype: torch.dtype, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
         super().__init__()
         self.args, self.dtype, self.attending = args, dtype, attending
+        # the first block of each set of rotary frequencies: blocks of one layer type share a RoPE table
+        self.rope_groups = [next(j for j, b in enumerate(attending) if b.inv_freq is a.inv_freq and
+                                 b.scaling == a.scaling) for a in attending]
         embed = weights["embed_tokens.weight"]
         if isinstance(embed, QuantizedTensor):
             self.embed_tokens = Q4Embedding(embed, dtype)
@@ -425,8 +446,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids).to(self.dtype)
         if self.args.embed_scale != 1:
             x = x * torch.tensor(self.args.embed_scale, dtype=self.dtype)
-        for layer in self.layers:
-            x = layer(x, positions, start)
+        tables = {}  # one RoPE table per set of frequencies (layer type) and forward pass
+        for layer, group in zip(self.layers, self.rope_groups):
+            if group not in tables:
+                tables[group] = layer.rope_tables(positions)
+            x = layer(x, tables[group], start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 

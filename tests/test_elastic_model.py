@@ -4,15 +4,16 @@ zeroing, loading any rate of a nested checkpoint directly; and its RoPE gather o
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
 
 from elastiq.checkpoint import MLP, QK, VO, Checkpoint, RateSpec, write_checkpoint
-from elastiq.kernels.rope import apply_rope, rope_tables
+from elastiq.kernels.rope import pair_channels, position_tables, rotate_gathered_
 from elastiq.modeling.model import Transformer
 from conftest import build_tiny, model_groups
 
@@ -238,23 +239,48 @@ def test_sliding_window_attention_equals_transformers(tokenizer, ids):
                                   {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                    "original_max_position_embeddings": 64}])
 def test_rope_gather(rope):
+    """One table per forward pass, each block gathering its kept pairs' columns, rotates exactly as
+    transformers does: whole heads equal apply_rotary_pos_emb, pruned ones use their pairs' frequencies."""
     hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=D,
                                           max_position_embeddings=256, rope_parameters=rope))
     positions = torch.arange(100)
     cos_ref, sin_ref = hf(torch.zeros(1), positions[None])  # [1, T, d]
-    identity = torch.arange(P).expand(G, -1)
-    cos, sin = rope_tables(hf.inv_freq, identity, positions, hf.attention_scaling)
-    assert cos.shape == sin.shape == (G, 100, D)
-    assert torch.equal(cos, cos_ref.expand(G, -1, -1)) and torch.equal(sin, sin_ref.expand(G, -1, -1))
+    cos, sin = position_tables(positions, hf.inv_freq, hf.attention_scaling)
+    assert torch.equal(cos, cos_ref[0, :, :P]) and torch.equal(sin, sin_ref[0, :, :P])
 
-    q, k = torch.randn(3, H, 100, D), torch.randn(3, G, 100, D)
-    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
-    assert torch.equal(apply_rope(q, cos, sin, Q), q_ref) and torch.equal(apply_rope(k, cos, sin, 1), k_ref)
+    q, k = torch.randn(3, 100, H, D), torch.randn(3, 100, G, D)  # the model's [B, T, heads, 2u]
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos_ref, sin_ref)
+    rotate_gathered_(q, k, cos, sin, pair_channels(torch.arange(P).expand(G, -1)))
+    assert torch.equal(q, q_ref.transpose(1, 2)) and torch.equal(k, k_ref.transpose(1, 2))
 
     # Gathered: kept pair i of group g takes the columns of original pair pairs[g, i] in both halves.
     pairs = torch.stack([torch.randperm(P)[:5] for _ in range(G)])
-    cos, sin = rope_tables(hf.inv_freq, pairs, positions, hf.attention_scaling)
-    for g in range(G):
-        for half in (0, 1):
-            assert torch.equal(cos[g, :, 5 * half:5 * half + 5], cos_ref[0][:, pairs[g] + P * half])
-            assert torch.equal(sin[g, :, 5 * half:5 * half + 5], sin_ref[0][:, pairs[g] + P * half])
+    q, k = torch.randn(3, 100, H, 10), torch.randn(3, 100, G, 10)
+    expected = []
+    for x, per_group in ((q, Q), (k, 1)):
+        columns = torch.cat((pairs, pairs + P), 1).repeat_interleave(per_group, 0)  # [heads, 10]
+        expected.append(x * cos_ref[0][:, columns] + rotate_half(x) * sin_ref[0][:, columns])
+    rotate_gathered_(q, k, cos, sin, pair_channels(pairs))
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_rope_path_gives_the_torch_paths_logits(model, ids, monkeypatch):
+    """The blocks rotate through the RoPE path ``kernels.rope_for`` picks: the Triton kernel (here
+    under its CPU interpreter, conftest) gives the torch path's logits, in a full pass and decoding."""
+    def run(elastic: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+        elastic.setup_caches(ids.shape[0], ids.shape[1])
+        with torch.no_grad():
+            elastic(ids[:, :5], start=0)
+            steps = torch.cat([elastic(ids[:, t:t + 1], start=t) for t in range(5, 12)], 1)
+            return elastic(ids), steps
+
+    torch_path = Transformer.from_hf(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the kernel's module is first imported
+    from elastiq.kernels.rope import TorchRope
+    from elastiq.kernels.rope_triton import TritonRope
+
+    triton_path = Transformer.from_hf(model)
+    assert isinstance(torch_path.layers[0].rope, TorchRope) and isinstance(triton_path.layers[0].rope, TritonRope)
+    for got, expected in zip(run(triton_path), run(torch_path)):
+        assert_close(got, expected, 1e-4)

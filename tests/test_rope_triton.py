@@ -27,7 +27,6 @@ try:
     from elastiq import kernels
     from elastiq.kernels import apply_rope_gather, rope_gather_torch_
     from elastiq.kernels import rope_triton
-    from elastiq.kernels.rope import apply_rope, rope_tables
 finally:
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]
@@ -111,17 +110,18 @@ def test_strided_views_of_a_fused_projection():
     assert torch.equal(qkv[..., (H + G) * 2 * u:], before[..., (H + G) * 2 * u:])
 
 
-def test_torch_path_equals_rope_module(monkeypatch):
-    """Without Triton in play, apply_rope_gather is exactly kernels.rope on the model's [B, heads, T, 2u] layout."""
+def test_torch_path_takes_the_triton_kernels_arguments(monkeypatch):
+    """Without Triton in play, apply_rope_gather is the torch path, which takes [B, T] positions
+    as the kernel does: each batch row rotates at its own positions."""
     monkeypatch.delenv("TRITON_INTERPRET")
     B, T, G, per_group, u = 2, 6, 3, 3, 20
     q, k, pairs = make(B, T, G, per_group, u)
-    positions = torch.arange(10, 10 + T)
-    cos, sin = rope_tables(inv_freq(), pairs, positions, 0.9)
-    q_ref = apply_rope(q.transpose(1, 2), cos, sin, per_group).transpose(1, 2)
-    k_ref = apply_rope(k.transpose(1, 2), cos, sin, 1).transpose(1, 2)
+    positions = torch.stack((torch.arange(10, 10 + T), torch.arange(3, 3 + T)))
+    rows = [(q[b:b + 1].clone(), k[b:b + 1].clone()) for b in range(B)]
+    for (q_row, k_row), at in zip(rows, positions):
+        rope_gather_torch_(q_row, k_row, at, inv_freq(), pairs, 0.9)
     apply_rope_gather(q, k, positions, inv_freq(), pairs, 0.9)
-    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(q, torch.cat([r[0] for r in rows])) and torch.equal(k, torch.cat([r[1] for r in rows]))
 
 
 def test_dispatch(monkeypatch):
