@@ -1,6 +1,6 @@
 """Backends side by side: torch, llama.cpp and onnxruntime at every rate of one 4-bit checkpoint.
 
-For SmolLM2-135M-Instruct's nested 4-bit checkpoint (GPTQ, least-important-first), each rate is
+For a nested 4-bit checkpoint (by default SmolLM2-135M-Instruct's), each rate is
 exported once per backend into the cache beside the checkpoint (export seconds and file size),
 then every (backend, rate) runs in its own process, one after another, as ``elastiq run --backend``
 opens it: ``plan_rate`` predicts the footprint for that backend (the backend's package imported and
@@ -99,14 +99,12 @@ def child_bandwidth(spec: dict) -> dict:
     return {"bytes_per_s": read_bandwidth(spec["threads"])}
 
 
-def dense_files(threads: int) -> dict[str, Path]:
-    """The dense base model's GGUF files llama.cpp runs: the wheel's SmolLM2-135M-Instruct (Q4_1)
-    and llama.cpp's Q4_0 of it, made once into the cache."""
-    from runtime import smollm2_gguf
-
-    wheel = smollm2_gguf()
-    q4_0 = quantize(wheel, "Q4_0", cache_dir() / "bench" / "smollm2-dense-Q4_0.gguf", threads, requantize=True)
-    return {"Q4_1 (the wheel's file)": wheel, "Q4_0 (llama.cpp's, of the wheel's file)": q4_0}
+def dense_files(source: Path, threads: int) -> dict[str, Path]:
+    """The dense base model's GGUF files llama.cpp runs: ``source`` as it is, and llama.cpp's Q4_0
+    of it (requantized, made once into the cache)."""
+    out = cache_dir() / "bench" / f"{source.stem}-requantized-Q4_0.gguf"
+    return {source.name: source, f"llama.cpp's Q4_0 of {source.name}": quantize(source, "Q4_0", out, threads,
+                                                                               requantize=True)}
 
 
 def gguf_bytes(path: str | Path) -> int:
@@ -190,7 +188,7 @@ def to_markdown(results: dict) -> str:
     loaded = max(load["before"], load["after"]) > 2
     lines = [f"# Backends: torch, llama.cpp and onnxruntime per rate ({results['device']})", "",
              f"Command: `{results['command']}`", "", f"CPU: {results['cpu']}.", "",
-             f"Checkpoint `{Path(results['checkpoint']).name}` (SmolLM2-135M-Instruct, GPTQ Q4_0). Prompt "
+             f"Checkpoint `{Path(results['checkpoint']).name}` ({results['model']}, {results['weights']}). Prompt "
              f"{results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
              f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
              "ran in its own process, one after another, opening the engine as `elastiq run --backend B --rate R` "
@@ -198,7 +196,7 @@ def to_markdown(results: dict) -> str:
              "(Q4_0, Q8_0 activations, f16 KV cache at the full head size); onnxruntime the ONNX export "
              "(MatMulNBits, float32). Peak RSS is the process's `VmHWM`; predicted is `plan_rate`'s footprint for that "
              "backend (weights + KV cache + workspace + the process before loading). Agreement: greedy tokens "
-             "equal to torch's at the same rate before the first difference.", "",
+             f"equal to {results['backends'][0]}'s at the same rate before the first difference.", "",
              f"Memory read bandwidth ({results['threads']} threads, `measure.read_bandwidth`): "
              f"{results['bandwidth'] / 1e9:.1f} GB/s. Bound: the decode tok/s that reading the rate's weights once "
              "a token at that bandwidth allows (weights as the checkpoint stores them, the tied embedding once).", "",
@@ -206,7 +204,7 @@ def to_markdown(results: dict) -> str:
              + (": **timings were taken on a loaded 2-core machine** shared with other jobs, so speeds are lower "
                 "bounds and their ratios are noisy." if loaded else "."), "",
              "| backend | rate | prefill tok/s | decode tok/s | of the bound | load s | export s | export MB | "
-             "peak RSS MiB | predicted MiB | predicted / measured | tokens agreeing with torch |",
+             f"peak RSS MiB | predicted MiB | predicted / measured | tokens agreeing with {results['backends'][0]} |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         export_s = f"{row['export_s']:.1f}" if row.get("export_s") is not None else "-"
@@ -220,7 +218,7 @@ def to_markdown(results: dict) -> str:
     lines += ["", "Bound per rate (MB a token reads, decode tok/s the bandwidth allows): " + ", ".join(
         f"{rate}: {n / 1e6:.1f} MB, {results['bandwidth'] / n:.0f} tok/s" for rate, n in results["bytes_per_token"].items())
         + "."]
-    lines += ["", "llama.cpp on the dense base model (SmolLM2-135M-Instruct), same prompt and settings:", "",
+    lines += ["", f"llama.cpp on the dense base model ({results['model']}), same prompt and settings:", "",
               "| file | MB a token reads | prefill tok/s | decode tok/s | of the bound | load s | peak RSS MiB |",
               "|---|---|---|---|---|---|---|"]
     for label, dense in results["dense"].items():
@@ -228,7 +226,7 @@ def to_markdown(results: dict) -> str:
         lines.append(f"| {label} | {dense['bytes_per_token'] / 1e6:.1f} | {dense['prefill_tok_s']:.0f} | "
                      f"{dense['decode_tok_s']:.1f} | {dense['decode_tok_s'] / bound:.0%} | {dense['load_s']:.2f} | "
                      f"{mib(dense['peak_rss'])} |")
-    lines += ["", "![decode and prefill tok/s per rate and backend](backends.png)"]
+    lines += ["", f"![decode and prefill tok/s per rate and backend]({results['name']}.png)"]
     if results.get("auto"):
         lines += ["", "What `--backend auto` picks at each rate (its own probe: 64 tokens prefilled, 32 decoded, best "
                   "of 3, in a fresh process with an empty cache; the exports were already cached), and the seconds "
@@ -260,20 +258,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
-        for backend in BACKENDS:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, key, phase in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
+        for backend in results["backends"]:
             rows = [r for r in results["rows"] if r["backend"] == backend]
-            ax.plot([r["rate"] for r in rows], [r[key] for r in rows], marker="o", label=backend)
-        for (label, dense), style in zip(results["dense"].items(), ("--", ":")):
-            ax.axhline(dense[key], color="grey", linestyle=style, label=f"llama.cpp, dense {label.split(' (')[0]}")
+            ax.plot([r["rate"] for r in rows], [r[key] for r in rows], marker="o", label=f"{backend}, elastiq")
+        for (file, dense), style in zip(results["dense"].items(), ("--", ":")):
+            ax.axhline(dense[key], color="grey", linestyle=style, label=f"llama.cpp, dense: {file}")
         ax.set_xlabel("pruning rate")
-        ax.set_ylabel(f"{label} tok/s")
+        ax.set_ylabel(f"{phase} tok/s")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, 4-bit, {results['threads']} threads: {results['cpu'].split(' (')[0]}")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"{results['model']}, 4-bit, {results['threads']} threads: {results['cpu'].split(' (')[0]}")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -282,6 +280,10 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--rates", default="0.0,0.15,0.25,0.35")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, from " + ", ".join(BACKENDS))
+    parser.add_argument("--dense-gguf", help="the dense model's GGUF file for llama.cpp's reference rows "
+                        "(default: the wheel's SmolLM2-135M-Instruct)")
+    parser.add_argument("--name", default="backends", help="results file stem in benchmarks/results/")
     add_generation_args(parser, prompt_tokens=128)
     args = parser.parse_args()
     if args.child:
@@ -292,43 +294,52 @@ def main() -> None:
 
     common = {"checkpoint": args.checkpoint, **generation_spec(args)}
     rates = [float(r) for r in args.rates.split(",")]
+    backends = args.backends.split(",")
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"--backends: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
+    from elastiq.checkpoint import Checkpoint
     from elastiq.runtime.fastest import cpu_signature
 
-    results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]),
-               "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "cpu": cpu_signature(),
-               "load_average": {"before": os.getloadavg()[0]}, "rows": []}
-    from elastiq.checkpoint import Checkpoint
-
     ckpt = Checkpoint(args.checkpoint)
+    quantization = ckpt.manifest["quantization"] or {}
+    results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]), "name": args.name,
+               "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "cpu": cpu_signature(),
+               "model": ckpt.source.name, "backends": backends,
+               "weights": f"{quantization.get('method', 'float')} {quantization.get('format', '')}".strip(),
+               "load_average": {"before": os.getloadavg()[0]}, "rows": []}
+    from runtime import smollm2_gguf
+
+    dense = dense_files(Path(args.dense_gguf) if args.dense_gguf else smollm2_gguf(), args.threads)
     results["bytes_per_token"] = {str(rate): checkpoint_bytes(ckpt, rate) for rate in rates}
     results["bandwidth"] = run_child(__file__, "bandwidth", common)["bytes_per_s"]
     print("bandwidth", results["bandwidth"], file=sys.stderr)
     exports = {}
-    for backend in BACKENDS[1:]:
-        for rate in rates:
+    for backend in backends:
+        for rate in rates if backend != "torch" else ():
             exports[backend, rate] = run_child(__file__, "export", {**common, "backend": backend, "rate": rate})
             print(backend, rate, exports[backend, rate], file=sys.stderr)
-    torch_tokens = {}
+    first_tokens = {}
     for rate in rates:
-        for backend in BACKENDS:
+        for backend in backends:
             row = {"backend": backend, "rate": rate, **exports.get((backend, rate), {}),
                    **run_child(__file__, "run", {**common, "backend": backend, "rate": rate})}
-            torch_tokens.setdefault(rate, row["tokens"])
-            row["agree"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], torch_tokens[rate])) if a != b),
+            first_tokens.setdefault(rate, row["tokens"])
+            row["agree"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], first_tokens[rate])) if a != b),
                                 len(row["tokens"]))
             results["rows"].append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
-    results["dense"] = {label: run_child(__file__, "dense", {**common, "gguf": str(path)})
-                        for label, path in dense_files(args.threads).items()}
+    results["dense"] = {label: run_child(__file__, "dense", {**common, "gguf": str(path)}) for label, path in dense.items()}
     print("dense", results["dense"], file=sys.stderr)
-    results["auto"] = {rate: run_child(__file__, "auto", {**common, "rate": rate}) for rate in rates}
-    print("auto", results["auto"], file=sys.stderr)
-    results["switch"] = {backend: run_child(__file__, "switch", {**common, "backend": backend}) for backend in BACKENDS}
-    print("switch", results["switch"], file=sys.stderr)
+    if set(backends) == set(BACKENDS):  # auto measures every installed backend
+        results["auto"] = {rate: run_child(__file__, "auto", {**common, "rate": rate}) for rate in rates}
+        print("auto", results["auto"], file=sys.stderr)
+    if len(rates) > 1 and 0.0 in rates and 0.35 in rates:
+        results["switch"] = {b: run_child(__file__, "switch", {**common, "backend": b}) for b in backends}
+        print("switch", results["switch"], file=sys.stderr)
     results["load_average"]["after"] = os.getloadavg()[0]
-    plot(results, RESULTS / "backends.png")
-    write_text(RESULTS / "backends.json", json.dumps(results, indent=1))
-    write_text(RESULTS / "backends.md", to_markdown(results))
+    plot(results, RESULTS / f"{args.name}.png")
+    write_text(RESULTS / f"{args.name}.json", json.dumps(results, indent=1))
+    write_text(RESULTS / f"{args.name}.md", to_markdown(results))
     print(to_markdown(results))
 
 

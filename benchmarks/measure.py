@@ -100,6 +100,7 @@ def quantize(source: Path, kind: str, out: Path, threads: int, requantize: bool 
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.nthread = threads
     params.allow_requantize = requantize
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
