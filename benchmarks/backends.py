@@ -304,7 +304,7 @@ def main() -> None:
     quantization = ckpt.manifest["quantization"] or {}
     results = {**common, "command": "nice python benchmarks/backends.py " + " ".join(sys.argv[1:]), "name": args.name,
                "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "cpu": cpu_signature(),
-               "model": ckpt.source.name, "backends": backends,
+               "model": Path(ckpt.source.name or "?").name, "backends": backends,  # a GGUF source: its file name
                "weights": f"{quantization.get('method', 'float')} {quantization.get('format', '')}".strip(),
                "load_average": {"before": os.getloadavg()[0]}, "rows": []}
     from runtime import smollm2_gguf

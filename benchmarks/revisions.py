@@ -5,8 +5,9 @@ checked out into a temporary git worktree, and every measurement runs in a fresh
 imports elastiq from one tree or the other, the two trees alternating within each round so that
 the machine's drift falls on both. Each process loads the default model's 4-bit checkpoint (the
 one ``elastiq run`` builds) at one rate and times greedy generation (median of ``--repeats``);
-the table gives each tree's median over ``--rounds`` and their ratio. Writes
-benchmarks/results/revisions.{json,md}.
+the table gives each tree's median over ``--rounds`` and their ratio, and how many greedy tokens
+the head's first run shares with the base's before they differ. Writes
+benchmarks/results/NAME.{json,md} (``--name``, default revisions).
 
     python benchmarks/revisions.py --base a7f3cbd
 """
@@ -27,6 +28,7 @@ from measure import add_generation_args, command_line, generation_spec, prompt_i
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+SPEEDS = ("load_s", "prefill_tok_s", "decode_tok_s")  # what the table gives as medians
 
 
 def import_tree(tree: str) -> None:
@@ -63,7 +65,8 @@ def child_generate(spec: dict) -> dict:
         stats = engine.generator.generate(ids, spec["decode_tokens"])
         prefill.append(stats.prefilled / stats.prefill_s)
         decode.append(stats.decoded / stats.decode_s)
-    return {"load_s": load, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+    return {"load_s": load, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "tokens": stats.tokens}
 
 
 def cpu_name() -> str:
@@ -81,12 +84,15 @@ def to_markdown(results: dict) -> str:
              f"threads; each cell is the median over {results['rounds']} rounds of fresh processes (each the median "
              f"of {results['repeats']} generations), base and head alternating.", "",
              "| rate | base prefill tok/s | head prefill tok/s | head / base | base decode tok/s | head decode tok/s "
-             "| head / base |", "|---|---|---|---|---|---|---|"]
+             "| head / base | greedy tokens equal |", "|---|---|---|---|---|---|---|---|"]
     for row in results["rates"]:
         b, h = row["base"], row["head"]
+        tokens = [row["runs"][name][0].get("tokens") for name in ("base", "head")]
+        equal = "-" if None in tokens else next((f"first {i} of {len(tokens[0])}" for i, (x, y)
+                                                in enumerate(zip(*tokens)) if x != y), "all")
         lines.append(f"| {row['rate']} | {b['prefill_tok_s']:.0f} | {h['prefill_tok_s']:.0f} | "
                      f"{h['prefill_tok_s'] / b['prefill_tok_s']:.2f} | {b['decode_tok_s']:.1f} | "
-                     f"{h['decode_tok_s']:.1f} | {h['decode_tok_s'] / b['decode_tok_s']:.2f} |")
+                     f"{h['decode_tok_s']:.1f} | {h['decode_tok_s'] / b['decode_tok_s']:.2f} | {equal} |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="the git revision to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", default="revisions", help="results file stem in benchmarks/results/")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     add_generation_args(parser, prompt_tokens=128)
     args = parser.parse_args()
@@ -134,10 +141,10 @@ def main() -> None:
     results = {"command": command_line(), "checkpoint": str(ckpt.path), "base": args.base, "head": head,
                "device": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}", "rounds": args.rounds,
                **generation_spec(args),
-               "rates": [{"rate": rate, **{name: {k: median(runs[rate, name], k) for k in runs[rate, name][0]}
+               "rates": [{"rate": rate, **{name: {k: median(runs[rate, name], k) for k in SPEEDS}
                                            for name in ("base", "head")}, "runs": {n: runs[rate, n] for n in trees}}
                          for rate in ckpt.rates]}
-    save_results(RESULTS / "revisions.json", results, to_markdown(results))
+    save_results(RESULTS / f"{args.name}.json", results, to_markdown(results))
 
 
 if __name__ == "__main__":
