@@ -4,7 +4,9 @@ A checkpoint folder is used as it is. A model (a known name such as the default
 ``smollm2-135m``, a Hugging Face folder or a GGUF file) is compressed once with the default
 pipeline (sort at the default rates, then GPTQ to 4 bits) into the cache, and found there on
 every later run; each stage writes under a temporary name, so an interrupted first run leaves
-no checkpoint that looks finished (the next run removes what it left and starts over). A lock
+no checkpoint that looks finished (the next run removes what it left and starts over). The
+cache key holds the build's default options, so a checkpoint an earlier elastiq built with other
+defaults is not taken for today's: it is rebuilt once, and the old one named in the log. A lock
 file beside the cached checkpoint makes a second process that asks for the same model at the
 same time wait for the first one's result instead of compressing it again.
 """
@@ -12,8 +14,10 @@ same time wait for the first one's result instead of compressing it again.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -21,14 +25,34 @@ from ..checkpoint import MANIFEST, SUFFIX
 from ..paths import cache_dir, cache_lock
 
 
+def first_run_settings() -> dict:
+    """The options of the first-run build (compression's and quantization's defaults): part of
+    the cache key, since a checkpoint built with other defaults is another checkpoint."""
+    from ..compressor.compress import CompressOptions
+    from ..compressor.quantize import QuantizeOptions
+
+    return {stage: {k: v for k, v in asdict(options()).items() if k != "timings"}
+            for stage, options in (("compress", CompressOptions), ("quantize", QuantizeOptions))}
+
+
 def cached_checkpoint_path(source: str) -> Path:
     """Where the 4-bit checkpoint of model ``source`` is cached: a readable slug of the name plus
-    a hash of the resolved path (two folders with one name must not share a checkpoint)."""
+    a hash of the resolved path (two folders with one name must not share a checkpoint) and of
+    the build's options (``first_run_settings``)."""
     path = Path(source).expanduser()
     key = str(path.resolve()) if path.exists() else source
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or source).strip("-.") or "model"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    settings = json.dumps(first_run_settings(), sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{key}\n{settings}".encode()).hexdigest()[:10]
     return cache_dir() / "checkpoints" / f"{slug}-{digest}-q4{SUFFIX}"
+
+
+def other_builds(target: Path) -> list[Path]:
+    """The finished cached checkpoints of the same name as ``target`` but another key: builds of
+    earlier defaults (or of another folder of that name), which nothing uses any more by itself."""
+    slug = target.name.rsplit("-", 2)[0]
+    return sorted(p for p in target.parent.glob(f"{slug}-*-q4{SUFFIX}")
+                  if p != target and p.name.rsplit("-", 2)[0] == slug and (p / MANIFEST).is_file())
 
 
 def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
@@ -52,6 +76,11 @@ def resolve_checkpoint(source: str, log: Callable[[str], None] = print) -> Path:
             return target
         log(f"elastiq: no checkpoint of {source} cached yet; compressing it once into {target} "
             "(calibrate and sort, then GPTQ to 4 bits: several minutes on a laptop CPU)")
+        if older := other_builds(target):
+            size = sum(f.stat().st_size for p in older for f in p.rglob("*") if f.is_file())
+            log(f"elastiq: {len(older)} other build(s) of that name stay in {target.parent} (made with earlier "
+                f"defaults, or from another folder so named): {', '.join(p.name for p in older)}; "
+                f"delete what you no longer run to free {size / 1e6:.0f} MB")
         float_ckpt = target.with_name(target.name.replace(f"-q4{SUFFIX}", f"-float{SUFFIX}"))
         try:
             compress(source, float_ckpt, overwrite=True)

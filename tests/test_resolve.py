@@ -80,3 +80,32 @@ def test_two_servers_started_at_once_on_an_empty_cache_both_answer(tiny_dirs, tm
     cached = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
     # one checkpoint, its lock and the exports --backend auto measured, nothing half-written
     assert cached == [cached[0], cached[0] + ".exports", cached[0] + ".lock"], cached
+
+
+def test_a_build_with_other_defaults_is_not_taken_for_todays(tmp_path, monkeypatch):
+    """The cache key holds the build's default options: when quantization's defaults change (as
+    8-bit value projections did), the old cached checkpoint is another build, and it is named as
+    one of the other builds of that model, not used."""
+    from dataclasses import dataclass
+
+    from elastiq.compressor import quantize
+    from elastiq.runtime import resolve
+
+    monkeypatch.setenv("ELASTIQ_CACHE", str(tmp_path / "cache"))
+    today = resolve.cached_checkpoint_path("smollm2-135m")
+    assert resolve.cached_checkpoint_path("smollm2-135m") == today
+
+    @dataclass
+    class AllFourBit(quantize.QuantizeOptions):
+        q8: tuple[str, ...] = ()
+
+    monkeypatch.setattr(quantize, "QuantizeOptions", AllFourBit)
+    older = resolve.cached_checkpoint_path("smollm2-135m")
+    assert older != today and older.parent == today.parent
+    assert older.name.startswith("smollm2-135m-") and older.name.endswith("-q4.elastiq")
+
+    for path in (older, today.with_name("smollm2-135m-instruct-0123456789-q4.elastiq")):
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text("{}")
+    (today.parent / "smollm2-135m-abcdef0123-q4.elastiq").mkdir()  # unfinished: no manifest
+    assert resolve.other_builds(today) == [older]
