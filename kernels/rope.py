@@ -35,8 +35,8 @@ def pair_channels(pairs: torch.Tensor) -> torch.Tensor:
 def rotate_gathered_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      channels: torch.Tensor) -> None:
     """Rotate ``q`` [B, T, H, 2u] and ``k`` [B, T, G, 2u] in place with the columns ``channels``
-    (``pair_channels``) of ``position_tables``' cos and sin ([T, d/2] or [B, T, d/2]); query heads
-    h*G/H share KV group h // (H/G)'s columns. Computes in float32, rounds once to q's dtype."""
+    (``pair_channels``) of ``position_tables``' cos and sin ([T, d/2] or [B, T, d/2]); query head
+    h uses the columns of KV group h // (H/G). Computes in float32, rounds once to q's dtype."""
     B, T, H, width = q.shape
     G = k.shape[2]
     cos = cos.index_select(-1, channels).unflatten(-1, (G, 1, width))  # [.., T, G, 1, 2u]
