@@ -121,20 +121,18 @@ def gguf_bytes(path: str | Path) -> int:
 
 
 def checkpoint_bytes(ckpt, rate: float) -> int:
-    """Bytes of the weights a token reads at ``rate`` as the checkpoint stores them: every tensor
-    (Q4_0 / Q8_0 blocks with their scales, floats at their dtype), the token embedding as one row
-    unless it is tied to the head (then it is the head, and read whole)."""
+    """Bytes of the weights a token reads at ``rate`` as the checkpoint stores them: the manifest's
+    ``weight_bytes`` of the rate, with a token embedding that is not tied to the head counted as
+    one row (a lookup reads one row)."""
     from elastiq.quants import BLOCK, BLOCK_BYTES
     from elastiq.runtime.memory import runtime_shapes
 
+    total = ckpt.rate_entry(rate)["weight_bytes"]
     shapes = runtime_shapes(ckpt, rate)
-    total = 0
-    for name, (shape, dtype, fmt) in shapes.items():
-        numel = math.prod(shape)
-        size = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * dtype.itemsize
-        if name == "embed_tokens.weight" and "lm_head.weight" in shapes:
-            size //= shape[0]  # a lookup reads one row
-        total += size
+    if "lm_head.weight" in shapes:  # untied: the head is its own tensor
+        shape, dtype, fmt = shapes["embed_tokens.weight"]
+        size = math.prod(shape) // BLOCK * BLOCK_BYTES[fmt] if fmt else math.prod(shape) * dtype.itemsize
+        total -= size - size // shape[0]
     return total
 
 

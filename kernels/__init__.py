@@ -25,7 +25,7 @@ import torch
 from ..quants import dequantize_q8_0
 from .q4 import Q4Weight, check_q4_args, check_q4_linear_args, int4pack_matmul, prepare_int4pack
 from .q8 import Q8Pair, prepare_q8_pair
-from .rope import TorchRope, check_rope_gather_args, pair_channels, position_tables, rotate_gathered_
+from .rope import TorchRope, check_rope_gather_args
 
 if TYPE_CHECKING:
     from .rope_triton import TritonRope
@@ -40,12 +40,7 @@ def apply_rope_gather(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     token's position (``positions`` [T] or [B, T]), with cos/sin scaled by ``attention_scaling``.
     The arguments are checked on every call; the elastic model uses ``rope_for``."""
     check_rope_gather_args(q, k, positions, inv_freq, pairs)
-    if _use_triton_on(q.device):
-        from .rope_triton import launch_rope_gather
-
-        launch_rope_gather(q, k, positions, inv_freq, pairs, attention_scaling)
-    else:
-        _rope_gather_torch(q, k, positions, inv_freq, pairs, attention_scaling)
+    _rotate(rope_for(q.device), q, k, positions, inv_freq, pairs, attention_scaling)
 
 
 def rope_for(device: torch.device | str) -> "TorchRope | TritonRope":
@@ -65,12 +60,13 @@ def rope_gather_torch_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
                        pairs: torch.Tensor, attention_scaling: float = 1.0) -> None:
     """The torch path of ``apply_rope_gather`` (``rope.position_tables``, then ``rope.rotate_gathered_``)."""
     check_rope_gather_args(q, k, positions, inv_freq, pairs)
-    _rope_gather_torch(q, k, positions, inv_freq, pairs, attention_scaling)
+    _rotate(TorchRope(), q, k, positions, inv_freq, pairs, attention_scaling)
 
 
-def _rope_gather_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                       pairs: torch.Tensor, attention_scaling: float = 1.0) -> None:
-    rotate_gathered_(q, k, *position_tables(positions, inv_freq, attention_scaling), pair_channels(pairs))
+def _rotate(rope: "TorchRope | TritonRope", q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+            inv_freq: torch.Tensor, pairs: torch.Tensor, attention_scaling: float) -> None:
+    """One block's rotation by ``rope``'s three calls, for a caller without a model around it."""
+    rope.rotate_(q, k, rope.tables(positions, inv_freq, attention_scaling), rope.prepare(pairs))
 
 
 def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device | str = "cpu") -> Q4Weight:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -25,25 +24,18 @@ from ..checkpoint import MANIFEST, SUFFIX
 from ..paths import cache_dir, cache_lock
 
 
-def first_run_settings() -> dict:
-    """The options of the first-run build (compression's and quantization's defaults): part of
-    the cache key, since a checkpoint built with other defaults is another checkpoint."""
-    from ..compressor.compress import CompressOptions
-    from ..compressor.quantize import QuantizeOptions
-
-    return {stage: {k: v for k, v in asdict(options()).items() if k != "timings"}
-            for stage, options in (("compress", CompressOptions), ("quantize", QuantizeOptions))}
-
-
 def cached_checkpoint_path(source: str) -> Path:
     """Where the 4-bit checkpoint of model ``source`` is cached: a readable slug of the name plus
     a hash of the resolved path (two folders with one name must not share a checkpoint) and of
-    the build's options (``first_run_settings``)."""
+    the build's default options (a checkpoint built with other defaults is another checkpoint),
+    as the pipeline records them (``PipelineOptions.settings``: sort, then quantize)."""
+    from ..compressor.pipeline import PipelineOptions
+
     path = Path(source).expanduser()
     key = str(path.resolve()) if path.exists() else source
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or source).strip("-.") or "model"
-    settings = json.dumps(first_run_settings(), sort_keys=True, default=str)
-    digest = hashlib.sha256(f"{key}\n{settings}".encode()).hexdigest()[:10]
+    settings = json.dumps(PipelineOptions(recover=None).settings(key), sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     return cache_dir() / "checkpoints" / f"{slug}-{digest}-q4{SUFFIX}"
 
 

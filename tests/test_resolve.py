@@ -86,9 +86,9 @@ def test_a_build_with_other_defaults_is_not_taken_for_todays(tmp_path, monkeypat
     """The cache key holds the build's default options: when quantization's defaults change (as
     8-bit value projections did), the old cached checkpoint is another build, and it is named as
     one of the other builds of that model, not used."""
-    from dataclasses import dataclass
+    from dataclasses import dataclass, field
 
-    from elastiq.compressor import quantize
+    from elastiq.compressor import pipeline, quantize
     from elastiq.runtime import resolve
 
     monkeypatch.setenv("ELASTIQ_CACHE", str(tmp_path / "cache"))
@@ -99,7 +99,11 @@ def test_a_build_with_other_defaults_is_not_taken_for_todays(tmp_path, monkeypat
     class AllFourBit(quantize.QuantizeOptions):
         q8: tuple[str, ...] = ()
 
-    monkeypatch.setattr(quantize, "QuantizeOptions", AllFourBit)
+    @dataclass
+    class EarlierDefaults(pipeline.PipelineOptions):
+        quantize: quantize.QuantizeOptions | None = field(default_factory=AllFourBit)
+
+    monkeypatch.setattr(pipeline, "PipelineOptions", EarlierDefaults)
     older = resolve.cached_checkpoint_path("smollm2-135m")
     assert older != today and older.parent == today.parent
     assert older.name.startswith("smollm2-135m-") and older.name.endswith("-q4.elastiq")

@@ -128,7 +128,7 @@ def test_dispatch(monkeypatch):
     """CPU tensors take the Triton kernel only under TRITON_INTERPRET=1."""
     calls = []
     monkeypatch.setattr(rope_triton, "launch_rope_gather", lambda *args: calls.append("triton"))
-    monkeypatch.setattr(kernels, "_rope_gather_torch", lambda *args: calls.append("torch"))
+    monkeypatch.setattr(kernels.rope, "rotate_gathered_", lambda *args: calls.append("torch"))
     q, k, pairs = make(1, 2, 1, 1, 4)
     apply_rope_gather(q, k, torch.arange(2), inv_freq(), pairs)
     monkeypatch.delenv("TRITON_INTERPRET")
