@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, Family
+from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
 from ..paths import data_dir
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
@@ -31,17 +31,21 @@ C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 class BlockStats:
     """Sums over every calibration token of one block (divide by ``tokens`` for means).
 
-    ``mlp``: X^T X of the down projection's input [I, I]; ``attn``: X^T X of the attention's
-    (normed) input [hidden, hidden]; ``q_sq`` / ``k_sq``: post-RoPE energy of every query / key
-    channel [H, d] / [G, d]; ``influence``: mean over tokens of 1 - cos(block input, block output).
+    Of an attention block: ``mlp``, X^T X of the down projection's input [I, I]; ``attn``, X^T X
+    of the attention's (normed) input [hidden, hidden]; ``q_sq`` / ``k_sq``, post-RoPE energy of
+    every query / key channel [H, d] / [G, d]. Of an SSM block: ``ssm_input``, the (normed)
+    hidden states entering its mixer [samples, T, hidden], from which UniQL's state-aware scores
+    run the mixer's own scan. Of every block: ``influence``, mean over tokens of
+    1 - cos(block input, block output).
     """
 
-    mlp: torch.Tensor
-    attn: torch.Tensor
-    q_sq: torch.Tensor
-    k_sq: torch.Tensor
     influence: float
     tokens: int
+    mlp: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    q_sq: torch.Tensor | None = None
+    k_sq: torch.Tensor | None = None
+    ssm_input: torch.Tensor | None = None
 
 
 CALIB_FORMATS = ("plain text (.txt, .md), JSON lines with a \"text\" field (.jsonl) or parquet with a \"text\" "
@@ -229,44 +233,22 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
     change keeps the block's function (as sorting does): the next block's inputs are already
     computed.
     """
-    heads = family.heads(model.config.to_dict())
+    config = model.config.to_dict()
+    heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     hidden, kwargs = _block_inputs(model, family, samples, chunk)
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress, leave=False):
         block = blocks[index]
-        query, key, down = (family.part(block, slot) for slot in (ATTN_Q, ATTN_K, FFN_DOWN))
-        stats = BlockStats(
-            mlp=torch.zeros(down.in_features, down.in_features, dtype=torch.float64),
-            attn=torch.zeros(query.in_features, query.in_features, dtype=torch.float64),
-            q_sq=torch.zeros(heads.num_heads, heads.head_dim, dtype=torch.float64),
-            k_sq=torch.zeros(heads.num_kv_heads, heads.head_dim, dtype=torch.float64),
-            influence=0.0, tokens=0)
+        stats = BlockStats(influence=0.0, tokens=0)
         current: dict = {}
-
-        def gram(x: torch.Tensor) -> torch.Tensor:
-            x = x.reshape(-1, x.shape[-1]).float()
-            return (x.T @ x).double()
-
-        def on_down(module, args):
-            stats.mlp += gram(args[0])
-
-        def on_q(module, args, out):
-            stats.attn += gram(args[0])
-            q = _rotate(out.float().unflatten(-1, (heads.num_heads, heads.head_dim)), *current["rope"])
-            stats.q_sq += q.square().sum((0, 1)).double()
-
-        def on_k(module, args, out):
-            k = _rotate(out.float().unflatten(-1, (heads.num_kv_heads, heads.head_dim)), *current["rope"])
-            stats.k_sq += k.square().sum((0, 1)).double()
-
-        handles = [down.register_forward_pre_hook(on_down), query.register_forward_hook(on_q),
-                   key.register_forward_hook(on_k)]
+        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, block, heads, stats, current)
         influence_sum = 0.0
         try:
             for c, (x, per_block) in enumerate(zip(hidden, kwargs)):
                 kw = per_block[index]
-                cos, sin = kw["position_embeddings"]
-                current["rope"] = (cos.float(), sin.float())
+                if "position_embeddings" in kw:
+                    cos, sin = kw["position_embeddings"]
+                    current["rope"] = (cos.float(), sin.float())
                 out = block(x, **kw)
                 out = out[0] if isinstance(out, tuple) else out
                 influence_sum += (1 - torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)).sum().item()
@@ -276,4 +258,45 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
             for h in handles:
                 h.remove()
         stats.influence = influence_sum / stats.tokens
+        if kinds[index] == SSM:
+            stats.ssm_input = torch.cat(current["ssm_input"])
         yield index, stats
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).float()
+    return (x.T @ x).double()
+
+
+def _attention_hooks(family: Family, block: torch.nn.Module, heads, stats: BlockStats, current: dict) -> list:
+    """Hooks that fill an attention block's ``stats`` (``current["rope"]``: this pass's cos and sin)."""
+    query, key, down = (family.part(block, slot) for slot in (ATTN_Q, ATTN_K, FFN_DOWN))
+    stats.mlp = torch.zeros(down.in_features, down.in_features, dtype=torch.float64)
+    stats.attn = torch.zeros(query.in_features, query.in_features, dtype=torch.float64)
+    stats.q_sq = torch.zeros(heads.num_heads, heads.head_dim, dtype=torch.float64)
+    stats.k_sq = torch.zeros(heads.num_kv_heads, heads.head_dim, dtype=torch.float64)
+
+    def on_down(module, args):
+        stats.mlp += _gram(args[0])
+
+    def on_q(module, args, out):
+        stats.attn += _gram(args[0])
+        q = _rotate(out.float().unflatten(-1, (heads.num_heads, heads.head_dim)), *current["rope"])
+        stats.q_sq += q.square().sum((0, 1)).double()
+
+    def on_k(module, args, out):
+        k = _rotate(out.float().unflatten(-1, (heads.num_kv_heads, heads.head_dim)), *current["rope"])
+        stats.k_sq += k.square().sum((0, 1)).double()
+
+    return [down.register_forward_pre_hook(on_down), query.register_forward_hook(on_q),
+            key.register_forward_hook(on_k)]
+
+
+def _ssm_hooks(family: Family, block: torch.nn.Module, heads, stats: BlockStats, current: dict) -> list:
+    """A hook that keeps what enters an SSM block's mixer (the input of its projections), in float32."""
+    inputs = current["ssm_input"] = []
+
+    def on_input(module, args):
+        inputs.append(args[0].float())
+
+    return [family.part(block, SSM_IN_Z).register_forward_pre_hook(on_input)]

@@ -11,13 +11,15 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import QK, checkpoint_output, Checkpoint, record_quality, write_checkpoint
 from ..families import family_for
-from ..families.base import ROPE_PAIRS
+from ..families.base import ATTENTION, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .intake import load_model
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
+from .ssm_sort import METHODS as SSM_METHODS
+from .ssm_sort import sort_block as sort_ssm_block
 
 DEFAULT_RATES = (0.0, 0.15, 0.25, 0.35)
 
@@ -45,8 +47,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     """Compress ``source`` (a model path or name) into the nested checkpoint ``output``."""
     options = options or CompressOptions()
     output = checkpoint_output(output, overwrite)
-    if options.method not in METHODS:
-        raise ElastiqError(f"unknown sorting method {options.method!r}; known: {', '.join(METHODS)}")
+    if options.method not in (*METHODS, *SSM_METHODS):
+        raise ElastiqError(f"unknown sorting method {options.method!r}; known: {', '.join(METHODS)}, and for "
+                           f"Mamba2 blocks {', '.join(m for m in SSM_METHODS if m not in METHODS)}")
     if options.allocation not in ALLOCATIONS:
         raise ElastiqError(f"unknown allocation {options.allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if options.quality_windows < 0:
@@ -58,12 +61,15 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     config = model.config.to_dict()
     family = family_for(config)
     family.check(config)
-    if options.rotate and not family.rotatable:
-        raise ElastiqError(f"{family.name} models cannot be rotated (--rotate): a norm on each branch's output "
-                           "sits between the residual stream and the matrices that write it; compress without --rotate")
+    if options.rotate and family.unrotatable:
+        raise ElastiqError(f"{family.name} models cannot be rotated (--rotate): {family.unrotatable}; compress "
+                           "without --rotate")
     if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
         rotate_residual(model, family, random_orthogonal(model.config.hidden_size, options.seed))
-    heads = family.heads(config)
+    heads, kinds = family.heads(config), family.layer_kinds(config)
+    if options.method not in METHODS and ATTENTION in kinds:
+        raise ElastiqError(f"sorting method {options.method!r} orders Mamba2 blocks only; a {family.name} model "
+                           f"has attention blocks: use {' or '.join(METHODS)}")
     layer_groups = [family.groups(config, i) for i in range(len(family.blocks(model)))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
     calib_file = calibration_file(options.calib_data, data)
@@ -76,9 +82,12 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     for index, stats in calibrate(model, family, samples, progress=progress):
         influence.append(stats.influence)
         t = time.perf_counter()
-        order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
-        if QK in family.offers:
-            pairs[family.name_of(index, ROPE_PAIRS)] = order
+        if kinds[index] == SSM:
+            sort_ssm_block(model, family, index, layer_groups[index], stats, options.method, options.ridge)
+        else:
+            order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
+            if QK in family.offers:
+                pairs[family.name_of(index, ROPE_PAIRS)] = order
         sort_seconds += time.perf_counter() - t
     options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
 

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import MLP, checkpoint_output, VO, Checkpoint, RateSpec, record_quality, write_checkpoint
+from ..checkpoint import MLP, SSM_P, VO, Checkpoint, RateSpec, checkpoint_output, record_quality, write_checkpoint
 from ..families import checkpoint_family
-from ..families.base import ATTN_V, EMBED, HEAD, MATRICES, PRUNED_INPUTS, READS
+from ..families.base import ATTENTION, ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES
 from ..modeling.model import Transformer
 from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
 from .calibrate import calibration_file, calibration_samples, describe_calibration
@@ -38,7 +40,7 @@ from .quality import QUALITY_WINDOWS, rate_quality
 METHODS = ("gptq", "rtn")
 EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM head: their format
 FIRST_LAST = "first-last"  # every matrix of the first and the last block
-Q8_KINDS = (*MATRICES, FIRST_LAST)  # what ``q8`` may name
+Q8_KINDS = (*MATRICES, *SSM_MATRICES, FIRST_LAST)  # what ``q8`` may name
 DEFAULT_Q8 = (ATTN_V,)
 
 
@@ -81,14 +83,14 @@ def _check(options: QuantizeOptions, ckpt: Checkpoint) -> None:
         raise ElastiqError(f"{ckpt.path} is already quantized ({ckpt.quantization['format']}); "
                            "quantize the float checkpoint that `elastiq compress` wrote")
     for g in ckpt.groups:
-        if g.kind in (MLP, VO) and g.width % BLOCK:
+        if g.kind in (MLP, VO, SSM_P) and g.width % BLOCK:
             raise ElastiqError(f"group {g.name} has {g.width} channels on a matrix's input axis, not a multiple "
                                f"of the {BLOCK}-weight block")
 
 
 def _order(slot: str, h: torch.Tensor, in_features: int, heads: int, least_important_first: bool) -> torch.Tensor:
     """Column order: sorted (pruned) input axes by the chosen order (one run for MLP channels,
-    one per query head for V/O rank), the hidden axis by act-order."""
+    one per head for V/O rank and SSM head channels: ``heads`` runs), the hidden axis by act-order."""
     if slot in PRUNED_INPUTS:
         runs = 1 if PRUNED_INPUTS[slot] == MLP else heads
         return sorted_axis_order(in_features, runs, least_important_first)
@@ -124,23 +126,30 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, Quantized] = {}
     last = len(model.layers) - 1
+    kinds = family.layer_kinds(config)
+    ssm = family.ssm_config(config)
     for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
-        tables = block.rope_tables(positions) if options.method == "gptq" else None
-        hessians = _block_hessians(block, hidden, tables) if options.method == "gptq" else {}
-        for slot, reads in READS.items():
+        if kinds[index] == ATTENTION:  # at the samples' positions
+            tables = block.rope_tables(positions) if options.method == "gptq" else None
+            run = partial(block, tables=tables)
+        else:
+            run = block
+        matrices = BLOCK_READS[kinds[index]]
+        hessians = _block_hessians(block, run, hidden, set(matrices.values())) if options.method == "gptq" else {}
+        for slot, reads in matrices.items():
             linear = block.get_submodule(slot)
             eight = slot in options.q8 or (FIRST_LAST in options.q8 and index in (0, last))
             fmt = "q8_0" if eight else "q4_0"
             if options.method == "gptq":
                 h = hessians[reads]
-                order = _order(slot, h, linear.in_features, model.args.num_heads,
-                               options.order == "least-important-first")
+                runs = ssm.num_heads if PRUNED_INPUTS.get(slot) == SSM_P else model.args.num_heads
+                order = _order(slot, h, linear.in_features, runs, options.order == "least-important-first")
                 t = gptq(linear.weight, h, order, options.damp, fmt=fmt)
             else:
                 t = quantize_q8_0(linear.weight) if eight else QuantizedTensor(*quantize_rtn(linear.weight))
             linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
             quantized[family.name_of(index, slot)] = t
-        hidden = [block(x, tables) for x in hidden]
+        hidden = [run(x) for x in hidden]
     embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
     for name in (embed, head):
         if name in weights and name not in quantized:
@@ -176,9 +185,10 @@ def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:
     return QuantizedTensor(*quantize_rtn(w)) if bits == 4 else quantize_q8_0(w)
 
 
-def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], tables: tuple) -> dict[str, torch.Tensor]:
-    """Sum of x x^T (float64) over the calibration tokens, for each distinct input of the block's
-    matrices; ``tables``: the block's RoPE tables at the samples' positions (``Block.rope_tables``)."""
+def _block_hessians(block: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hidden: list[torch.Tensor],
+                    inputs: set[str]) -> dict[str, torch.Tensor]:
+    """Sum of x x^T (float64) over the calibration tokens of each of ``inputs``, the slots whose
+    input the block's matrices read, as ``run`` passes ``hidden`` through ``block``."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -187,10 +197,10 @@ def _block_hessians(block: torch.nn.Module, hidden: list[torch.Tensor], tables: 
             sums[name] = sums.get(name, 0) + x.T @ x
         return collect
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in set(READS.values())]
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in inputs]
     try:
         for x in hidden:
-            block(x, tables)
+            run(x)
     finally:
         for h in handles:
             h.remove()

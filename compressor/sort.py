@@ -61,22 +61,24 @@ def _apply(model: torch.nn.Module, group: Group, heads: Heads, fn) -> None:
         param.data.copy_(from_storage(fn(to_storage(param.data, role, heads), role), role, heads))
 
 
-def _permute(model: torch.nn.Module, group: Group, heads: Heads, order: torch.Tensor) -> None:
-    """Permute a group's units: ``order`` [W] for the whole layer, or [W, G] per KV head."""
+def permute_group(model: torch.nn.Module, group: Group, heads: Heads, order: torch.Tensor) -> None:
+    """Permute a group's units: ``order`` [W] for the whole layer, or [W, n] per KV head (SSM head,
+    SSM group): the units of each of the n parts in their own order."""
     if order.dim() == 1:
         _apply(model, group, heads, lambda s, role: s[order])
     else:
-        kv = torch.arange(heads.num_kv_heads)[None]
-        _apply(model, group, heads, lambda s, role: s[order, kv])
+        parts = torch.arange(order.shape[1])[None]
+        _apply(model, group, heads, lambda s, role: s[order, parts])
 
 
 def _magnitude(model: torch.nn.Module, group: Group, heads: Heads) -> torch.Tensor:
-    """L2 norm of each unit's weights over all members: [W], or [W, G] for per-KV-head groups."""
+    """L2 norm of each unit's weights over all members: [W], or [W, n] for groups of n parts (KV
+    heads, SSM heads, SSM groups)."""
     total = 0.0
     for name, role in group.members:
         if name.endswith(".weight"):
             s = to_storage(model.get_parameter(name).data, role, heads).double()
-            keep = 2 if group.kind in (QK, VO) else 1
+            keep = 1 if group.kind == MLP else 2  # per KV head, SSM head or SSM group
             total = total + s.square().reshape(*s.shape[:keep], -1).sum(-1)
     return total.sqrt()
 
@@ -110,14 +112,14 @@ def sort_block(model: torch.nn.Module, groups: list[Group], heads: Heads, stats:
         if method == "magnitude":
             score = _magnitude(model, group, heads)
             order = score.argsort(dim=0, descending=True, stable=True)
-            _permute(model, group, heads, order)
+            permute_group(model, group, heads, order)
             if group.kind == QK:
                 pairs = order.T.contiguous()
         elif group.kind == MLP:
-            _permute(model, group, heads, ridge_leverage(stats.mlp, ridge).argsort(descending=True, stable=True))
+            permute_group(model, group, heads, ridge_leverage(stats.mlp, ridge).argsort(descending=True, stable=True))
         elif group.kind == QK:
             order = pair_scores(stats.q_sq, stats.k_sq, heads).argsort(dim=1, descending=True, stable=True)
-            _permute(model, group, heads, order.T)
+            permute_group(model, group, heads, order.T)
             pairs = order
         elif group.kind == VO:
             v = to_storage(_member(model, group, "v"), "v", heads)

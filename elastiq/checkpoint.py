@@ -21,10 +21,11 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from .atomic import atomic_path, write_text
-from .layouts import ADDED_DIMS, INPUT_ROLES, Layout, role_layout
-from .manifest import (DIGEST, DTYPES, FILES, MLP, QK, VO, TORCH_DTYPES, CheckpointError, Group, Heads,  # noqa: F401
-                       digest, kept_bytes, kept_units, kv_bytes_per_token, unit_bytes, validate, validate_top)
-# (MLP, QK, VO: the group kinds, which the checkpoint's users import from here with Group and Heads)
+from .layouts import ADDED_DIMS, Layout, head_counts, is_input_role, role_layout
+from .manifest import (DIGEST, DTYPES, FILES, MLP, QK, SSM_N, SSM_P, VO, TORCH_DTYPES,  # noqa: F401
+                       CheckpointError, Group, Heads, digest, kept_bytes, kept_units, kv_bytes_per_token, unit_bytes,
+                       validate, validate_top)
+# (MLP, QK, VO, SSM_P, SSM_N: the group kinds, which the checkpoint's users import from here with Group and Heads)
 from .quants import BLOCK, FORMAT_NAMES, FORMATS, Quantized
 
 FORMAT_VERSION = 3  # 3: the manifest's and tokenizer files' sha256; 2: each tensor's layout as data
@@ -73,7 +74,7 @@ def _parts(name: str, t: torch.Tensor | Quantized, role: str) -> list[tuple[str,
     scales, which take the matrix's layout: pruned in whole blocks where the role prunes its input."""
     if not isinstance(t, Quantized):
         return [(name, t, 1, {})]
-    unit = BLOCK if role in INPUT_ROLES else 1
+    unit = BLOCK if is_input_role(role) else 1
     fmt = FORMAT_NAMES[type(t)]
     prefix = f"{name}.{fmt.split('_')[0]}"  # q4 / q8
     return [(f"{prefix}_codes", t.codes, unit, {"part_of": name, "part": "codes", "format": fmt}),
@@ -91,7 +92,7 @@ def checkpoint_output(output: str | Path, overwrite: bool, error: type[Exception
 
 
 def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
-                     rates: Sequence[RateSpec], heads: Heads, source: Mapping, tokenizer=None,
+                     rates: Sequence[RateSpec], heads: Heads | None, source: Mapping, tokenizer=None,
                      kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None,
                      overwrite: bool = False) -> Path:
     """Write a nested checkpoint of the sorted full-width model ``tensors`` (Hugging Face names;
@@ -119,7 +120,7 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
             if t.dim() == 0 or t.dtype not in DTYPES:
                 raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
                                       f"tensors of 1 or more dimensions in {', '.join(DTYPES.values())}")
-            layout = role_layout(role, heads.num_heads, heads.num_kv_heads, t.dim())
+            layout = role_layout(role, *head_counts(heads), t.dim())
             s = t.detach().cpu().contiguous() if layout is None else layout.to_storage(t.detach().cpu())
             if group and s.shape[0] * channels != group.width:
                 raise CheckpointError(f"tensor {stored} has {s.shape[0] * channels} channels on its pruned axis, "
@@ -147,7 +148,8 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
     manifest = {
         "format": "elastiq-nested-checkpoint", "format_version": FORMAT_VERSION,
         "source": dict(source),
-        "heads": {"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim},
+        "heads": ({"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim}
+                  if heads else None),
         "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
         "quantization": dict(quantization) if quantization else None,
         "groups": [g.to_dict() for g in groups],
@@ -291,7 +293,7 @@ class Checkpoint:
         try:
             version = validate_top(self.manifest, READS)
             h = self.manifest["heads"]
-            self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"])
+            self.heads = Heads(h["num_heads"], h["num_kv_heads"], h["head_dim"]) if h is not None else None
             if version == 1:
                 _migrate_v1(self.manifest, self.heads)
             header, data_start, size = self._read_header()

@@ -486,9 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
                       help="comma-separated fractions of prunable parameters removed, each in [0, 0.9) "
                            f"(default {','.join(str(r) for r in DEFAULT_RATES if r)}; rate 0 is always offered)")
-    comp.add_argument("--method", choices=["uniql", "magnitude"], default="uniql",
-                      help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; "
-                           "default) or magnitude (weight L2 norm, a baseline)")
+    comp.add_argument("--method", choices=["uniql", "magnitude", "ridge"], default="uniql",
+                      help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; for Mamba2 "
+                           "blocks state-aware ridge leverage of the SSM channels; default), magnitude (weight L2 "
+                           "norm, a baseline) or ridge (Mamba2 only: ridge leverage of the channels without the "
+                           "state, a baseline)")
     comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
                       help="per-layer widths from block influence (default) or the same ratio everywhere")
     comp.add_argument("--rotate", action="store_true",

@@ -10,13 +10,15 @@ blocks have new kinds of units adds roles here without touching the reader.
 Roles (``Group`` members): ``rows`` / ``cols`` (an axis of MLP channels), ``q`` / ``k`` (whole
 rotary pairs, channel p with p + d/2, per query / KV head), ``v`` (value rank per KV head),
 ``o`` (the output projection's input, per query head), ``pairs`` (a block's rotary pair indices
-[G, d/2]); ``whole`` tensors are not pruned. A quantized matrix's codes [out, in/32, 16] and
-scales [out, in/32] take their matrix's layout: the units of ``cols`` and ``o`` are then whole
-blocks of 32 input channels (``INPUT_ROLES``).
+[G, d/2]), ``rows/n`` / ``cols/n`` (an axis of n equal parts, the same units kept in each: an
+SSM head's channels, a group's states; ``per_unit_of``); ``whole`` tensors are not pruned. A
+quantized matrix's codes [out, in/32, 16] and scales [out, in/32] take their matrix's layout: the
+units of ``cols``, ``cols/n`` and ``o`` are then whole blocks of 32 input channels (``is_input_role``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -26,6 +28,29 @@ from . import ElastiqError
 
 INPUT_ROLES = frozenset({"cols", "o"})  # roles that prune a matrix's input axis: quantized, whole blocks
 ADDED_DIMS = {"q": 3, "k": 2, "v": 1, "o": 2}  # axes a role's factoring adds to its tensor's in storage
+ROLES = ("whole", "rows", "cols", "pairs", "q", "k", "v", "o")  # and rows/n, cols/n
+_PER_PART = re.compile(r"(rows|cols)/([1-9][0-9]{0,6})")
+
+
+def per_unit_of(role: str, parts: int) -> str:
+    """The role of an axis of ``parts`` equal parts (``rows`` or ``cols``), each keeping the same
+    prefix of its units: ``rows/8`` for the rows of 8 SSM heads."""
+    return f"{role}/{parts}"
+
+
+def known_role(role: object) -> bool:
+    """Whether ``role`` is one the layouts know (a checkpoint's roles are untrusted input)."""
+    return isinstance(role, str) and (role in ROLES or _PER_PART.fullmatch(role) is not None)
+
+
+def is_input_role(role: str) -> bool:
+    """Whether ``role`` prunes a matrix's input axis (a quantized one loses whole blocks)."""
+    return role in INPUT_ROLES or role.startswith("cols/")
+
+
+def added_dims(role: str) -> int:
+    """Axes ``role``'s factoring adds to its tensor's in storage."""
+    return 1 if _PER_PART.fullmatch(role) else ADDED_DIMS.get(role, 0)
 
 
 @dataclass(frozen=True)
@@ -108,12 +133,23 @@ def role_layout(role: str, num_heads: int, num_kv_heads: int, ndim: int) -> Layo
         return Layout(0, (G, -1), (1, 0, *range(2, ndim + 1)))
     if role == "o":  # [hidden, H*d, ...] as [hidden, G, Q, d, ...] -> [d, G, Q, hidden, ...]
         return Layout(1, (G, Q, -1), (3, 1, 2, 0, *range(4, ndim + 2)))
-    raise ElastiqError(f"unknown tensor role {role!r}; known: whole, rows, cols, pairs, q, k, v, o")
+    part = _PER_PART.fullmatch(role)
+    if part and part[1] == "rows":  # [n*W, ...] as [n, W, ...] -> [W, n, ...]
+        return Layout(0, (int(part[2]), -1), (1, 0, *range(2, ndim + 1)))
+    if part:  # [out, n*W, ...] as [out, n, W, ...] -> [W, n, out, ...]
+        return Layout(1, (int(part[2]), -1), (2, 1, 0, *range(3, ndim + 1)))
+    raise ElastiqError(f"unknown tensor role {role!r}; known: {', '.join(ROLES)}, rows/n, cols/n")
+
+
+def head_counts(heads) -> tuple[int, int]:
+    """Query and KV heads of ``heads`` (a ``checkpoint.Heads``; None in a model without attention,
+    whose roles do not use them)."""
+    return (heads.num_heads, heads.num_kv_heads) if heads is not None else (1, 1)
 
 
 def to_storage(t: torch.Tensor, role: str, heads) -> torch.Tensor:
-    """``t`` with the unit ``role`` prunes outermost (``heads``: a ``checkpoint.Heads``)."""
-    layout = role_layout(role, heads.num_heads, heads.num_kv_heads, t.dim())
+    """``t`` with the unit ``role`` prunes outermost (``heads``: a ``checkpoint.Heads`` or None)."""
+    layout = role_layout(role, *head_counts(heads), t.dim())
     return t.contiguous() if layout is None else layout.to_storage(t)
 
 
@@ -121,6 +157,6 @@ def from_storage(s: torch.Tensor, role: str, heads, ndim: int | None = None) -> 
     """The tensor of storage ``s`` of ``role`` (the inverse of ``to_storage``); ``ndim`` is the
     tensor's own number of dimensions, which ``role`` fixes from the storage's unless given."""
     if ndim is None:
-        ndim = s.dim() - ADDED_DIMS.get(role, 0)
-    layout = role_layout(role, heads.num_heads, heads.num_kv_heads, ndim)
+        ndim = s.dim() - added_dims(role)
+    layout = role_layout(role, *head_counts(heads), ndim)
     return s if layout is None else layout.from_storage(s)

@@ -22,12 +22,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import ElastiqError
-from .layouts import Layout
+from .layouts import ROLES, Layout, known_role
 from .quants import BLOCK, FORMATS
 
 FORMAT = "elastiq-nested-checkpoint"
 DIGEST, FILES = "manifest_sha256", "files"  # version 3's integrity fields
-ROLES = ("whole", "rows", "cols", "pairs", "q", "k", "v", "o")
 V1_ROLES = (*ROLES, "cols_blocks", "o_blocks")
 KV_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 QUALITY = {"heldout_ppl": "a positive number", "kl_mean": "a number of 0 or more",
@@ -56,7 +55,8 @@ def digest(manifest: Mapping) -> str:
 
 # --- the manifest's parts ---------------------------------------------------------------------
 
-MLP, QK, VO = "mlp", "qk", "vo"  # group kinds
+MLP, QK, VO, SSM_P, SSM_N = "mlp", "qk", "vo", "ssm_p", "ssm_n"  # group kinds
+KINDS = (MLP, QK, VO, SSM_P, SSM_N)
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
            torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8"}
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
@@ -76,8 +76,9 @@ class Heads:
 class Group:
     """A prunable group of one block: the unit of sorting, one permutation and one kept width.
 
-    ``width`` counts the group's units: MLP channels, rotary pairs per KV head (``qk``), or V/O
-    rank per KV head (``vo``); a kept width is a multiple of ``granularity``. Each member is a
+    ``width`` counts the group's units: MLP channels, rotary pairs per KV head (``qk``), V/O
+    rank per KV head (``vo``), channels per SSM head (``ssm_p``) or states per SSM group
+    (``ssm_n``); a kept width is a multiple of ``granularity``. Each member is a
     (tensor name, role) pair; the role fixes the tensor's storage layout (``layouts.role_layout``).
     """
 
@@ -116,12 +117,17 @@ def kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
     return kept_units(entry, widths) * unit_bytes(entry["storage_shape"], TORCH_DTYPES[entry["dtype"]])
 
 
-def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads,
+def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads | None,
                        itemsize: int) -> int:
     """KV-cache bytes per token at ``widths``: per layer and KV head, 2 channels per kept rotary
-    pair in K plus the kept V rank (the whole head size where a layer has no such group)."""
+    pair in K plus the kept V rank (the whole head size where a layer has no such group); 0 for a
+    model without attention (``heads`` None)."""
+    if heads is None:
+        return 0
     per_layer: dict[int, dict[str, int]] = {}
     for g in groups:
+        if g.kind not in (MLP, QK, VO):
+            continue
         per_layer.setdefault(g.layer, {QK: heads.head_dim, VO: heads.head_dim})
         if g.kind == QK:
             per_layer[g.layer][QK] = 2 * widths[g.name]
@@ -215,14 +221,10 @@ def validate_top(manifest: Any, versions: tuple[int, ...]) -> int:
     for key in _TOP:
         if key not in manifest:
             raise CheckpointError(f"manifest field {key} is missing")
-    heads = _field(manifest, "heads", "", lambda v: isinstance(v, dict), "an object")
-    _only(heads, ("num_heads", "num_kv_heads", "head_dim"), "heads")
-    for key in ("num_heads", "num_kv_heads", "head_dim"):
-        _field(heads, key, "heads", lambda v: _is_int(v, 1, 2 ** 20), "a positive integer")
-    if heads["num_heads"] % heads["num_kv_heads"]:
-        _fail("heads.num_kv_heads", heads["num_kv_heads"], f"a divisor of heads.num_heads ({heads['num_heads']})")
-    if heads["head_dim"] % 2:
-        _fail("heads.head_dim", heads["head_dim"], "an even number (rotary pairs)")
+    heads = _field(manifest, "heads", "", lambda v: v is None or isinstance(v, dict),
+                   "an object, or null for a model without attention")
+    if heads is not None:
+        _heads(heads)
     tensors = _field(manifest, "tensors", "", lambda v: isinstance(v, dict) and v, "a non-empty object")
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
@@ -233,11 +235,21 @@ def validate_top(manifest: Any, versions: tuple[int, ...]) -> int:
     return version
 
 
+def _heads(heads: dict) -> None:
+    _only(heads, ("num_heads", "num_kv_heads", "head_dim"), "heads")
+    for key in ("num_heads", "num_kv_heads", "head_dim"):
+        _field(heads, key, "heads", lambda v: _is_int(v, 1, 2 ** 20), "a positive integer")
+    if heads["num_heads"] % heads["num_kv_heads"]:
+        _fail("heads.num_kv_heads", heads["num_kv_heads"], f"a divisor of heads.num_heads ({heads['num_heads']})")
+    if heads["head_dim"] % 2:
+        _fail("heads.head_dim", heads["head_dim"], "an even number (rotary pairs)")
+
+
 def validate(manifest: dict, header: Mapping, data_start: int, file_size: int) -> None:
     """Check a manifest (read by ``validate_top``, migrated to the current version) against itself
     and the safetensors ``header`` of a file of ``file_size`` bytes whose data starts at ``data_start``."""
     version = manifest["format_version"]
-    heads = Heads(**manifest["heads"])
+    heads = Heads(**manifest["heads"]) if manifest["heads"] is not None else None
     _source(manifest["source"])
     _field(manifest, "kv_cache_dtype", "", _in(KV_DTYPES), f"one of {', '.join(KV_DTYPES)}")
     _quantization(manifest["quantization"])
@@ -307,7 +319,7 @@ def _groups(groups: Any) -> dict[str, dict]:
         if not isinstance(g, dict):
             _fail(where, g, "an object")
         _only(g, ("name", "kind", "layer", "width", "granularity", "members"), where)
-        kind = _field(g, "kind", where, _in((MLP, QK, VO)), "one of mlp, qk, vo")
+        kind = _field(g, "kind", where, _in(KINDS), f"one of {', '.join(KINDS)}")
         layer = _field(g, "layer", where, lambda v: _is_int(v, 0, 2 ** 20), "a layer index")
         _field(g, "name", where, lambda v: v == f"layers.{layer}.{kind}" and v not in out,
                f"'layers.{layer}.{kind}', once")
@@ -315,8 +327,9 @@ def _groups(groups: Any) -> dict[str, dict]:
         _field(g, "granularity", where, lambda v: _is_int(v, 1) and g["width"] % v == 0,
                f"a positive divisor of its width {g['width']}")
         _field(g, "members", where, lambda v: isinstance(v, list) and v and all(
-            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and _in(ROLES[1:])(m[1]) for m in v),
-            f"a non-empty list of [tensor name, role], a role one of {', '.join(ROLES[1:])}")
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and m[1] != "whole" and known_role(m[1])
+            for m in v),
+            f"a non-empty list of [tensor name, role], a role one of {', '.join(ROLES[1:])}, rows/n or cols/n")
         out[g["name"]] = g
     return out
 

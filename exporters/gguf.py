@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Mapping
@@ -33,11 +34,13 @@ from .. import ElastiqError
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
-from ..families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, FINAL_NORM, HEAD,
-                             ROPE_PAIRS)
-from ..modeling.model import ModelArgs, layer_windows, rope_parameters, rotary_frequencies, runtime_weights
-from ..quants import BLOCK, Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
+from ..families.base import (ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_A,
+                             SSM_CONV, SSM_CONV_X, SSM_D, SSM_DT, SSM_IN, SSM_NORM, SSM_OUT)
+from ..modeling.model import (ModelArgs, SSMLayerArgs, layer_windows, rope_parameters, rotary_frequencies,
+                              runtime_weights)
+from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
+from .padding import head_prefix, scatter_columns, scatter_rows, ssm_widest, widest_mlp
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
                "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
@@ -45,7 +48,6 @@ FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 TOP = {EMBED: "token_embd", FINAL_NORM: "output_norm", HEAD: "output"}  # llama.cpp's names
-ZERO_CODES = 0x88  # two codes of 8: w = d * (8 - 8) = 0 whatever the scale
 
 
 class ExportError(ElastiqError):
@@ -55,32 +57,6 @@ class ExportError(ElastiqError):
 # --- pruned heads back to full size ---------------------------------------------------------------
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor
-
-
-def _rows(t: Weight, index: torch.Tensor, total: int) -> Weight:
-    """``t`` with row j moved to row ``index[j]`` of ``total`` rows; the other rows are zero."""
-    if isinstance(t, (QuantizedTensor, Q8Tensor)):
-        zero = ZERO_CODES if isinstance(t, QuantizedTensor) else 0
-        codes = torch.full((total, *t.codes.shape[1:]), zero, dtype=t.codes.dtype)
-        scales = torch.zeros((total, *t.scales.shape[1:]), dtype=t.scales.dtype)
-        codes[index], scales[index] = t.codes, t.scales
-        return type(t)(codes, scales)
-    out = t.new_zeros((total, *t.shape[1:]))
-    out[index] = t
-    return out
-
-
-def _columns(t: Weight, index: torch.Tensor, total: int) -> Weight:
-    """``t`` with input column j moved to column ``index[j]`` of ``total``; the others zero. A
-    quantized matrix moves whole blocks, so ``index`` must map blocks of 32 onto blocks."""
-    if not isinstance(t, (QuantizedTensor, Q8Tensor)):
-        return _rows(t.T, index, total).T.contiguous()
-    blocks = index.view(-1, BLOCK)
-    starts = blocks[:, 0]
-    if (starts % BLOCK).any() or not torch.equal(blocks, starts[:, None] + torch.arange(BLOCK)):
-        raise ExportError("a pruned input axis of a quantized matrix must keep whole blocks of 32 channels")
-    moved = _rows(type(t)(t.codes.movedim(1, 0), t.scales.T), starts // BLOCK, total // BLOCK)
-    return type(t)(moved.codes.movedim(0, 1).contiguous(), moved.scales.T.contiguous())
 
 
 def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:
@@ -93,11 +69,6 @@ def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.T
     h = torch.arange(G * heads_per_group)
     rows = h[:, None, None] * head_dim + 2 * pairs.long()[h // heads_per_group][:, None, :] + torch.arange(2)[:, None]
     return rows.reshape(-1)
-
-
-def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
-    """Full-size channel of each channel of ``num_heads`` heads that keep their first ``kept``."""
-    return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
 
 
 def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False) -> dict[str, Weight]:
@@ -121,26 +92,45 @@ def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = Fals
         for slot, (index, total) in rows.items():
             for kind in ("weight", "bias"):
                 if (name := f"{p}{slot}.{kind}") in out:
-                    out[name] = _rows(out[name], index, total)
+                    out[name] = scatter_rows(out[name], index, total)
         name = f"{p}{ATTN_OUT}.weight"
-        out[name] = _columns(out[name], head_prefix(H, r, d), H * d)
+        out[name] = scatter_columns(out[name], head_prefix(H, r, d), H * d)
     return out
 
 
-def widest_mlp(weights: Mapping[str, Weight], widths: list[int]) -> dict[str, Weight]:
-    """``weights`` (runtime names) with every block's MLP widened to the widest block's by zero
-    gate/up rows and down columns (silu(0) * 0 adds nothing): for an architecture whose MLP width
-    is one number. Costs the zero channels' bytes; the model is the same."""
-    out, widest = dict(weights), max(widths)
-    for i, m in enumerate(widths):
-        if m < widest:
-            kept = torch.arange(m)
-            for slot in (FFN_GATE, FFN_UP):
-                for kind in ("weight", "bias"):
-                    if (name := f"layers.{i}.{slot}.{kind}") in out:
-                        out[name] = _rows(out[name], kept, widest)
-            name = f"layers.{i}.{FFN_DOWN}.weight"
-            out[name] = _columns(out[name], kept, widest)
+def _cat_rows(parts: list[Weight], name: str) -> Weight:
+    """Matrices stacked by rows: float ones, or quantized ones of one format (their codes and scales)."""
+    kinds = {type(t) for t in parts}
+    if len(kinds) > 1:
+        raise ExportError(f"{name} is fused from parts stored in different formats ({', '.join(sorted(k.__name__ for k in kinds))}); "
+                          "llama.cpp holds it as one matrix: quantize every part alike (no --q8 on a part of it)")
+    if kinds <= {torch.Tensor, torch.nn.Parameter}:
+        return torch.cat(parts)
+    return type(parts[0])(torch.cat([t.codes for t in parts]), torch.cat([t.scales for t in parts]))
+
+
+def ssm_gguf_tensors(weights: Mapping[str, Weight], layers: int, groups: int) -> dict[str, Weight]:
+    """llama.cpp's ``mamba2`` tensors of ``weights`` (runtime names, every block at one width), by
+    their GGUF names: the split projections and convolutions fused back (``ssm_in`` rows z, x, B,
+    C, dt; ``ssm_conv1d`` channels x, B, C as [channels, K]), A = -exp(A_log) and D as [H, 1],
+    dt_bias as ``ssm_dt.bias``, and the gated norm's weight as [groups, channels per group]."""
+    out = {}
+    for i in range(layers):
+        w = lambda slot, kind="weight": weights.get(f"layers.{i}.{slot}.{kind}")  # noqa: E731
+        if any(w(slot, "bias") is not None for slot in (*SSM_IN, SSM_OUT)):
+            raise ExportError("llama.cpp's mamba2 has no biases on its input and output projections; this model "
+                              "has them (use_bias), so it cannot be written to GGUF")
+        b = f"blk.{i}."
+        out[b + "attn_norm.weight"] = weights[f"layers.{i}.{ATTN_NORM}.weight"]
+        out[b + "ssm_in.weight"] = _cat_rows([w(slot) for slot in SSM_IN], b + "ssm_in")
+        out[b + "ssm_conv1d.weight"] = torch.cat([w(slot) for slot in SSM_CONV])[:, 0]
+        if w(SSM_CONV_X, "bias") is not None:
+            out[b + "ssm_conv1d.bias"] = torch.cat([w(slot, "bias") for slot in SSM_CONV])
+        out[b + "ssm_dt.bias"] = weights[f"layers.{i}.{SSM_DT}"]
+        out[b + "ssm_a"] = -torch.exp(weights[f"layers.{i}.{SSM_A}"].float())[:, None]
+        out[b + "ssm_d"] = weights[f"layers.{i}.{SSM_D}"][:, None]
+        out[b + "ssm_norm.weight"] = w(SSM_NORM).reshape(groups, -1)
+        out[b + "ssm_out.weight"] = w(SSM_OUT)
     return out
 
 
@@ -312,6 +302,63 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     return f"{name}.{param}"
 
 
+def _write_ssm(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
+               args: ModelArgs, family) -> Path:
+    """``write_gguf`` of a model of Mamba2 blocks: llama.cpp's ``mamba2`` at the widest block's widths
+    (``ssm_widest``)."""
+    if family.gguf[0] is None or any(not isinstance(layer, SSMLayerArgs) for layer in args.layers):
+        raise ExportError(f"a {family.name} model cannot be written to GGUF yet: only models of Mamba2 blocks alone "
+                          "(llama.cpp's mamba2) are")
+    ssm = args.ssm
+    weights, P, N = ssm_widest(weights, args)
+    tensors = {TOP[slot] + ".weight": weights[f"{slot}.weight"] for slot in (EMBED, FINAL_NORM, HEAD)
+               if f"{slot}.weight" in weights and not (slot == HEAD and args.tie_word_embeddings)}
+    tensors.update(ssm_gguf_tensors(weights, len(args.layers), ssm.n_groups))
+    arch = gguf.MODEL_ARCH.MAMBA2
+    known = _tensor_names(arch)
+    for name in tensors:
+        generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", name).removesuffix(".weight").removesuffix(".bias")
+        if generic not in known:
+            raise ExportError(f"tensor {name} has no place in llama.cpp's mamba2 architecture")
+    dtype, file_type = FLOAT_TYPES[float_type]
+    if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
+        file_type = gguf.LlamaFileType.MOSTLY_Q4_0
+    if ssm.time_step_limit != (0.0, math.inf):
+        raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's mamba2 "
+                          "does not, so it would compute another model")
+    try:
+        with atomic_path(output) as tmp:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+            writer.add_name(f"{ckpt.source.name or ckpt.path.stem} at rate {rate}")
+            writer.add_block_count(len(args.layers))
+            writer.add_context_length(2 ** 20)  # a recurrent state has no trained length; llama.cpp's converter says so
+            writer.add_embedding_length(args.hidden_size)
+            writer.add_feed_forward_length(0)
+            writer.add_head_count(0)
+            writer.add_ssm_conv_kernel(ssm.conv_kernel)
+            writer.add_ssm_inner_size(ssm.num_heads * P)
+            writer.add_ssm_state_size(N)
+            writer.add_ssm_time_step_rank(ssm.num_heads)
+            writer.add_ssm_group_count(ssm.n_groups)
+            writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+            writer.add_vocab_size(args.vocab_size)
+            writer.add_file_type(file_type)
+            if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            add_vocab(writer, ckpt, args.vocab_size)
+            for name, t in tensors.items():
+                # llama.cpp computes the convolution, A, D and the gated norm in float32
+                float32 = any(part in name for part in (".ssm_conv1d.", ".ssm_a", ".ssm_d", ".ssm_norm."))
+                writer.add_tensor(name, *_array(t, np.float32 if float32 else dtype))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+    except OSError as err:
+        raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
+    return output
+
+
 def rope_factors(config: Mapping, head_dim: int, layer_type: str | None = None) -> tuple[float, torch.Tensor | None]:
     """RoPE base and llama.cpp's per-pair frequency divisors (``rope_freqs``, None when all are 1)
     that give transformers' frequencies for ``config`` (its ``layer_type`` blocks) exactly as the
@@ -355,6 +402,8 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     family = checkpoint_family(ckpt)
     weights = runtime_weights(ckpt.read_rate(rate), config)
     args = ModelArgs.from_weights(weights, config)
+    if args.ssm is not None:
+        return _write_ssm(ckpt, rate, output, float_type, weights, args, family)
     if abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
         raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
                           f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")

@@ -17,6 +17,11 @@ rotary pairs, so it is written back at the original sizes with zeros where units
 
 The folder therefore holds the full-size model: it does not save memory or compute (use the ONNX
 or GGUF export for that), it is exact, and anything that reads a Hugging Face folder can read it.
+
+A Mamba2 model is written as stock ``Mamba2ForCausalLM`` at the widest block's channels per head
+and states per group (``padding.ssm_widest``), its split mixers fused back (the family's
+``unconvert``): smaller than the source where every block was pruned alike, exact where only states
+were pruned, and equal up to the gated norm's epsilon in a block whose channels were widened.
 Weights are float (4-bit matrices dequantized), in safetensors; the tokenizer and its chat
 template are saved beside them. The folder is assembled under a temporary name and renamed into
 place.
@@ -36,6 +41,7 @@ from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
 from ..modeling.model import ModelArgs, runtime_weights
 from ..quants import Quantized
+from .padding import head_prefix, scatter_rows, ssm_widest
 
 WEIGHTS = "model.safetensors"
 
@@ -62,10 +68,21 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
                                for k, v in ckpt.read_rate(rate).items()}, source)
     args = ModelArgs.from_weights(weights, source)
-    state = full_size(weights, args, source["intermediate_size"])
+    if args.ssm is not None:  # one head size and state size for every Mamba2 block: the widest
+        state, P, N = ssm_widest(weights, args)
+        expand, rest = divmod(args.ssm.num_heads * P, args.hidden_size)
+        if rest:
+            raise HfExportError(f"at rate {rate} the widest Mamba2 block keeps {P} channels in each of its "
+                                f"{args.ssm.num_heads} heads, which transformers' Mamba2 cannot hold: its inner size "
+                                f"must be a whole multiple (expand) of the hidden size {args.hidden_size}")
+        source = {**source, "head_dim": P, "state_size": N, "expand": expand}
+    else:
+        state = full_size(weights, args, source["intermediate_size"])
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {family.checkpoint_name(name): family.checkpoint_tensor(name, t) for name, t in state.items()}
+    if family.unconvert is not None:
+        state = family.unconvert(state)
     config = AutoConfig.for_model(**source)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
@@ -101,11 +118,11 @@ def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate
         for proj, (index, total) in rows.items():
             for kind in ("weight", "bias"):
                 if (name := f"{p}{proj}.{kind}") in out:
-                    out[name] = _scatter_rows(out[name], index, total)
+                    out[name] = scatter_rows(out[name], index, total)
         for proj, index, total in ((ATTN_OUT, head_prefix(H, r, d), H * d),
                                    (FFN_DOWN, torch.arange(m), intermediate_size)):
             name = f"{p}{proj}.weight"
-            out[name] = _scatter_rows(out[name].T, index, total).T.contiguous()
+            out[name] = scatter_rows(out[name].T, index, total).T.contiguous()
     return out
 
 
@@ -118,15 +135,3 @@ def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.T
     half = torch.arange(2)[:, None] * (head_dim // 2)
     rows = h[:, None, None] * head_dim + half + pairs.long()[h // heads_per_group][:, None, :]
     return rows.reshape(-1)
-
-
-def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
-    """Full-size channel of each channel of ``num_heads`` heads that keep their first ``kept``."""
-    return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
-
-
-def _scatter_rows(t: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
-    """``t`` with row j moved to row ``index[j]`` of ``total`` rows; the other rows are zero."""
-    out = t.new_zeros((total, *t.shape[1:]))
-    out[index] = t
-    return out

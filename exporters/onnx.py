@@ -63,7 +63,11 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
         raise OnnxExportError(f"{output} is a directory; give the path of an .onnx file to write")
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
-    checkpoint_family(ckpt)  # its config and tensors describe one model
+    family = checkpoint_family(ckpt)  # its config and tensors describe one model
+    if family.heads(ckpt.config) is None or family.ssm_config(ckpt.config) is not None:
+        raise OnnxExportError(f"the ONNX export builds attention blocks only; a {family.name} model has Mamba2 "
+                              "blocks, whose recurrent scan it does not build yet: export it to GGUF (llama.cpp) or "
+                              "Hugging Face, or run it with `elastiq run`")
     model = build_model(ckpt.read_rate(rate), ckpt.config,
                         {"elastiq_version": __version__, "checkpoint": ckpt.path.name, "rate": str(rate)})
     _write_atomic(output, model.SerializeToString())

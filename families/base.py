@@ -11,12 +11,14 @@ every supported family shares; a family changes only what differs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from torch import nn
 
-from ..checkpoint import MLP, QK, VO, Group, Heads
+from ..checkpoint import MLP, QK, SSM_N, SSM_P, VO, Group, Heads
+from ..layouts import per_unit_of
 from ..quants import BLOCK
 
 # Slots: the parts of a block, by llama.cpp's tensor names.
@@ -24,8 +26,22 @@ ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT = "attn_norm", "attn_q", "attn_k", "
 ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM = "attn_q_norm", "attn_k_norm", "post_attention_norm"
 FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM = "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"
 ROPE_PAIRS = "rope_pairs"  # elastiq's own: the sorted rotary pairs' original indices [G, d/2]
-MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)
-NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM)
+# The Mamba2 mixer, by llama.cpp's mamba2 names where it has them. llama.cpp's fused ssm_in
+# ([z, x, B, C, dt] rows) and ssm_conv1d ([x, B, C] channels) are held split, one tensor per part,
+# so that each tensor belongs to one prunable group; ssm_a holds A_log (llama.cpp: -exp(A_log)).
+SSM_IN_Z, SSM_IN_X, SSM_IN_B, SSM_IN_C, SSM_IN_DT = "ssm_in_z", "ssm_in_x", "ssm_in_b", "ssm_in_c", "ssm_in_dt"
+SSM_CONV_X, SSM_CONV_B, SSM_CONV_C = "ssm_conv1d_x", "ssm_conv1d_b", "ssm_conv1d_c"
+SSM_DT, SSM_A, SSM_D = "ssm_dt", "ssm_a", "ssm_d"  # per SSM head [H]: dt_bias, A_log, D
+SSM_NORM, SSM_OUT = "ssm_norm", "ssm_out"
+SSM_IN = (SSM_IN_Z, SSM_IN_X, SSM_IN_B, SSM_IN_C, SSM_IN_DT)
+SSM_CONV = (SSM_CONV_X, SSM_CONV_B, SSM_CONV_C)
+# Slots that are one bare tensor (no .weight / .bias): runtime name layers.{i}.{slot}.
+BARE = (ROPE_PAIRS, SSM_DT, SSM_A, SSM_D)
+MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)  # of an attention block
+SSM_MATRICES = (*SSM_IN, SSM_OUT)
+NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM, SSM_NORM)
+# The kinds of block: attention + gated MLP (every transformer family), or a Mamba2 mixer alone.
+ATTENTION, SSM = "attention", "ssm"
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
@@ -34,12 +50,35 @@ NORM_READERS = {ATTN_NORM: (ATTN_Q, ATTN_K, ATTN_V), FFN_NORM: (FFN_GATE, FFN_UP
 WRITERS = (ATTN_OUT, FFN_DOWN)
 READS = {ATTN_Q: ATTN_Q, ATTN_K: ATTN_Q, ATTN_V: ATTN_Q, ATTN_OUT: ATTN_OUT,
          FFN_GATE: FFN_GATE, FFN_UP: FFN_GATE, FFN_DOWN: FFN_DOWN}
+# The same of an SSM block: its input projections read the normed block input, its output
+# projection the gated norm's output.
+SSM_READS = {**{slot: SSM_IN_Z for slot in SSM_IN}, SSM_OUT: SSM_OUT}
+BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS}
 # Matrices whose pruned axis is their input (whole quantization blocks are pruned there).
-PRUNED_INPUTS = {FFN_DOWN: MLP, ATTN_OUT: VO}
+PRUNED_INPUTS = {FFN_DOWN: MLP, ATTN_OUT: VO, SSM_OUT: SSM_P}
 # Where recovery masks each group: (slot, the module's input or output).
 MASKS = {MLP: ((FFN_DOWN, "input"),), QK: ((ATTN_Q, "output"), (ATTN_K, "output")), VO: ((ATTN_V, "output"),)}
 # The top-level tensors, by the runtime's names.
 EMBED, FINAL_NORM, HEAD = "embed_tokens", "norm", "lm_head"
+
+
+@dataclass(frozen=True)
+class SSMConfig:
+    """What a Mamba2 mixer computes beyond its weights; pruning changes none of it."""
+
+    num_heads: int
+    n_groups: int
+    conv_kernel: int
+    layer_norm_epsilon: float
+    chunk_size: int
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "SSMConfig":
+        """From a transformers Mamba2 config dict (``Mamba2Config.to_dict()``)."""
+        limit = config.get("time_step_limit", (0.0, math.inf))
+        return cls(config["num_heads"], config["n_groups"], config["conv_kernel"], config["layer_norm_epsilon"],
+                   config["chunk_size"], (float(limit[0]), float(limit[1])))
 
 
 @dataclass(frozen=True)
@@ -73,27 +112,35 @@ class Family:
     norm_offset: float = 0.0  # a stored norm weight w scales by w + norm_offset (Gemma: 1 + w)
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden size) (Gemma)
     attention_scalar: str | None = None  # the config key whose value^-1/2 scales q.k; None: the head size
-    rotatable: bool = True  # whether the residual stream can be rotated (no norm on a branch's output)
+    unrotatable: str = ""  # why the residual stream cannot be rotated (``--rotate``); empty: it can
     # A model of this family as an equivalent model of another family (Phi-3's fused projections
     # split into Mistral's): intake applies it, and every stage then asks the other family.
     convert: Callable[[nn.Module], nn.Module] | None = None
+    # The inverse of ``convert`` on a state dict, where the converted model is not a stock one
+    # (Mamba2's split mixers): what an export in the source's own form writes.
+    unconvert: Callable[[Mapping], dict] | None = None
     activations: tuple[str, ...] = ("silu",)  # the gated MLP's accepted hidden_act values
+    block_kind: str = ATTENTION  # what every block is: ATTENTION (attention + MLP) or SSM (a Mamba2 mixer)
+    eps_key: str = "rms_norm_eps"  # the config key of the norms' epsilon
+    check_fields: Callable[[Mapping], None] | None = None  # the config check; None: ``check_config``
 
     # --- names ---------------------------------------------------------------------------------
 
     def name_of(self, layer: int, slot: str, param: str = "weight") -> str:
         """The model's (and the checkpoint's) name of a block tensor: (3, "ffn_down") ->
-        model.layers.3.mlp.down_proj.weight; the rotary pair indices (``ROPE_PAIRS``) have no param."""
-        if slot == ROPE_PAIRS:
-            return f"{self.layers}.{layer}.{self.parts[ROPE_PAIRS]}"
+        model.layers.3.mlp.down_proj.weight; a bare tensor (``BARE``: the rotary pair indices, the
+        SSM heads' dt_bias, A_log and D) has no param."""
+        if slot in BARE:
+            return f"{self.layers}.{layer}.{self.parts[slot]}"
         return f"{self.layers}.{layer}.{self.parts[slot]}.{param}"
 
     def runtime_names(self, names) -> dict[str, str]:
         """{model name: the elastic model's name} for ``names``: layers.{i}.{slot}.{param} for block
-        tensors, embed_tokens / norm / lm_head .weight for the others; names it does not know
+        tensors (layers.{i}.{slot} for a bare one), embed_tokens / norm / lm_head .weight for the others; names it does not know
         raise an error naming them."""
         known = {f"{path}.weight": f"{slot}.weight" for slot, path in self.top.items()}
-        by_part = {path: slot for slot, path in self.parts.items()}
+        by_part = {path: slot for slot, path in self.parts.items() if slot not in BARE}
+        bare = {self.parts[slot]: slot for slot in BARE if slot in self.parts}
         out, unknown = {}, []
         prefix = self.layers + "."
         for name in names:
@@ -102,8 +149,8 @@ class Family:
                 continue
             layer, _, rest = name.removeprefix(prefix).partition(".")
             if name.startswith(prefix) and layer.isdigit():
-                if rest == self.parts[ROPE_PAIRS]:
-                    out[name] = f"layers.{layer}.{ROPE_PAIRS}"
+                if rest in bare:
+                    out[name] = f"layers.{layer}.{bare[rest]}"
                     continue
                 part, _, param = rest.rpartition(".")
                 if part in by_part:
@@ -124,11 +171,27 @@ class Family:
 
     # --- shape -----------------------------------------------------------------------------------
 
-    def heads(self, config: Mapping) -> Heads:
-        """Attention heads of a Hugging Face config dict."""
+    def layer_kinds(self, config: Mapping) -> list[str]:
+        """What each block of a model of ``config`` is: ``ATTENTION`` or ``SSM``."""
+        return [self.block_kind] * config["num_hidden_layers"]
+
+    def heads(self, config: Mapping) -> Heads | None:
+        """Attention heads of a Hugging Face config dict; None for a model without attention."""
+        if ATTENTION not in self.layer_kinds(config):
+            return None
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return Heads(config["num_attention_heads"], config.get("num_key_value_heads") or
                      config["num_attention_heads"], head_dim)
+
+    def ssm_config(self, config: Mapping) -> SSMConfig | None:
+        """What the Mamba2 mixers of a config dict compute beyond their weights; None for a model without them."""
+        if SSM not in self.layer_kinds(config):
+            return None
+        return SSMConfig.from_config(config)
+
+    def norm_eps(self, config: Mapping) -> float:
+        """The epsilon of every RMSNorm of the model."""
+        return config[self.eps_key]
 
     def biased(self, config: Mapping) -> frozenset[str]:
         """The slots whose projection has a bias in a model of ``config``."""
@@ -136,10 +199,27 @@ class Family:
 
     def groups(self, config: Mapping, layer: int) -> list[Group]:
         """The prunable groups of block ``layer`` that this family offers."""
-        d = self.heads(config).head_dim
         biased = self.biased(config)
         name = lambda slot: self.name_of(layer, slot)  # noqa: E731
         bias = lambda *slots: tuple((self.name_of(layer, s, "bias"), r) for s, r in slots if s in biased)  # noqa: E731
+        if self.layer_kinds(config)[layer] == SSM:
+            ssm = self.ssm_config(config)
+            P, N = config["head_dim"], config["state_size"]
+            heads, groups = per_unit_of("rows", ssm.num_heads), per_unit_of("rows", ssm.n_groups)
+            every = {
+                # Channels of each SSM head; the output projection's input axis is pruned: whole blocks.
+                SSM_P: Group(SSM_P, layer, P, BLOCK,
+                             ((name(SSM_IN_Z), heads), (name(SSM_IN_X), heads), (name(SSM_CONV_X), heads),
+                              (name(SSM_NORM), heads), (name(SSM_OUT), per_unit_of("cols", ssm.num_heads)),
+                              *bias((SSM_IN_Z, heads), (SSM_IN_X, heads), (SSM_CONV_X, heads)))),
+                # States of each group, B and C in one order.
+                SSM_N: Group(SSM_N, layer, N, 1,
+                             ((name(SSM_IN_B), groups), (name(SSM_IN_C), groups), (name(SSM_CONV_B), groups),
+                              (name(SSM_CONV_C), groups),
+                              *bias((SSM_IN_B, groups), (SSM_IN_C, groups), (SSM_CONV_B, groups), (SSM_CONV_C, groups)))),
+            }
+            return [every[kind] for kind in (SSM_P, SSM_N) if kind in self.offers]
+        d = self.heads(config).head_dim
         every = {
             # The down projection's input axis is pruned: whole quantization blocks.
             MLP: Group(MLP, layer, config["intermediate_size"], BLOCK,
@@ -176,7 +256,7 @@ class Family:
         does not run, saying what it runs."""
         from .. import ElastiqError
 
-        check_config(config)
+        (self.check_fields or check_config)(config)
         act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
         if act not in self.activations:
             raise ElastiqError(f"hidden_act {act!r} is not supported for {self.name}; the elastic model runs "
@@ -184,21 +264,34 @@ class Family:
 
     def shapes(self, config: Mapping) -> dict[str, tuple[int, ...]]:
         """Every tensor of the unpruned model of ``config`` and its shape (model names)."""
+        hidden, vocab = config["hidden_size"], config["vocab_size"]
+        by_kind = {}
         h = self.heads(config)
-        H, G, d = h.num_heads, h.num_kv_heads, h.head_dim
-        hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-        by_slot = {ATTN_Q: (H * d, hidden), ATTN_K: (G * d, hidden), ATTN_V: (G * d, hidden), ATTN_OUT: (hidden, H * d),
-                   FFN_GATE: (inter, hidden), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter),
-                   ATTN_Q_NORM: (d,), ATTN_K_NORM: (d,), ROPE_PAIRS: (G, d // 2),
-                   **{norm: (hidden,) for norm in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM)}}
+        if h is not None:
+            H, G, d, inter = h.num_heads, h.num_kv_heads, h.head_dim, config["intermediate_size"]
+            by_kind[ATTENTION] = {
+                ATTN_Q: (H * d, hidden), ATTN_K: (G * d, hidden), ATTN_V: (G * d, hidden), ATTN_OUT: (hidden, H * d),
+                FFN_GATE: (inter, hidden), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter),
+                ATTN_Q_NORM: (d,), ATTN_K_NORM: (d,), ROPE_PAIRS: (G, d // 2),
+                **{norm: (hidden,) for norm in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM)}}
+        ssm = self.ssm_config(config)
+        if ssm is not None:
+            HP, GN, H, K = ssm.num_heads * config["head_dim"], ssm.n_groups * config["state_size"], ssm.num_heads, \
+                ssm.conv_kernel
+            by_kind[SSM] = {
+                ATTN_NORM: (hidden,), SSM_IN_Z: (HP, hidden), SSM_IN_X: (HP, hidden), SSM_IN_B: (GN, hidden),
+                SSM_IN_C: (GN, hidden), SSM_IN_DT: (H, hidden), SSM_CONV_X: (HP, 1, K), SSM_CONV_B: (GN, 1, K),
+                SSM_CONV_C: (GN, 1, K), SSM_DT: (H,), SSM_A: (H,), SSM_D: (H,), SSM_NORM: (HP,), SSM_OUT: (hidden, HP)}
         out = {f"{self.top[EMBED]}.weight": (vocab, hidden), f"{self.top[FINAL_NORM]}.weight": (hidden,),
                f"{self.top[HEAD]}.weight": (vocab, hidden)}
         biased = self.biased(config)
-        for layer in range(config["num_hidden_layers"]):
-            for slot in self.parts:
-                out[self.name_of(layer, slot)] = by_slot[slot]
+        for layer, kind in enumerate(self.layer_kinds(config)):
+            for slot, shape in by_kind[kind].items():
+                if slot not in self.parts:
+                    continue
+                out[self.name_of(layer, slot)] = shape
                 if slot in biased:
-                    out[self.name_of(layer, slot, "bias")] = by_slot[slot][:1]
+                    out[self.name_of(layer, slot, "bias")] = shape[:1]
         return out
 
     def check_tensors(self, config: Mapping, shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str]) -> None:
@@ -210,14 +303,16 @@ class Family:
 
         expected = self.shapes(config)
         head = f"{self.top[HEAD]}.weight"
-        optional = {name for name in expected if name.endswith(self.parts[ROPE_PAIRS])}
+        optional = {name for name in expected if ROPE_PAIRS in self.parts and name.endswith(self.parts[ROPE_PAIRS])}
         if config.get("tie_word_embeddings"):
             optional.add(head)
         elif head in aliases:
             raise ElastiqError(f"its config says tie_word_embeddings false, yet {head} is stored as the embedding "
                                f"{aliases[head]}")
+        widths = (f"MLP {config['intermediate_size']}" if self.heads(config) else
+                  f"SSM head size {config['head_dim']}, state size {config['state_size']}")
         described = (f"a {self.name} model of {config['num_hidden_layers']} layers, hidden size "
-                     f"{config['hidden_size']}, MLP {config['intermediate_size']}, vocabulary {config['vocab_size']}")
+                     f"{config['hidden_size']}, {widths}, vocabulary {config['vocab_size']}")
         unknown = sorted((set(shapes) | set(aliases)) - set(expected))
         missing = sorted(set(expected) - set(shapes) - set(aliases) - optional)
         if unknown or missing:
@@ -291,16 +386,24 @@ def check_config(config: Mapping) -> None:
     for key in ("hidden_act", "hidden_activation", "model_type"):
         if config.get(key) is not None and not isinstance(config[key], str):
             bad(key, "a string")
-    for key in _TOKEN_IDS:
-        ids = config.get(key)
-        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config["vocab_size"] for i in ids):
-            bad(key, f"a token id below vocab_size ({config['vocab_size']}), a list of them, or null")
+    check_token_ids(config)
     types = config.get("layer_types")
     if types is not None and not (isinstance(types, list) and len(types) == layers and
                                   all(t in ("full_attention", "sliding_attention") for t in types)):
         bad("layer_types", f"null or a list of {layers} of full_attention / sliding_attention")
     _check_rope(config, types)
+
+
+def check_token_ids(config: Mapping) -> None:
+    """Refuse special token ids outside the vocabulary (``vocab_size`` already checked)."""
+    from .. import ElastiqError
+
+    for key in _TOKEN_IDS:
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config["vocab_size"] for i in ids):
+            raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected a token id below vocab_size "
+                               f"({config['vocab_size']}), a list of them, or null")
 
 
 def _check_rope(config: Mapping, types) -> None:

@@ -29,7 +29,9 @@ GEMMA3 = Family("gemma3", model_types=("gemma3_text",), gguf_architectures=("gem
                 bias_flags={"attention_bias": BIAS_FLAGS["attention_bias"]}, offers=(MLP, VO),
                 activations=("gelu_pytorch_tanh",), gguf=("gemma3", None), gguf_neox=True, gguf_swa=(6, 10000.0),
                 kept="every q/k channel is kept: Gemma 3 normalises q and k per head before RoPE",
-                norm_offset=1.0, scaled_embeddings=True, attention_scalar="query_pre_attn_scalar", rotatable=False)
+                norm_offset=1.0, scaled_embeddings=True, attention_scalar="query_pre_attn_scalar",
+                unrotatable="a norm on each branch's output sits between the residual stream and the matrices that "
+                            "write it")
 
 
 def text_model(model: nn.Module) -> nn.Module:

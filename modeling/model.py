@@ -6,11 +6,14 @@ This module runs such a model in plain torch (after gpt-fast's ``model.py``): th
 off the tensors' shapes, RoPE gathers each KV group's frequencies by its stored pair indices
 (``elastiq.kernels.rope``), and the attention scale stays that of the original head size.
 Blocks name their modules by slot, not by any family's names: ``runtime_weights`` renames a
-checkpoint's or a transformers state dict's tensors through the family of the config.
+checkpoint's or a transformers state dict's tensors through the family of the config. A block is
+either attention + gated MLP (``Block``) or a Mamba2 mixer (``SSMBlock``, whose computation is in
+``modeling/ssm.py``), told apart by its tensors; a model may mix both.
 
 Two ways to run it: a full causal pass over ``input_ids`` (evaluation, calibration), or
-incremental decoding through a per-layer ``KVCache`` (``setup_caches``, then ``forward(ids,
-start=position)``). Quantized matrices either become float (the reference) or stay packed
+incremental decoding through a per-layer ``KVCache`` or recurrent ``SSMState`` (``setup_caches``,
+then ``forward(ids, start=position)``; a recurrent state only goes on from where it is, or
+restarts at 0). Quantized matrices either become float (the reference) or stay packed
 (``int4=True``): Q4_0 in ``Q4Linear`` / ``Q4Embedding`` through ``elastiq.kernels.q4_linear``, an
 8-bit (Q8_0) embedding and head in ``Q8Embedding`` / ``Q8Linear`` sharing one ``Q8Weight``, an
 8-bit block matrix in ``Q8PairLinear`` (two 4-bit halves).
@@ -25,17 +28,22 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .. import ElastiqError
 from ..families import family_for
-from ..families.base import ATTN_K, ATTN_V, EMBED, FFN_GATE, HEAD, MATRICES, NORMS, ROPE_PAIRS, is_norm
+from ..families.base import (ATTN_K, ATTN_NORM, ATTN_V, EMBED, FFN_GATE, HEAD, MATRICES, NORMS, ROPE_PAIRS, SSM_A,
+                              SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z,
+                              SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
+from .ssm import GatedRMSNorm, ScanInputs, SSMState, SSMWidths, ssd_scan, ssm_step
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight | Q8Pair
 # The gated MLP's activations, by transformers' hidden_act names.
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+SSM_SCALARS = (SSM_DT, SSM_A, SSM_D)  # a mixer's bare per-head tensors [H]: dt_bias, A_log, D
 
 
 @dataclass(frozen=True)
@@ -62,21 +70,57 @@ class LayerArgs:
 
 
 @dataclass(frozen=True)
+class SSMLayerArgs:
+    """Widths of one Mamba2 block: channels per SSM head P and states per group N."""
+
+    head_dim: int
+    state_size: int
+    biases: frozenset[str]  # the slots whose projection or convolution carries a bias
+
+    @classmethod
+    def of(cls, block: Mapping[str, Weight], config: SSMConfig, index: int) -> "SSMLayerArgs":
+        """The widths of block ``index`` read off its tensors' shapes (runtime names within the
+        block: ``attn_norm.weight`` and the mixer's, ``mixer_widths``)."""
+        try:
+            widths = mixer_widths({k: t for k, t in block.items() if k != f"{ATTN_NORM}.weight"}, config)
+        except ValueError as err:
+            raise ElastiqError(f"layer {index}: {err}") from None
+        biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
+        return cls(widths.head_dim, widths.state_size, biases)
+
+
+def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | None,
+               index: int) -> LayerArgs | SSMLayerArgs:
+    """The widths of block ``index`` (runtime names within the block): a Mamba2 block's
+    (``SSMLayerArgs``) when it holds ``ssm_out.weight``, else an attention block's (``LayerArgs``)."""
+    if f"{SSM_OUT}.weight" in block:
+        if ssm is None:
+            raise ElastiqError(f"layer {index} holds a Mamba2 mixer; the model's config describes none")
+        return SSMLayerArgs.of(block, ssm, index)
+    if not num_kv_heads:
+        raise ElastiqError(f"layer {index} holds no Mamba2 mixer ({SSM_OUT}.weight); the model's config describes "
+                           "no attention")
+    return LayerArgs.of(block, num_kv_heads, index)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """The unpruned shape of the model and what its blocks compute (from its config, through its
-    family), and the widths of each block."""
+    family), and the widths of each block. A model without attention has 0 heads of size 0 (and an
+    attention scale of 0); one without Mamba2 mixers has no ``ssm``."""
 
     vocab_size: int
     hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int  # the original head size d: fixes the rotary frequencies
-    rms_norm_eps: float
+    rms_norm_eps: float  # of every RMSNorm but the mixers' gated one (``SSMConfig.layer_norm_epsilon``)
     tie_word_embeddings: bool
     hidden_act: str  # the gated MLP's activation: "silu" or "gelu_pytorch_tanh"
     embed_scale: float  # the embeddings' multiplier (1, or Gemma's sqrt(hidden))
     attention_scale: float  # of q.k: that of the original head size, or the family's; pruning keeps it
-    layers: tuple[LayerArgs, ...]
+    layers: tuple[LayerArgs | SSMLayerArgs, ...]
+    ssm: SSMConfig | None = None  # what the Mamba2 mixers compute beyond their weights
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping) -> "ModelArgs":
@@ -84,15 +128,17 @@ class ModelArgs:
         ``runtime_weights``)."""
         family = family_for(config)
         family.check(config)
-        heads = family.heads(config)
-        layers = tuple(LayerArgs.of(block_weights(weights, i), heads.num_kv_heads, i)
+        heads, ssm = family.heads(config), family.ssm_config(config)
+        num_heads, num_kv_heads, head_dim = (heads.num_heads, heads.num_kv_heads, heads.head_dim) if heads else \
+            (0, 0, 0)
+        layers = tuple(layer_args(block_weights(weights, i), num_kv_heads, ssm, i)
                        for i in range(config["num_hidden_layers"]))
-        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=heads.num_heads,
-                   num_kv_heads=heads.num_kv_heads, head_dim=heads.head_dim,
-                   rms_norm_eps=config["rms_norm_eps"], tie_word_embeddings=config.get("tie_word_embeddings", False),
+        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=num_heads,
+                   num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   rms_norm_eps=family.norm_eps(config), tie_word_embeddings=config.get("tie_word_embeddings", False),
                    hidden_act=config.get("hidden_act") or config.get("hidden_activation") or "silu",
-                   embed_scale=family.embedding_scale(config), attention_scale=family.attention_scale(config),
-                   layers=layers)
+                   embed_scale=family.embedding_scale(config),
+                   attention_scale=family.attention_scale(config) if heads else 0.0, layers=layers, ssm=ssm)
 
 
 @dataclass(frozen=True)
@@ -259,6 +305,35 @@ class UnitOrdered(nn.Module):
         return self.inner(x).index_select(-1, self.index)
 
 
+class UnitOrderedParams(nn.Module):
+    """A small module (a Mamba2 mixer's depthwise convolution, its gated norm) whose parameters are
+    held with their pruned axis 0 in the checkpoint's unit order, as ``UnitOrdered`` holds a
+    matrix's, so that the runtime cuts and grows them in place; it computes with them gathered back
+    into the model's order on every call (``params``: a few thousand channels, exact).
+    ``order`` is where each held position comes from (``Checkpoint.unit_order``)."""
+
+    def __init__(self, inner: nn.Module, order: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("index", torch.argsort(order))
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The inner module's parameters in the model's order, by name."""
+        return {name: t.index_select(0, self.index) for name, t in self.inner.named_parameters(recurse=False)}
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.inner, self.params(), args)
+
+
+def _in_model_order(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias (None if it has none) of ``module`` or of the module ``UnitOrderedParams``
+    holds, in the model's order."""
+    if isinstance(module, UnitOrderedParams):
+        params = module.params()
+        return params["weight"], params.get("bias")
+    return module.weight, module.bias
+
+
 def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | None,
             order: tuple[int, torch.Tensor] | None = None) -> nn.Module:
     """The module of one projection, holding ``weight`` (and ``bias``) without a copy; ``order``
@@ -394,17 +469,257 @@ class Block(nn.Module):
         return h + (m if self.post_ffw_norm is None else self.post_ffw_norm(m))
 
 
-class Transformer(nn.Module):
-    """Embeddings, blocks of per-layer widths, final norm and LM head (tied to the embeddings
-    when the config says so: then one parameter or one ``Q8Weight``; a tied Q4_0 embedding keeps
-    its codes for lookups and the head its own packed form for the int4 matmul)."""
+# The tensors of a Mamba2 mixer (runtime names within its block), and those config flags add.
+SSM_REQUIRED = (*(f"{slot}.weight" for slot in (*SSM_MATRICES, *SSM_CONV, SSM_NORM)), *SSM_SCALARS)
+SSM_OPTIONAL = tuple(f"{slot}.bias" for slot in (*SSM_MATRICES, *SSM_CONV))
 
-    def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], attending: list[LayerAttention],
+
+def _shape(t: Weight) -> tuple[int, ...]:
+    """A tensor's shape; a prepared matrix's (out_features, in_features)."""
+    if isinstance(t, (Q4Weight, Q8Weight, Q8Pair)):
+        return t.out_features, t.in_features
+    return tuple(t.shape)
+
+
+def mixer_widths(weights: Mapping[str, Weight], config: SSMConfig) -> SSMWidths:
+    """The widths of a Mamba2 mixer whose tensors are ``weights`` (runtime names within its block,
+    ``attn_norm.weight`` excluded): the hidden size and P from ``ssm_out.weight`` [hidden, H*P], N
+    from ``ssm_in_b.weight`` [G*N, hidden]; then every tensor is checked against them. Raises
+    ValueError naming the first tensor that is missing, unexpected or of the wrong shape."""
+    H, G, K = config.num_heads, config.n_groups, config.conv_kernel
+    if H < 1 or G < 1 or H % G:
+        raise ValueError(f"num_heads={H} is not a positive multiple of n_groups={G}")
+    missing = [name for name in SSM_REQUIRED if name not in weights]
+    unknown = sorted(set(weights) - set(SSM_REQUIRED) - set(SSM_OPTIONAL))
+    if missing or unknown:
+        raise ValueError(f"a Mamba2 mixer's tensors are {', '.join(SSM_REQUIRED)} (and optionally "
+                         f"{', '.join(SSM_OPTIONAL)}); missing: {missing or 'none'}, unexpected: {unknown or 'none'}")
+    out, states = _shape(weights[f"{SSM_OUT}.weight"]), _shape(weights[f"{SSM_IN_B}.weight"])
+    if len(out) != 2 or out[1] % H or out[1] == 0:
+        raise ValueError(f"{SSM_OUT}.weight has shape {out}; expected (hidden_size, num_heads * head_dim) with "
+                         f"num_heads={H}")
+    if len(states) != 2 or states[0] % G or states[0] == 0:
+        raise ValueError(f"{SSM_IN_B}.weight has shape {states}; expected (n_groups * state_size, hidden_size) with "
+                         f"n_groups={G}")
+    hidden, P, N = out[0], out[1] // H, states[0] // G
+    rows = {SSM_IN_Z: H * P, SSM_IN_X: H * P, SSM_IN_B: G * N, SSM_IN_C: G * N, SSM_IN_DT: H, SSM_OUT: hidden}
+    channels = dict(zip(SSM_CONV, (H * P, G * N, G * N)))
+    expected = {**{f"{slot}.weight": (n, hidden) for slot, n in rows.items()},
+                **{f"{slot}.bias": (n,) for slot, n in (*rows.items(), *channels.items())},
+                **{f"{slot}.weight": (n, 1, K) for slot, n in channels.items()},
+                **{slot: (H,) for slot in SSM_SCALARS}, f"{SSM_NORM}.weight": (H * P,),
+                f"{SSM_OUT}.weight": (hidden, H * P)}
+    for name, t in weights.items():
+        if _shape(t) != expected[name]:
+            raise ValueError(f"{name} has shape {_shape(t)}; expected {expected[name]} for hidden_size={hidden}, "
+                             f"num_heads={H}, head_dim={P} (from {SSM_OUT}.weight), n_groups={G}, state_size={N} "
+                             f"(from {SSM_IN_B}.weight), conv_kernel={K}")
+    return SSMWidths(hidden, P, N)
+
+
+def _unit_ordered(module: nn.Module, order: tuple[int, torch.Tensor] | None) -> nn.Module:
+    """``module``, or with ``order`` (axis 0, order) its parameters held in unit order (``UnitOrderedParams``)."""
+    return module if order is None else UnitOrderedParams(module, order[1])
+
+
+def _conv(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv1d:
+    """A depthwise convolution [channels, 1, K] holding ``weight`` (and ``bias``) without a copy;
+    the mixer pads it with the state (or zeros) itself."""
+    with torch.device("meta"):
+        conv = nn.Conv1d(weight.shape[0], weight.shape[0], weight.shape[2], groups=weight.shape[0],
+                         bias=bias is not None)
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+    return conv
+
+
+class SSMMixer(nn.Module):
+    """A Mamba2 mixer of its own head dimension P and state size N (``mixer_widths``), holding its
+    tensors without a copy in modules named by slot: projections ``ssm_in_z``, ``ssm_in_x``,
+    ``ssm_in_b``, ``ssm_in_c``, ``ssm_in_dt``, ``ssm_out`` (``_linear``: float or packed),
+    depthwise convolutions ``ssm_conv1d_x``, ``ssm_conv1d_b``, ``ssm_conv1d_c``, the gated norm
+    ``ssm_norm`` and the bare parameters ``ssm_dt`` (dt_bias), ``ssm_a`` (A_log) and ``ssm_d`` (D),
+    so that its tensors' names are their runtime names within the block. ``orders`` names the slots
+    whose pruned axis ``weights`` holds in unit order: projections (``UnitOrdered``), convolutions
+    and the gated norm (``UnitOrderedParams``, along their channels); it computes the same.
+
+    ``prefill`` runs a sequence through the chunked SSD scan from a state (zeros if None) and
+    ``step`` one token through the recurrence, each advancing the state in place; what they
+    compute is transformers' ``Mamba2Mixer`` at head_dim = P, state_size = N."""
+
+    def __init__(self, weights: Mapping[str, Weight], config: SSMConfig,
+                 orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
+        super().__init__()
+        widths = mixer_widths(weights, config)
+        orders = orders or {}
+        channels = (*SSM_CONV, SSM_NORM)  # held in unit order along axis 0, their channels
+        unexpected = sorted(slot for slot, (axis, _) in orders.items()
+                            if slot not in SSM_MATRICES and not (slot in channels and axis == 0))
+        if unexpected:
+            raise ElastiqError(f"a Mamba2 mixer holds in unit order only its projections and the channels of its "
+                               f"convolutions and gated norm; got unit orders for {', '.join(unexpected)}")
+        self.config = config
+        self.num_heads, self.n_groups = config.num_heads, config.n_groups
+        self.hidden_size, self.head_dim, self.state_size = widths.hidden_size, widths.head_dim, widths.state_size
+        self.width = self.num_heads * self.head_dim  # H*P: z, x, y
+        self.conv_sizes = (self.width, self.n_groups * self.state_size, self.n_groups * self.state_size)  # x, B, C
+        self.conv_channels = sum(self.conv_sizes)
+        for slot in SSM_MATRICES:
+            setattr(self, slot, _linear(weights[f"{slot}.weight"], weights.get(f"{slot}.bias"), orders.get(slot)))
+        for slot in SSM_CONV:
+            setattr(self, slot, _unit_ordered(_conv(weights[f"{slot}.weight"], weights.get(f"{slot}.bias")),
+                                              orders.get(slot)))
+        for slot in SSM_SCALARS:
+            setattr(self, slot, nn.Parameter(weights[slot], requires_grad=False))
+        self.ssm_norm = _unit_ordered(GatedRMSNorm(weights[f"{SSM_NORM}.weight"], self.n_groups,
+                                                   config.layer_norm_epsilon), orders.get(SSM_NORM))
+
+    @property
+    def A(self) -> torch.Tensor:
+        """The (negative) continuous-time decay of each head [H], float32."""
+        return -torch.exp(self.ssm_a.float())
+
+    def _conv_parts(self) -> tuple[tuple[nn.Module, torch.Tensor, torch.Tensor | None], ...]:
+        """(projection, convolution weight [channels, 1, K], its bias or None) of x, B and C, in the
+        model's order: the convolutions' channels, in this order."""
+        return tuple((project, *_in_model_order(conv)) for project, conv in
+                     ((self.ssm_in_x, self.ssm_conv1d_x), (self.ssm_in_b, self.ssm_conv1d_b),
+                      (self.ssm_in_c, self.ssm_conv1d_c)))
+
+    def new_state(self, batch: int, dtype: torch.dtype = torch.float32) -> SSMState:
+        """An empty state (zeros: no past) of this mixer's widths, on its device."""
+        device = self.ssm_a.device
+        return SSMState(torch.zeros(batch, self.conv_channels, self.config.conv_kernel, dtype=dtype, device=device),
+                        torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=dtype, device=device))
+
+    def _heads_groups(self, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+        """x [..., H, P], B and C [..., G, N] of the convolutions' outputs [..., H*P], [..., G*N]."""
+        groups = (self.n_groups, self.state_size)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def _time_step(self, dt: torch.Tensor) -> torch.Tensor:
+        """softplus(dt + dt_bias) within the time-step limit, float32."""
+        low, high = self.config.time_step_limit
+        return F.softplus(dt.float() + self.ssm_dt.float()).clamp(low, high)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.ssm_out(self.ssm_norm(y, z).to(dtype))
+
+    def scan_inputs(self, hidden: torch.Tensor, past: torch.Tensor | None = None) -> ScanInputs:
+        """The scan's inputs for ``hidden`` [b, T, hidden]; ``past`` [b, channels, K-1]: the
+        convolutions' inputs before the sequence (zeros if None)."""
+        K = self.config.conv_kernel
+        if past is None:
+            past = hidden.new_zeros(hidden.shape[0], self.conv_channels, K - 1)
+        last, out = [], []
+        for (project, weight, bias), before in zip(self._conv_parts(), past.split(self.conv_sizes, 1)):
+            u = project(hidden).transpose(1, 2)  # [b, channels, T]
+            window = torch.cat([before.to(u.dtype), u], -1)
+            last.append(window[..., -K:])
+            out.append(F.silu(F.conv1d(window, weight, bias, groups=window.shape[1])).transpose(1, 2))
+        return ScanInputs(self.ssm_in_z(hidden), torch.cat(last, 1), *self._heads_groups(*out),
+                          self._time_step(self.ssm_in_dt(hidden)))
+
+    def prefill(self, hidden: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """The mixer's output [b, T, hidden] for ``hidden`` [b, T, hidden] by the chunked scan,
+        continuing from ``state`` (an empty one if None), and the state after the sequence:
+        ``state`` itself, advanced in place, or a new float32 one."""
+        if state is None:
+            state = self.new_state(hidden.shape[0])
+        s = self.scan_inputs(hidden, state.conv[..., 1:])
+        y, ssm = ssd_scan(s.x, s.dt, self.A, s.B, s.C, self.config.chunk_size, state.ssm)
+        y = y + self.ssm_d.float()[:, None] * s.x.float()
+        state.advance(s.window, ssm, hidden.shape[1])
+        return self._output(y.flatten(-2), s.z, hidden.dtype), state
+
+    def step(self, hidden: torch.Tensor, state: SSMState) -> torch.Tensor:
+        """The output [b, 1, hidden] for one token ``hidden`` [b, 1, hidden] after ``state``, which
+        is advanced by that token in place."""
+        if hidden.shape[1] != 1:
+            raise ValueError(f"step takes one token, [batch, 1, hidden]; got {tuple(hidden.shape)}: use prefill")
+        h = hidden[:, 0]
+        windows, out = [], []
+        for (project, weight, bias), before in zip(self._conv_parts(), state.conv.split(self.conv_sizes, 1)):
+            u = project(h)
+            window = torch.cat([before[..., 1:], u[..., None].to(before.dtype)], -1)  # [b, channels, K]
+            windows.append(window)
+            c = (window.to(u.dtype) * weight[:, 0]).sum(-1)
+            out.append(F.silu(c if bias is None else c + bias))
+        x, B, C = self._heads_groups(*out)
+        y, ssm = ssm_step(state.ssm, x, self._time_step(self.ssm_in_dt(h)), self.A, B, C)
+        y = y + self.ssm_d.float()[:, None] * x.float()
+        state.advance(torch.cat(windows, 1), ssm, 1)
+        return self._output(y.flatten(-2), self.ssm_in_z(h), hidden.dtype)[:, None]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output [b, T, hidden] of a whole sequence from no past."""
+        return self.prefill(hidden)[0]
+
+
+class SSMBlock(SSMMixer):
+    """Pre-norm Mamba2 block of its own widths: x + mixer(attn_norm(x)), its modules named by slot
+    (``SSMMixer``, and ``attn_norm``), so a block tensor's runtime name is ``layers.{i}.{slot}.{param}``
+    (``layers.{i}.ssm_dt`` for the bare ones). ``state`` is its recurrent state for decoding at a
+    position (``Transformer.setup_caches``), the counterpart of an attention block's KV cache.
+    ``orders`` as in ``SSMMixer``."""
+
+    def __init__(self, args: ModelArgs, w: Mapping[str, Weight],
+                 orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
+        super().__init__({k: t for k, t in w.items() if k != f"{ATTN_NORM}.weight"}, args.ssm, orders)
+        self.attn_norm = _norm(w[f"{ATTN_NORM}.weight"], args.rms_norm_eps)
+        self.state: SSMState | None = None
+
+    def check_start(self, start: int) -> SSMState:
+        """The state that decoding at position ``start`` goes on from: a state goes on from the
+        position it has reached, or restarts at 0; it cannot go back (nor skip ahead)."""
+        if self.state is None:
+            raise ElastiqError("decoding at a position needs the recurrent states: call setup_caches first")
+        if start != 0 and start != self.state.position:
+            reached = ("an update that did not finish" if self.state.position is None else
+                       f"position {self.state.position}")
+            raise ElastiqError(f"cannot run from position {start}: a recurrent state cannot go back, and this one "
+                               f"stands at {reached}; run from there or from 0")
+        return self.state
+
+    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """The block on ``x`` [B, T, hidden]: with ``start`` None from no past (no state kept);
+        else at positions start..start+T-1 from ``state`` (reset when ``start`` is 0), advancing it."""
+        h = self.attn_norm(x)
+        if start is None:
+            return x + self.prefill(h)[0]
+        state = self.check_start(start)
+        if start == 0:
+            state.reset()
+        return x + (self.step(h, state) if h.shape[1] == 1 else self.prefill(h, state)[0])
+
+
+def build_block(args: ModelArgs, layer: LayerArgs | SSMLayerArgs, w: Mapping[str, Weight],
+                attending: LayerAttention | None, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None
+                ) -> Block | SSMBlock:
+    """The block of widths ``layer`` (``layer_args``) holding ``w`` (runtime names within it):
+    ``Block`` for attention, ``SSMBlock`` for a Mamba2 mixer; ``orders`` {slot: (axis, order)}
+    names the slots ``w`` holds with their pruned axis in unit order."""
+    if isinstance(layer, LayerArgs):
+        return Block(args, layer, w, attending, orders)
+    return SSMBlock(args, w, orders)
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks of per-layer widths (attention ``Block`` or Mamba2 ``SSMBlock``), final
+    norm and LM head (tied to the embeddings when the config says so: then one parameter or one
+    ``Q8Weight``; a tied Q4_0 embedding keeps its codes for lookups and the head its own packed
+    form for the int4 matmul). ``attending`` is None for a Mamba2 block, which has no rotary
+    frequencies."""
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, Weight], attending: list[LayerAttention | None],
                  dtype: torch.dtype, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
         super().__init__()
         self.args, self.dtype, self.attending = args, dtype, attending
-        # the first block of each set of rotary frequencies: blocks of one layer type share a RoPE table
-        self.rope_groups = [next(j for j, b in enumerate(attending) if b.inv_freq is a.inv_freq and
+        # the first block of each set of rotary frequencies: blocks of one layer type share a RoPE
+        # table (None: a Mamba2 block, which needs none)
+        self.rope_groups = [None if a is None else
+                            next(j for j, b in enumerate(attending) if b is not None and b.inv_freq is a.inv_freq and
                                  b.scaling == a.scaling) for a in attending]
         embed = weights["embed_tokens.weight"]
         if isinstance(embed, QuantizedTensor):
@@ -415,8 +730,8 @@ class Transformer(nn.Module):
             with torch.device("meta"):
                 self.embed_tokens = nn.Embedding(*embed.shape)
             self.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(Block(args, layer, block_weights(weights, i), attending[i],
-                                          block_weights(orders or {}, i))
+        self.layers = nn.ModuleList(build_block(args, layer, block_weights(weights, i), attending[i],
+                                                block_weights(orders or {}, i))
                                     for i, layer in enumerate(args.layers))
         self.norm = _norm(weights["norm.weight"], args.rms_norm_eps)
         self.lm_head = _linear(weights["lm_head.weight"], None)
@@ -438,8 +753,14 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, start: int | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] of ``input_ids`` [B, T]: with ``start`` None, the full causal
         sequence from position 0 without caches (right padding leaves the logits at real positions
-        unchanged); with ``start``, the tokens at positions start..start+T-1 attending to the KV
-        caches. ``last_only`` computes the logits of the last position only ([B, 1, vocab])."""
+        unchanged) and Mamba2 blocks from a zero state, kept nowhere; with ``start``, the tokens at
+        positions start..start+T-1 attending to the KV caches and going on from the recurrent
+        states, which ``start`` 0 resets and any other ``start`` must continue (``resumable``;
+        else ElastiqError, before any block runs). ``last_only`` computes the logits of the last
+        position only ([B, 1, vocab])."""
+        if start is not None:
+            for layer in self._ssm_blocks():
+                layer.check_start(start)
         T = input_ids.shape[1]
         end = T if start is None else start + T
         positions = torch.arange(end - T, end, device=input_ids.device)
@@ -448,6 +769,9 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.args.embed_scale, dtype=self.dtype)
         tables = {}  # one RoPE table per set of frequencies (layer type) and forward pass
         for layer, group in zip(self.layers, self.rope_groups):
+            if group is None:  # a Mamba2 block
+                x = layer(x, start)
+                continue
             if group not in tables:
                 tables[group] = layer.rope_tables(positions)
             x = layer(x, tables[group], start)
@@ -455,14 +779,32 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
-        """Give every layer an empty KV cache of ``max_seq`` positions in the model's dtype."""
+        """Give every attention block an empty KV cache of ``max_seq`` positions in the model's
+        dtype, and every Mamba2 block an empty recurrent state of its widths in float32 (constant
+        in ``max_seq``; ``ssm.state_bytes``)."""
         for layer in self.layers:
-            layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
-                                     self.device)
+            if isinstance(layer, SSMBlock):
+                layer.state = layer.new_state(batch)
+            else:
+                layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
+                                         self.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
-            layer.kv_cache = None
+            if isinstance(layer, SSMBlock):
+                layer.state = None
+            else:
+                layer.kv_cache = None
+
+    def _ssm_blocks(self) -> list[SSMBlock]:
+        return [layer for layer in self.layers if isinstance(layer, SSMBlock)]
+
+    def resumable(self, start: int) -> bool:
+        """Whether ``forward(ids, start=start)`` may go on from the caches as they are: a KV cache
+        from any position it holds, a recurrent state only from the position it has reached (or
+        from 0, which resets it). Always true for a model without Mamba2 blocks."""
+        return start == 0 or all(layer.state is not None and layer.state.position == start
+                                 for layer in self._ssm_blocks())
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping, dtype: torch.dtype = torch.float32,
@@ -490,7 +832,10 @@ class Transformer(nn.Module):
                 weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
         args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
+        attention = [isinstance(layer, LayerArgs) for layer in args.layers]
         for i, layer in enumerate(args.layers):
+            if not attention[i]:
+                continue
             name = f"layers.{i}.{ROPE_PAIRS}"
             pairs = weights.get(name)
             if pairs is None:
@@ -499,7 +844,10 @@ class Transformer(nn.Module):
                 raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
                                    f"rows say {(args.num_kv_heads, layer.rope_pairs)}")
             weights[name] = pairs.long()
-        return cls(args, weights, layer_attention(config, device), dtype, orders).eval()
+        # rotary frequencies for attention blocks only (a Mamba2 model's config has none)
+        attending = layer_attention(config, device) if any(attention) else [None] * len(attention)
+        attending = [a if attends else None for a, attends in zip(attending, attention)]
+        return cls(args, weights, attending, dtype, orders).eval()
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":
@@ -509,7 +857,8 @@ class Transformer(nn.Module):
 
 def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
     """Tensor ``name`` (its runtime name) in the form the model holds it: floats in ``dtype`` (norm
-    weights in float32), integers (rotary pair indices) in int64; quantized matrices dequantized,
+    weights and a Mamba2 mixer's bare dt_bias, A_log and D in float32, as its scan computes),
+    integers (rotary pair indices) in int64; quantized matrices dequantized,
     or with ``int4`` prepared for their kernels (a Q4_0 token embedding stays as codes, since a
     lookup needs rows, not a matmul; a Q8_0 one is held block-major for both; a Q8_0 block matrix
     as ``kernels.prepare_q8_matrix`` holds it)."""
@@ -527,8 +876,8 @@ def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
         return prepare_q4(t.codes, t.scales, t.codes.device)
     if isinstance(t, (Q4Weight, Q8Weight, Q8Pair)):
         return t
-    if is_norm(name):
-        return t.float()  # the norms compute in float32
+    if is_norm(name) or name.rpartition(".")[2] in SSM_SCALARS:
+        return t.float()  # the norms and the SSM scan compute in float32
     return t.to(dtype) if t.is_floating_point() else t.long()
 
 

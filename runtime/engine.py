@@ -3,13 +3,14 @@
 ``Engine`` opens a checkpoint, loads the chosen rate tensor by tensor (each tensor's raw bytes are
 dropped once it is in the form the model holds), and keeps a ``Generator`` whose KV cache serves
 the conversation. Pruned tensors are held with their pruned axis in the checkpoint's unit order
-(``Checkpoint.iter_rate(unit_order=True)``; the model gathers to and from it, ``UnitOrdered``), so
+(``Checkpoint.iter_rate(unit_order=True)``; the model gathers to and from it, ``UnitOrdered``, and
+a Mamba2 mixer's convolutions and gated norm gather their channels back, ``UnitOrderedParams``), so
 that every rate's part of a held tensor is a prefix. ``set_rate`` changes every block in place, one
-block at a time: a smaller rate is cut from the weights in memory without reading the file, a
-larger one reads and verifies only the units it lacks (``Checkpoint.read_span``) and appends them;
-4-bit matrices are cut and grown in their kernel's layout (``kernels.q4_layout.q4_resize``),
-never unpacked. The KV cache has the old widths, so it is emptied and the next turn re-fills the
-context.
+block at a time (attention or Mamba2): a smaller rate is cut from the weights in memory without
+reading the file, a larger one reads and verifies only the units it lacks (``Checkpoint.read_span``)
+and appends them; 4-bit matrices are cut and grown in their kernel's layout
+(``kernels.q4_layout.q4_resize``), never unpacked. The KV caches and recurrent states have the old
+widths, so they are emptied and the next turn re-fills the context.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from ..families.base import ROPE_PAIRS
 from ..kernels import Q4Weight
 from ..kernels.q4_layout import q4_resize
 from ..kernels.q8 import Q8Pair
-from ..modeling.model import (Block, KVCache, LayerArgs, Q4Linear, Q8PairLinear, RMSNorm, Transformer, UnitOrdered,
-                              block_weights, resident, rope_parameters)
+from ..modeling.model import (Block, KVCache, Q4Linear, Q8PairLinear, RMSNorm, Transformer, UnitOrdered,
+                              UnitOrderedParams, block_weights, build_block, layer_args, resident, rope_parameters)
+from ..modeling.ssm import GatedRMSNorm, SSMState
 from ..quants import Quantized, q8_0_halves
 from .generate import Generator
 from .memory import held_orders, return_freed_memory
@@ -95,7 +97,7 @@ class Engine:
         start, read = time.perf_counter(), self.ckpt.bytes_read
         old = self.rate
         if rate != old:
-            self.model.clear_caches()  # their widths are the old rate's
+            self.model.clear_caches()  # KV caches and recurrent states: their widths are the old rate's
             switched = []
             try:
                 target = self.ckpt.shapes(rate), held_orders(self.ckpt, rate, self.device)
@@ -132,9 +134,10 @@ class Engine:
                 t = self._resize(name, local, t, axis, shapes[name][0][axis])
             weights[local] = resident(local, t, self.dtype, self.int4)
         del held
-        layer = LayerArgs.of(weights, self.model.args.num_kv_heads, index)
-        self.model.layers[index] = Block(self.model.args, layer, weights, self.model.attending[index],
-                                         block_weights(orders, index))
+        args = self.model.args
+        layer = layer_args(weights, args.num_kv_heads, args.ssm, index)
+        self.model.layers[index] = build_block(args, layer, weights, self.model.attending[index],
+                                               block_weights(orders, index))
         layers = list(self.model.args.layers)
         layers[index] = layer
         self.model.args = replace(self.model.args, layers=tuple(layers))
@@ -168,10 +171,11 @@ class Engine:
         return torch.cat((t, resident(local, _to(added, self.device), self.dtype, self.int4)), axis)
 
     def weight_bytes(self) -> int:
-        """Bytes of weights the model holds (each shared tensor once; the KV cache is not counted)."""
+        """Bytes of weights the model holds (each shared tensor once; the KV caches and recurrent
+        states are not counted)."""
         seen, total = set(), 0
         for module in self.model.modules():
-            if isinstance(module, KVCache):
+            if isinstance(module, (KVCache, SSMState)):
                 continue
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
             if isinstance(module, Q4Linear):
@@ -204,18 +208,20 @@ def _to(t: torch.Tensor | Quantized, device: torch.device) -> torch.Tensor | Qua
     return t.to(device)
 
 
-def _held(block: Block) -> dict[str, torch.Tensor | Q4Weight | Q8Pair]:
-    """A block's tensors as it holds them, by their runtime names within the block (``slot.param``,
-    ``rope_pairs``)."""
+def _held(block: nn.Module) -> dict[str, torch.Tensor | Q4Weight | Q8Pair]:
+    """A block's tensors as it holds them (an attention ``Block`` or an ``SSMBlock``), by their
+    runtime names within the block (``slot.param``; ``rope_pairs``, ``ssm_dt``, ``ssm_a``, ``ssm_d``)."""
     out = {}
     for name, module in block.named_children():
-        if isinstance(module, UnitOrdered):
+        if isinstance(module, (UnitOrdered, UnitOrderedParams)):
             module = module.inner
         if isinstance(module, (Q4Linear, Q8PairLinear)):
             out[f"{name}.weight"] = module.weight
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias
-        elif isinstance(module, (nn.Linear, RMSNorm)):
+        elif isinstance(module, (nn.Linear, nn.Conv1d, RMSNorm, GatedRMSNorm)):
             out.update({f"{name}.{p}": t.data for p, t in module.named_parameters(recurse=False)})
-    out[ROPE_PAIRS] = block.rope_pairs
+    out.update({name: t.data for name, t in block.named_parameters(recurse=False)})  # a mixer's dt_bias, A_log, D
+    if isinstance(block, Block):
+        out[ROPE_PAIRS] = block.rope_pairs
     return out

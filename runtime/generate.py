@@ -89,6 +89,10 @@ class CachedGenerator:
     def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _resumable(self, start: int) -> bool:
+        """Whether ``_run`` may go on from cache position ``start`` (a KV cache can from any)."""
+        return True
+
     def reset(self) -> None:
         """Empty the cache: the next prefill runs every token."""
         self.cached = []
@@ -107,6 +111,8 @@ class CachedGenerator:
             if a != b:
                 break
             reused += 1
+        if reused and not self._resumable(reused):  # a recurrent state cannot go back: run every token
+            reused = 0
         logits = self._run(list(ids[reused:]), reused)
         self.cached = list(ids)
         return logits, reused
@@ -152,6 +158,9 @@ class Generator(CachedGenerator):
         self.model = model or self.model
         self.model.setup_caches(1, self.max_seq)
         super().reset()
+
+    def _resumable(self, start: int) -> bool:
+        return self.model.resumable(start)  # a Mamba2 block's state only from the position it reached
 
     def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
         device, logits = self.model.device, None

@@ -9,7 +9,8 @@ from the checkpoint's shapes alone, counting what the runtime will hold:
 - weights: each tensor in the form the model keeps it (``modeling.model.resident``: floats in the
   compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``),
   and the indices of the matrices held in unit order (``held_orders``);
-- KV cache: ``ctx`` positions of every layer's kept key and value channels;
+- KV cache: ``ctx`` positions of every attention layer's kept key and value channels, and every
+  Mamba2 layer's recurrent state (``modeling.ssm.state_bytes``: its widths', whatever the context);
 - workspace: the larger of a prefill chunk's activations and loading's transient copies;
 - baseline: the process's own resident memory before loading (Python, torch, the tokenizer).
 
@@ -31,10 +32,11 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
 from ..families import checkpoint_family
-from ..families.base import EMBED, HEAD, is_norm
+from ..families.base import EMBED, HEAD, SSM_IN_B, SSM_OUT, SSMConfig, is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..modeling.model import LayerArgs, block_weights
+from ..modeling.ssm import state_bytes
 from ..quants import BLOCK, BLOCK_BYTES
 from .generate import PREFILL_CHUNK
 
@@ -145,7 +147,7 @@ class Footprint:
 
     rate: float
     weights: int
-    kv_cache: int
+    kv_cache: int  # the KV caches and the Mamba2 blocks' recurrent states
     workspace: int
     baseline: int
 
@@ -218,21 +220,52 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
             load = 2 * stored + held  # and their re-laid copy
         weights += held
         transient = max(transient, load)
-    weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
+    if ckpt.heads is not None:
+        weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
     weights += sum(order.numel() * 8 for _, order in held_orders(ckpt, rate, "meta").values())
     embed_shape, _, embed_format = shapes["embed_tokens.weight"]
     if tied and embed_format == "q4_0" and int4:
         weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)
     widths = ckpt.rate_entry(rate)["widths"]
     kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
-    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], ckpt.heads.num_heads
-    widest = widest_mlp(shapes, ckpt.heads)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
     chunk = min(PREFILL_CHUNK, ctx)
-    # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the MLP's
-    # gate, up and product; plus attention scores and probabilities over the context (float32), and
-    # the last position's logits.
-    activations = chunk * ((8 * hidden + 3 * widest) * itemsize + 2 * heads * ctx * 4) + vocab * 4
+    activations = 0
+    if ckpt.heads is not None:
+        # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the
+        # MLP's gate, up and product; plus attention scores and probabilities over the context (float32)
+        widest = widest_mlp(shapes, ckpt.heads)
+        activations = chunk * ((8 * hidden + 3 * widest) * itemsize + 2 * ckpt.heads.num_heads * ctx * 4)
+    ssm = checkpoint_family(ckpt).ssm_config(config)
+    for head_dim, state_size in ssm_widths(shapes, ssm) if ssm else ():
+        kv += state_bytes(ssm, head_dim, state_size, 1)  # the recurrent state: constant in context length
+        activations = max(activations, ssm_workspace(ssm, head_dim, state_size, chunk, hidden, itemsize))
+    activations += vocab * 4  # the last position's logits
     return Footprint(rate, weights, kv, max(activations, transient), baseline)
+
+
+def ssm_widths(shapes: Mapping[str, tuple], ssm: SSMConfig) -> list[tuple[int, int]]:
+    """(P, N) of each Mamba2 block in runtime-named ``shapes`` (``runtime_shapes``)."""
+    out = []
+    for name, (shape, *_) in sorted(shapes.items()):
+        if name.endswith(f".{SSM_OUT}.weight"):
+            states = shapes[name.replace(f".{SSM_OUT}.", f".{SSM_IN_B}.")][0]
+            out.append((shape[1] // ssm.num_heads, states[0] // ssm.n_groups))
+    return out
+
+
+def ssm_workspace(ssm: SSMConfig, head_dim: int, state_size: int, tokens: int, hidden: int, itemsize: int) -> int:
+    """Bytes a Mamba2 block's forward pass over ``tokens`` holds at once (``modeling.ssm.ssd_scan``):
+    its projections' outputs and the residual in the activations' dtype; in float32 the scan's
+    inputs (x dt, and B and C per head), its output twice, the within-chunk scores (and their
+    segment sums) of every chunk, and each chunk's local and entering states."""
+    H, G, L = ssm.num_heads, ssm.n_groups, ssm.chunk_size
+    P, N = head_dim, state_size
+    chunks = -(-tokens // L)
+    padded = chunks * L
+    projections = tokens * (2 * H * P + 2 * G * N + H + 2 * hidden) * itemsize
+    scan = 4 * (padded * (3 * H * P + 2 * H * N) + 4 * chunks * H * L * L + 2 * chunks * H * P * N)
+    return projections + scan
 
 
 def parse_size(text: str) -> int:

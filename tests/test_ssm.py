@@ -1,16 +1,19 @@
-"""The elastic Mamba2 mixer (elastiq.modeling.ssm) against transformers' Mamba2, at full and
-pruned widths, prefill and recurrent decoding; and its sorting (elastiq.compressor.ssm_sort)."""
+"""The elastic Mamba2 mixer (elastiq.modeling.model.SSMMixer, computing with elastiq.modeling.ssm)
+against transformers' Mamba2Mixer, at full and pruned widths, prefill and recurrent decoding, its
+tensors split by slot; and its sorting (elastiq.compressor.ssm_sort)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from elastiq.compressor import ssm_sort
 from elastiq.compressor.sort import ridge_leverage
-from elastiq.modeling.ssm import SSMConfig, SSMMixer, chunk_states, mixer_widths, state_bytes
+from elastiq.modeling.model import SSMMixer, mixer_widths
+from elastiq.families.base import SSMConfig
+from elastiq.modeling.ssm import chunk_states, state_bytes
 
 # 8 heads of P = 16 in 2 groups of N = 16 states; hidden 32 with expand 4, so that any P' with
 # 8 P' a multiple of 32 (4, 8, 12) is a valid transformers config (hidden * expand = H * P').
@@ -38,8 +41,57 @@ def randomize(mixer: Mamba2Mixer) -> None:
                 module.bias.normal_(0, 0.1)
 
 
+IN_SLOTS = ("ssm_in_z", "ssm_in_x", "ssm_in_b", "ssm_in_c", "ssm_in_dt")  # in_proj's rows, in order
+CONV_SLOTS = ("ssm_conv1d_x", "ssm_conv1d_b", "ssm_conv1d_c")  # conv1d's channels, in order
+
+
+def split(fused: dict) -> dict:
+    """A transformers mixer's tensors (fused ``in_proj`` and ``conv1d``) under the runtime's slot
+    names, one tensor per part, P and N read off the shapes (written apart from the family's split)."""
+    HP = fused["norm.weight"].shape[0]
+    GN = (fused["conv1d.weight"].shape[0] - HP) // 2
+    out = {}
+    for param in ("weight", "bias"):
+        if f"in_proj.{param}" in fused:
+            out.update({f"{slot}.{param}": t for slot, t in zip(IN_SLOTS, fused[f"in_proj.{param}"].split(
+                [HP, HP, GN, GN, H]))})
+    for param in ("weight", "bias"):
+        if f"conv1d.{param}" in fused:
+            out.update({f"{slot}.{param}": t for slot, t in zip(CONV_SLOTS, fused[f"conv1d.{param}"].split(
+                [HP, GN, GN]))})
+    out.update({"ssm_dt": fused["dt_bias"], "ssm_a": fused["A_log"], "ssm_d": fused["D"],
+                "ssm_norm.weight": fused["norm.weight"], "ssm_out.weight": fused["out_proj.weight"]})
+    if "out_proj.bias" in fused:
+        out["ssm_out.bias"] = fused["out_proj.bias"]
+    return out
+
+
+# The split tensors' axes of the head dimension P (head-major [H, P]) and of the state size N
+# (group-major [G, N]).
+HEAD_AXES = {**{f"{s}.{p}": 0 for s in ("ssm_in_z", "ssm_in_x", "ssm_conv1d_x") for p in ("weight", "bias")},
+             "ssm_norm.weight": 0, "ssm_out.weight": 1}
+GROUP_AXES = {f"{s}.{p}": 0 for s in ("ssm_in_b", "ssm_in_c", "ssm_conv1d_b", "ssm_conv1d_c")
+              for p in ("weight", "bias")}
+
+
+def select(weights: dict, channel: torch.Tensor, state: torch.Tensor) -> dict:
+    """The split mixer keeping, in this order, channels ``channel`` [H, P'] of every head and states
+    ``state`` [G, N'] of every group (what the checkpoint's layouts do to each tensor)."""
+    P, N = weights["ssm_out.weight"].shape[1] // H, weights["ssm_in_b.weight"].shape[0] // G
+    heads = (torch.arange(H)[:, None] * P + channel).flatten()
+    groups = (torch.arange(G)[:, None] * N + state).flatten()
+    return {k: t.index_select(HEAD_AXES[k], heads) if k in HEAD_AXES else
+            t.index_select(0, groups) if k in GROUP_AXES else t for k, t in weights.items()}
+
+
+def prefix(weights: dict, p: int, n: int) -> dict:
+    """The split mixer's first p channels of every head and n states of every group."""
+    return select(weights, torch.arange(p).expand(H, -1), torch.arange(n).expand(G, -1))
+
+
 def mixer(seed: int = 0, **extra) -> tuple[Mamba2Mixer, dict[str, torch.Tensor], SSMConfig]:
-    """A random transformers mixer at full width, its tensors and their ``SSMConfig``."""
+    """A random transformers mixer at full width, its tensors (transformers' names) and their
+    ``SSMConfig``."""
     torch.manual_seed(seed)
     config = hf_config(**extra)
     hf = Mamba2Mixer(config, 0).eval()
@@ -77,11 +129,12 @@ def test_prefill_equals_transformers(p, n, extra):
     hf = Mamba2Mixer(hf_config(p, n, **extra), 0).eval()
     hf.load_state_dict(pruned, strict=True)
     h = torch.randn(2, 40, HIDDEN)
-    ours = SSMMixer(pruned, config)
-    assert (ours.head_dim, ours.state_size) == (p, n) and ours.state_dict().keys() == pruned.keys()
+    ours = SSMMixer(split(pruned), config)
+    assert (ours.head_dim, ours.state_size) == (p, n) and ours.state_dict().keys() == split(pruned).keys()
     torch.testing.assert_close(ours(h), hf(h), atol=1e-5, rtol=0)
-    pruned_by_sort = ssm_sort.prune(weights, config, p, n)
-    assert pruned_by_sort.keys() == pruned.keys() and all(torch.equal(pruned[k], pruned_by_sort[k]) for k in pruned)
+    # a prefix of each head's channels and each group's states of the split tensors is that width
+    cut = prefix(split(weights), p, n)
+    assert cut.keys() == split(pruned).keys() and all(torch.equal(cut[k], t) for k, t in split(pruned).items())
 
 
 @pytest.mark.parametrize("p, n", WIDTHS)
@@ -90,65 +143,28 @@ def test_decode_equals_prefill(p, n):
     """Prefill then token-by-token decoding, prefill continued from a state, and a prompt shorter
     than the conv kernel all give the whole sequence's prefill, outputs and final states."""
     _, weights, config = mixer(seed=1)
-    ours = SSMMixer(sliced(weights, p, n), config)
+    ours = SSMMixer(prefix(split(weights), p, n), config)
     h = torch.randn(2, 40, HIDDEN)
     whole, final = ours.prefill(h)
-    for split in (21, 2):
-        y, state = ours.prefill(h[:, :split])
-        steps = [ours.step(h[:, t:t + 1], state) for t in range(split, 40)]
+    assert final.position == 40
+    for first in (21, 2):
+        y, state = ours.prefill(h[:, :first])
+        steps = [ours.step(h[:, t:t + 1], state) for t in range(first, 40)]
         torch.testing.assert_close(torch.cat([y, *steps], 1), whole, atol=1e-5, rtol=0)
         torch.testing.assert_close(state.ssm, final.ssm, atol=1e-5, rtol=0)
         torch.testing.assert_close(state.conv, final.conv, atol=1e-5, rtol=0)
     y, state = ours.prefill(h[:, :21])
     rest, after = ours.prefill(h[:, 21:], state)
-    assert after is state
+    assert after is state and state.position == 40
     torch.testing.assert_close(torch.cat([y, rest], 1), whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(state.ssm, final.ssm, atol=1e-5, rtol=0)
-
-
-@torch.no_grad()
-def test_causal_lm_at_pruned_width():
-    """A 2-layer Mamba2ForCausalLM whose mixers are all cut to P' = 12, N' = 10 gives transformers'
-    logits for that config, by prefill and by decoding token by token after a prefill."""
-    torch.manual_seed(2)
-    full = Mamba2ForCausalLM(hf_config()).eval()
-    for layer in full.backbone.layers:
-        randomize(layer.mixer)
-    config = SSMConfig.from_config(full.config.to_dict())
-    weights = full.state_dict()
-    prefixes = [f"backbone.layers.{i}.mixer." for i in range(2)]
-    pruned = dict(weights)
-    for prefix in prefixes:
-        cut = sliced({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, 12, 10)
-        pruned.update({prefix + k: v for k, v in cut.items()})
-    hf = Mamba2ForCausalLM(hf_config(12, 10)).eval()
-    hf.load_state_dict(pruned, strict=True)
-    mixers = [SSMMixer({k.removeprefix(prefix): v for k, v in pruned.items() if k.startswith(prefix)}, config)
-              for prefix in prefixes]
-    ids = torch.randint(0, 64, (2, 40))
-
-    def logits(x: torch.Tensor, states: list, decode: bool) -> torch.Tensor:
-        h = hf.backbone.embeddings(x)
-        for i, (layer, m) in enumerate(zip(hf.backbone.layers, mixers)):
-            if decode:
-                h = h + m.step(layer.norm(h), states[i])
-            else:
-                y, states[i] = m.prefill(layer.norm(h), states[i])
-                h = h + y
-        return hf.lm_head(hf.backbone.norm_f(h))
-
-    expected = hf(ids, use_cache=False).logits
-    states = [None, None]
-    torch.testing.assert_close(logits(ids, [None, None], False), expected, atol=1e-5, rtol=0)
-    out = [logits(ids[:, :17], states, False)] + [logits(ids[:, t:t + 1], states, True) for t in range(17, 40)]
-    torch.testing.assert_close(torch.cat(out, 1), expected, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
 def test_state_follows_widths_not_context():
     _, weights, config = mixer()
     for p, n in WIDTHS:
-        ours = SSMMixer(sliced(weights, p, n), config)
+        ours = SSMMixer(prefix(split(weights), p, n), config)
         for dtype in (torch.float32, torch.bfloat16):
             state = ours.new_state(3, dtype)
             assert state.conv.shape == (3, H * p + 2 * G * n, 4) and state.ssm.shape == (3, H, p, n)
@@ -165,7 +181,7 @@ def test_state_follows_widths_not_context():
 def test_chunk_states_of_one_chunk_are_the_final_state():
     """Within one chunk from no past, what the chunk writes is the whole state at its end."""
     _, weights, config = mixer()
-    ours = SSMMixer(weights, config)
+    ours = SSMMixer(split(weights), config)
     h = torch.randn(2, 13, HIDDEN)
     s = ours.scan_inputs(h)
     states = chunk_states(s.x, s.dt, ours.A, s.B, chunk_size=16)
@@ -182,18 +198,25 @@ def _set(name, t):
 
 
 BAD = [
-    (_drop("A_log"), r"missing: \['A_log'\]"),
-    (lambda w: {**w, "x_proj.weight": torch.zeros(1)}, r"unexpected: \['x_proj.weight'\]"),
-    (_set("in_proj.weight", lambda t: t[:-1]), r"in_proj.weight has shape \(327, 32\); expected \(328, 32\)"),
-    (_set("conv1d.weight", lambda t: t[:-1]), r"conv1d.weight has shape \(191, 1, 4\)"),
-    (_set("conv1d.weight", lambda t: t[..., :3]), r"conv1d.weight has shape \(192, 1, 3\)"),
-    (_set("conv1d.bias", lambda t: t[:-2]), r"conv1d.bias has shape \(190,\); expected \(192,\)"),
-    (_set("dt_bias", lambda t: torch.cat([t, t[:1]])), r"dt_bias has shape \(9,\); expected \(8,\)"),
-    (_set("norm.weight", lambda t: t[:-8]), r"norm.weight has shape \(120,\); expected \(128,\)"),
-    (_set("out_proj.weight", lambda t: t[:, :-1]), r"out_proj.weight has shape \(32, 127\)"),
-    (_set("out_proj.weight", lambda t: t[:-1]), r"in_proj.weight has shape \(328, 32\); expected \(328, 31\)"),
+    (_drop("ssm_a"), r"missing: \['ssm_a'\]"),
+    (lambda w: {**w, "in_proj.weight": torch.zeros(1)}, r"unexpected: \['in_proj.weight'\]"),
+    (_set("ssm_in_z.weight", lambda t: t[:-1]), r"ssm_in_z.weight has shape \(127, 32\); expected \(128, 32\)"),
+    (_set("ssm_in_dt.weight", lambda t: t[:, :-1]), r"ssm_in_dt.weight has shape \(8, 31\); expected \(8, 32\)"),
+    (_set("ssm_in_b.weight", lambda t: t[:-1]), r"ssm_in_b.weight has shape \(31, 32\); expected \(n_groups \* state"),
+    # B cut to N = 15 and C not: C is named
+    (_set("ssm_in_b.weight", lambda t: t[:-2]), r"ssm_in_c.weight has shape \(32, 32\); expected \(30, 32\)"),
+    (_set("ssm_conv1d_x.weight", lambda t: t[:-1]),
+     r"ssm_conv1d_x.weight has shape \(127, 1, 4\); expected \(128, 1, 4\)"),
+    (_set("ssm_conv1d_b.weight", lambda t: t[..., :3]),
+     r"ssm_conv1d_b.weight has shape \(32, 1, 3\); expected \(32, 1, 4\)"),
+    (_set("ssm_conv1d_c.bias", lambda t: t[:-2]), r"ssm_conv1d_c.bias has shape \(30,\); expected \(32,\)"),
+    (_set("ssm_dt", lambda t: torch.cat([t, t[:1]])), r"ssm_dt has shape \(9,\); expected \(8,\)"),
+    (_set("ssm_norm.weight", lambda t: t[:-8]), r"ssm_norm.weight has shape \(120,\); expected \(128,\)"),
+    (_set("ssm_out.weight", lambda t: t[:, :-1]), r"ssm_out.weight has shape \(32, 127\); expected \(hidden_size"),
+    (_set("ssm_out.weight", lambda t: t[:-1]), r"ssm_in_z.weight has shape \(128, 32\); expected \(128, 31\)"),
     # one part pruned, the others not: the error names the first tensor that disagrees
-    (lambda w: {**sliced(w, 12, 16), "in_proj.weight": w["in_proj.weight"]}, r"in_proj.weight has shape \(328, 32\)"),
+    (lambda w: {**prefix(w, 12, 16), "ssm_in_z.weight": w["ssm_in_z.weight"]},
+     r"ssm_in_z.weight has shape \(128, 32\); expected \(96, 32\)"),
 ]
 
 
@@ -201,13 +224,13 @@ BAD = [
 def test_bad_shapes_name_the_tensor(damage, message):
     _, weights, config = mixer()
     with pytest.raises(ValueError, match=message):
-        SSMMixer(damage(weights), config)
+        SSMMixer(damage(split(weights)), config)
 
 
 def test_heads_must_fill_groups():
     _, weights, config = mixer()
     with pytest.raises(ValueError, match="n_groups=3"):
-        mixer_widths(weights, SSMConfig(H, 3, 4, 1e-5, 16))
+        mixer_widths(split(weights), SSMConfig(H, 3, 4, 1e-5, 16))
 
 
 # --- sorting ---
@@ -218,9 +241,15 @@ def calibration(seed: int = 3) -> torch.Tensor:
     return torch.randn(4, 64, HIDDEN)
 
 
+def split_mixer(**extra) -> tuple[dict[str, torch.Tensor], SSMConfig]:
+    """A random mixer's tensors by slot, as the sorting reads them, and its ``SSMConfig``."""
+    _, weights, config = mixer(**extra)
+    return split(weights), config
+
+
 @torch.no_grad()
 def test_scores_have_their_shapes():
-    _, weights, config = mixer()
+    weights, config = split_mixer()
     h = calibration()
     for score in (ssm_sort.state_aware_scores(weights, config, h), ssm_sort.channel_scores(weights, config, h)):
         assert score.shape == (H, P) and score.isfinite().all()
@@ -230,13 +259,20 @@ def test_scores_have_their_shapes():
     channels, states = ssm_sort.magnitude_scores(weights, config)
     assert channels.shape == (H, P) and states.shape == (G, N)
     assert channels.isfinite().all() and states.isfinite().all()
+    # a whole block's tensors: its norm (which the calibration inputs have passed) is not read
+    block = {**weights, "attn_norm.weight": torch.full((HIDDEN,), 3.0)}
+    for method in ssm_sort.METHODS:
+        assert all(torch.equal(a, b) for a, b in zip(ssm_sort.orders(block, config, h, method),
+                                                      ssm_sort.orders(weights, config, h, method)))
 
 
 @torch.no_grad()
 def test_scores_follow_their_definitions():
     """The state-aware P score from chunk states run token by token (restarted at each chunk's
-    start), and the N score head by head, as the module docstring defines them."""
-    _, weights, config = mixer()
+    start), the N score head by head, as the module docstring defines them, and the magnitude
+    scores from the fused tensors."""
+    _, fused, config = mixer()
+    weights = split(fused)
     h = calibration()[:2, :40]
     ours = SSMMixer(weights, config)
     s = ours.scan_inputs(h)
@@ -257,17 +293,28 @@ def test_scores_follow_their_definitions():
         written = (dt[..., head, None] * s.B[:, :, g].double()).square().mean((0, 1)).sqrt()
         expected[g] += written * s.C[:, :, g].double().square().mean((0, 1)).sqrt()
     torch.testing.assert_close(ssm_sort.state_scores(weights, config, h), expected.float(), rtol=1e-5, atol=0)
+    z, x, B, C, _ = fused["in_proj.weight"].double().square().sum(1).split([H * P, H * P, G * N, G * N, H])
+    conv_x, conv_b, conv_c = fused["conv1d.weight"].double().square().sum((1, 2)).split([H * P, G * N, G * N])
+    norm, out = fused["norm.weight"].double().square(), fused["out_proj.weight"].double().square().sum(0)
+    channels = z + x + conv_x + norm + out
+    magnitude = ssm_sort.magnitude_scores(weights, config)
+    torch.testing.assert_close(magnitude[0], channels.sqrt().view(H, P).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(magnitude[1], (B + C + conv_b + conv_c).sqrt().view(G, N).float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", ssm_sort.METHODS)
 @torch.no_grad()
 def test_sorting_keeps_the_function(method):
-    _, weights, config = mixer(use_bias=True)
+    """Permuting the split tensors by the orders (as the checkpoint's layouts do) keeps the mixer's output."""
+    weights, config = split_mixer(use_bias=True)
     h = calibration()
     channel_order, state_order = ssm_sort.orders(weights, config, h, method)
+    assert channel_order.shape == (H, P) and state_order.shape == (G, N)
+    assert torch.equal(channel_order.sort(-1).values, torch.arange(P).expand(H, -1))
+    assert torch.equal(state_order.sort(-1).values, torch.arange(N).expand(G, -1))
     assert not torch.equal(channel_order, torch.arange(P).expand(H, -1))
     assert not torch.equal(state_order, torch.arange(N).expand(G, -1))
-    sorted_weights = ssm_sort.sort_mixer(weights, config, h, method)
+    sorted_weights = select(weights, channel_order, state_order)
     torch.testing.assert_close(SSMMixer(sorted_weights, config)(h), SSMMixer(weights, config)(h), atol=1e-5, rtol=0)
 
 
@@ -276,29 +323,22 @@ def test_sorting_keeps_the_function(method):
 def test_sorted_prefix_beats_the_suffix(method):
     """Keeping the best half of either axis by the method's scores loses less of the mixer's
     output on the calibration data than keeping the worst half."""
-    _, weights, config = mixer()
+    weights, config = split_mixer()
     h = calibration()
     reference = SSMMixer(weights, config)(h)
     channel_order, state_order = ssm_sort.orders(weights, config, h, method)
-    best = ssm_sort.permute(weights, config, channel_order, state_order)
-    worst = ssm_sort.permute(weights, config, channel_order.flip(-1), state_order.flip(-1))
+    best = select(weights, channel_order, state_order)
+    worst = select(weights, channel_order.flip(-1), state_order.flip(-1))
 
     def error(w: dict, p: int, n: int) -> float:
-        return ((SSMMixer(ssm_sort.prune(w, config, p, n), config)(h) - reference).norm() / reference.norm()).item()
+        return ((SSMMixer(prefix(w, p, n), config)(h) - reference).norm() / reference.norm()).item()
 
     assert error(best, P // 2, N) < 0.9 * error(worst, P // 2, N)
     assert error(best, P, N // 2) < 0.9 * error(worst, P, N // 2)
 
 
 def test_orders_are_checked():
-    _, weights, config = mixer()
-    states = torch.arange(N).expand(G, -1)
-    with pytest.raises(ValueError, match="channel_order"):
-        ssm_sort.permute(weights, config, torch.zeros(H, P, dtype=torch.long), states)
-    with pytest.raises(ValueError, match="state_order"):
-        ssm_sort.permute(weights, config, torch.arange(P).expand(H, -1), states[:, :-1])
-    with pytest.raises(ValueError, match="cannot keep"):
-        ssm_sort.prune(weights, config, P + 1, N)
+    weights, config = split_mixer()
     with pytest.raises(ValueError, match="unknown sorting method"):
         ssm_sort.orders(weights, config, None, "random")
     with pytest.raises(ValueError, match="needs calibration inputs"):
