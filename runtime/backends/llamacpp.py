@@ -86,6 +86,8 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     """What llama.cpp holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
+    if heads is None:
+        raise ElastiqError("the llama.cpp backend runs attention models here; its planner does not count a Mamba2 model's recurrent state yet; run it on --backend torch, or export it (`elastiq export --format gguf`) for llama.cpp itself")
     widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
     path = export_path(ckpt, rate, LlamaCppEngine.format)
     tensors, matmul = _gguf_tensors(ckpt, rate)
