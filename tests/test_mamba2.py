@@ -294,3 +294,11 @@ def test_greedy_generation_after_a_switch_equals_argmax_of_full_passes(mamba2_ch
         for _ in range(6):
             expected.append(int(engine.model(torch.tensor([expected]))[0, -1].argmax()))
         assert engine.generator.generate(prompt, 6).tokens == expected[10:], rate
+
+
+def test_recovery_of_mamba2_blocks_is_refused_with_what_to_do(mamba2_checkpoint, tmp_path):
+    from elastiq.compressor.recover import RecoverError, recover_checkpoint
+
+    with pytest.raises(RecoverError, match="recovery of Mamba2 blocks is not built yet.*--no-recover"):
+        recover_checkpoint(mamba2_checkpoint.path, tmp_path / "r.elastiq")
+    assert not (tmp_path / "r.elastiq").exists()
