@@ -178,7 +178,7 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def table(result: dict, command: str) -> str:
     m = result["model"]
-    lines = [f"# Sorting a Mamba2: state-aware vs plain ridge leverage vs magnitude (trained stand-in)", "",
+    lines = ["# Sorting a Mamba2: state-aware vs plain ridge leverage vs magnitude (trained stand-in)", "",
              f"`{command}`", "",
              f"The model is a {m['params'] / 1e6:.1f}M-parameter Mamba2 trained here for {m['seconds'] / 60:.0f} min "
              f"({m['steps']} steps, {m['tokens'] / 1e6:.1f}M tokens) on the C4 sample: held-out loss "
