@@ -326,30 +326,43 @@ def _write_ssm(ckpt: Checkpoint, rate: float, output: Path, float_type: str, wei
     if ssm.time_step_limit != (0.0, math.inf):
         raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's mamba2 "
                           "does not, so it would compute another model")
+    def header(writer: gguf.GGUFWriter) -> None:
+        writer.add_block_count(len(args.layers))
+        writer.add_context_length(2 ** 20)  # a recurrent state has no trained length; llama.cpp's converter says so
+        writer.add_embedding_length(args.hidden_size)
+        writer.add_feed_forward_length(0)
+        writer.add_head_count(0)
+        writer.add_ssm_conv_kernel(ssm.conv_kernel)
+        writer.add_ssm_inner_size(ssm.num_heads * P)
+        writer.add_ssm_state_size(N)
+        writer.add_ssm_time_step_rank(ssm.num_heads)
+        writer.add_ssm_group_count(ssm.n_groups)
+        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+
+    # llama.cpp computes the convolution, A, D and the gated norm in float32
+    data = [(name, *_array(t, np.float32 if any(part in name for part in (".ssm_conv1d.", ".ssm_a", ".ssm_d",
+                                                                          ".ssm_norm.")) else dtype))
+            for name, t in tensors.items()]
+    return _save(output, arch, ckpt, rate, args.vocab_size, file_type, header, data)
+
+
+def _save(output: Path, arch: gguf.MODEL_ARCH, ckpt: Checkpoint, rate: float, vocab_size: int,
+          file_type: gguf.LlamaFileType, header, data: list) -> Path:
+    """Write the GGUF file ``output`` (atomically): its name, the architecture's fields
+    (``header(writer)``), vocabulary size, file type, tokenizer and the tensors ``data`` [(name,
+    array, raw dtype)]."""
     try:
         with atomic_path(output) as tmp:
             writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
             writer.add_name(f"{ckpt.source.name or ckpt.path.stem} at rate {rate}")
-            writer.add_block_count(len(args.layers))
-            writer.add_context_length(2 ** 20)  # a recurrent state has no trained length; llama.cpp's converter says so
-            writer.add_embedding_length(args.hidden_size)
-            writer.add_feed_forward_length(0)
-            writer.add_head_count(0)
-            writer.add_ssm_conv_kernel(ssm.conv_kernel)
-            writer.add_ssm_inner_size(ssm.num_heads * P)
-            writer.add_ssm_state_size(N)
-            writer.add_ssm_time_step_rank(ssm.num_heads)
-            writer.add_ssm_group_count(ssm.n_groups)
-            writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-            writer.add_vocab_size(args.vocab_size)
+            header(writer)
+            writer.add_vocab_size(vocab_size)
             writer.add_file_type(file_type)
             if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            add_vocab(writer, ckpt, args.vocab_size)
-            for name, t in tensors.items():
-                # llama.cpp computes the convolution, A, D and the gated norm in float32
-                float32 = any(part in name for part in (".ssm_conv1d.", ".ssm_a", ".ssm_d", ".ssm_norm."))
-                writer.add_tensor(name, *_array(t, np.float32 if float32 else dtype))
+            add_vocab(writer, ckpt, vocab_size)
+            for name, array, raw_dtype in data:
+                writer.add_tensor(name, array, raw_dtype=raw_dtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -439,39 +452,24 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
 
     n = len(args.layers)
     context = config["max_position_embeddings"]
-    try:
-        with atomic_path(output) as tmp:
-            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-            writer.add_name(f"{ckpt.source.name or ckpt.path.stem} at rate {rate}")
-            writer.add_block_count(n)
-            if window and family.gguf_swa:
-                writer.add_context_length(context)
-                writer.add_sliding_window(window)
-            else:  # llama.cpp's architecture has no sliding window: the file claims only the context
-                writer.add_context_length(min(context, window or context))  # on which both agree
-            writer.add_embedding_length(args.hidden_size)
-            writer.add_feed_forward_length(widths[0] if uniform else widths)
-            writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
-            writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)
-            writer.add_key_length(args.head_dim)
-            writer.add_value_length(args.head_dim)
-            writer.add_rope_dimension_count(args.head_dim)
-            writer.add_rope_freq_base(base)
-            if linear:
-                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(linear)
-            writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-            writer.add_vocab_size(args.vocab_size)
-            writer.add_file_type(file_type)
-            if file_type == gguf.LlamaFileType.MOSTLY_Q4_0:
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            add_vocab(writer, ckpt, args.vocab_size)
-            for name, array, raw_dtype in data:
-                writer.add_tensor(name, array, raw_dtype=raw_dtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-    except OSError as err:
-        raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
-    return output
+    def header(writer: gguf.GGUFWriter) -> None:
+        writer.add_block_count(n)
+        if window and family.gguf_swa:
+            writer.add_context_length(context)
+            writer.add_sliding_window(window)
+        else:  # llama.cpp's architecture has no sliding window: the file claims only the context
+            writer.add_context_length(min(context, window or context))  # on which both agree
+        writer.add_embedding_length(args.hidden_size)
+        writer.add_feed_forward_length(widths[0] if uniform else widths)
+        writer.add_head_count(args.num_heads if uniform else [args.num_heads] * n)
+        writer.add_head_count_kv(args.num_kv_heads if uniform else [args.num_kv_heads] * n)
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_rope_freq_base(base)
+        if linear:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(linear)
+        writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+
+    return _save(output, arch, ckpt, rate, args.vocab_size, file_type, header, data)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_ssm import randomize
+
 from elastiq import ElastiqError
 from elastiq.checkpoint import SSM_N, SSM_P, Checkpoint
 from elastiq.families import family_for
@@ -34,15 +36,7 @@ def build_mamba2(vocab_size: int, seed: int = 0, **extra):
     model = Mamba2ForCausalLM(mamba2_config(vocab_size, **extra)).eval()
     with torch.no_grad():
         for block in model.backbone.layers:
-            mixer = block.mixer
-            mixer.norm.weight.uniform_(0.5, 1.5)
-            mixer.D.uniform_(-0.2, 0.2)
-            mixer.A_log.uniform_(0, 2)
-            dt = torch.empty(H).uniform_(0.05, 1.0)
-            mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
-            for module in (mixer.conv1d, mixer.in_proj, mixer.out_proj):
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1)
+            randomize(block.mixer)
         model.lm_head.weight.normal_(0, 0.5)
     return model
 

@@ -34,7 +34,7 @@ def randomize(mixer: Mamba2Mixer) -> None:
         mixer.norm.weight.uniform_(0.5, 1.5)
         mixer.D.uniform_(-0.2, 0.2)
         mixer.A_log.uniform_(0, 2)
-        dt = torch.empty(H).uniform_(0.05, 1.0)
+        dt = torch.empty(mixer.num_heads).uniform_(0.05, 1.0)
         mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
         for module in (mixer.conv1d, mixer.in_proj, mixer.out_proj):
             if module.bias is not None:
