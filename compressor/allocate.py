@@ -4,9 +4,12 @@ A rate is the fraction of prunable parameters removed. With ``influence`` alloca
 pruned in proportion to exp(-z_i / temperature), z_i its block influence 1 - cos(input, output)
 standardized over blocks, so blocks that change their input least lose most; the proportions are
 parameter-weighted so that the total removed is the rate. ``uniform`` prunes every block by the
-rate. Within a block every group is cut by the block's ratio, rounded to its granularity; the
-rounding error is then taken up one rotary pair at a time (the finest step), across blocks in
-influence order.
+rate. Within a block every group is cut by the block's ratio, rounded to its granularity, and the
+rounding is balanced over each kind of group (the largest-remainder rule), so that a coarse group
+(a head dimension of 64 that moves in halves) is cut in the most pruned blocks and kept in the
+others in the proportion the rate asks, instead of in all blocks or in none. What rounding
+leaves is then taken up one step of each block's finest group (a rotary pair, a state) at a time,
+across blocks in influence order.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import Group, RateSpec
+from ..checkpoint import Checkpoint, Group, RateSpec
 
 ALLOCATIONS = ("influence", "uniform")
 MAX_RATE = 0.9
@@ -42,10 +45,11 @@ def _min_width(g: Group) -> int:
     return min(g.granularity, g.width)
 
 
-def _round(g: Group, kept: float) -> int:
+def _ceil(g: Group, kept: float) -> int:
+    """The allowed width of ``g`` at or above ``kept`` (its full width, or a multiple of its granularity)."""
     if g.width <= g.granularity:
         return g.width
-    return int(min(g.width, max(_min_width(g), round(kept / g.granularity) * g.granularity)))
+    return int(min(g.width, max(_min_width(g), math.ceil(kept / g.granularity - 1e-9) * g.granularity)))
 
 
 def layer_ratios(influence: Sequence[float], layer_params: Sequence[int], rate: float,
@@ -83,7 +87,7 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
             specs.append(RateSpec(0.0, {g.name: g.width for g in groups}))
             continue
         ratios = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
-        widths = {g.name: _round(g, (1 - ratios[i]) * g.width) for i, layer in enumerate(layers) for g in layer}
+        widths = _round_by_kind(layers, unit, ratios, rate * total)
         _take_up_rounding(layers, unit, widths, rate * total, by_influence)
         achieved = sum((g.width - widths[g.name]) * unit[g.name] for g in groups) / total
         if abs(achieved - rate) > TOLERANCE:
@@ -97,12 +101,63 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
     return specs
 
 
+def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float]) -> list[RateSpec]:
+    """Widths for ``rates`` (rate 0 included) over ``ckpt``'s groups, by the allocation and block
+    influence its compression recorded: what compressing it again with these rates would offer."""
+    layers = sorted({g.layer for g in ckpt.groups})
+    by_layer = [[g for g in ckpt.groups if g.layer == i] for i in layers]
+    shapes = ckpt.full_shapes()
+    unit = {g.name: sum(math.prod(shapes[n]) for n, role in g.members if role != "pairs") // g.width
+            for g in ckpt.groups}
+    record = ckpt.source.record
+    compression = record.get("compression", {})
+    influence = record.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
+    return allocate(by_layer, unit, rates, influence, compression.get("temperature", 2.0))
+
+
+def _round_by_kind(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], ratios: Sequence[float],
+                   target: float) -> dict[str, int]:
+    """Each group cut by its block's ratio, rounded to its granularity so that every kind of group
+    loses, over all blocks, about the parameters its blocks' ratios ask of it: each group is first
+    cut to the granule at or above its wanted width, then the groups that fell furthest short (in
+    granules; the most pruned blocks, where widths are equal) are cut one granule more while that
+    brings the kind's total nearer (the largest-remainder rule), unless the cut would overshoot
+    ``target`` (parameters removed in all) by more than the blocks' finest groups can give back."""
+    widths, short, by_kind = {}, {}, {}
+    for i, layer in enumerate(layers):
+        for g in layer:
+            wanted = ratios[i] * g.width
+            widths[g.name] = _ceil(g, g.width - wanted)
+            short[g.name] = wanted - (g.width - widths[g.name])  # units still wanted removed, >= 0
+            by_kind.setdefault(g.kind, []).append(g)
+    finest = [g for g in (_finest(layer, unit) for layer in layers) if g is not None]
+    removed = sum((g.width - widths[g.name]) * unit[g.name] for layer in layers for g in layer)
+    for groups in by_kind.values():
+        remaining = sum(short[g.name] * unit[g.name] for g in groups)
+        for g in sorted(groups, key=lambda g: -short[g.name] / g.granularity):
+            step = g.granularity * unit[g.name]
+            if remaining < step / 2:
+                break
+            give_back = sum((f.width - widths[f.name]) * unit[f.name] for f in finest if f is not g)
+            if widths[g.name] - g.granularity < _min_width(g) or removed + step - target > give_back:
+                continue
+            widths[g.name] -= g.granularity
+            remaining -= step
+            removed += step
+    return widths
+
+
+def _finest(layer: Sequence[Group], unit: Mapping[str, int]) -> Group | None:
+    """The group of a block that moves the fewest parameters per step (rotary pairs, states)."""
+    return min(layer, key=lambda g: g.granularity * unit[g.name], default=None)
+
+
 def _take_up_rounding(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], widths: dict[str, int],
                       target: float, by_influence: Sequence[int]) -> None:
     """Move each block's finest group (rotary pairs where a family offers them) one step of its
     granularity at a time until the removed parameters are nearest ``target``: removing from the
     least influential blocks first, adding back to the most influential."""
-    finest = [min(layer, key=lambda g: g.granularity * unit[g.name], default=None) for layer in layers]
+    finest = [_finest(layer, unit) for layer in layers]
     removed = sum((g.width - widths[g.name]) * unit[g.name] for layer in layers for g in layer)
     while True:
         shrink = removed < target

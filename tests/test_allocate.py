@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from elastiq import ElastiqError
-from elastiq.checkpoint import MLP, QK, VO, Group
+from elastiq.checkpoint import MLP, QK, SSM_N, SSM_P, VO, Group
 from elastiq.compressor.allocate import allocate, check_rates, layer_ratios
 
 # Four blocks shaped like SmolLM2's (hidden 576, 9 heads, 3 KV heads, head 64, MLP 1536).
@@ -60,3 +60,36 @@ def test_rates_too_close_for_the_granularity():
     fine = [[Group(QK, 0, 100, 1, ())]]  # 0.25 and 0.252 both keep 75 pairs
     with pytest.raises(ElastiqError, match="rates 0.25 and 0.252 give the same widths"):
         allocate(fine, {"layers.0.qk": 1}, [0.25, 0.252])
+
+
+# Four Mamba2 blocks shaped like the stand-in of benchmarks/ssm_standin.py (hidden 256, 8 heads of
+# P = 64 channels, 2 groups of N = 64 states, conv kernel 4): P moves in halves, N one state at a time.
+SSM_UNIT = {SSM_P: 8 * (3 * 256 + 4 + 1 + 1), SSM_N: 2 * 2 * (256 + 4 + 1)}
+SSM_LAYERS = [[Group(SSM_P, i, 64, 32, ()), Group(SSM_N, i, 64, 1, ())] for i in range(4)]
+SSM_UNITS = {g.name: SSM_UNIT[g.kind] for layer in SSM_LAYERS for g in layer}
+
+
+@pytest.mark.parametrize("influence", [None, [0.5, 0.1, 0.05, 0.2]])
+def test_a_coarse_group_is_cut_in_some_blocks_not_in_none(influence):
+    """At 15%, halving P in every block would remove too much, and keeping it everywhere would take
+    the whole rate from the states: the rate is met with P halved in some blocks and N cut modestly."""
+    total = sum(g.width * SSM_UNITS[g.name] for layer in SSM_LAYERS for g in layer)
+    for spec in allocate(SSM_LAYERS, SSM_UNITS, [0.15, 0.25, 0.35], influence)[1:]:
+        kept = {kind: [spec.widths[f"layers.{i}.{kind}"] for i in range(4)] for kind in (SSM_P, SSM_N)}
+        removed = sum((g.width - spec.widths[g.name]) * SSM_UNITS[g.name] for layer in SSM_LAYERS for g in layer)
+        assert removed / total == pytest.approx(spec.rate, abs=0.01)
+        assert 32 in kept[SSM_P] and min(kept[SSM_N]) >= 32, (spec.rate, kept)
+        if influence is not None:  # the halved blocks are the least influential
+            halved = {i for i in range(4) if kept[SSM_P][i] == 32}
+            assert halved == set(sorted(range(4), key=lambda i: influence[i])[:len(halved)])
+
+
+def test_each_kind_loses_its_share_of_the_rate():
+    """V/O (64 wide, cut in halves) is cut in about its share of the blocks at every rate, rather than
+    in none at 15% and 25% (it used to be rounded per block, to the nearest half)."""
+    layers = [[Group(g.kind, 4 * k + g.layer, g.width, g.granularity, ()) for g in layer]
+              for k in range(3) for layer in LAYERS]  # 12 blocks of SmolLM2's shapes
+    units = {g.name: UNIT[g.kind] for layer in layers for g in layer}
+    for spec in allocate(layers, units, [0.15, 0.25, 0.35])[1:]:
+        vo_cut = sum(64 - spec.widths[f"layers.{i}.{VO}"] for i in range(12)) / (12 * 64)
+        assert vo_cut == pytest.approx(spec.rate, abs=32 / (12 * 64) / 2 + 1e-9)
