@@ -5,8 +5,11 @@ elastiq's own elastic model at full width (rate 0 of a float checkpoint) with PE
 into every projection of the blocks. A rate is applied with forward hooks that zero exactly what
 the deployed slice cuts (``UnitMasks``): the down projection's input channels beyond the kept MLP
 width, each KV head's V rank beyond r (which is all the output projection sees of it), and the dropped
-rotary pairs' two channels in both the query and key projections' outputs. The masked full model computes
-the sliced model, before and after LoRA is merged back.
+rotary pairs' two channels in both the query and key projections' outputs; in a Mamba2 block, the
+channels beyond the kept P of each head at its gated norm (whose mean is then taken over the kept
+ones) and the states beyond the kept N of each group in B and C. The masked full model computes
+the sliced model, before and after LoRA is merged back. LoRA wraps the projections only (a Mamba2
+block's depthwise convolutions, dt_bias, A, D and the norms stay frozen).
 
 Two methods:
 - ``nested``: at each step one offered rate is drawn, the larger ones more often (probability of
@@ -54,17 +57,18 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path, sweep
-from ..checkpoint import MLP, checkpoint_output, QK, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
+from ..checkpoint import MLP, checkpoint_output, QK, SSM_N, SSM_P, VO, Checkpoint, Group, Heads, RateSpec, write_checkpoint
 from ..families import Family, checkpoint_family, family_for
-from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES
+from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES, SSM_MATRICES
 from ..layouts import from_storage, to_storage
 from ..modeling.model import Transformer
 from ..paths import data_dir
-from .allocate import MAX_RATE, allocate
+from .allocate import MAX_RATE, allocate_checkpoint
 from .calibrate import C4_SAMPLE, calibration_samples
 
 METHODS = ("nested", "lorashear")
@@ -126,67 +130,113 @@ class Recovered:
 
 # --- masks: a rate, or any per-unit scale, applied to the full model with forward hooks ---------
 
-def unit_shape(group: Group, heads: Heads) -> tuple[int, ...]:
-    """Shape of a per-unit tensor of ``group``: [W] for MLP channels, [W, G] per KV head otherwise."""
-    return (group.width,) if group.kind == MLP else (group.width, heads.num_kv_heads)
+def unit_shape(group: Group, heads: Heads | None) -> tuple[int, ...]:
+    """Shape of a per-unit tensor of ``group``: [W, G] per KV head for Q/K pairs and V/O ranks, else
+    [W] (MLP channels; an SSM block's P channels and N states, the same units in every head and group)."""
+    return (group.width, heads.num_kv_heads) if group.kind in (QK, VO) else (group.width,)
 
 
-def width_units(groups: Sequence[Group], heads: Heads, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+def width_units(groups: Sequence[Group], heads: Heads | None, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Per-unit 0/1 scales that keep the first ``widths[g]`` units of every group."""
     out = {}
     for g in groups:
         keep = (torch.arange(g.width) < widths[g.name]).float()
-        out[g.name] = keep if g.kind == MLP else keep[:, None].expand(unit_shape(g, heads)).contiguous()
+        out[g.name] = keep[:, None].expand(unit_shape(g, heads)).contiguous() if g.kind in (QK, VO) else keep
     return out
 
 
+class _Scaled(nn.Module):
+    """A parametrization that scales a tensor by ``channels[path]`` (unchanged when there is none)."""
+
+    def __init__(self, channels: Mapping[str, torch.Tensor], path: str):
+        super().__init__()
+        self.channels, self.path = channels, path
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        m = self.channels.get(self.path)
+        return t if m is None else t * m.to(t.dtype)
+
+
 class UnitMasks:
-    """Forward hooks on a full-width elastic model (LoRA-wrapped or not) that scale each prunable
-    unit's channels: ``set(width_units(...))`` makes the model compute that rate's slice exactly;
-    ``set(None)`` runs the full model."""
+    """Hooks on a full-width elastic model (LoRA-wrapped or not) that scale each prunable unit's
+    channels: ``set(width_units(...))`` makes the model compute that rate's slice exactly;
+    ``set(None)`` runs the full model.
 
-    def __init__(self, model: nn.Module, groups: Sequence[Group], heads: Heads):
+    An SSM block's P channels are masked at its gated norm's input y, scaled by sqrt(P / kept) there
+    and back at the norm's output, so that the norm's mean over each group of channels is the mean
+    over the kept ones, as in the sliced block; nothing before the norm needs a mask, since each
+    channel of y depends on its own x channel only. Its N states are masked at the B and C
+    projections' outputs and in their convolutions' biases (a parametrization, since the mixer reads
+    the convolution's weights): a cut state then reads zero after the convolution and its SiLU and
+    adds nothing to y."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[Group], heads: Heads | None):
         self.groups, self.heads = list(groups), heads
-        self._channels: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._channels: dict[str, torch.Tensor] = {}  # by module path: the scale of its masked channels
+        self._after: dict[str, torch.Tensor] = {}  # by gated norm: the scale of its output
+        self._sizes: dict[str, int] = {}  # by module path: how many channels it masks
+        self._handles, self._parametrized = [], []
         for g in self.groups:
-            for slot, side in MASKS[g.kind]:
-                self._hook(model, f"layers.{g.layer}.{slot}", pre=side == "input")
+            for slot, what in MASKS[g.kind]:
+                self._hook(model, f"layers.{g.layer}.{slot}", what)
 
-    def _hook(self, model: nn.Module, path: str, pre: bool = False) -> None:
+    def _hook(self, model: nn.Module, path: str, what: str) -> None:
         module = model.get_submodule(path)
-        if pre:
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if what == "bias":
+            if base.bias is None:
+                return  # a convolution without bias: the masked projection output is all it reads
+            self._sizes[path] = base.bias.shape[0]
+            parametrize.register_parametrization(module, "bias", _Scaled(self._channels, path))
+            self._parametrized.append(module)
+            return
+        self._sizes[path] = base.weight.shape[1 if what == "input" else 0]
+        if what in ("input", "gated_norm"):
             def scale_input(mod, args):
                 m = self._channels.get(path)
                 return None if m is None else (args[0] * m.to(args[0].dtype), *args[1:])
             self._handles.append(module.register_forward_pre_hook(scale_input))
-        else:
+        if what in ("output", "gated_norm"):
+            after = self._after if what == "gated_norm" else self._channels
+
             def scale_output(mod, args, out):
-                m = self._channels.get(path)
+                m = after.get(path)
                 return None if m is None else out * m.to(out.dtype)
             self._handles.append(module.register_forward_hook(scale_output))
 
     def set(self, units: Mapping[str, torch.Tensor] | None) -> None:
         """Scale every group's units by ``units[group]`` (shape ``unit_shape``), or none at all."""
-        self._channels = {}
+        self._channels.clear()
+        self._after.clear()
         if units is None:
             return
-        G, Q = self.heads.num_kv_heads, self.heads.num_heads // self.heads.num_kv_heads
         for g in self.groups:
             u, p = units[g.name].float(), f"layers.{g.layer}."
             if g.kind == MLP:
                 self._channels[p + FFN_DOWN] = u
             elif g.kind == QK:  # a pair is two channels of every query head of the KV group and of its key head
+                G, Q = self.heads.num_kv_heads, self.heads.num_heads // self.heads.num_kv_heads
                 self._channels[p + ATTN_Q] = from_storage(u[:, :, None, None].expand(-1, G, Q, 2), "q", self.heads)
                 self._channels[p + ATTN_K] = from_storage(u[:, :, None].expand(-1, G, 2), "k", self.heads)
             elif g.kind == VO:
                 self._channels[p + ATTN_V] = from_storage(u, "v", self.heads)
+            else:  # an SSM group: its units repeat in every head (P) or group (N) of the channels
+                for slot, what in MASKS[g.kind]:
+                    if p + slot not in self._sizes:
+                        continue
+                    m = u.repeat(self._sizes[p + slot] // g.width)
+                    if what == "gated_norm":
+                        gain = math.sqrt(g.width / u.sum().item())
+                        m, self._after[p + slot] = m * gain, torch.tensor(1 / gain)
+                    self._channels[p + slot] = m
 
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks and parametrizations off the model."""
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for module in self._parametrized:
+            parametrize.remove_parametrizations(module, "bias", leave_parametrized=False)
+        self._handles, self._parametrized = [], []
 
 
 # --- LoRA: inject, merge ---------------------------------------------------------------------------
@@ -201,7 +251,7 @@ def lora_model(weights: Mapping[str, torch.Tensor], config: Mapping, rank: int, 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                           target_modules=list(MATRICES)), model, adapter_name=ADAPTER)
+                                           target_modules=[*MATRICES, *SSM_MATRICES]), model, adapter_name=ADAPTER)
     return model
 
 
@@ -252,6 +302,10 @@ def _check_options(options: RecoverOptions, ckpt: Checkpoint, data: Path) -> Non
         raise RecoverError(f"lm_weight ({options.lm_weight}) must be at least 0, and distill ({options.distill}) "
                            "positive when it is 0: the training needs a loss")
     if options.method == "lorashear":
+        ssm = sorted({g.kind for g in ckpt.groups if g.kind in (SSM_P, SSM_N)})
+        if ssm:
+            raise RecoverError(f"LoRAShear's progressive pruning is built for attention and MLP groups only; "
+                               f"{ckpt.path.name} has SSM groups ({', '.join(ssm)}): recover it with the nested method")
         if not 0 < options.rate < MAX_RATE:
             raise RecoverError(f"LoRAShear's rate must lie in (0, {MAX_RATE}), got {options.rate}")
         if not 0 < options.prune_fraction < 1:
@@ -285,14 +339,7 @@ def _target_rates(ckpt: Checkpoint, options: RecoverOptions) -> list[RateSpec]:
     full = RateSpec(0.0, {g.name: g.width for g in ckpt.groups})
     if any(abs(r - options.rate) < 1e-9 for r in ckpt.rates):
         return [full, RateSpec(options.rate, ckpt.rate_entry(options.rate)["widths"])]
-    layers = sorted({g.layer for g in ckpt.groups})
-    by_layer = [[g for g in ckpt.groups if g.layer == i] for i in layers]
-    unit = {g.name: sum(math.prod(ckpt.tensors[n]["shape"]) for n, role in g.members if role != "pairs") // g.width
-            for g in ckpt.groups}
-    record = ckpt.source.record
-    compression = record.get("compression", {})
-    influence = record.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
-    specs = allocate(by_layer, unit, [options.rate], influence, compression.get("temperature", 2.0))
+    specs = allocate_checkpoint(ckpt, [options.rate])
     return [full, specs[-1]]
 
 
@@ -563,10 +610,7 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     same groups and layout; the same rates (``nested``) or rates 0 and R (``lorashear``)."""
     options = options or RecoverOptions()
     ckpt = Checkpoint(checkpoint)
-    family = checkpoint_family(ckpt)  # its config and tensors describe one model
-    if family.ssm_config(ckpt.config) is not None:
-        raise RecoverError(f"recovery of Mamba2 blocks is not built yet (their masks must cut the gated norm as "
-                           f"slicing does); {ckpt.path.name} is a {family.name} model: compress it with --no-recover")
+    checkpoint_family(ckpt)  # its config and tensors describe one model
     output = checkpoint_output(output, overwrite, RecoverError)
     data = data or data_dir()
     _check_options(options, ckpt, data)

@@ -56,8 +56,11 @@ SSM_READS = {**{slot: SSM_IN_Z for slot in SSM_IN}, SSM_OUT: SSM_OUT}
 BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS}
 # Matrices whose pruned axis is their input (whole quantization blocks are pruned there).
 PRUNED_INPUTS = {FFN_DOWN: MLP, ATTN_OUT: VO, SSM_OUT: SSM_P}
-# Where recovery masks each group: (slot, the module's input or output).
-MASKS = {MLP: ((FFN_DOWN, "input"),), QK: ((ATTN_Q, "output"), (ATTN_K, "output")), VO: ((ATTN_V, "output"),)}
+# Where recovery masks each group: (slot, what of the module): its input or output channels, its
+# bias, or the channels a gated norm normalises (masked, and the norm's mean taken over the kept ones).
+MASKS = {MLP: ((FFN_DOWN, "input"),), QK: ((ATTN_Q, "output"), (ATTN_K, "output")), VO: ((ATTN_V, "output"),),
+         SSM_P: ((SSM_NORM, "gated_norm"),),
+         SSM_N: ((SSM_IN_B, "output"), (SSM_IN_C, "output"), (SSM_CONV_B, "bias"), (SSM_CONV_C, "bias"))}
 # The top-level tensors, by the runtime's names.
 EMBED, FINAL_NORM, HEAD = "embed_tokens", "norm", "lm_head"
 

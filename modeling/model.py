@@ -627,11 +627,18 @@ class SSMMixer(nn.Module):
         ``state`` itself, advanced in place, or a new float32 one."""
         if state is None:
             state = self.new_state(hidden.shape[0])
-        s = self.scan_inputs(hidden, state.conv[..., 1:])
-        y, ssm = ssd_scan(s.x, s.dt, self.A, s.B, s.C, self.config.chunk_size, state.ssm)
+        out, window, ssm = self._scan(hidden, state.conv[..., 1:], state.ssm)
+        state.advance(window, ssm, hidden.shape[1])
+        return out, state
+
+    def _scan(self, hidden: torch.Tensor, past: torch.Tensor | None,
+              initial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The output for ``hidden`` after the convolutions' inputs ``past`` and the SSM state
+        ``initial`` (zeros if None), the convolutions' last window and the SSM state after it."""
+        s = self.scan_inputs(hidden, past)
+        y, ssm = ssd_scan(s.x, s.dt, self.A, s.B, s.C, self.config.chunk_size, initial)
         y = y + self.ssm_d.float()[:, None] * s.x.float()
-        state.advance(s.window, ssm, hidden.shape[1])
-        return self._output(y.flatten(-2), s.z, hidden.dtype), state
+        return self._output(y.flatten(-2), s.z, hidden.dtype), s.window, ssm
 
     def step(self, hidden: torch.Tensor, state: SSMState) -> torch.Tensor:
         """The output [b, 1, hidden] for one token ``hidden`` [b, 1, hidden] after ``state``, which
@@ -653,8 +660,9 @@ class SSMMixer(nn.Module):
         return self._output(y.flatten(-2), self.ssm_in_z(h), hidden.dtype)[:, None]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output [b, T, hidden] of a whole sequence from no past."""
-        return self.prefill(hidden)[0]
+        """The output [b, T, hidden] of a whole sequence from no past, keeping no state (so that it
+        can be trained through: a state is advanced in place)."""
+        return self._scan(hidden, None, None)[0]
 
 
 class SSMBlock(SSMMixer):
@@ -687,7 +695,7 @@ class SSMBlock(SSMMixer):
         else at positions start..start+T-1 from ``state`` (reset when ``start`` is 0), advancing it."""
         h = self.attn_norm(x)
         if start is None:
-            return x + self.prefill(h)[0]
+            return x + SSMMixer.forward(self, h)
         state = self.check_start(start)
         if start == 0:
             state.reset()

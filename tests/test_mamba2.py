@@ -290,9 +290,60 @@ def test_greedy_generation_after_a_switch_equals_argmax_of_full_passes(mamba2_ch
         assert engine.generator.generate(prompt, 6).tokens == expected[10:], rate
 
 
-def test_recovery_of_mamba2_blocks_is_refused_with_what_to_do(mamba2_checkpoint, tmp_path):
-    from elastiq.compressor.recover import RecoverError, recover_checkpoint
+def test_recovery_masks_compute_every_slice_of_a_mamba2(mamba2_checkpoint, ids):
+    """Recovery's masks cut P at the gated norm (whose mean then runs over the kept channels only)
+    and N at B, C and their convolutions' biases: with LoRA in every projection, the masked full
+    model computes each rate's slice of the merged weights, and unmasked (or unhooked) the full model."""
+    from torch import nn
 
-    with pytest.raises(RecoverError, match="recovery of Mamba2 blocks is not built yet.*--no-recover"):
-        recover_checkpoint(mamba2_checkpoint.path, tmp_path / "r.elastiq")
-    assert not (tmp_path / "r.elastiq").exists()
+    from elastiq.compressor.recover import UnitMasks, lora_model, merged_weights, width_units
+    from elastiq.modeling.model import Transformer
+
+    ckpt, weights = mamba2_checkpoint, mamba2_checkpoint.read_rate(0.0)
+    model = lora_model(weights, ckpt.config, rank=4, alpha=8.0, seed=0)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == 2 * 6  # the six projections of each of the two blocks
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.05)
+        merged = merged_weights(model, weights, MAMBA2)
+        full = model(ids)
+        assert (full - Transformer.from_weights(weights, ckpt.config)(ids)).abs().max() > 1e-2  # LoRA counts
+        masks = UnitMasks(model, ckpt.groups, ckpt.heads)
+        for rate in ckpt.rates:
+            masks.set(width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(rate)["widths"]))
+            expected = Transformer.from_weights(sliced(merged, ckpt, rate), ckpt.config)(ids)
+            assert (model(ids) - expected).abs().max() < 1e-4 * expected.abs().max(), rate
+        masks.set(None)
+        assert torch.equal(model(ids), full)
+        masks.remove()
+        assert torch.equal(model(ids), full)
+        assert type(model.layers[0].ssm_conv1d_b) is nn.Conv1d  # the bias's parametrization is gone
+
+
+def test_nested_recovery_of_a_mamba2_lowers_the_loss_at_every_rate(mamba2_checkpoint, data_dir, tmp_path):
+    import torch.nn.functional as F
+
+    from elastiq.compressor.calibrate import C4_SAMPLE, calibration_samples
+    from elastiq.compressor.recover import RecoverError, RecoverOptions, recover_checkpoint
+    from elastiq.modeling.model import Transformer
+
+    options = RecoverOptions(steps=8, lr=1e-2, rank=4, alpha=8.0, batch=4, seqlen=32, samples=16, heldout=2,
+                             lm_weight=1.0, bf16=False)
+    out = Checkpoint(recover_checkpoint(mamba2_checkpoint.path, tmp_path / "r.elastiq", options, data=data_dir,
+                                        progress=False))
+    assert [(r["rate"], r["widths"]) for r in out.rate_table] == \
+        [(r["rate"], r["widths"]) for r in mamba2_checkpoint.rate_table]
+    windows = calibration_samples(out.tokenizer(), data_dir / C4_SAMPLE, 16, 32, 0)
+
+    def loss(ckpt: Checkpoint, rate: float) -> float:
+        with torch.no_grad():
+            logits = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(windows)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+
+    for rate in mamba2_checkpoint.rates:
+        assert loss(out, rate) < loss(mamba2_checkpoint, rate) - 0.05, rate
+    with pytest.raises(RecoverError, match="LoRAShear.*SSM groups \\(ssm_n, ssm_p\\).*nested method"):
+        recover_checkpoint(mamba2_checkpoint.path, tmp_path / "s.elastiq", RecoverOptions(method="lorashear"),
+                           data=data_dir)
+    assert not (tmp_path / "s.elastiq").exists()
