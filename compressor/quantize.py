@@ -125,6 +125,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         positions = torch.arange(samples.shape[1])
         hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
     quantized: dict[str, Quantized] = {}
+    applied: set[str] = set()  # the --q8 names that chose a matrix (a Mamba2 has no attn_v)
     last = len(model.layers) - 1
     kinds = family.layer_kinds(config)
     ssm = family.ssm_config(config)
@@ -138,7 +139,9 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
         hessians = _block_hessians(block, run, hidden, set(matrices.values())) if options.method == "gptq" else {}
         for slot, reads in matrices.items():
             linear = block.get_submodule(slot)
-            eight = slot in options.q8 or (FIRST_LAST in options.q8 and index in (0, last))
+            chosen_by = [k for k in (slot, FIRST_LAST if index in (0, last) else None) if k in options.q8]
+            eight = bool(chosen_by)
+            applied.update(chosen_by)
             fmt = "q8_0" if eight else "q4_0"
             if options.method == "gptq":
                 h = hessians[reads]
@@ -166,7 +169,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "quality_windows": options.quality_windows,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
-            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits], "q8_0_matrices": list(options.q8)}
+            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits], "q8_0_matrices": [k for k in options.q8 if k in applied]}
     with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
         write_checkpoint(staged, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
                          quantization=spec)

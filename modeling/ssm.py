@@ -122,6 +122,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     [b, T, H, P] (without the D skip) and the final state [b, H, P, N], float32. x [b, T, H, P], dt
     [b, T, H] after softplus, A [H], B and C [b, T, G, N]; ``initial`` [b, H, P, N] (zeros if None)."""
     b, T, H, P = x.shape
+    chunk_size = min(chunk_size, T)  # the same result; a short prompt pays for its own length, not a whole chunk
     xdt, B, a = _discretize(x, dt, A, B, chunk_size)
     C = _chunks(C.float().repeat_interleave(H // C.shape[2], dim=2), chunk_size)
     # within a chunk: y_l = sum over s <= l of (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s

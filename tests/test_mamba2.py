@@ -270,6 +270,9 @@ def test_the_engine_switches_a_4bit_mamba2_model_in_place(mamba2_q4, ids):
 
     engine = Engine(mamba2_q4, 0.0, ctx=64)
     assert engine.int4 and engine.dtype == torch.bfloat16
+    # the default --q8 names attn_v, which a Mamba2 lacks: the manifest claims no Q8_0 matrix
+    assert mamba2_q4.manifest["quantization"]["q8_0_matrices"] == []
+    assert {mamba2_q4.format(n) for n in mamba2_q4.names if mamba2_q4.format(n)} == {"q4_0"}
     _switches_as_fresh_loads(mamba2_q4, ids)
 
 
