@@ -18,7 +18,8 @@ allocation) with each order of the SSM channels and states: ``uniql`` (state-awa
 of the chunk states), ``ridge`` (ridge leverage of the channels alone) and ``magnitude`` (weight
 norms); then measures every rate on the held-out C4 documents (the ones neither training nor
 calibration read) and on WikiText-2: perplexity, and KL divergence to the dense model, each
-method paired against ``uniql`` on the same windows. Writes benchmarks/results/ssm_sorting.{json,md,png}.
+method paired against ``uniql`` on the same windows; and each method's checkpoint again after
+nested LoRA recovery (``elastiq recover``, ``--recover-steps``), paired against itself before. Writes benchmarks/results/ssm_sorting.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -128,17 +129,20 @@ def train(out: Path, minutes: float, seqlen: int, batch: int, lr: float, seed: i
 
 
 SORTS = ("uniql", "ridge", "magnitude")
+RECOVERED = "+recovery"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def compare(model: Path, rates: list[float], windows: int, seqlen: int, calib_samples: int, threads: int,
-            work: Path) -> dict:
-    """Every sorting method's checkpoint at every rate: perplexity and KL to the dense model on
-    held-out C4 and WikiText-2 windows (the same windows for every method and rate)."""
+            work: Path, recover_steps: int) -> dict:
+    """Every sorting method's checkpoint at every rate, and the same after ``recover_steps`` steps
+    of nested LoRA recovery (none if 0): perplexity and KL to the dense model on held-out C4 and
+    WikiText-2 windows (the same windows for every method and rate)."""
     from transformers import AutoTokenizer
 
     from elastiq.checkpoint import Checkpoint
     from elastiq.compressor.compress import CompressOptions, compress
+    from elastiq.compressor.recover import RecoverOptions, recover_checkpoint
     from elastiq.evaluation.perplexity import perplexity, wikitext2_tokens
     from elastiq.modeling.model import Transformer
 
@@ -146,27 +150,38 @@ def compare(model: Path, rates: list[float], windows: int, seqlen: int, calib_sa
     tokenizer = AutoTokenizer.from_pretrained(model)
     corpora = {"c4_heldout": token_stream(tokenizer, split_documents()[1]),
                "wikitext2": wikitext2_tokens(tokenizer, data_dir())}
+    recovery = RecoverOptions(steps=recover_steps, seqlen=seqlen, bf16=False) if recover_steps else None
     out = {"model": json.loads((model / "train_log.json").read_text()), "rates": rates, "windows": windows,
-           "seqlen": seqlen, "calib_samples": calib_samples, "results": {}}
+           "seqlen": seqlen, "calib_samples": calib_samples, "results": {},
+           "recovery": recovery.settings() if recovery else None}
     out["model"].pop("log")
     dense = None
+
+    def measure(ckpt: Checkpoint, name: str, seconds: float) -> None:
+        rows = {}
+        for rate in ckpt.rates:
+            if rate == 0 and name in SORTS[1:]:
+                continue  # sorting is exact: rate 0 is the dense model for every method
+            m = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
+            rows[str(rate)] = {c: perplexity(m, tokens, seqlen, windows, progress=False, reference=dense)
+                               for c, tokens in corpora.items()}
+            print(name, rate, {k: round(v["ppl"], 2) for k, v in rows[str(rate)].items()}, flush=True)
+        out["results"][name] = {"seconds": round(seconds, 1), "rates": rows}
+
     for method in SORTS:
         start = time.perf_counter()
         options = CompressOptions(rates=rates, calib_samples=calib_samples, calib_seqlen=seqlen, method=method,
                                   quality_windows=0)
         ckpt = Checkpoint(compress(model, work / f"{method}.elastiq", options, overwrite=True, progress=False))
-        seconds = time.perf_counter() - start
         if dense is None:
             dense = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.config)
-        rows = {}
-        for rate in ckpt.rates:
-            if rate == 0 and method != SORTS[0]:
-                continue  # sorting is exact: rate 0 is the dense model for every method
-            m = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)
-            rows[str(rate)] = {name: perplexity(m, tokens, seqlen, windows, progress=False, reference=dense)
-                               for name, tokens in corpora.items()}
-            print(method, rate, {k: round(v["ppl"], 2) for k, v in rows[str(rate)].items()}, flush=True)
-        out["results"][method] = {"compress_seconds": round(seconds, 1), "rates": rows}
+            out["widths"] = {str(r["rate"]): r["widths"] for r in ckpt.rate_table}  # the same for every method
+        measure(ckpt, method, time.perf_counter() - start)
+        if recovery is not None:
+            start = time.perf_counter()
+            recovered = recover_checkpoint(ckpt.path, work / f"{method}-recovered.elastiq", recovery,
+                                           overwrite=True, progress=False)
+            measure(Checkpoint(recovered), method + RECOVERED, time.perf_counter() - start)
     return out
 
 
@@ -177,7 +192,7 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def table(result: dict, command: str) -> str:
-    m = result["model"]
+    m, recovery = result["model"], result.get("recovery")
     lines = ["# Sorting a Mamba2: state-aware vs plain ridge leverage vs magnitude (trained stand-in)", "",
              f"`{command}`", "",
              f"The model is a {m['params'] / 1e6:.1f}M-parameter Mamba2 trained here for {m['seconds'] / 60:.0f} min "
@@ -185,30 +200,45 @@ def table(result: dict, command: str) -> str:
              f"{m['heldout_loss']:.2f} nats against {m['random_loss']:.2f} for a uniform guess. It is a small "
              "stand-in trained on this machine, not a published model (none can be fetched here).", "",
              f"Each method: `elastiq compress --no-recover --no-quantize --method M` ({result['calib_samples']} "
-             f"calibration windows of {result['seqlen']} tokens), the same influence allocation. Measured on "
-             f"{result['windows']} windows of {result['seqlen']} tokens of held-out C4 documents (read by neither "
-             "training nor calibration) and of WikiText-2. KL: mean over tokens of KL(dense || rate), nats. "
-             "Δ NLL: the method's mean NLL per window minus uniql's on the same windows, ± one standard error "
-             "(paired); no recovery (LoRA recovery of SSM blocks is not built yet).", "",
-             "| rate | method | C4 ppl | C4 KL | Δ NLL vs uniql, C4 | WikiText-2 ppl | WikiText-2 KL | Δ NLL vs uniql, WikiText-2 |",
+             f"calibration windows of {result['seqlen']} tokens), the same influence allocation"
+             + (f"; `+recovery`: then `elastiq recover` (nested LoRA, rank {recovery['rank']}, {recovery['steps']} "
+                f"steps of {recovery['batch']} windows of {recovery['seqlen']} tokens, distillation from the dense "
+                "model)" if recovery else "; no recovery") + ". "
+             f"Measured on {result['windows']} windows of {result['seqlen']} tokens of held-out C4 documents (read by "
+             "neither training, calibration nor recovery) and of WikiText-2. KL: mean over tokens of KL(dense || "
+             "rate), nats. Δ NLL, mean NLL per window ± one standard error (paired, same windows): a method "
+             "against uniql, both without recovery; a `+recovery` row against the same method without it.", "",
+             "| rate | method | C4 ppl | C4 KL | Δ NLL, C4 | WikiText-2 ppl | WikiText-2 KL | Δ NLL, WikiText-2 |",
              "|---|---|---|---|---|---|---|---|"]
-    base = result["results"][SORTS[0]]["rates"]
-    for rate in base:
-        for method in SORTS:
-            r = result["results"][method]["rates"].get(rate)
+    results = result["results"]
+    names = [n for method in SORTS for n in (method, method + RECOVERED) if n in results]
+    for rate in results[SORTS[0]]["rates"]:
+        for name in names:
+            r = results[name]["rates"].get(rate)
             if r is None:
                 continue
+            base = results[name.removesuffix(RECOVERED) if name.endswith(RECOVERED) else SORTS[0]]["rates"]
+            if rate not in base:  # sorting is exact: a recovered rate 0 is paired with the dense model
+                base = results[SORTS[0]]["rates"]
             cells = []
             for corpus in ("c4_heldout", "wikitext2"):
                 c = r[corpus]
                 kl = c.get("divergence", {}).get("kl_mean", 0.0)
-                if method == SORTS[0]:
+                if name == SORTS[0]:
                     delta = "—"
                 else:
                     d, se = _paired(c["window_nll"], base[rate][corpus]["window_nll"])
                     delta = f"{d:+.4f} ± {se:.4f}"
                 cells += [f"{c['ppl']:.2f}", f"{kl:.4f}", delta]
-            lines.append(f"| {rate} | {method if rate != '0.0' else 'dense'} | " + " | ".join(cells) + " |")
+            label = "dense" if rate == "0.0" and name == SORTS[0] else name
+            lines.append(f"| {rate} | {label} | " + " | ".join(cells) + " |")
+    if "widths" in result:
+        lines += ["", "Widths kept (P of 64 channels per head, N of 64 states per group), block by block; the "
+                  "allocation is the same for every method:", ""]
+        for rate, widths in result["widths"].items():
+            blocks = sorted({int(k.split(".")[1]) for k in widths})
+            kept = ", ".join(f"({widths[f'layers.{i}.ssm_p']}, {widths[f'layers.{i}.ssm_n']})" for i in blocks)
+            lines.append(f"- {rate}: {kept}")
     return "\n".join(lines) + "\n"
 
 
@@ -220,16 +250,19 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, corpus in zip(axes, ("c4_heldout", "wikitext2")):
-        for method in SORTS:
-            rows = result["results"][method]["rates"]
+        for name, r in result["results"].items():
+            rows = r["rates"]
+            if "0.0" not in rows:  # sorting is exact: every method starts from the dense model
+                rows = {"0.0": result["results"][SORTS[0]]["rates"]["0.0"], **rows}
             xs = [float(r) for r in rows]
-            ax.plot(xs, [rows[r][corpus]["ppl"] for r in rows], marker="o", label=method)
+            ax.plot(xs, [rows[r][corpus]["ppl"] for r in rows], marker="o", label=name,
+                    linestyle="--" if name.endswith(RECOVERED) else "-")
         ax.set_xlabel("rate (fraction of SSM parameters pruned)")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
         ax.set_title(corpus)
         ax.legend()
-    fig.suptitle("Mamba2 stand-in: sorting methods, no recovery")
+    fig.suptitle("Mamba2 stand-in: sorting methods, without and with nested recovery (dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -252,6 +285,8 @@ def main() -> None:
     c.add_argument("--seqlen", type=int, default=256)
     c.add_argument("--calib-samples", type=int, default=32)
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--recover-steps", type=int, default=200,
+                   help="steps of nested LoRA recovery after each method's compress (0: none; default 200)")
     c.add_argument("--work", type=Path, default=Path("/tmp/elastiq-ssm-sorting"), help="where the checkpoints go")
     args = parser.parse_args()
     if args.command == "train":
@@ -260,7 +295,7 @@ def main() -> None:
         from measure import command_line, save_results
 
         result = compare(args.model, args.rates, args.windows, args.seqlen, args.calib_samples, args.threads,
-                         args.work)
+                         args.work, args.recover_steps)
         command = command_line()
         result["command"] = command
         save_results(RESULTS / "ssm_sorting.json", result, table(result, command))
