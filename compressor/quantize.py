@@ -169,7 +169,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "quality_windows": options.quality_windows,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
-            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits], "q8_0_matrices": [k for k in options.q8 if k in applied]}
+            "embedding_format": EMBEDDING_FORMATS[options.embedding_bits],
+            "q8_0_matrices": [k for k in options.q8 if k in applied]}
     with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
         write_checkpoint(staged, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
                          quantization=spec)
