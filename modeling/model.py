@@ -38,7 +38,7 @@ from ..families.base import (ATTN_K, ATTN_NORM, ATTN_V, EMBED, FFN_GATE, HEAD, M
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
-from .ssm import GatedRMSNorm, ScanInputs, SSMState, SSMWidths, ssd_scan, ssm_step
+from .ssm import GatedRMSNorm, ScanInputs, SSMState, SSMWidths, ssd_scan, ssm_step_
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight | Q8Pair
 # The gated MLP's activations, by transformers' hidden_act names.
@@ -309,17 +309,23 @@ class UnitOrderedParams(nn.Module):
     """A small module (a Mamba2 mixer's depthwise convolution, its gated norm) whose parameters are
     held with their pruned axis 0 in the checkpoint's unit order, as ``UnitOrdered`` holds a
     matrix's, so that the runtime cuts and grows them in place; it computes with them gathered back
-    into the model's order on every call (``params``: a few thousand channels, exact).
+    into the model's order (``params``: a few thousand channels, exact), gathered once and again
+    only when its tensors are replaced (a rate switch builds a new block; ``to`` moves them).
     ``order`` is where each held position comes from (``Checkpoint.unit_order``)."""
 
     def __init__(self, inner: nn.Module, order: torch.Tensor):
         super().__init__()
         self.inner = inner
         self.register_buffer("index", torch.argsort(order))
+        self._gathered: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     def params(self) -> dict[str, torch.Tensor]:
         """The inner module's parameters in the model's order, by name."""
-        return {name: t.index_select(0, self.index) for name, t in self.inner.named_parameters(recurse=False)}
+        held = dict(self.inner.named_parameters(recurse=False))
+        key = tuple(t.data_ptr() for t in (self.index, *held.values()))
+        if self._gathered is None or self._gathered[0] != key:
+            self._gathered = key, {name: t.index_select(0, self.index) for name, t in held.items()}
+        return self._gathered[1]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return functional_call(self.inner, self.params(), args)
@@ -646,17 +652,18 @@ class SSMMixer(nn.Module):
         if hidden.shape[1] != 1:
             raise ValueError(f"step takes one token, [batch, 1, hidden]; got {tuple(hidden.shape)}: use prefill")
         h = hidden[:, 0]
-        windows, out = [], []
-        for (project, weight, bias), before in zip(self._conv_parts(), state.conv.split(self.conv_sizes, 1)):
-            u = project(h)
-            window = torch.cat([before[..., 1:], u[..., None].to(before.dtype)], -1)  # [b, channels, K]
-            windows.append(window)
-            c = (window.to(u.dtype) * weight[:, 0]).sum(-1)
-            out.append(F.silu(c if bias is None else c + bias))
-        x, B, C = self._heads_groups(*out)
-        y, ssm = ssm_step(state.ssm, x, self._time_step(self.ssm_in_dt(h)), self.A, B, C)
+        with state.updating(1):
+            windows, out = [], []
+            for (project, weight, bias), before in zip(self._conv_parts(), state.conv.split(self.conv_sizes, 1)):
+                u = project(h)
+                window = torch.cat([before[..., 1:], u[..., None].to(before.dtype)], -1)  # [b, channels, K]
+                windows.append(window)
+                c = (window.to(u.dtype) * weight[:, 0]).sum(-1)
+                out.append(F.silu(c if bias is None else c + bias))
+            x, B, C = self._heads_groups(*out)
+            y = ssm_step_(state.ssm, x, self._time_step(self.ssm_in_dt(h)), self.A, B, C)
+            state.conv.copy_(torch.cat(windows, 1))
         y = y + self.ssm_d.float()[:, None] * x.float()
-        state.advance(torch.cat(windows, 1), ssm, 1)
         return self._output(y.flatten(-2), self.ssm_in_z(h), hidden.dtype)[:, None]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

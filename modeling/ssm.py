@@ -24,8 +24,9 @@ constant in context length; ``state_bytes`` sizes it for a memory planner.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +70,19 @@ class SSMState(nn.Module):
         self.ssm.zero_()
         self.position = 0
 
+    @contextmanager
+    def updating(self, tokens: int) -> Iterator[None]:
+        """Within the block the state is being moved ``tokens`` positions on (in place); it has no
+        position until the block finishes."""
+        position, self.position = self.position, None
+        yield
+        self.position = None if position is None else position + tokens
+
     def advance(self, conv: torch.Tensor, ssm: torch.Tensor, tokens: int) -> None:
         """Hold ``conv`` and ``ssm``, the state ``tokens`` positions later."""
-        position, self.position = self.position, None
-        self.conv.copy_(conv)
-        self.ssm.copy_(ssm)
-        self.position = None if position is None else position + tokens
+        with self.updating(tokens):
+            self.conv.copy_(conv)
+            self.ssm.copy_(ssm)
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -140,16 +148,18 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y.reshape(b, -1, H, P)[:, :T], state
 
 
-def ssm_step(ssm: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-             C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the recurrence h = exp(dt A) h + dt B x^T, y = h C: y [b, H, P] (without the D
-    skip) and the new state [b, H, P, N], float32. ``ssm`` [b, H, P, N] the state before, x [b, H,
-    P], dt [b, H] after softplus, A [H], B and C [b, G, N]."""
-    heads = x.shape[1]
+def ssm_step_(ssm: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor) -> torch.Tensor:
+    """One step of the recurrence h = exp(dt A) h + dt B x^T, y = h C: advances ``ssm`` [b, H, P, N]
+    (float32, the state before) in place, in two passes over it (a decode step's largest tensor),
+    and returns y [b, H, P] (without the D skip). x [b, H, P], dt [b, H] after softplus, A [H], B and
+    C [b, G, N]."""
+    b, heads, P, N = ssm.shape
     x, B, C = x.float(), *(t.float().repeat_interleave(heads // t.shape[1], dim=1) for t in (B, C))  # [b, H, N]
-    written = (dt[..., None] * x)[..., None] * B[:, :, None]  # dt B x^T [b, H, P, N]
-    ssm = ssm.float() * torch.exp(dt * A)[..., None, None] + written
-    return torch.einsum("bhpn,bhn->bhp", ssm, C), ssm
+    flat = ssm.view(b * heads, P, N)
+    ssm.mul_(torch.exp(dt * A)[..., None, None])
+    flat.baddbmm_((dt[..., None] * x).reshape(b * heads, P, 1), B.reshape(b * heads, 1, N))  # + dt x B^T
+    return torch.bmm(flat, C.reshape(b * heads, N, 1)).view(b, heads, P)
 
 
 class ScanInputs(NamedTuple):

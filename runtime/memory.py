@@ -259,7 +259,7 @@ def ssm_workspace(ssm: SSMConfig, head_dim: int, state_size: int, tokens: int, h
     its projections' outputs and the residual in the activations' dtype; in float32 the scan's
     inputs (x dt, and B and C per head), its output twice, the within-chunk scores (and their
     segment sums) of every chunk, and each chunk's local and entering states."""
-    H, G, L = ssm.num_heads, ssm.n_groups, ssm.chunk_size
+    H, G, L = ssm.num_heads, ssm.n_groups, min(ssm.chunk_size, tokens)  # a short run is one chunk of its length
     P, N = head_dim, state_size
     chunks = -(-tokens // L)
     padded = chunks * L
