@@ -293,6 +293,38 @@ def test_greedy_generation_after_a_switch_equals_argmax_of_full_passes(mamba2_ch
         assert engine.generator.generate(prompt, 6).tokens == expected[10:], rate
 
 
+def test_llama_cpp_runs_a_mamba2_and_goes_on_only_from_where_its_state_stands(mamba2_q4, tokenizer, tmp_path):
+    """llama.cpp's mamba2 behind the engine: the footprint counts the export's bytes (within 2% before
+    it exists) and one sequence's recurrent state, whatever the context; a conversation's next turn
+    goes on from the state and gives what a fresh run gives; a prompt that goes back starts over
+    (llama.cpp cannot take a recurrent state back: it failed to decode)."""
+    import shutil
+
+    pytest.importorskip("llama_cpp")
+    from conftest import TEXT
+
+    from elastiq.runtime.backends import backend, open_engine
+
+    ckpt = Checkpoint(shutil.copytree(mamba2_q4.path, tmp_path / "m.elastiq"))
+    llama = backend("llama.cpp")
+    before = llama.footprint(ckpt, 0.35, 100, baseline=0)
+    engine = open_engine("llama.cpp", ckpt.path, 0.35, ctx=100)
+    after = llama.footprint(ckpt, 0.35, 100, baseline=0)
+    assert abs(before.weights - after.weights) <= 0.02 * after.weights, (before, after)
+    assert before.kv_cache == after.kv_cache == llama.footprint(ckpt, 0.35, 1000, baseline=0).kv_cache > 0
+    assert engine.generator.recurrent
+    g, prompt = engine.generator, tokenizer.encode(TEXT)[:10]
+    first = g.generate(prompt, 6)
+    follow = prompt + first.tokens + tokenizer.encode(" and")
+    again = g.generate(follow, 4)
+    assert again.reused == len(prompt) + 5  # the state stands after the five tokens run
+    g.reset()
+    fresh = g.generate(follow, 4)
+    assert fresh.reused == 0 and fresh.tokens == again.tokens
+    back = g.generate(prompt, 4)
+    assert back.reused == 0 and back.tokens == first.tokens[:4]
+
+
 def test_recovery_masks_compute_every_slice_of_a_mamba2(mamba2_checkpoint, ids):
     """Recovery's masks cut P at the gated norm (whose mean then runs over the kept channels only)
     and N at B, C and their convolutions' biases: with LoRA in every projection, the masked full

@@ -7,7 +7,9 @@ holds a repacked copy of every Q4_0 matrix a matmul uses (a tied LM head is the 
 duplicate); its KV cache is f16 at the FULL head size (pruned channels are zero-filled in the
 GGUF) for ``ctx`` rounded up to 256 cells; its compute buffer is reserved for a batch of
 ``n_ubatch`` tokens whose every logit is an output, or the attention scores and softmax of that
-batch, whichever is larger.
+batch, whichever is larger. A Mamba2 model (llama.cpp's ``mamba2``, every block at the rate's
+widest P and N) holds one sequence's recurrent state instead of a KV cache, whatever the context,
+and a compute buffer for the batch's logits or its input projections (``_recurrent_footprint``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
-from ...families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS
+from ...families import checkpoint_family
+from ...families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X,
+                              SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM, SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
-from ..memory import Footprint, runtime_shapes, widest_mlp
+from ..memory import Footprint, runtime_shapes, ssm_widths, widest_mlp
 from .base import Backend
 from .exported import ExportEngine, export_path
 
@@ -35,14 +39,22 @@ SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits a
 
 
 def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
-    """Bytes of the tensors ``write_gguf`` writes for ``rate`` (pruned heads back at full size,
-    Q4_0, Q8_0 or F16 matrices, F32 vectors, each padded to the alignment), and of the Q4_0
-    matrices a matmul uses (the ones llama.cpp repacks; a tied head is the embedding's)."""
+    """Bytes of the tensors ``write_gguf`` writes for ``rate`` (pruned heads back at full size; a
+    Mamba2 block at the rate's widest P and N; Q4_0, Q8_0 or F16 matrices, F32 vectors and
+    convolutions, each padded to the alignment), and of the Q4_0 matrices a matmul uses (the ones
+    llama.cpp repacks; a tied head is the embedding's)."""
     config, heads = ckpt.config, ckpt.heads
-    full = {ATTN_Q: heads.num_heads * heads.head_dim, ATTN_K: heads.num_kv_heads * heads.head_dim,
-            ATTN_V: heads.num_kv_heads * heads.head_dim}
+    shapes = runtime_shapes(ckpt, rate)
+    full = {} if heads is None else {ATTN_Q: heads.num_heads * heads.head_dim,
+                                     ATTN_K: heads.num_kv_heads * heads.head_dim,
+                                     ATTN_V: heads.num_kv_heads * heads.head_dim}
+    ssm = checkpoint_family(ckpt).ssm_config(config)
+    if ssm is not None:  # rows of every block at the widest P (per head) and N (per group)
+        P, N = (max(w) for w in zip(*ssm_widths(shapes, ssm)))
+        full.update({slot: ssm.num_heads * P for slot in (SSM_IN_Z, SSM_IN_X, SSM_CONV_X, SSM_NORM)})
+        full.update({slot: ssm.n_groups * N for slot in (SSM_IN_B, SSM_IN_C, SSM_CONV_B, SSM_CONV_C)})
     total = matmul = 0
-    for name, (shape, _, fmt) in runtime_shapes(ckpt, rate).items():
+    for name, (shape, _, fmt) in shapes.items():
         if name.endswith(ROPE_PAIRS):
             continue  # consumed by the full-size layout
         parts = name.split(".")
@@ -50,6 +62,8 @@ def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
             shape = (full[parts[-2]], *shape[1:])
         elif len(parts) > 2 and parts[-2] == ATTN_OUT:
             shape = (shape[0], heads.num_heads * heads.head_dim)
+        elif len(parts) > 2 and parts[-2] == SSM_OUT:
+            shape = (shape[0], full[SSM_IN_X])
         numel = math.prod(shape)
         nbytes = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * (2 if len(shape) == 2 else 4)
         total += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
@@ -86,29 +100,51 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     """What llama.cpp holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
-    if heads is None:
-        raise ElastiqError("the llama.cpp backend runs attention models here; its planner does not count a Mamba2 model's recurrent state yet; run it on --backend torch, or export it (`elastiq export --format gguf`) for llama.cpp itself")
-    widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
     path = export_path(ckpt, rate, LlamaCppEngine.format)
     tensors, matmul = _gguf_tensors(ckpt, rate)
     file_bytes = path.stat().st_size if path.is_file() else tensors + _gguf_vocab(ckpt, vocab)
     weights = file_bytes + (matmul if _repacks_q4_0() else 0)
+    ubatch = min(ctx, PREFILL_CHUNK)
+    if heads is None:
+        return _recurrent_footprint(ckpt, rate, weights, ubatch, baseline)
+    widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
     cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
     layers = config["num_hidden_layers"]
     kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
-    ubatch = min(ctx, PREFILL_CHUNK)
     workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest) \
         + vocab * 4  # the output buffer of one token's logits
     return Footprint(rate, weights, kv, workspace, baseline)
 
 
+def _recurrent_footprint(ckpt: Checkpoint, rate: float, weights: int, ubatch: int, baseline: int) -> Footprint:
+    """llama.cpp's ``mamba2`` at the rate's widest P and N: per block, one sequence's float32
+    convolution inputs (K - 1 steps of x, B and C) and SSM state (H x P x N), whatever the context;
+    a compute buffer for a batch of ``ubatch`` tokens whose every logit is an output, or of the
+    block's input projection, whichever is larger."""
+    config = ckpt.config
+    ssm = checkpoint_family(ckpt).ssm_config(config)
+    P, N = (max(w) for w in zip(*ssm_widths(runtime_shapes(ckpt, rate), ssm)))
+    H, G, K = ssm.num_heads, ssm.n_groups, ssm.conv_kernel
+    state = config["num_hidden_layers"] * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
+    projection = 2 * H * P + 2 * G * N + H
+    workspace = ubatch * 4 * max(config["vocab_size"] + config["hidden_size"], 2 * projection) + config["vocab_size"] * 4
+    return Footprint(rate, weights, state, workspace, baseline)
+
+
 class LlamaCppGenerator(CachedGenerator):
     """Generation through a ``llama_cpp.Llama``: its ``n_tokens`` is moved back to the reused prefix,
-    and ``eval`` drops the cache beyond it before running the new tokens."""
+    and ``eval`` drops the cache beyond it before running the new tokens. A recurrent model's state
+    (llama.cpp's ``mamba2``) cannot go back: it goes on only from the position it reached."""
 
     def __init__(self, llm, max_seq: int):
+        import llama_cpp
+
         super().__init__(max_seq)
         self.llm = llm
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(llm.model))
+
+    def _resumable(self, start: int) -> bool:
+        return not self.recurrent or start == self.llm.n_tokens
 
     def _run(self, tokens: Sequence[int], start: int) -> torch.Tensor:
         import llama_cpp
