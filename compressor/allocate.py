@@ -3,13 +3,13 @@
 A rate is the fraction of prunable parameters removed. With ``influence`` allocation, block i is
 pruned in proportion to exp(-z_i / temperature), z_i its block influence 1 - cos(input, output)
 standardized over blocks, so blocks that change their input least lose most; the proportions are
-parameter-weighted so that the total removed is the rate. ``uniform`` prunes every block by the
-rate. Within a block every group is cut by the block's ratio, rounded to its granularity, and the
-rounding is balanced over each kind of group (the largest-remainder rule), so that a coarse group
-(a head dimension of 64 that moves in halves) is cut in the most pruned blocks and kept in the
-others in the proportion the rate asks, instead of in all blocks or in none. What rounding
-leaves is then taken up one step of each block's finest group (a rotary pair, a state) at a time,
-across blocks in influence order.
+parameter-weighted so that the total removed is the rate; within a block every group is cut by
+the block's ratio, rounded to its granularity, and the rounding is balanced over each kind of
+group (the largest-remainder rule), so that a coarse group (a head dimension of 64 that moves in
+halves) is cut in the most pruned blocks and kept in the others in the proportion the rate asks,
+instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
+nearest the rate. What rounding leaves is then taken up one step of each block's finest group (a
+rotary pair, a state) at a time, across blocks in influence order.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ def unit_params(model: torch.nn.Module, group: Group) -> int:
 
 def _min_width(g: Group) -> int:
     return min(g.granularity, g.width)
+
+
+def _nearest(g: Group, kept: float) -> int:
+    """The allowed width of ``g`` nearest ``kept`` (its full width, or a multiple of its granularity)."""
+    if g.width <= g.granularity:
+        return g.width
+    return int(min(g.width, max(_min_width(g), round(kept / g.granularity) * g.granularity)))
 
 
 def _ceil(g: Group, kept: float) -> int:
@@ -86,8 +93,10 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
         if rate == 0:
             specs.append(RateSpec(0.0, {g.name: g.width for g in groups}))
             continue
-        ratios = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
-        widths = _round_by_kind(layers, unit, ratios, rate * total)
+        if influence is not None:
+            widths = _round_by_kind(layers, unit, layer_ratios(scores, layer_params, rate, temperature), rate * total)
+        else:  # every block alike: one width per kind of group (then one llama.cpp width, not per-layer ones)
+            widths = {g.name: _nearest(g, (1 - rate) * g.width) for layer in layers for g in layer}
         _take_up_rounding(layers, unit, widths, rate * total, by_influence)
         achieved = sum((g.width - widths[g.name]) * unit[g.name] for g in groups) / total
         if abs(achieved - rate) > TOLERANCE:
