@@ -8,7 +8,8 @@ the block's ratio, rounded to its granularity, and the rounding is balanced over
 group (the largest-remainder rule), so that a coarse group (a head dimension of 64 that moves in
 halves) is cut in the most pruned blocks and kept in the others in the proportion the rate asks,
 instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
-nearest the rate. What rounding leaves is then taken up one step of each block's finest group (a
+nearest the rate, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves in
+halves), its rounding is balanced as above. What rounding leaves is then taken up one step of each block's finest group (a
 rotary pair, a state) at a time, across blocks in influence order.
 """
 
@@ -93,13 +94,17 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
         if rate == 0:
             specs.append(RateSpec(0.0, {g.name: g.width for g in groups}))
             continue
-        if influence is not None:
-            widths = _round_by_kind(layers, unit, layer_ratios(scores, layer_params, rate, temperature), rate * total)
-        else:  # every block alike: one width per kind of group (then one llama.cpp width, not per-layer ones)
-            widths = {g.name: _nearest(g, (1 - rate) * g.width) for layer in layers for g in layer}
-        _take_up_rounding(layers, unit, widths, rate * total, by_influence)
-        achieved = sum((g.width - widths[g.name]) * unit[g.name] for g in groups) / total
-        if abs(achieved - rate) > TOLERANCE:
+        ratios = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
+        candidates = [lambda: _round_by_kind(layers, unit, ratios, rate * total)]
+        if influence is None:  # every block alike first: one width per kind (then one llama.cpp width)
+            candidates.insert(0, lambda: {g.name: _nearest(g, (1 - rate) * g.width) for g in groups})
+        for candidate in candidates:
+            widths = candidate()
+            _take_up_rounding(layers, unit, widths, rate * total, by_influence)
+            achieved = sum((g.width - widths[g.name]) * unit[g.name] for g in groups) / total
+            if abs(achieved - rate) <= TOLERANCE:
+                break
+        else:
             raise ElastiqError(f"rate {rate} cannot be met at this model's granularity (closest: {achieved:.3f})")
         key = tuple(widths.values())
         if key in seen:

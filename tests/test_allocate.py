@@ -75,7 +75,9 @@ SSM_UNITS = {g.name: SSM_UNIT[g.kind] for layer in SSM_LAYERS for g in layer}
 @pytest.mark.parametrize("influence", [[0.2, 0.2, 0.2, 0.2], [0.5, 0.1, 0.05, 0.2]])
 def test_a_coarse_group_is_cut_in_some_blocks_not_in_none(influence):
     """At 15%, halving P in every block would remove too much, and keeping it everywhere would take
-    the whole rate from the states: the rate is met with P halved in some blocks and N cut modestly."""
+    the whole rate from the states: the rate is met with P halved in some blocks and N cut modestly.
+    (Uniform allocation keeps every block alike where it meets the rate so, here by taking it from
+    the states alone; see the next test.)"""
     total = sum(g.width * SSM_UNITS[g.name] for layer in SSM_LAYERS for g in layer)
     for spec in allocate(SSM_LAYERS, SSM_UNITS, [0.15, 0.25, 0.35], influence)[1:]:
         kept = {kind: [spec.widths[f"layers.{i}.{kind}"] for i in range(4)] for kind in (SSM_P, SSM_N)}
@@ -96,3 +98,17 @@ def test_each_kind_loses_its_share_of_the_rate():
     for spec in allocate(layers, units, [0.15, 0.25, 0.35], [0.3, 0.1, 0.05, 0.2] * 3)[1:]:
         vo_cut = sum(64 - spec.widths[f"layers.{i}.{VO}"] for i in range(12)) / (12 * 64)
         assert vo_cut == pytest.approx(spec.rate, abs=32 / (12 * 64) / 2 + 1e-9)
+
+
+def test_uniform_balances_only_where_blocks_alike_cannot_meet_the_rate():
+    """Mamba2-370M's shapes (32 heads of P = 64, one group of N = 128, hidden 1024): its states hold
+    too few parameters to take up a rate that P, moving in halves, cannot meet alike in every block,
+    so uniform allocation halves P in some blocks; the stand-in's states can, so there it keeps
+    every block's P and takes 15% from the states."""
+    unit = {SSM_P: 32 * (3 * 1024 + 4 + 1 + 1), SSM_N: 2 * (1024 + 4 + 1)}
+    layers = [[Group(SSM_P, i, 64, 32, ()), Group(SSM_N, i, 128, 1, ())] for i in range(4)]
+    units = {g.name: unit[g.kind] for layer in layers for g in layer}
+    spec = allocate(layers, units, [0.15])[1]
+    assert {spec.widths[f"layers.{i}.{SSM_P}"] for i in range(4)} == {32, 64}
+    standin = allocate(SSM_LAYERS, SSM_UNITS, [0.15])[1]
+    assert {standin.widths[f"layers.{i}.{SSM_P}"] for i in range(4)} == {64}
