@@ -9,8 +9,8 @@ group (the largest-remainder rule), so that a coarse group (a head dimension of 
 halves) is cut in the most pruned blocks and kept in the others in the proportion the rate asks,
 instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
 nearest the rate, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves in
-halves), its rounding is balanced as above. What rounding leaves is then taken up one step of each block's finest group (a
-rotary pair, a state) at a time, across blocks in influence order.
+halves), its rounding is balanced as above. What rounding leaves is then taken up one step of
+each block's finest group (a rotary pair, a state) at a time, across blocks in influence order.
 """
 
 from __future__ import annotations

@@ -254,6 +254,13 @@ def ssm_widths(shapes: Mapping[str, tuple], ssm: SSMConfig) -> list[tuple[int, i
     return out
 
 
+def widest_ssm(shapes: Mapping[str, tuple], ssm: SSMConfig) -> tuple[int, int]:
+    """The widest P and the widest N over the Mamba2 blocks of ``shapes``: what an export that holds
+    one P and one N (llama.cpp's ``mamba2``) widens every block to."""
+    P, N = zip(*ssm_widths(shapes, ssm))
+    return max(P), max(N)
+
+
 def ssm_workspace(ssm: SSMConfig, head_dim: int, state_size: int, tokens: int, hidden: int, itemsize: int) -> int:
     """Bytes a Mamba2 block's forward pass over ``tokens`` holds at once (``modeling.ssm.ssd_scan``):
     its projections' outputs and the residual in the activations' dtype; in float32 the scan's

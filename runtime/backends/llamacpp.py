@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from ...families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS, SSM_
                               SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM, SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
-from ..memory import Footprint, runtime_shapes, ssm_widths, widest_mlp
+from ..memory import Footprint, runtime_shapes, widest_mlp, widest_ssm
 from .base import Backend
 from .exported import ExportEngine, export_path
 
@@ -38,19 +38,18 @@ GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
 
 
-def _gguf_tensors(ckpt: Checkpoint, rate: float) -> tuple[int, int]:
-    """Bytes of the tensors ``write_gguf`` writes for ``rate`` (pruned heads back at full size; a
+def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
+    """Bytes of the tensors ``write_gguf`` writes for a rate (pruned heads back at full size; a
     Mamba2 block at the rate's widest P and N; Q4_0, Q8_0 or F16 matrices, F32 vectors and
     convolutions, each padded to the alignment), and of the Q4_0 matrices a matmul uses (the ones
-    llama.cpp repacks; a tied head is the embedding's)."""
+    llama.cpp repacks; a tied head is the embedding's). ``shapes``: the rate's ``runtime_shapes``."""
     config, heads = ckpt.config, ckpt.heads
-    shapes = runtime_shapes(ckpt, rate)
     full = {} if heads is None else {ATTN_Q: heads.num_heads * heads.head_dim,
                                      ATTN_K: heads.num_kv_heads * heads.head_dim,
                                      ATTN_V: heads.num_kv_heads * heads.head_dim}
     ssm = checkpoint_family(ckpt).ssm_config(config)
     if ssm is not None:  # rows of every block at the widest P (per head) and N (per group)
-        P, N = (max(w) for w in zip(*ssm_widths(shapes, ssm)))
+        P, N = widest_ssm(shapes, ssm)
         full.update({slot: ssm.num_heads * P for slot in (SSM_IN_Z, SSM_IN_X, SSM_CONV_X, SSM_NORM)})
         full.update({slot: ssm.n_groups * N for slot in (SSM_IN_B, SSM_IN_C, SSM_CONV_B, SSM_CONV_C)})
     total = matmul = 0
@@ -101,13 +100,14 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
     path = export_path(ckpt, rate, LlamaCppEngine.format)
-    tensors, matmul = _gguf_tensors(ckpt, rate)
+    shapes = runtime_shapes(ckpt, rate)
+    tensors, matmul = _gguf_tensors(ckpt, shapes)
     file_bytes = path.stat().st_size if path.is_file() else tensors + _gguf_vocab(ckpt, vocab)
     weights = file_bytes + (matmul if _repacks_q4_0() else 0)
     ubatch = min(ctx, PREFILL_CHUNK)
     if heads is None:
-        return _recurrent_footprint(ckpt, rate, weights, ubatch, baseline)
-    widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
+        return _recurrent_footprint(ckpt, rate, shapes, weights, ubatch, baseline)
+    widest = widest_mlp(shapes, heads)
     cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
     layers = config["num_hidden_layers"]
     kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
@@ -116,18 +116,20 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     return Footprint(rate, weights, kv, workspace, baseline)
 
 
-def _recurrent_footprint(ckpt: Checkpoint, rate: float, weights: int, ubatch: int, baseline: int) -> Footprint:
+def _recurrent_footprint(ckpt: Checkpoint, rate: float, shapes: Mapping[str, tuple], weights: int, ubatch: int,
+                         baseline: int) -> Footprint:
     """llama.cpp's ``mamba2`` at the rate's widest P and N: per block, one sequence's float32
     convolution inputs (K - 1 steps of x, B and C) and SSM state (H x P x N), whatever the context;
     a compute buffer for a batch of ``ubatch`` tokens whose every logit is an output, or of the
     block's input projection, whichever is larger."""
     config = ckpt.config
     ssm = checkpoint_family(ckpt).ssm_config(config)
-    P, N = (max(w) for w in zip(*ssm_widths(runtime_shapes(ckpt, rate), ssm)))
+    P, N = widest_ssm(shapes, ssm)
     H, G, K = ssm.num_heads, ssm.n_groups, ssm.conv_kernel
     state = config["num_hidden_layers"] * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
     projection = 2 * H * P + 2 * G * N + H
-    workspace = ubatch * 4 * max(config["vocab_size"] + config["hidden_size"], 2 * projection) + config["vocab_size"] * 4
+    vocab = config["vocab_size"]
+    workspace = ubatch * 4 * max(vocab + config["hidden_size"], 2 * projection) + vocab * 4
     return Footprint(rate, weights, state, workspace, baseline)
 
 

@@ -7,8 +7,6 @@ each prefill chunk returns the logits of every position.
 
 from __future__ import annotations
 
-from ... import ElastiqError
-
 import math
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ... import ElastiqError
 from ...checkpoint import Checkpoint, kv_bytes_per_token
 from ...quants import BLOCK
 from ..generate import CachedGenerator
@@ -46,7 +45,8 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
     if heads is None:
-        raise ElastiqError("the onnxruntime backend runs attention models here; the ONNX export builds attention models only; run it on --backend torch")
+        raise ElastiqError("the onnxruntime backend runs attention models here; the ONNX export builds attention "
+                           "models only; run it on --backend torch or llama.cpp")
     widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
     path = export_path(ckpt, rate, OnnxEngine.format)
     initializers = path.stat().st_size if path.is_file() else _onnx_weights(ckpt, rate)
