@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -226,18 +226,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chunk: int = 4,
-              progress: bool = True) -> Iterator[tuple[int, BlockStats]]:
+              progress: bool = True, load: Callable[[int], None] | None = None) -> Iterator[tuple[int, BlockStats]]:
     """Yield (block index, statistics) for every block in order, one block in memory at a time.
 
     The caller may change block i's weights when it receives its statistics, as long as the
     change keeps the block's function (as sorting does): the next block's inputs are already
-    computed.
+    computed. ``load(i)``, if given, is called before block i runs (a streamed model fills it
+    then); the embeddings must be loaded before.
     """
     config = model.config.to_dict()
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     hidden, kwargs = _block_inputs(model, family, samples, chunk)
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress, leave=False):
+        if load is not None:
+            load(index)
         block = blocks[index]
         stats = BlockStats(influence=0.0, tokens=0)
         current: dict = {}

@@ -7,14 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import QK, checkpoint_output, Checkpoint, record_quality, write_checkpoint
+from ..checkpoint import QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import family_for
-from ..families.base import ATTENTION, ROPE_PAIRS, SSM
+from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
-from .intake import load_model
+from .intake import LoadedModel, load_model
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
@@ -56,7 +58,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
 
-    loaded = load_model(source)
+    # streamed (one block in memory at a time) where the source allows; rotation needs the whole model
+    loaded = load_model(source, stream=not options.rotate)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config.to_dict()
     family = family_for(config)
@@ -70,32 +73,13 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.method not in METHODS and ATTENTION in kinds:
         raise ElastiqError(f"sorting method {options.method!r} orders Mamba2 blocks only; a {family.name} model "
                            f"has attention blocks: use {' or '.join(METHODS)}")
-    layer_groups = [family.groups(config, i) for i in range(len(family.blocks(model)))]
+    blocks = family.blocks(model)
+    layer_groups = [family.groups(config, i) for i in range(len(blocks))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
     calib_file = calibration_file(options.calib_data, data)
     drawn = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen, options.seed,
                                 heldout=options.quality_windows)
     samples, heldout = drawn[:options.calib_samples], drawn[options.calib_samples:]
-
-    influence, pairs, sort_seconds = [], {}, 0.0
-    start = time.perf_counter()
-    for index, stats in calibrate(model, family, samples, progress=progress):
-        influence.append(stats.influence)
-        t = time.perf_counter()
-        if kinds[index] == SSM:
-            sort_ssm_block(model, family, index, layer_groups[index], stats, options.method, options.ridge)
-        else:
-            order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
-            if QK in family.offers:
-                pairs[family.name_of(index, ROPE_PAIRS)] = order
-        sort_seconds += time.perf_counter() - t
-    options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
-
-    t = time.perf_counter()
-    specs = allocate(layer_groups, unit, rates, influence if options.allocation == "influence" else None,
-                     options.temperature)
-    options.timings["allocate"] = time.perf_counter() - t
-    groups = [g for layer in layer_groups for g in layer]
     source_info = {
         "name": loaded.source, "model_type": loaded.model_type,
         "architectures": model.config.architectures, "config": model.config.to_dict(),
@@ -105,17 +89,70 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                         "calib_data": describe_calibration(calib_file, data), "calib_samples": options.calib_samples,
                         "calib_seqlen": options.calib_seqlen, "quality_windows": options.quality_windows,
                         "seed": options.seed},
-        "block_influence": influence,
     }
-    t = time.perf_counter()
-    tensors = {**model.state_dict(), **pairs}
+    pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
+                                                        device="meta")
+             for i, kind in enumerate(kinds) if kind != SSM and QK in family.offers}
+    plan, aliases = _plan(model)
+    groups = [g for layer in layer_groups for g in layer]
+    start = time.perf_counter()
     with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
-        write_checkpoint(staged, tensors, groups, specs, heads, source_info, tokenizer)
+        with CheckpointWriter(staged, {**plan, **pairs}, groups, heads, aliases) as writer:
+            ends = [family.top_module(model, slot) for slot in (EMBED, FINAL_NORM, HEAD)]
+            loaded.load(ends[0])
+            influence, sort_seconds = [], 0.0
+            for index, stats in calibrate(model, family, samples, progress=progress,
+                                          load=lambda i: loaded.load(blocks[i])):
+                influence.append(stats.influence)
+                t = time.perf_counter()
+                if kinds[index] == SSM:
+                    sort_ssm_block(model, family, index, layer_groups[index], stats, options.method, options.ridge)
+                else:
+                    order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
+                    if QK in family.offers:
+                        writer.put(family.name_of(index, ROPE_PAIRS), order)
+                sort_seconds += time.perf_counter() - t
+                _put(writer, loaded, blocks[index], plan)
+            options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
+            for module in ends:  # the embeddings are still loaded; a tied head is stored as them
+                if module is not ends[0] and any(n in plan for n in module.state_dict(prefix=loaded.prefix(module))):
+                    loaded.load(module)
+                _put(writer, loaded, module, plan)
+
+            t = time.perf_counter()
+            specs = allocate(layer_groups, unit, rates, influence if options.allocation == "influence" else None,
+                             options.temperature)
+            options.timings["allocate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            writer.finish(specs, {**source_info, "block_influence": influence}, tokenizer)
         options.timings["write"] = time.perf_counter() - t
         if len(heldout):
-            del model, tensors, loaded
+            del model, loaded, blocks, ends
             t = time.perf_counter()
             ckpt = Checkpoint(staged)  # the sorted model at rate 0 is the source model: the dense reference
             record_quality(ckpt, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output
+
+
+def _plan(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of ``model``'s state dict on the meta device (its shape and dtype), and the
+    names of tied ones ({alias: stored name}, as a tied head's)."""
+    plan, aliases, first = {}, {}, {}
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in model.state_dict(keep_vars=True).items():
+        t = tensors.get(name, t)
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            plan[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return plan, aliases
+
+
+def _put(writer: CheckpointWriter, loaded: LoadedModel, module: torch.nn.Module, plan: dict) -> None:
+    """Write every stored tensor of ``module`` (once it is final), then free it if streamed."""
+    for name, t in module.state_dict(prefix=loaded.prefix(module)).items():
+        if name in plan:
+            writer.put(name, t)
+    loaded.release(module)

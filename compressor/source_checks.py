@@ -192,7 +192,7 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     their headers; the safetensors library checks each header against its file's size."""
     from safetensors import SafetensorError, safe_open
 
-    files, placed = _weight_files(folder)
+    files, placed = weight_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
@@ -208,7 +208,7 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _weight_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
+def weight_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
     """The weight files, and {tensor name: its file} as the index places them (none without one)."""
     if (folder / SAFETENSORS).is_file():
         return [folder / SAFETENSORS], {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,74 +100,195 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor | Quantized]
     a matrix may be a ``QuantizedTensor`` or a ``Q8Tensor``, described by ``quantization`` in the manifest).
 
     The folder is assembled under a temporary name beside ``path`` and renamed into place, so an
-    interrupted write leaves no checkpoint behind.
+    interrupted write leaves no checkpoint behind. ``CheckpointWriter`` writes the same, one
+    tensor at a time.
     """
-    path = Path(path)
-    if path.suffix != SUFFIX:
-        raise CheckpointError(f"a checkpoint folder's name must end in {SUFFIX}, got {path.name}")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    roles = {name: (g, role) for g in groups for name, role in g.members}
     tensors, aliases = _dedupe(tensors)
-    missing = sorted(set(roles) - set(tensors))
-    if missing:
-        raise CheckpointError(f"group tensors missing from the model: {', '.join(missing[:5])}")
-    _check_rates(groups, rates)
+    with CheckpointWriter(path, {name: _meta(t) for name, t in tensors.items()}, groups, heads, aliases,
+                          overwrite) as writer:
+        for name, t in tensors.items():
+            writer.put(name, t)
+        writer.finish(rates, source, tokenizer, kv_cache_dtype, quantization)
+    return Path(path)
 
-    storage, entries = {}, {}
-    for name, tensor in tensors.items():
-        group, role = roles.get(name, (None, "whole"))
-        for stored, t, channels, fields in _parts(name, tensor, role):
-            if t.dim() == 0 or t.dtype not in DTYPES:
-                raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
-                                      f"tensors of 1 or more dimensions in {', '.join(DTYPES.values())}")
-            layout = role_layout(role, *head_counts(heads), t.dim())
-            s = t.detach().cpu().contiguous() if layout is None else layout.to_storage(t.detach().cpu())
-            if group and s.shape[0] * channels != group.width:
-                raise CheckpointError(f"tensor {stored} has {s.shape[0] * channels} channels on its pruned axis, "
-                                      f"group {group.name} says {group.width}")
-            ends = sorted({r.widths[group.name] // channels for r in rates} | {s.shape[0]}) if group else [s.shape[0]]
-            raw = s.reshape(-1).view(torch.uint8).numpy()
-            unit = unit_bytes(s.shape, s.dtype)
-            segments, start = [], 0
+
+def _meta(t: torch.Tensor | Quantized) -> torch.Tensor | Quantized:
+    """``t``'s shape and dtype without its data (a quantized matrix's parts alike)."""
+    if isinstance(t, Quantized):
+        return type(t)(t.codes.to("meta"), t.scales.to("meta"))
+    return t.detach().to("meta")
+
+
+_ALIGN = 8  # safetensors pads its header so that the data starts on 8 bytes
+
+
+class CheckpointWriter:
+    """Writes a nested checkpoint one tensor at a time, so that a model never has to be whole in
+    memory (the compressor puts each block as it finishes it).
+
+    ``plan`` gives every tensor to be stored, by name, as a tensor or ``Quantized`` matrix on the
+    meta device (its shape and dtype); ``aliases`` the names stored under another's bytes. The
+    weights file is laid out from the plan when the writer opens, ``put`` writes a tensor's bytes
+    at its place, in any order, and ``finish`` hashes every segment by reading the file back
+    (the offered rates, which decide the segments, may be known only then) and writes the
+    manifest. Everything is written into a temporary folder renamed to ``path`` when the ``with``
+    block ends after ``finish``; an error, or a block left without ``finish``, leaves nothing.
+    """
+
+    def __init__(self, path: Path, plan: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
+                 heads: Heads | None, aliases: Mapping[str, str] | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.suffix != SUFFIX:
+            raise CheckpointError(f"a checkpoint folder's name must end in {SUFFIX}, got {self.path.name}")
+        if self.path.exists() and not overwrite:
+            raise CheckpointError(f"{self.path} exists; pass overwrite=True (--overwrite) to replace it")
+        self.groups, self.heads, self.aliases = list(groups), heads, dict(aliases or {})
+        self._roles = {name: (g, role) for g in self.groups for name, role in g.members}
+        missing = sorted(set(self._roles) - set(plan))
+        if missing:
+            raise CheckpointError(f"group tensors missing from the model: {', '.join(missing[:5])}")
+        self._plan = dict(plan)
+        self.entries: dict[str, dict] = {}
+        self._layouts: dict[str, Layout | None] = {}
+        for name, tensor in self._plan.items():
+            group, role = self._roles.get(name, (None, "whole"))
+            for stored, t, channels, fields in _parts(name, tensor, role):
+                if t.dim() == 0 or t.dtype not in DTYPES:
+                    raise CheckpointError(f"tensor {stored} ({t.dtype}, {t.dim()}-d) cannot be stored; supported: "
+                                          f"tensors of 1 or more dimensions in {', '.join(DTYPES.values())}")
+                layout = role_layout(role, *head_counts(heads), t.dim())
+                s = t if layout is None else layout.to_storage(t)
+                if group and s.shape[0] * channels != group.width:
+                    raise CheckpointError(f"tensor {stored} has {s.shape[0] * channels} channels on its pruned axis, "
+                                          f"group {group.name} says {group.width}")
+                self._layouts[stored] = layout
+                self.entries[stored] = {"layout": layout.to_dict() if layout else None,
+                                        "group": group.name if group else None, "dtype": DTYPES[s.dtype],
+                                        "shape": list(t.shape), "storage_shape": list(s.shape),
+                                        "unit_channels": channels, "segments": [], **fields}
+        self._written: set[str] = set()
+        self._finished = False
+        self._fd: int | None = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        self._atomic = atomic_path(self.path, directory=True)
+        self._tmp = self._atomic.__enter__()
+        try:
+            self._open_weights()
+        except BaseException as err:
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if self._fd is not None:
+            os.close(self._fd)
+        if err is None and not self._finished:
+            err = CheckpointError(f"the checkpoint writer of {self.path} was closed before finish(); nothing "
+                                  "was written under that name")
+            kind, tb = type(err), None
+            if not self._atomic.__exit__(kind, err, tb):
+                raise err
+            return False
+        return bool(self._atomic.__exit__(kind, err, tb))
+
+    def _open_weights(self) -> None:
+        """Lay the weights file out: its safetensors header, then every stored tensor's bytes (the
+        file is sized at once; ``put`` fills it)."""
+        header: dict = {"__metadata__": {"format": "elastiq"}}
+        self._offsets, offset = {}, 0
+        for stored, entry in self.entries.items():
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            size = unit_bytes(entry["storage_shape"], dtype) * entry["storage_shape"][0]
+            header[stored] = {"dtype": entry["dtype"], "shape": entry["storage_shape"],
+                              "data_offsets": [offset, offset + size]}
+            self._offsets[stored] = offset
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % _ALIGN)
+        self._data_start = 8 + len(text)
+        self._fd = os.open(self._tmp / WEIGHTS, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        _pwrite(self._fd, struct.pack("<Q", len(text)) + text, 0)
+        os.ftruncate(self._fd, self._data_start + offset)
+
+    def put(self, name: str, tensor: torch.Tensor | Quantized) -> None:
+        """Write the bytes of planned tensor ``name`` (its shape and dtype as planned)."""
+        if name not in self._plan:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint's plan")
+        group, role = self._roles.get(name, (None, "whole"))
+        for stored, t, _, _ in _parts(name, tensor, role):
+            entry, layout = self.entries.get(stored), self._layouts.get(stored)
+            t = t.detach().cpu()
+            if entry is None or list(t.shape) != entry["shape"] or DTYPES.get(t.dtype) != entry["dtype"]:
+                raise CheckpointError(f"tensor {stored} is {t.dtype} {list(t.shape)}; the plan says "
+                                      f"{entry and entry['dtype']} {entry and entry['shape']}")
+            s = t.contiguous() if layout is None else layout.to_storage(t).contiguous()
+            _pwrite(self._fd, s.reshape(-1).view(torch.uint8).numpy(), self._data_start + self._offsets[stored])
+            self._written.add(stored)
+
+    def finish(self, rates: Sequence[RateSpec], source: Mapping, tokenizer=None,
+               kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None) -> None:
+        """Hash every tensor's segments for the offered ``rates`` and write the manifest (and the
+        tokenizer's files)."""
+        if unwritten := [s for s in self.entries if s not in self._written]:
+            raise CheckpointError(f"{len(unwritten)} planned tensors were never written, as {unwritten[0]}")
+        _check_rates(self.groups, rates)
+        for stored, entry in self.entries.items():
+            shape = entry["storage_shape"]
+            ends = [shape[0]]
+            if entry["group"]:
+                ends = sorted({r.widths[entry["group"]] // entry["unit_channels"] for r in rates} | {shape[0]})
+            unit, start, segments = unit_bytes(shape, TORCH_DTYPES[entry["dtype"]]), 0, []
             for end in (e for e in ends if e > 0):
-                segments.append([end, hashlib.sha256(raw[start * unit:end * unit].tobytes()).hexdigest()])
+                offset = self._data_start + self._offsets[stored]
+                segments.append([end, _range_sha256(self._fd, offset + start * unit, offset + end * unit)])
                 start = end
-            storage[stored] = s
-            entries[stored] = {"layout": layout.to_dict() if layout else None, "group": group.name if group else None,
-                               "dtype": DTYPES[s.dtype],
-                               "shape": list(t.shape), "storage_shape": list(s.shape), "unit_channels": channels,
-                               "segments": segments, **fields}
-
-    kv_size = torch.empty((), dtype=kv_cache_dtype).element_size()
-    rate_table = []
-    for r in sorted(rates, key=lambda r: r.rate):
-        rate_table.append({"rate": r.rate, "widths": dict(r.widths),
-                           "weight_bytes": sum(kept_bytes(e, r.widths) for e in entries.values()),
-                           "kv_bytes_per_token": kv_bytes_per_token(groups, r.widths, heads, kv_size),
-                           "quality": dict(r.quality) if r.quality else None})
-    manifest = {
-        "format": "elastiq-nested-checkpoint", "format_version": FORMAT_VERSION,
-        "source": dict(source),
-        "heads": ({"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim}
-                  if heads else None),
-        "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
-        "quantization": dict(quantization) if quantization else None,
-        "groups": [g.to_dict() for g in groups],
-        "rates": rate_table,
-        "tensors": entries,
-        "aliases": aliases,
-    }
-
-    from safetensors.torch import save_file
-
-    with atomic_path(path, directory=True) as tmp:
-        save_file(storage, str(tmp / WEIGHTS), metadata={"format": "elastiq"})
+            entry["segments"] = segments
+        kv_size = torch.empty((), dtype=kv_cache_dtype).element_size()
+        rate_table = []
+        for r in sorted(rates, key=lambda r: r.rate):
+            rate_table.append({"rate": r.rate, "widths": dict(r.widths),
+                               "weight_bytes": sum(kept_bytes(e, r.widths) for e in self.entries.values()),
+                               "kv_bytes_per_token": kv_bytes_per_token(self.groups, r.widths, self.heads, kv_size),
+                               "quality": dict(r.quality) if r.quality else None})
+        heads = self.heads
+        manifest = {
+            "format": "elastiq-nested-checkpoint", "format_version": FORMAT_VERSION,
+            "source": dict(source),
+            "heads": ({"num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads, "head_dim": heads.head_dim}
+                      if heads else None),
+            "kv_cache_dtype": str(kv_cache_dtype).removeprefix("torch."),
+            "quantization": dict(quantization) if quantization else None,
+            "groups": [g.to_dict() for g in self.groups],
+            "rates": rate_table,
+            "tensors": self.entries,
+            "aliases": self.aliases,
+        }
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest[FILES] = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir()) if f.name != WEIGHTS}
-        (tmp / MANIFEST).write_text(_manifest_text(manifest))
-    return path
+            tokenizer.save_pretrained(self._tmp)
+        manifest[FILES] = {f.name: _file_sha256(f) for f in sorted(self._tmp.iterdir()) if f.name != WEIGHTS}
+        (self._tmp / MANIFEST).write_text(_manifest_text(manifest))
+        self._finished = True
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (bytes or a uint8 array) at ``offset`` of the open file ``fd``."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _range_sha256(fd: int, start: int, end: int, chunk: int = 2 ** 24) -> str:
+    """sha256 of bytes [start, end) of the open file ``fd``, read back in chunks."""
+    h = hashlib.sha256()
+    while start < end:
+        data = os.pread(fd, min(chunk, end - start), start)
+        if not data:
+            raise CheckpointError(f"{WEIGHTS} ended at byte {start} while being hashed")
+        h.update(data)
+        start += len(data)
+    return h.hexdigest()
 
 
 def _manifest_text(manifest: dict) -> str:

@@ -98,10 +98,15 @@ def test_cli_bad_input(args, message, models, tmp_path, capsys):
 def test_interrupted_compression_leaves_nothing(models, data_dir, tmp_path, monkeypatch):
     src, _ = models["llama"]
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    sort, sorted_blocks = compress_module.sort_block, []
 
-    monkeypatch.setattr(compress_module, "write_checkpoint", interrupted)
+    def interrupted(*args, **kwargs):  # stopped after the first block was written
+        if sorted_blocks:
+            raise KeyboardInterrupt
+        sorted_blocks.append(sort(*args, **kwargs))
+        return sorted_blocks[-1]
+
+    monkeypatch.setattr(compress_module, "sort_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _compress(src, tmp_path / "m.elastiq", data_dir)
     assert list(tmp_path.iterdir()) == []

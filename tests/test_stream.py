@@ -1,0 +1,83 @@
+"""Streamed compression: a Hugging Face folder is read one block at a time, and the checkpoint is
+the one a whole-model load writes, byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastiq.checkpoint import WEIGHTS, Checkpoint
+from elastiq.compressor import compress as compress_module
+from elastiq.compressor.compress import CompressOptions, compress
+from elastiq.compressor.intake import load_model
+from elastiq.compressor.shards import ShardWeights
+from conftest import build_tiny
+
+OPTIONS = dict(rates=(0.15, 0.25, 0.35), calib_samples=4, calib_seqlen=32, quality_windows=0)
+
+
+def _whole(monkeypatch):
+    """Make compress load its source whole, as it does for sources it cannot stream."""
+    monkeypatch.setattr(compress_module, "load_model", lambda source, stream=False: load_model(source))
+
+
+def _same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
+    assert a.manifest["tensors"] == b.manifest["tensors"]  # shapes, layouts and every segment's sha256
+    assert a.manifest["rates"] == b.manifest["rates"]
+    assert (a.path / WEIGHTS).read_bytes() == (b.path / WEIGHTS).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_streamed_compression_equals_the_whole_model_one(family, models, data_dir, tmp_path, monkeypatch):
+    src, _ = models[family]
+    streamed = compress(src, tmp_path / "s.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    _whole(monkeypatch)
+    whole = compress(src, tmp_path / "w.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    _same_checkpoint(Checkpoint(streamed), Checkpoint(whole))
+
+
+def test_shards_are_read_one_block_at_a_time(tokenizer, data_dir, tmp_path, monkeypatch):
+    """A folder of several shards: while a block is being loaded, no other block holds weights."""
+    model = build_tiny("llama", tokenizer, seed=5)
+    src = tmp_path / "sharded"
+    model.save_pretrained(src, max_shard_size="100KB")
+    tokenizer.save_pretrained(src)
+    assert len(list(src.glob("model-*.safetensors"))) > 2
+    loaded_blocks, load = [], ShardWeights.load
+
+    def watched(self, module, prefix):
+        if ".layers." in prefix:
+            loaded_blocks.append(prefix)
+        load(self, module, prefix)
+
+    monkeypatch.setattr(ShardWeights, "load", watched)
+    resident = []
+    sort = compress_module.sort_block
+
+    def sorting(m, *args, **kwargs):  # while block i is sorted, every other block is on the meta device
+        resident.append(sum(any(p.device.type != "meta" for p in block.parameters()) for block in m.model.layers))
+        return sort(m, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "sort_block", sorting)
+    streamed = compress(src, tmp_path / "s.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    layers = model.config.num_hidden_layers
+    assert loaded_blocks == [f"model.layers.{i}." for i in range(layers)]
+    assert resident == [1] * layers
+    monkeypatch.undo()
+    _whole(monkeypatch)
+    whole = compress(src, tmp_path / "w.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    _same_checkpoint(Checkpoint(streamed), Checkpoint(whole))
+
+
+def test_streamed_load_leaves_weights_on_the_meta_device(models):
+    src, _ = models["llama"]
+    loaded = load_model(src, stream=True)
+    assert loaded.weights is not None
+    assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
+    block = loaded.model.model.layers[1]
+    loaded.load(block)
+    whole = load_model(src).model.model.layers[1]
+    for (name, p), (_, q) in zip(block.named_parameters(), whole.named_parameters()):
+        assert torch.equal(p, q), name
+    loaded.release(block)
+    assert {p.device.type for p in block.parameters()} == {"meta"}
