@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
 from ..paths import data_dir
+from .distributed import gather_round, my_chunks, round_chunk, rounds
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 
@@ -180,21 +181,22 @@ class _Captured(Exception):
 
 
 def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
-                  chunk: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+                  chunk: int) -> tuple[dict[int, torch.Tensor], dict[int, list[dict]]]:
     """Hidden states entering block 0, and for each chunk of samples the keyword arguments the
     model passes to each block (rotary tables and masks, which differ between blocks of different
-    layer types, as Gemma 3's sliding and global ones). While they are read, every block passes
-    its input through unchanged, and the pass stops at the final norm, so it costs little."""
+    layer types, as Gemma 3's sliding and global ones), by chunk index, for the chunks this rank
+    runs. While they are read, every block passes its input through unchanged, and the pass stops
+    at the final norm, so it costs little."""
     blocks = family.blocks(model)
-    hidden, kwargs = [], []
+    hidden, kwargs, current = {}, {}, [0]
 
     def recorder(index: int):
         def forward(*args, **kw):
             x = args[0] if args else kw.pop("hidden_states")
             if index == 0:
-                hidden.append(x)
-                kwargs.append([])
-            kwargs[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
+                hidden[current[0]] = x
+                kwargs[current[0]] = []
+            kwargs[current[0]].append({k: v for k, v in kw.items() if k != "hidden_states"})
             return x
         return forward
 
@@ -205,9 +207,10 @@ def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
         block.forward = recorder(i)
     handle = family.top_module(model, FINAL_NORM).register_forward_pre_hook(stop)
     try:
-        for start in range(0, len(samples), chunk):
+        for c in my_chunks(-(-len(samples) // chunk)):
+            current[0] = c
             try:
-                model(input_ids=samples[start:start + chunk], use_cache=False)
+                model(input_ids=samples[c * chunk:(c + 1) * chunk], use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -238,31 +241,46 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     hidden, kwargs = _block_inputs(model, family, samples, chunk)
+    count = -(-len(samples) // chunk)
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress, leave=False):
         if load is not None:
             load(index)
         block = blocks[index]
-        stats = BlockStats(influence=0.0, tokens=0)
+        chunk_stats: dict[str, torch.Tensor] = {}  # the hooks fill it with one chunk's statistics
         current: dict = {}
-        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, block, heads, stats, current)
-        influence_sum = 0.0
+        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, block, heads, chunk_stats,
+                                                                              current)
+        sums: dict[str, torch.Tensor] = {}
+        inputs: list[torch.Tensor] = []
         try:
-            for c, (x, per_block) in enumerate(zip(hidden, kwargs)):
-                kw = per_block[index]
-                if "position_embeddings" in kw:
-                    cos, sin = kw["position_embeddings"]
-                    current["rope"] = (cos.float(), sin.float())
-                out = block(x, **kw)
-                out = out[0] if isinstance(out, tuple) else out
-                influence_sum += (1 - torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)).sum().item()
-                stats.tokens += x.shape[0] * x.shape[1]
-                hidden[c] = out
+            for k in range(rounds(count)):
+                c = round_chunk(k, count)
+                mine = None
+                if c is not None:
+                    x, kw = hidden[c], kwargs[c][index]
+                    if "position_embeddings" in kw:
+                        cos, sin = kw["position_embeddings"]
+                        current["rope"] = (cos.float(), sin.float())
+                    out = block(x, **kw)
+                    out = out[0] if isinstance(out, tuple) else out
+                    chunk_stats["influence"] = torch.tensor(
+                        (1 - torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)).sum().item(),
+                        dtype=torch.float64)
+                    chunk_stats["tokens"] = torch.tensor(x.shape[0] * x.shape[1])
+                    hidden[c] = out
+                    mine = dict(chunk_stats)
+                for stat in gather_round(mine):  # every rank's chunk of the round, in chunk order
+                    for key, value in stat.items():
+                        if key == "ssm_input":
+                            inputs.append(value)
+                        else:
+                            sums[key] = sums[key] + value if key in sums else value.clone()
         finally:
             for h in handles:
                 h.remove()
-        stats.influence = influence_sum / stats.tokens
-        if kinds[index] == SSM:
-            stats.ssm_input = torch.cat(current["ssm_input"])
+        stats = BlockStats(influence=sums["influence"].item() / sums["tokens"].item(), tokens=int(sums["tokens"]),
+                           mlp=sums.get("mlp"), attn=sums.get("attn"), q_sq=sums.get("q_sq"), k_sq=sums.get("k_sq"),
+                           ssm_input=torch.cat(inputs) if inputs else None)
         yield index, stats
 
 
@@ -271,35 +289,32 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
-def _attention_hooks(family: Family, block: torch.nn.Module, heads, stats: BlockStats, current: dict) -> list:
-    """Hooks that fill an attention block's ``stats`` (``current["rope"]``: this pass's cos and sin)."""
+def _attention_hooks(family: Family, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
+    """Hooks that put one chunk's statistics of an attention block into ``stats`` (the fields of
+    ``BlockStats``; ``current["rope"]``: this pass's cos and sin)."""
     query, key, down = (family.part(block, slot) for slot in (ATTN_Q, ATTN_K, FFN_DOWN))
-    stats.mlp = torch.zeros(down.in_features, down.in_features, dtype=torch.float64)
-    stats.attn = torch.zeros(query.in_features, query.in_features, dtype=torch.float64)
-    stats.q_sq = torch.zeros(heads.num_heads, heads.head_dim, dtype=torch.float64)
-    stats.k_sq = torch.zeros(heads.num_kv_heads, heads.head_dim, dtype=torch.float64)
 
     def on_down(module, args):
-        stats.mlp += _gram(args[0])
+        stats["mlp"] = _gram(args[0])
 
     def on_q(module, args, out):
-        stats.attn += _gram(args[0])
+        stats["attn"] = _gram(args[0])
         q = _rotate(out.float().unflatten(-1, (heads.num_heads, heads.head_dim)), *current["rope"])
-        stats.q_sq += q.square().sum((0, 1)).double()
+        stats["q_sq"] = q.square().sum((0, 1)).double()
 
     def on_k(module, args, out):
         k = _rotate(out.float().unflatten(-1, (heads.num_kv_heads, heads.head_dim)), *current["rope"])
-        stats.k_sq += k.square().sum((0, 1)).double()
+        stats["k_sq"] = k.square().sum((0, 1)).double()
 
     return [down.register_forward_pre_hook(on_down), query.register_forward_hook(on_q),
             key.register_forward_hook(on_k)]
 
 
-def _ssm_hooks(family: Family, block: torch.nn.Module, heads, stats: BlockStats, current: dict) -> list:
-    """A hook that keeps what enters an SSM block's mixer (the input of its projections), in float32."""
-    inputs = current["ssm_input"] = []
+def _ssm_hooks(family: Family, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
+    """A hook that keeps what enters an SSM block's mixer (the input of its projections) in one
+    chunk, in float32."""
 
     def on_input(module, args):
-        inputs.append(args[0].float())
+        stats["ssm_input"] = args[0].float()
 
     return [family.part(block, SSM_IN_Z).register_forward_pre_hook(on_input)]

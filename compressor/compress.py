@@ -16,6 +16,7 @@ from ..families import family_for
 from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
+from .distributed import world
 from .intake import LoadedModel, load_model
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
@@ -93,6 +94,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
                                                         device="meta")
              for i, kind in enumerate(kinds) if kind != SSM and QK in family.offers}
+    if world()[0] != 0:  # another rank runs its share of the calibration chunks; rank 0 writes
+        _follow(loaded, family, samples, blocks)
+        return output
     plan, aliases = _plan(model)
     groups = [g for layer in layer_groups for g in layer]
     start = time.perf_counter()
@@ -133,6 +137,13 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
             record_quality(ckpt, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output
+
+
+def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[torch.nn.Module]) -> None:
+    """Run this rank's calibration chunks through every block, whose statistics rank 0 sorts by."""
+    loaded.load(family.top_module(loaded.model, EMBED))
+    for index, _ in calibrate(loaded.model, family, samples, progress=False, load=lambda i: loaded.load(blocks[i])):
+        loaded.release(blocks[index])
 
 
 def _plan(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

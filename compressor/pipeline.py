@@ -25,6 +25,7 @@ from ..checkpoint import MANIFEST, checkpoint_output, SUFFIX, Checkpoint, record
 from ..paths import data_dir
 from .calibrate import calibration_file, heldout_windows
 from .compress import CompressOptions, compress
+from .distributed import agree, world
 from .intake import check_source
 from .quality import rate_quality
 from .quantize import QuantizeOptions, quantize_checkpoint
@@ -88,6 +89,11 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
         q.quality_windows, q.seed = c.quality_windows, c.seed
     if options.recover is None and options.quantize is None:  # one stage: straight to the output
         return compress(source, output, options.compress, overwrite=overwrite, data=data, progress=progress)
+    if world()[0] != 0:  # another rank: it joins the sorting stage if rank 0 runs it; the rest is rank 0's
+        if agree(None):
+            compress(source, stages_dir(output) / f"sorted{SUFFIX}", options.compress, overwrite=True, data=data,
+                     progress=False)
+        return output
     check_source(source)  # a bad source fails before any stage starts
     work = stages_dir(output)
     settings = options.settings(_source_key(source))
@@ -113,7 +119,7 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
             progress: bool, log: Callable[[str], None]) -> Path:
     count = 1 + (options.recover is not None) + (options.quantize is not None)
     dense = work / f"sorted{SUFFIX}"
-    if not _done(dense):
+    if agree(not _done(dense)):  # the other ranks, if any, join this stage
         log(f"elastiq: stage 1/{count}: calibrate, sort and allocate")
         compress(source, dense, options.compress, overwrite=True, data=data, progress=progress)
     current = dense

@@ -30,6 +30,10 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _quiet(message: str) -> None:
+    """What a rank other than 0 says: nothing."""
+
+
 def _threads(text: str) -> int:
     try:
         value = int(text)
@@ -171,9 +175,12 @@ def _q8_kinds(text: str) -> tuple[str, ...]:
 
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions
+    from .compressor.distributed import init_from_environment, world
     from .compressor.pipeline import PipelineOptions, build
     from .compressor.quantize import QuantizeOptions
     from .compressor.recover import RecoverOptions
+
+    lead = not init_from_environment() or world()[0] == 0  # of the ranks of a torchrun launch, rank 0 reports
 
     options = PipelineOptions(
         compress=CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
@@ -182,7 +189,10 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
-    path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log)
+    path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log if lead else _quiet,
+                 progress=lead)
+    if not lead:
+        return
     timings = options.compress.timings
     if timings:  # empty when a resumed run found the sorting stage done
         print(f"elastiq: calibrate + sort {timings['calibrate_and_sort']:.0f} s, of which sorting "

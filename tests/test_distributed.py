@@ -1,0 +1,41 @@
+"""Compression on two ranks (torchrun, gloo, on the CPU) writes the one-process checkpoint, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from elastiq.checkpoint import WEIGHTS, Checkpoint
+from elastiq.cli import main
+
+# 10 windows in chunks of 4: three chunks, so rank 1 runs a smaller last chunk in round 0's
+# company and sits out round 1.
+ARGS = ["--rates", "0.15,0.25", "--calib-samples", "10", "--calib-seqlen", "32", "--quality-windows", "2",
+        "--no-recover"]
+
+
+def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "elastiq", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["sorted", "quantized"])
+def test_two_ranks_write_the_one_process_checkpoint(quantize, models, tmp_path):
+    src, _ = models["llama"]
+    extra = [] if quantize else ["--no-quantize"]
+    one, two = tmp_path / "one.elastiq", tmp_path / "two.elastiq"
+    main(["compress", str(src), "-o", str(one), *ARGS, *extra])
+    done = _torchrun("compress", str(src), "-o", str(two), *ARGS, *extra, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = Checkpoint(one), Checkpoint(two)
+    assert a.manifest["source"]["block_influence"] == b.manifest["source"]["block_influence"]
+    assert a.manifest["tensors"] == b.manifest["tensors"]
+    assert a.manifest["rates"] == b.manifest["rates"]  # the quality measured on rank 0, too
+    assert (one / WEIGHTS).read_bytes() == (two / WEIGHTS).read_bytes()
+    assert done.stderr.count("elastiq: wrote") == 1  # rank 0 reports, rank 1 is quiet
+    assert not (tmp_path / "two.elastiq.stages").exists()
