@@ -29,10 +29,15 @@ METHODS = ("uniql", "magnitude")
 
 
 def ridge_leverage(c: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """diag(C (C + lambda I)^-1) with lambda = ridge x the mean eigenvalue of C."""
+    """diag(C (C + lambda I)^-1) with lambda = ridge x the mean eigenvalue of C, computed as
+    1 - lambda diag((C + lambda I)^-1) from a Cholesky factor: a third of the work of a general
+    solve, which counts for an 8B model's 14336 MLP channels (about 75 s a block on 2 cores)."""
     lam = ridge * torch.trace(c) / c.shape[0]
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
-    return torch.linalg.solve(c + lam * eye, c).diagonal()
+    shifted = c.clone()
+    shifted.diagonal().add_(lam)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted  # two matrices of C's size at a time: 1.6 GB each for an 8B model's MLP
+    return 1 - lam * torch.cholesky_inverse(factor).diagonal()
 
 
 def pair_scores(q_sq: torch.Tensor, k_sq: torch.Tensor, heads: Heads) -> torch.Tensor:
