@@ -3,7 +3,9 @@
 
 The full sorted model runs in elastiq's own elastic model (a sorted model needs the RoPE gather),
 block by block over C4 windows, and each block's matrices are quantized with the Hessians of
-inputs that came through the already-quantized earlier blocks (GPTQ's sequential pass). Every
+inputs that came through the already-quantized earlier blocks (GPTQ's sequential pass). One block
+is held at a time: read from the float checkpoint, quantized, written (``CheckpointWriter``) and
+freed before the next is read, so a model larger than memory is quantized. Every
 rate is then a prefix of whole blocks of the same codes: slicing never re-quantizes. The token
 embedding and the LM head are quantized round-to-nearest, to Q4_0 or, with ``embedding_bits=8``,
 to Q8_0 (stored once when tied).
@@ -19,20 +21,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import MLP, SSM_P, VO, Checkpoint, RateSpec, checkpoint_output, record_quality, write_checkpoint
+from ..checkpoint import (MLP, SSM_P, VO, Checkpoint, CheckpointWriter, RateSpec, checkpoint_output,
+                          record_quality)
 from ..families import checkpoint_family
-from ..families.base import ATTENTION, ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES
-from ..modeling.model import Transformer
-from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
+from ..families.base import ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES, Family
+from ..modeling.model import Transformer, block_from_weights
+from ..quants import BLOCK, FORMATS, PACKED, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
+from .blockwise import BlockReader, block_runner
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 from .quality import QUALITY_WINDOWS, rate_quality
@@ -42,6 +45,7 @@ EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM
 FIRST_LAST = "first-last"  # every matrix of the first and the last block
 Q8_KINDS = (*MATRICES, *SSM_MATRICES, FIRST_LAST)  # what ``q8`` may name
 DEFAULT_Q8 = (ATTN_V,)
+_CODES = {"q4_0": (PACKED, torch.uint8), "q8_0": (BLOCK, torch.int8)}  # each format's codes per block: size, dtype
 
 
 @dataclass
@@ -103,7 +107,9 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                         dense: str | Path | None = None) -> Path:
     """Quantize the float nested checkpoint ``source`` into ``output``; each rate's quality is
     measured against rate 0 of ``dense`` (a float checkpoint of the same model: the sorted one
-    before recovery), or of ``source`` itself."""
+    before recovery), or of ``source`` itself. One block is read, quantized and written at a time
+    (besides the embedding, the head and the calibration activations), so that a model larger
+    than memory is quantized."""
     options = options or QuantizeOptions()
     ckpt = Checkpoint(source)
     family = checkpoint_family(ckpt)
@@ -111,77 +117,123 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     output = checkpoint_output(output, overwrite)
 
     start = time.perf_counter()
-    weights = ckpt.read_rate(0.0)
     config = ckpt.config
-    model = Transformer.from_weights(weights, config)
+    reader = BlockReader(ckpt, config)
     tokenizer = ckpt.tokenizer()
-    hidden, positions, heldout = [], None, torch.empty(0)  # round-to-nearest needs no calibration activations
+    heldout = torch.empty(0)
     calib_file = calibration_file(options.calib_data, data)
     if options.method == "gptq" or options.quality_windows:
         drawn = calibration_samples(tokenizer, calib_file, options.calib_samples, options.calib_seqlen,
                                     options.seed, heldout=options.quality_windows)
         samples, heldout = drawn[:options.calib_samples], drawn[options.calib_samples:]
-    if options.method == "gptq":
-        positions = torch.arange(samples.shape[1])
-        hidden = [model.embed_tokens(chunk) for chunk in samples.split(4)]
-    quantized: dict[str, Quantized] = {}
-    applied: set[str] = set()  # the --q8 names that chose a matrix (a Mamba2 has no attn_v)
-    last = len(model.layers) - 1
-    kinds = family.layer_kinds(config)
-    ssm = family.ssm_config(config)
-    for index, block in enumerate(tqdm(model.layers, desc="quantize", disable=not progress, leave=False)):
-        if kinds[index] == ATTENTION:  # at the samples' positions
-            tables = block.rope_tables(positions) if options.method == "gptq" else None
-            run = partial(block, tables=tables)
-        else:
-            run = block
-        matrices = BLOCK_READS[kinds[index]]
-        hessians = _block_hessians(block, run, hidden, set(matrices.values())) if options.method == "gptq" else {}
-        for slot, reads in matrices.items():
-            linear = block.get_submodule(slot)
-            chosen_by = [k for k in (slot, FIRST_LAST if index in (0, last) else None) if k in options.q8]
-            eight = bool(chosen_by)
-            applied.update(chosen_by)
-            fmt = "q8_0" if eight else "q4_0"
-            if options.method == "gptq":
-                h = hessians[reads]
-                runs = ssm.num_heads if PRUNED_INPUTS.get(slot) == SSM_P else model.args.num_heads
-                order = _order(slot, h, linear.in_features, runs, options.order == "least-important-first")
-                t = gptq(linear.weight, h, order, options.damp, fmt=fmt)
-            else:
-                t = quantize_q8_0(linear.weight) if eight else QuantizedTensor(*quantize_rtn(linear.weight))
-            linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
-            quantized[family.name_of(index, slot)] = t
-        hidden = [run(x) for x in hidden]
-    embed, head = (f"{family.top[slot]}.weight" for slot in (EMBED, HEAD))
-    for name in (embed, head):
-        if name in weights and name not in quantized:
-            tied = name == head and weights[name] is weights[embed]
-            quantized[name] = quantized[embed] if tied else _quantize_embedding(
-                weights[name], options.embedding_bits)
-    options.timings["quantize"] = time.perf_counter() - start
-
-    tensors = {**weights, **quantized}
-    rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]  # the float quality no longer holds
+    formats, applied = _formats(ckpt, family, options)
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
-            "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
-            "calib_data": describe_calibration(calib_file, data) if hidden else None,
+            "order": options.order, "calib_samples": options.calib_samples if options.method == "gptq" else 0,
+            "calib_data": describe_calibration(calib_file, data) if options.method == "gptq" else None,
             "quality_windows": options.quality_windows,
             "calib_seqlen": options.calib_seqlen,
             "seed": options.seed, "damp": options.damp, "embeddings": "rtn",
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits],
             "q8_0_matrices": [k for k in options.q8 if k in applied]}
+    rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]  # the float quality no longer holds
     with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
-        write_checkpoint(staged, tensors, ckpt.groups, rates, ckpt.heads, ckpt.source.record, tokenizer,
-                         quantization=spec)
+        with CheckpointWriter(staged, _plan(ckpt, formats), ckpt.groups, ckpt.heads, ckpt.aliases) as writer:
+            ends = reader.ends()
+            hidden, positions = [], None  # round-to-nearest needs no calibration activations
+            if options.method == "gptq":
+                positions = torch.arange(samples.shape[1])
+                embed_tokens = Transformer.ends_from_weights(ends, config).embed_tokens
+                hidden = [embed_tokens(chunk) for chunk in samples.split(4)]
+                del embed_tokens
+            for name, t in ends.items():  # a tied head is the embedding's alias, written with it
+                if name in formats:
+                    writer.put(name, _quantize_embedding(t, options.embedding_bits))
+                elif name not in ckpt.aliases:
+                    writer.put(name, t)
+            del ends
+            for index in tqdm(range(len(reader.blocks)), desc="quantize", disable=not progress, leave=False):
+                hidden = _quantize_block(reader, index, family, options, formats, hidden, positions, writer)
+            options.timings["quantize"] = time.perf_counter() - start
+            writer.finish(rates, ckpt.source.record, tokenizer, quantization=spec)
         if len(heldout):
-            del model, weights, tensors, quantized, hidden
+            del hidden
             t = time.perf_counter()
             written = Checkpoint(staged)
             reference = Checkpoint(dense) if dense is not None else ckpt
-            record_quality(written, rate_quality(written, reference.read_rate(0.0), heldout, progress))
+            record_quality(written, rate_quality(written, reference, heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
     return output
+
+
+def _formats(ckpt: Checkpoint, family: Family, options: QuantizeOptions) -> tuple[dict[str, str], set[str]]:
+    """The code format of every matrix to quantize, by name ("q4_0", or "q8_0" where ``options``
+    asks for it), and the ``q8`` names that chose a matrix (a Mamba2 has no ``attn_v``). The
+    embedding and the head are those stored: a tied head is the embedding's alias."""
+    formats, applied = {}, set()
+    kinds = family.layer_kinds(ckpt.config)
+    last = len(kinds) - 1
+    for index, kind in enumerate(kinds):
+        for slot in BLOCK_READS[kind]:
+            chosen_by = [k for k in (slot, FIRST_LAST if index in (0, last) else None) if k in options.q8]
+            applied.update(chosen_by)
+            formats[family.name_of(index, slot)] = "q8_0" if chosen_by else "q4_0"
+    for slot in (EMBED, HEAD):
+        name = f"{family.top[slot]}.weight"
+        if name in ckpt.names:
+            formats[name] = EMBEDDING_FORMATS[options.embedding_bits]
+    return formats, applied
+
+
+def _plan(ckpt: Checkpoint, formats: Mapping[str, str]) -> dict[str, torch.Tensor | Quantized]:
+    """The quantized checkpoint's tensors on the meta device, in ``ckpt``'s order (its writer lays
+    the weights file out so): the matrices named in ``formats`` as their codes and scales, the
+    others as ``ckpt`` stores them at rate 0."""
+    plan = {}
+    for name, (shape, dtype, _) in ckpt.shapes(0.0).items():
+        if name not in formats:
+            plan[name] = torch.empty(shape, dtype=dtype, device="meta")
+            continue
+        rows, columns = shape
+        if columns % BLOCK:
+            raise ElastiqError(f"{name} has an input axis of {columns}, not a multiple of the Q4_0 block of {BLOCK}")
+        size, codes_dtype = _CODES[formats[name]]
+        blocks = columns // BLOCK
+        plan[name] = FORMATS[formats[name]](torch.empty(rows, blocks, size, dtype=codes_dtype, device="meta"),
+                                            torch.empty(rows, blocks, dtype=torch.float16, device="meta"))
+    return plan
+
+
+def _quantize_block(reader: BlockReader, index: int, family: Family, options: QuantizeOptions,
+                    formats: Mapping[str, str], hidden: list[torch.Tensor], positions: torch.Tensor | None,
+                    writer: CheckpointWriter) -> list[torch.Tensor]:
+    """Read block ``index`` at rate 0, quantize its matrices (GPTQ on the Hessians of ``hidden``,
+    its inputs through the already-quantized earlier blocks, or round-to-nearest), write them and
+    its float tensors, and return ``hidden`` through the quantized block; the block is freed on return."""
+    tensors = reader.block(index)
+    block = block_from_weights(tensors, reader.source.config, index)
+    matrices = BLOCK_READS[family.layer_kinds(reader.source.config)[index]]
+    run, hessians = None, {}
+    if options.method == "gptq":
+        run = block_runner(block, positions)
+        hessians = _block_hessians(block, run, hidden, set(matrices.values()))
+    for slot, reads in matrices.items():
+        name = family.name_of(index, slot)
+        linear = block.get_submodule(slot)
+        if options.method == "gptq":
+            h = hessians[reads]
+            # runs of a pruned input axis: per attention query head (attn_output), or per SSM head (ssm_out)
+            order = _order(slot, h, linear.in_features, block.num_heads, options.order == "least-important-first")
+            t = gptq(linear.weight, h, order, options.damp, fmt=formats[name])
+        elif formats[name] == "q8_0":
+            t = quantize_q8_0(linear.weight)
+        else:
+            t = QuantizedTensor(*quantize_rtn(linear.weight))
+        linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
+        writer.put(name, t)
+    for name, t in tensors.items():
+        if name not in formats:
+            writer.put(name, t)
+    return [run(x) for x in hidden] if run is not None else hidden
 
 
 def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:

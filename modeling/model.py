@@ -21,7 +21,7 @@ restarts at 0). Quantized matrices either become float (the reference) or stay p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Mapping
 
@@ -126,19 +126,25 @@ class ModelArgs:
     def from_weights(cls, weights: Mapping[str, Weight], config: Mapping) -> "ModelArgs":
         """Read each block's widths off the shapes of its tensors in ``weights`` (runtime names,
         ``runtime_weights``)."""
+        args = cls.from_config(config)
+        return replace(args, layers=tuple(layer_args(block_weights(weights, i), args.num_kv_heads, args.ssm, i)
+                                          for i in range(config["num_hidden_layers"])))
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "ModelArgs":
+        """What ``config`` alone says (no block's widths: ``layers`` is empty): enough to build one
+        block (``block_from_weights``) or the model's ends (``Transformer.ends_from_weights``)."""
         family = family_for(config)
         family.check(config)
         heads, ssm = family.heads(config), family.ssm_config(config)
         num_heads, num_kv_heads, head_dim = (heads.num_heads, heads.num_kv_heads, heads.head_dim) if heads else \
             (0, 0, 0)
-        layers = tuple(layer_args(block_weights(weights, i), num_kv_heads, ssm, i)
-                       for i in range(config["num_hidden_layers"]))
         return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=num_heads,
                    num_kv_heads=num_kv_heads, head_dim=head_dim,
                    rms_norm_eps=family.norm_eps(config), tie_word_embeddings=config.get("tie_word_embeddings", False),
                    hidden_act=config.get("hidden_act") or config.get("hidden_activation") or "silu",
                    embed_scale=family.embedding_scale(config),
-                   attention_scale=family.attention_scale(config) if heads else 0.0, layers=layers, ssm=ssm)
+                   attention_scale=family.attention_scale(config) if heads else 0.0, layers=(), ssm=ssm)
 
 
 @dataclass(frozen=True)
@@ -779,9 +785,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         end = T if start is None else start + T
         positions = torch.arange(end - T, end, device=input_ids.device)
-        x = self.embed_tokens(input_ids).to(self.dtype)
-        if self.args.embed_scale != 1:
-            x = x * torch.tensor(self.args.embed_scale, dtype=self.dtype)
+        x = self.embed(input_ids)
         tables = {}  # one RoPE table per set of frequencies (layer type) and forward pass
         for layer, group in zip(self.layers, self.rope_groups):
             if group is None:  # a Mamba2 block
@@ -792,6 +796,14 @@ class Transformer(nn.Module):
             x = layer(x, tables[group], start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden states [B, T, hidden] the first block reads: the embeddings of ``input_ids``
+        [B, T] in the model's dtype, scaled where the family scales them (Gemma)."""
+        x = self.embed_tokens(input_ids).to(self.dtype)
+        if self.args.embed_scale != 1:
+            x = x * torch.tensor(self.args.embed_scale, dtype=self.dtype)
+        return x
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
         """Give every attention block an empty KV cache of ``max_seq`` positions in the model's
@@ -834,31 +846,14 @@ class Transformer(nn.Module):
         are used as they are. A tied embedding and head are made resident once. ``orders``
         {runtime name of a block's slot, ``layers.{i}.{slot}``: (axis, order)} says which matrices
         (and their biases) ``weights`` holds with their pruned axis in unit order."""
-        weights = runtime_weights(weights, config)
-        if config.get("tie_word_embeddings"):
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        q8: dict[int, Weight] = {}  # a tied Q8_0 embedding and head share one resident form
-        for name, t in weights.items():
-            if not isinstance(t, Q8Tensor):
-                weights[name] = resident(name, t, dtype, int4)
-            elif id(t) in q8:
-                weights[name] = q8[id(t)]
-            else:
-                weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
+        weights = _resident_weights(weights, config, dtype, int4)
         args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
         attention = [isinstance(layer, LayerArgs) for layer in args.layers]
         for i, layer in enumerate(args.layers):
-            if not attention[i]:
-                continue
-            name = f"layers.{i}.{ROPE_PAIRS}"
-            pairs = weights.get(name)
-            if pairs is None:
-                pairs = torch.arange(layer.rope_pairs, device=device).expand(args.num_kv_heads, -1)
-            if pairs.shape != (args.num_kv_heads, layer.rope_pairs):
-                raise ElastiqError(f"layer {i}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
-                                   f"rows say {(args.num_kv_heads, layer.rope_pairs)}")
-            weights[name] = pairs.long()
+            if attention[i]:
+                name = f"layers.{i}.{ROPE_PAIRS}"
+                weights[name] = _rope_pairs(weights.get(name), layer, args.num_kv_heads, i, device)
         # rotary frequencies for attention blocks only (a Mamba2 model's config has none)
         attending = layer_attention(config, device) if any(attention) else [None] * len(attention)
         attending = [a if attends else None for a, attends in zip(attending, attention)]
@@ -868,6 +863,64 @@ class Transformer(nn.Module):
     def from_hf(cls, model: nn.Module) -> "Transformer":
         """The elastic model of a transformers causal LM, sharing its tensors."""
         return cls.from_weights(model.state_dict(), model.config.to_dict())
+
+    @classmethod
+    def ends_from_weights(cls, weights: Mapping[str, Weight], config: Mapping) -> "Transformer":
+        """The model of ``config`` without its blocks, from its top-level tensors alone (token
+        embedding, final norm, LM head or a tied head; names as in ``from_weights``), in float32
+        with quantized ones dequantized: with ``block_from_weights``, a stage holds one block at
+        a time and computes ``lm_head(norm(block_n(...block_0(embed(ids)))))``, what ``forward``
+        computes, without the whole model in memory."""
+        return cls(ModelArgs.from_config(config), _resident_weights(weights, config, torch.float32, False), [],
+                   torch.float32).eval()
+
+
+def block_from_weights(weights: Mapping[str, Weight], config: Mapping, index: int) -> Block | SSMBlock:
+    """Block ``index`` of the model of ``config`` from its own tensors alone (names as in
+    ``Transformer.from_weights``; pairs 0..u-1 when its rotary pair indices are absent), in
+    float32 with quantized matrices dequantized: the block ``Transformer.from_weights`` builds,
+    computing the same, for a stage that holds one block at a time. An attention block runs on
+    its own RoPE tables (``block(x, block.rope_tables(positions))``), a Mamba2 block as ``block(x)``."""
+    args = ModelArgs.from_config(config)
+    w = block_weights(_resident_weights(weights, config, torch.float32, False), index)
+    layer = layer_args(w, args.num_kv_heads, args.ssm, index)
+    attending = None
+    if isinstance(layer, LayerArgs):
+        device = _device(w[f"{ATTN_NORM}.weight"])
+        w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device)
+        attending = layer_attention(config, device)[index]
+    return build_block(args, layer, w, attending).eval()
+
+
+def _resident_weights(weights: Mapping[str, Weight], config: Mapping, dtype: torch.dtype,
+                      int4: bool) -> dict[str, Weight]:
+    """``weights`` under runtime names (``runtime_weights``), the head naming the embedding where
+    the config ties them, each in the form the model holds it (``resident``; a tied Q8_0 embedding
+    and head share one)."""
+    weights = runtime_weights(weights, config)
+    if config.get("tie_word_embeddings") and "embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    q8: dict[int, Weight] = {}  # a tied Q8_0 embedding and head share one resident form
+    for name, t in weights.items():
+        if not isinstance(t, Q8Tensor):
+            weights[name] = resident(name, t, dtype, int4)
+        elif id(t) in q8:
+            weights[name] = q8[id(t)]
+        else:
+            weights[name] = q8[id(t)] = resident(name, t, dtype, int4)
+    return weights
+
+
+def _rope_pairs(pairs: torch.Tensor | None, layer: LayerArgs, num_kv_heads: int, index: int,
+                device: torch.device) -> torch.Tensor:
+    """Block ``index``'s rotary pair indices [G, u] as the model holds them (int64): ``pairs``, or
+    pairs 0..u-1 of every KV head when absent."""
+    if pairs is None:
+        pairs = torch.arange(layer.rope_pairs, device=device).expand(num_kv_heads, -1)
+    if pairs.shape != (num_kv_heads, layer.rope_pairs):
+        raise ElastiqError(f"layer {index}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
+                           f"rows say {(num_kv_heads, layer.rope_pairs)}")
+    return pairs.long()
 
 
 def resident(name: str, t: Weight, dtype: torch.dtype, int4: bool) -> Weight:
