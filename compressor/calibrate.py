@@ -229,20 +229,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chunk: int = 4,
-              progress: bool = True, load: Callable[[int], None] | None = None) -> Iterator[tuple[int, BlockStats]]:
-    """Yield (block index, statistics) for every block in order, one block in memory at a time.
+              progress: bool = True, load: Callable[[int], None] | None = None, start: int = 0,
+              activations: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[int, BlockStats]]:
+    """Yield (block index, statistics) for every block in order from ``start``, one block in
+    memory at a time.
 
     The caller may change block i's weights when it receives its statistics, as long as the
     change keeps the block's function (as sorting does): the next block's inputs are already
     computed. ``load(i)``, if given, is called before block i runs (a streamed model fills it
-    then); the embeddings must be loaded before.
+    then); the embeddings must be loaded before. ``activations`` holds this rank's hidden states
+    by chunk, entering block ``start`` (those a stopped run saved; filled here at block 0) and
+    leaving each block once it is yielded, for the caller to save.
     """
     config = model.config.to_dict()
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     hidden, kwargs = _block_inputs(model, family, samples, chunk)
+    if activations is not None:
+        if start == 0:
+            activations.update(hidden)
+        hidden = activations
     count = -(-len(samples) // chunk)
-    for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress, leave=False):
+    for index in tqdm(range(start, len(blocks)), desc="calibrate", disable=not progress, leave=False,
+                      initial=start, total=len(blocks)):
         if load is not None:
             load(index)
         block = blocks[index]
@@ -273,8 +282,12 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                     for key, value in stat.items():
                         if key == "ssm_input":
                             inputs.append(value)
+                        elif key in sums:
+                            sums[key] += value
                         else:
-                            sums[key] = sums[key] + value if key in sums else value.clone()
+                            sums[key] = value  # the hooks put a new tensor for the next chunk
+                mine = None
+                chunk_stats.clear()
         finally:
             for h in handles:
                 h.remove()

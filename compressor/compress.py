@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .. import ElastiqError
 from ..atomic import atomic_path
-from ..checkpoint import QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
+from ..checkpoint import MANIFEST, QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import family_for
 from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
-from .distributed import world
+from .distributed import synchronize, world
 from .intake import LoadedModel, load_model
+from .needs import check_room, plan
+from .progress import BlockProgress
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
@@ -46,8 +52,14 @@ class CompressOptions:
 
 
 def compress(source: str | Path, output: str | Path, options: CompressOptions | None = None,
-             overwrite: bool = False, data: Path | None = None, progress: bool = True) -> Path:
-    """Compress ``source`` (a model path or name) into the nested checkpoint ``output``."""
+             overwrite: bool = False, data: Path | None = None, progress: bool = True,
+             resume: Path | None = None) -> Path:
+    """Compress ``source`` (a model path or name) into the nested checkpoint ``output``.
+
+    With ``resume``, a folder, the run keeps there what it needs to go on from the last block
+    it finished (the checkpoint being written, the calibration activations) when stopped, and a
+    run of the same source and options given the same folder goes on from there; the folder is
+    removed when the checkpoint is written."""
     options = options or CompressOptions()
     output = checkpoint_output(output, overwrite)
     if options.method not in (*METHODS, *SSM_METHODS):
@@ -58,6 +70,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.quality_windows < 0:
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
+    check_room(plan(source, options.calib_samples, options.calib_seqlen, options.quality_windows), output)
 
     # streamed (one block in memory at a time) where the source allows; rotation needs the whole model
     loaded = load_model(source, stream=not options.rotate)
@@ -94,56 +107,96 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
                                                         device="meta")
              for i, kind in enumerate(kinds) if kind != SSM and QK in family.offers}
+    blocks_done = BlockProgress(resume / "blocks", _settings(source, options)) if resume is not None else None
+    start, kept, activations = blocks_done.restore() if blocks_done is not None else (0, {}, {})
     if world()[0] != 0:  # another rank runs its share of the calibration chunks; rank 0 writes
-        _follow(loaded, family, samples, blocks)
+        _follow(loaded, family, samples, blocks, start, activations, blocks_done)
+        synchronize()
         return output
-    plan, aliases = _plan(model)
+    stored, aliases = _plan(model)
     groups = [g for layer in layer_groups for g in layer]
-    start = time.perf_counter()
-    with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
-        with CheckpointWriter(staged, {**plan, **pairs}, groups, heads, aliases) as writer:
-            ends = [family.top_module(model, slot) for slot in (EMBED, FINAL_NORM, HEAD)]
-            loaded.load(ends[0])
-            influence, sort_seconds = [], 0.0
-            for index, stats in calibrate(model, family, samples, progress=progress,
-                                          load=lambda i: loaded.load(blocks[i])):
-                influence.append(stats.influence)
-                t = time.perf_counter()
-                if kinds[index] == SSM:
-                    sort_ssm_block(model, family, index, layer_groups[index], stats, options.method, options.ridge)
-                else:
-                    order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
-                    if QK in family.offers:
-                        writer.put(family.name_of(index, ROPE_PAIRS), order)
-                sort_seconds += time.perf_counter() - t
-                _put(writer, loaded, blocks[index], plan)
-            options.timings.update(calibrate_and_sort=time.perf_counter() - start, sort=sort_seconds)
-            for module in ends:  # the embeddings are still loaded; a tied head is stored as them
-                if module is not ends[0] and any(n in plan for n in module.state_dict(prefix=loaded.prefix(module))):
-                    loaded.load(module)
-                _put(writer, loaded, module, plan)
+    begun = time.perf_counter()
+    with _staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
+        if not (staged / MANIFEST).is_file():  # else a resumed run that was stopped while measuring
+            writing = resume / "writing" if resume is not None else None
+            with CheckpointWriter(staged, {**stored, **pairs}, groups, heads, aliases, True, writing) as writer:
+                ends = [family.top_module(model, slot) for slot in (EMBED, FINAL_NORM, HEAD)]
+                loaded.load(ends[0])
+                influence, sort_seconds = kept.get("influence", [])[:start], 0.0
+                for index, stats in calibrate(model, family, samples, progress=progress,
+                                              load=lambda i: loaded.load(blocks[i]), start=start,
+                                              activations=activations):
+                    influence.append(stats.influence)
+                    t = time.perf_counter()
+                    if kinds[index] == SSM:
+                        sort_ssm_block(model, family, index, layer_groups[index], stats, options.method,
+                                       options.ridge)
+                    else:
+                        order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
+                        if QK in family.offers:
+                            writer.put(family.name_of(index, ROPE_PAIRS), order)
+                    sort_seconds += time.perf_counter() - t
+                    _put(writer, loaded, blocks[index], stored)
+                    if blocks_done is not None:
+                        blocks_done.save(index, {"influence": influence}, activations)
+                synchronize()  # the other ranks have saved their last activations
+                options.timings.update(calibrate_and_sort=time.perf_counter() - begun, sort=sort_seconds)
+                for module in ends:  # the embeddings are still loaded; a tied head is stored as them
+                    if module is not ends[0] and \
+                            any(n in stored for n in module.state_dict(prefix=loaded.prefix(module))):
+                        loaded.load(module)
+                    _put(writer, loaded, module, stored)
 
-            t = time.perf_counter()
-            specs = allocate(layer_groups, unit, rates, influence if options.allocation == "influence" else None,
-                             options.temperature)
-            options.timings["allocate"] = time.perf_counter() - t
-            t = time.perf_counter()
-            writer.finish(specs, {**source_info, "block_influence": influence}, tokenizer)
-        options.timings["write"] = time.perf_counter() - t
+                t = time.perf_counter()
+                specs = allocate(layer_groups, unit, rates,
+                                 influence if options.allocation == "influence" else None, options.temperature)
+                options.timings["allocate"] = time.perf_counter() - t
+                t = time.perf_counter()
+                writer.finish(specs, {**source_info, "block_influence": influence}, tokenizer)
+            options.timings["write"] = time.perf_counter() - t
+            del ends
         if len(heldout):
-            del model, loaded, blocks, ends
+            del model, loaded, blocks
             t = time.perf_counter()
             ckpt = Checkpoint(staged)  # the sorted model at rate 0 is the source model: the dense reference
-            record_quality(ckpt, rate_quality(ckpt, ckpt.read_rate(0.0), heldout, progress))
+            record_quality(ckpt, rate_quality(ckpt, ckpt, heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
+    if resume is not None:
+        shutil.rmtree(resume)
     return output
 
 
-def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[torch.nn.Module]) -> None:
-    """Run this rank's calibration chunks through every block, whose statistics rank 0 sorts by."""
+def _settings(source: str | Path, options: CompressOptions) -> dict:
+    """What decides the stage's result, as its resume folder records it (JSON's own types)."""
+    fields = {k: v for k, v in asdict(options).items() if k != "timings"}
+    return json.loads(json.dumps({"source": str(source), **fields}, default=str))
+
+
+@contextmanager
+def _staging(output: Path, resume: Path | None) -> Iterator[Path]:
+    """Where the checkpoint is written and measured before it takes the name ``output``: a
+    temporary that a kill removes, or, when resumable, a folder in ``resume`` that outlives it."""
+    if resume is None:
+        with atomic_path(output, named=True) as staged:
+            yield staged
+        return
+    staged = resume / output.name
+    yield staged
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staged, output)
+
+
+def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[torch.nn.Module], start: int,
+            activations: dict[int, torch.Tensor], blocks_done: BlockProgress | None) -> None:
+    """Run this rank's calibration chunks through every block from ``start``, whose statistics
+    rank 0 sorts by, keeping this rank's activations after each block when resumable."""
     loaded.load(family.top_module(loaded.model, EMBED))
-    for index, _ in calibrate(loaded.model, family, samples, progress=False, load=lambda i: loaded.load(blocks[i])):
+    for index, _ in calibrate(loaded.model, family, samples, progress=False, load=lambda i: loaded.load(blocks[i]),
+                              start=start, activations=activations):
         loaded.release(blocks[index])
+        if blocks_done is not None:
+            blocks_done.save(index, {}, activations)
 
 
 def _plan(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -49,6 +49,12 @@ def agree(value):
     return box[0]
 
 
+def synchronize() -> None:
+    """Wait until every rank is here."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def my_chunks(count: int) -> list[int]:
     """The indices of the ``count`` calibration chunks this rank runs."""
     rank, size = world()

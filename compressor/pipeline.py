@@ -27,11 +27,13 @@ from .calibrate import calibration_file, heldout_windows
 from .compress import CompressOptions, compress
 from .distributed import agree, world
 from .intake import check_source
+from .needs import check_room, plan
 from .quality import rate_quality
 from .quantize import QuantizeOptions, quantize_checkpoint
 from .recover import RecoverOptions, recover_checkpoint
 
 STAGES = "stages.json"  # the work folder's record of what its checkpoints were made from
+SORTING = "sorting"  # the sorting stage's resume folder in the work folder (compress's ``resume``)
 
 
 @dataclass
@@ -87,15 +89,24 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
         c, q = options.compress, options.quantize
         q.calib_samples, q.calib_seqlen, q.calib_data = c.calib_samples, c.calib_seqlen, c.calib_data
         q.quality_windows, q.seed = c.quality_windows, c.seed
+    work = stages_dir(output)
     if options.recover is None and options.quantize is None:  # one stage: straight to the output
-        return compress(source, output, options.compress, overwrite=overwrite, data=data, progress=progress)
+        compress(source, output, options.compress, overwrite=overwrite, data=data, progress=progress,
+                 resume=work / SORTING)
+        if world()[0] == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        return output
     if world()[0] != 0:  # another rank: it joins the sorting stage if rank 0 runs it; the rest is rank 0's
         if agree(None):
-            compress(source, stages_dir(output) / f"sorted{SUFFIX}", options.compress, overwrite=True, data=data,
-                     progress=False)
+            compress(source, work / f"sorted{SUFFIX}", options.compress, overwrite=True, data=data, progress=False,
+                     resume=work / SORTING)
         return output
     check_source(source)  # a bad source fails before any stage starts
-    work = stages_dir(output)
+    c = options.compress
+    needs = plan(source, c.calib_samples, c.calib_seqlen, c.quality_windows, quantize=options.quantize is not None,
+                 recover=options.recover is not None)
+    log(f"elastiq: this run {needs.describe()}")
+    check_room(needs, output)
     settings = options.settings(_source_key(source))
     record = work / STAGES
     if work.exists():
@@ -121,7 +132,8 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
     dense = work / f"sorted{SUFFIX}"
     if agree(not _done(dense)):  # the other ranks, if any, join this stage
         log(f"elastiq: stage 1/{count}: calibrate, sort and allocate")
-        compress(source, dense, options.compress, overwrite=True, data=data, progress=progress)
+        compress(source, dense, options.compress, overwrite=True, data=data, progress=progress,
+                 resume=work / SORTING)
     current = dense
     if options.recover is not None:
         recovered = work / f"recovered{SUFFIX}"
@@ -151,4 +163,4 @@ def _measure_against(ckpt: Checkpoint, dense: Checkpoint, options: CompressOptio
     held-out windows compression measured the dense model's rates on."""
     windows = heldout_windows(ckpt.tokenizer(), calibration_file(options.calib_data, data),
                               options.quality_windows, options.calib_seqlen, options.seed)
-    record_quality(ckpt, rate_quality(ckpt, dense.read_rate(0.0), windows, progress))
+    record_quality(ckpt, rate_quality(ckpt, dense, windows, progress))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +134,17 @@ class CheckpointWriter:
     (the offered rates, which decide the segments, may be known only then) and writes the
     manifest. Everything is written into a temporary folder renamed to ``path`` when the ``with``
     block ends after ``finish``; an error, or a block left without ``finish``, leaves nothing.
+
+    With ``resume``, that folder is ``resume`` instead, and it outlives an error or a kill: a
+    writer of the same plan opened on it again keeps the tensors already put (recorded in
+    ``resume``.written.json beside it, each once its bytes are written), so a caller that lost its
+    process puts only the rest.
     """
 
     def __init__(self, path: Path, plan: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
-                 heads: Heads | None, aliases: Mapping[str, str] | None = None, overwrite: bool = False):
-        self.path = Path(path)
+                 heads: Heads | None, aliases: Mapping[str, str] | None = None, overwrite: bool = False,
+                 resume: Path | None = None):
+        self.path, self.resume = Path(path), resume
         if self.path.suffix != SUFFIX:
             raise CheckpointError(f"a checkpoint folder's name must end in {SUFFIX}, got {self.path.name}")
         if self.path.exists() and not overwrite:
@@ -171,6 +178,11 @@ class CheckpointWriter:
         self._fd: int | None = None
 
     def __enter__(self) -> "CheckpointWriter":
+        if self.resume is not None:
+            self._tmp = Path(self.resume)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._open_weights()
+            return self
         self._atomic = atomic_path(self.path, directory=True)
         self._tmp = self._atomic.__enter__()
         try:
@@ -183,18 +195,32 @@ class CheckpointWriter:
     def __exit__(self, kind, err, tb) -> bool:
         if self._fd is not None:
             os.close(self._fd)
+        unfinished = CheckpointError(f"the checkpoint writer of {self.path} was closed before finish(); nothing "
+                                     "was written under that name")
+        if self.resume is not None:  # the folder stays for the next writer, unless it is finished
+            if err is None and not self._finished:
+                raise unfinished
+            if err is None:
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                os.replace(self._tmp, self.path)
+                self._record.unlink(missing_ok=True)
+            return False
         if err is None and not self._finished:
-            err = CheckpointError(f"the checkpoint writer of {self.path} was closed before finish(); nothing "
-                                  "was written under that name")
-            kind, tb = type(err), None
-            if not self._atomic.__exit__(kind, err, tb):
-                raise err
+            if not self._atomic.__exit__(type(unfinished), unfinished, None):
+                raise unfinished
             return False
         return bool(self._atomic.__exit__(kind, err, tb))
 
+    @property
+    def _record(self) -> Path:
+        """Where a resumable writer records the tensors it has put."""
+        return self._tmp.with_name(self._tmp.name + ".written.json")
+
     def _open_weights(self) -> None:
         """Lay the weights file out: its safetensors header, then every stored tensor's bytes (the
-        file is sized at once; ``put`` fills it)."""
+        file is sized at once; ``put`` fills it). A resumable writer keeps a file of the same
+        layout, and the record of what it holds."""
         header: dict = {"__metadata__": {"format": "elastiq"}}
         self._offsets, offset = {}, 0
         for stored, entry in self.entries.items():
@@ -207,9 +233,24 @@ class CheckpointWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
         self._data_start = 8 + len(text)
-        self._fd = os.open(self._tmp / WEIGHTS, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        _pwrite(self._fd, struct.pack("<Q", len(text)) + text, 0)
+        head, file = struct.pack("<Q", len(text)) + text, self._tmp / WEIGHTS
+        if self.resume is not None and file.is_file() and file.stat().st_size == self._data_start + offset:
+            self._fd = os.open(file, os.O_RDWR)
+            if os.pread(self._fd, len(head), 0) == head:  # the same layout: what was put is still there
+                if self._record.is_file():
+                    self._written = set(json.loads(self._record.read_text())) & set(self.entries)
+                return
+            os.close(self._fd)
+        self._fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        _pwrite(self._fd, head, 0)
         os.ftruncate(self._fd, self._data_start + offset)
+        if self.resume is not None:
+            self._record.unlink(missing_ok=True)
+
+    @property
+    def written(self) -> set[str]:
+        """The stored tensors put so far (with ``resume``, also by an earlier writer)."""
+        return set(self._written)
 
     def put(self, name: str, tensor: torch.Tensor | Quantized) -> None:
         """Write the bytes of planned tensor ``name`` (its shape and dtype as planned)."""
@@ -225,6 +266,8 @@ class CheckpointWriter:
             s = t.contiguous() if layout is None else layout.to_storage(t).contiguous()
             _pwrite(self._fd, s.reshape(-1).view(torch.uint8).numpy(), self._data_start + self._offsets[stored])
             self._written.add(stored)
+        if self.resume is not None:
+            write_text(self._record, json.dumps(sorted(self._written)))
 
     def finish(self, rates: Sequence[RateSpec], source: Mapping, tokenizer=None,
                kv_cache_dtype: torch.dtype = torch.bfloat16, quantization: Mapping | None = None) -> None:
@@ -266,7 +309,8 @@ class CheckpointWriter:
         }
         if tokenizer is not None:
             tokenizer.save_pretrained(self._tmp)
-        manifest[FILES] = {f.name: _file_sha256(f) for f in sorted(self._tmp.iterdir()) if f.name != WEIGHTS}
+        manifest[FILES] = {f.name: _file_sha256(f) for f in sorted(self._tmp.iterdir())
+                          if f.name not in (WEIGHTS, MANIFEST)}
         (self._tmp / MANIFEST).write_text(_manifest_text(manifest))
         self._finished = True
 
@@ -543,17 +587,22 @@ class Checkpoint:
         of a tied tensor comes last and is the same object as the tensor it names. Loading tensor by
         tensor keeps one tensor's raw bytes in memory at a time. With ``unit_order``, each pruned
         axis comes in unit order (``layouts.Layout.in_unit_order``: every rate a prefix of it)."""
-        widths = self.rate_entry(rate)["widths"]
         yielded = {}
-        for name, stored in self._parts.items():
-            parts = {part: _form(self.read_units(s, 0, kept_units(self.tensors[s], widths), verify),
-                                 self.tensors[s], unit_order) for part, s in stored.items()}
-            t = self._assemble(name, stored, parts)
+        for name in self._parts:
+            t = self.read_tensor(name, rate, verify, unit_order)
             if name in self.manifest["aliases"].values():
                 yielded[name] = t
             yield name, t
         for alias, name in self.manifest["aliases"].items():
             yield alias, yielded[name]
+
+    def read_tensor(self, name: str, rate: float, verify: bool = True,
+                    unit_order: bool = False) -> torch.Tensor | Quantized:
+        """Stored model tensor ``name`` (not an alias) at ``rate``, as ``iter_rate`` gives it."""
+        widths, stored = self.rate_entry(rate)["widths"], self._parts[name]
+        parts = {part: _form(self.read_units(s, 0, kept_units(self.tensors[s], widths), verify),
+                             self.tensors[s], unit_order) for part, s in stored.items()}
+        return self._assemble(name, stored, parts)
 
     def unit_axis(self, name: str) -> int | None:
         """The pruned axis of model tensor ``name`` (None: it is not pruned)."""

@@ -189,12 +189,20 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
+    if args.plan:
+        from .compressor.needs import plan
+
+        c = options.compress
+        needs = plan(args.model, c.calib_samples, c.calib_seqlen, c.quality_windows,
+                     quantize=options.quantize is not None, recover=options.recover is not None)
+        print(f"elastiq: compressing {args.model} {needs.describe()}")
+        return
     path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log if lead else _quiet,
                  progress=lead)
     if not lead:
         return
     timings = options.compress.timings
-    if timings:  # empty when a resumed run found the sorting stage done
+    if "calibrate_and_sort" in timings:  # absent when a resumed run found the sorting stage done
         print(f"elastiq: calibrate + sort {timings['calibrate_and_sort']:.0f} s, of which sorting "
               f"{timings['sort']:.1f} s", file=sys.stderr)
     if options.recover is not None and "train" in options.recover.timings:
@@ -511,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--recover-steps", type=_positive, default=200,
                       help="recovery optimizer steps of 4 x 256 C4 tokens (default 200)")
     comp.add_argument("--no-quantize", action="store_true", help="write the float32 checkpoint, not 4-bit")
+    comp.add_argument("--plan", action="store_true",
+                      help="say how much memory (per process) and disk this run needs, and stop; a run checks the "
+                           "same before it starts and refuses when the machine has less")
     comp.add_argument("--quantize-method", choices=["gptq", "rtn"], default="gptq",
                       help="GPTQ (default) or round-to-nearest")
     comp.add_argument("--embedding-bits", type=int, choices=[4, 8], default=4,

@@ -86,7 +86,8 @@ def test_cli_compress_calibrates_on_own_text(models, data_dir, tmp_path, capsys)
 
 @pytest.mark.parametrize("args,message", [
     (["--rates", "0.95"], "rate 0.95 is outside [0, 0.9)"),
-    (["--calib-seqlen", "100000"], "windows of 100000 tokens"),
+    (["--calib-samples", "20000"], "windows of 512 tokens"),  # more than the C4 sample holds
+    (["--calib-seqlen", "100000"], "of memory per process"),  # its causal masks alone: 40 GB
 ])
 def test_cli_bad_input(args, message, models, tmp_path, capsys):
     src, _ = models["llama"]

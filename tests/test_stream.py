@@ -81,3 +81,42 @@ def test_streamed_load_leaves_weights_on_the_meta_device(models):
         assert torch.equal(p, q), name
     loaded.release(block)
     assert {p.device.type for p in block.parameters()} == {"meta"}
+
+
+def test_a_stopped_compression_resumes_at_its_last_finished_block(tokenizer, data_dir, tmp_path, monkeypatch):
+    """Stopped while sorting block 2 of 4, a second run of the same options sorts blocks 2 and 3
+    only, and writes the uninterrupted run's checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(7)
+    config = tiny_config("llama", len(tokenizer))
+    config.num_hidden_layers = 4
+    src = tmp_path / "four"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    options = CompressOptions(**{**OPTIONS, "quality_windows": 2})
+    whole = compress(src, tmp_path / "whole.elastiq", options, data=data_dir, progress=False)
+
+    resume, sort, sorted_blocks = tmp_path / "resume", compress_module.sort_block, []
+
+    def stopping(model, groups, *args, **kwargs):
+        index = int(groups[0].name.split(".")[1])  # group names start with the block's: layers.2.mlp
+        if index == 2 and not sorted_blocks.count("stopped"):
+            sorted_blocks.append("stopped")
+            raise KeyboardInterrupt
+        sorted_blocks.append(index)
+        return sort(model, groups, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "sort_block", stopping)
+    out = tmp_path / "resumed.elastiq"
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, out, options, data=data_dir, progress=False, resume=resume)
+    assert not out.exists() and (resume / "blocks" / "progress.json").is_file()
+    compress(src, out, options, data=data_dir, progress=False, resume=resume)
+    assert sorted_blocks == [0, 1, "stopped", 2, 3]
+    assert not resume.exists()
+    a, b = Checkpoint(whole), Checkpoint(out)
+    _same_checkpoint(a, b)
+    assert a.manifest["source"]["block_influence"] == b.manifest["source"]["block_influence"]
