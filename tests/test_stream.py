@@ -120,3 +120,36 @@ def test_a_stopped_compression_resumes_at_its_last_finished_block(tokenizer, dat
     a, b = Checkpoint(whole), Checkpoint(out)
     _same_checkpoint(a, b)
     assert a.manifest["source"]["block_influence"] == b.manifest["source"]["block_influence"]
+
+
+def test_streamed_peak_memory_stays_within_the_plan_far_below_the_model(tokenizer, tmp_path):
+    """A random model of 1.41 GB of float32 weights (32 blocks, bf16 shards) compressed in its own
+    process: the peak RSS stays within 10% of the planner's figure, and that bound is below the
+    weights alone (a whole-model load holds them, and more)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from elastiq.compressor.needs import plan
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=32,
+                         num_attention_heads=16, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    src = tmp_path / "big"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(src, max_shard_size="200MB")
+    tokenizer.save_pretrained(src)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    del model
+    args = ["compress", str(src), "-o", str(tmp_path / "big.elastiq"), "--rates", "0.25", "--calib-samples", "4",
+            "--calib-seqlen", "64", "--quality-windows", "0", "--no-recover", "--no-quantize"]
+    needs = plan(src, 4, 64, 0)
+    script = ("import resource, sys; from elastiq.cli import main; code = main(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.strip().splitlines()[-1])
+    assert peak <= 1.1 * needs.memory < weights, (peak, weights, needs.describe())
