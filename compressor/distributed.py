@@ -6,7 +6,8 @@ Chunks are run in rounds (round k holds chunks kW .. kW + W - 1), and after each
 receives every rank's per-chunk statistics and adds them in chunk order: the same float64 sums, in
 the same order, as one process makes, so the checkpoint is the single-process one bit for bit (the
 per-chunk statistics themselves depend only on the chunk). Rank 0 sorts, allocates and writes;
-the others only run their chunks.
+the others only run their chunks. Recovery is data-parallel: each rank takes its share of every
+step's batch, and the LoRA gradients are averaged before the step (``average_gradients``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def synchronize() -> None:
     """Wait until every rank is here."""
     if world()[1] > 1:
         dist.barrier()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the ranks, in one all-reduce (data parallelism:
+    every rank then takes the same optimizer step and the weights stay the same everywhere)."""
+    size = world()[1]
+    grads = [p.grad for p in params if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def my_chunks(count: int) -> list[int]:

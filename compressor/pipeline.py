@@ -6,9 +6,13 @@ writing its checkpoint into a work folder beside the output, ``NAME.elastiq.stag
 alone, with neither of the others, writes the output directly):
 ``sorted.elastiq``, then ``recovered.elastiq`` (with recovery's own resumable state beside it),
 then the final checkpoint under the output's name, after which the work folder is removed. A run
-stopped at any point resumes at the stage it was in (recovery at its last saved step) when run
-again with the same source and options; with other options it starts over. Every rate's quality
-in the final checkpoint is measured against the sorted model before recovery: the dense model.
+stopped at any point resumes at the stage it was in (sorting at its last finished block, in
+``sorting/``; recovery at its last saved step) when run again with the same source and options;
+with other options it starts over. Every rate's quality in the final checkpoint is measured
+against the sorted model before recovery: the dense model.
+
+Launched on several ranks (torchrun), every rank runs its share of sorting's calibration and of
+recovery's batches; rank 0 writes, quantizes and reports (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -96,10 +100,13 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
         if world()[0] == 0:
             shutil.rmtree(work, ignore_errors=True)
         return output
-    if world()[0] != 0:  # another rank: it joins the sorting stage if rank 0 runs it; the rest is rank 0's
+    if world()[0] != 0:  # another rank: it joins sorting and recovery if rank 0 runs them; quantizing is rank 0's
         if agree(None):
             compress(source, work / f"sorted{SUFFIX}", options.compress, overwrite=True, data=data, progress=False,
                      resume=work / SORTING)
+        if options.recover is not None and agree(None):
+            recover_checkpoint(work / f"sorted{SUFFIX}", work / f"recovered{SUFFIX}", options.recover, overwrite=True,
+                               data=data or data_dir(), progress=False)
         return output
     check_source(source)  # a bad source fails before any stage starts
     c = options.compress
@@ -137,7 +144,7 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
     current = dense
     if options.recover is not None:
         recovered = work / f"recovered{SUFFIX}"
-        if not _done(recovered):
+        if agree(not _done(recovered)):  # the other ranks, if any, train too
             log(f"elastiq: stage 2/{count}: recover ({options.recover.steps} steps of nested LoRA"
                 + (", distilled from the dense model)" if options.recover.distill else ")"))
             recover_checkpoint(dense, recovered, options.recover, overwrite=True, data=data or data_dir(),

@@ -70,6 +70,7 @@ from ..modeling.model import Transformer
 from ..paths import data_dir
 from .allocate import MAX_RATE, allocate_checkpoint
 from .calibrate import C4_SAMPLE, calibration_samples
+from .distributed import average_gradients, synchronize, world
 
 METHODS = ("nested", "lorashear")
 TEACHERS = ("dense", "self")
@@ -313,6 +314,10 @@ def _check_options(options: RecoverOptions, ckpt: Checkpoint, data: Path) -> Non
         if options.steps < options.prune_periods + 2:
             raise RecoverError(f"LoRAShear needs at least prune_periods + 2 = {options.prune_periods + 2} steps "
                                f"(warm-up, pruning periods, recovery); got {options.steps}")
+    ranks = world()[1]
+    if ranks > 1 and (options.method != "nested" or options.batch % ranks):
+        raise RecoverError(f"recovery on {ranks} ranks is data-parallel: it needs the nested method and a batch "
+                           f"that the ranks divide (got {options.method}, batch {options.batch})")
     if ckpt.quantization:
         raise RecoverError(f"{ckpt.path} is quantized ({ckpt.quantization['format']}); recover the "
                            "float checkpoint that `elastiq compress` wrote, then quantize the result")
@@ -536,8 +541,10 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     rate_units = {r.rate: None if r.rate == 0 else width_units(ckpt.groups, ckpt.heads, r.widths) for r in rates}
 
     step, info = 0, {}
-    if state is not None:
+    rank, ranks = world()
+    if state is not None and rank == 0:
         sweep(state)  # a save killed between its two renames left the previous state aside
+    synchronize()
     if state is not None and state.exists():
         step, extra, info = _load_state(state, settings, str(ckpt.path.resolve()), model, optimizer)
         if shear is not None:
@@ -569,9 +576,10 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
                 source = names[int(torch.multinomial(p, 1, generator=g))]
             rate = options.rate if scales is not None else 0.0
         pool = sources[source]
-        ids = pool[torch.randint(len(pool), (options.batch,), generator=g)]
+        ids = pool[torch.randint(len(pool), (options.batch,), generator=g)][rank::ranks]  # this rank's share
         loss = _loss(model, masks, ids, scales, options, teacher)
         loss.backward()
+        average_gradients(params)
         if shear is not None and step < shear.recovery_start:
             shear.accumulate(layers)
         optimizer.step()
@@ -579,7 +587,7 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
         bar.set_postfix(loss=f"{loss.item():.3f}", rate=rate)
         step_seconds.append(time.perf_counter() - tick)
         done = step + 1
-        if state is not None and done % options.save_every == 0 and done < options.steps:
+        if state is not None and rank == 0 and done % options.save_every == 0 and done < options.steps:
             _save_state(state, done, settings, str(ckpt.path.resolve()), model, optimizer,
                         shear.state() if shear else {}, info)
     masks.remove()
@@ -616,6 +624,8 @@ def recover_checkpoint(checkpoint: str | Path, output: str | Path, options: Reco
     _check_options(options, ckpt, data)
     state = state_dir(output)
     result = recover(ckpt, options, data, state, progress)
+    if world()[0] != 0:  # every rank holds the same merged weights; rank 0 writes them
+        return output
     weights = result.weights
     if result.keep is not None:
         weights = resort(weights, ckpt.groups, ckpt.heads, result.keep)
