@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
 from ..paths import data_dir
-from .distributed import gather_round, my_chunks, round_chunk, rounds
+from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
 C4_SAMPLE = Path("c4") / "c4_validation_2k.parquet"
 
@@ -230,11 +230,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chunk: int = 4,
               progress: bool = True, load: Callable[[int], None] | None = None, start: int = 0,
-              activations: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[int, BlockStats]]:
+              activations: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[int, BlockStats | None]]:
     """Yield (block index, statistics) for every block in order from ``start``, one block in
     memory at a time.
 
-    The caller may change block i's weights when it receives its statistics, as long as the
+    On ranks other than 0 of a distributed run the statistics are None: rank 0 sorts. The
+    caller may change block i's weights when it receives its statistics, as long as the
     change keeps the block's function (as sorting does): the next block's inputs are already
     computed. ``load(i)``, if given, is called before block i runs (a streamed model fills it
     then); the embeddings must be loaded before. ``activations`` holds this rank's hidden states
@@ -249,7 +250,7 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
         if start == 0:
             activations.update(hidden)
         hidden = activations
-    count = -(-len(samples) // chunk)
+    count, size = -(-len(samples) // chunk), world()[1]
     for index in tqdm(range(start, len(blocks)), desc="calibrate", disable=not progress, leave=False,
                       initial=start, total=len(blocks)):
         if load is not None:
@@ -259,8 +260,7 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
         current: dict = {}
         handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, block, heads, chunk_stats,
                                                                               current)
-        sums: dict[str, torch.Tensor] = {}
-        inputs: list[torch.Tensor] = []
+        sums: dict = {}  # this block's statistics, summed over the chunks (on rank 0)
         try:
             for k in range(rounds(count)):
                 c = round_chunk(k, count)
@@ -278,22 +278,19 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                     chunk_stats["tokens"] = torch.tensor(x.shape[0] * x.shape[1])
                     hidden[c] = out
                     mine = dict(chunk_stats)
-                for stat in gather_round(mine):  # every rank's chunk of the round, in chunk order
-                    for key, value in stat.items():
-                        if key == "ssm_input":
-                            inputs.append(value)
-                        elif key in sums:
-                            sums[key] += value
-                        else:
-                            sums[key] = value  # the hooks put a new tensor for the next chunk
+                # every chunk of the round added in chunk order, on rank 0
+                reduce_round(mine, sums, min(size, count - k * size), frozenset({"ssm_input"}))
                 mine = None
                 chunk_stats.clear()
         finally:
             for h in handles:
                 h.remove()
-        stats = BlockStats(influence=sums["influence"].item() / sums["tokens"].item(), tokens=int(sums["tokens"]),
-                           mlp=sums.get("mlp"), attn=sums.get("attn"), q_sq=sums.get("q_sq"), k_sq=sums.get("k_sq"),
-                           ssm_input=torch.cat(inputs) if inputs else None)
+        stats = None
+        if sums:
+            stats = BlockStats(influence=sums["influence"].item() / sums["tokens"].item(), tokens=int(sums["tokens"]),
+                               mlp=sums.get("mlp"), attn=sums.get("attn"), q_sq=sums.get("q_sq"),
+                               k_sq=sums.get("k_sq"),
+                               ssm_input=torch.cat(sums["ssm_input"]) if "ssm_input" in sums else None)
         yield index, stats
 
 

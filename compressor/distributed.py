@@ -2,10 +2,10 @@
 
 Launched with ``torchrun`` (or ``accelerate launch``), every rank draws the same calibration
 windows and runs its share of them: chunk c of the windows belongs to rank c mod world size.
-Chunks are run in rounds (round k holds chunks kW .. kW + W - 1), and after each round every rank
-receives every rank's per-chunk statistics and adds them in chunk order: the same float64 sums, in
-the same order, as one process makes, so the checkpoint is the single-process one bit for bit (the
-per-chunk statistics themselves depend only on the chunk). Rank 0 sorts, allocates and writes;
+Chunks are run in rounds (round k holds chunks kW .. kW + W - 1), and after each round the
+running total of the statistics goes round the ranks, each adding its chunk (``reduce_round``):
+the same float64 sums, in the same order, as one process makes, so the checkpoint is the
+single-process one bit for bit (the per-chunk statistics themselves depend only on the chunk). Rank 0 sorts, allocates and writes;
 the others only run their chunks. Recovery is data-parallel: each rank takes its share of every
 step's batch, and the LoRA gradients are averaged before the step (``average_gradients``).
 """
@@ -90,30 +90,66 @@ def round_chunk(k: int, count: int) -> int | None:
     return c if c < count else None
 
 
-def gather_round(mine: dict[str, torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
-    """Every rank's statistics of one round's chunk, in chunk order (ranks without a chunk in
-    the round are left out). ``mine`` is this rank's: tensors by name; ranks may differ only in
-    the sizes of a tensor's axes (a last, smaller chunk)."""
+PIECE = 2 ** 26  # elements per message: a float64 Gram matrix of a 70B model's MLP is 6 GiB
+
+
+def add_chunk(total: dict, stats: dict[str, torch.Tensor], concatenated: frozenset[str]) -> None:
+    """Add one chunk's ``stats`` to the running ``total``: summed, or appended to a list for the
+    names in ``concatenated``."""
+    for key, value in stats.items():
+        if key in concatenated:
+            total.setdefault(key, []).append(value)
+        elif key in total:
+            total[key] += value
+        else:
+            total[key] = value  # the chunk's own tensor: its producer makes a new one for the next chunk
+
+
+def reduce_round(mine: dict[str, torch.Tensor] | None, total: dict, present: int,
+                 concatenated: frozenset[str] = frozenset()) -> None:
+    """Add a round's chunk statistics to rank 0's running ``total`` in chunk order, along a ring:
+    rank 0 adds its chunk and passes the total to rank 1, which adds its own and passes it on,
+    and the last rank with a chunk in the round (``present`` of them) gives it back to rank 0.
+    Every rank holds the total and its own chunk, two sets of statistics, however many ranks
+    there are; the additions are the ones one process makes, in its order. ``total`` is filled
+    on rank 0 only."""
     rank, size = world()
-    if size == 1:
-        return [mine] if mine is not None else []
-    described = [None] * size
-    dist.all_gather_object(described, None if mine is None else {k: (tuple(v.shape), v.dtype) for k, v in mine.items()})
-    present = [d for d in described if d is not None]
-    out: list[dict[str, torch.Tensor] | None] = [None if d is None else {} for d in described]
-    for key in sorted(present[0]):
-        shapes = [d[key][0] for d in present]
-        widest = tuple(max(s[i] for s in shapes) for i in range(len(shapes[0])))
-        dtype = present[0][key][1]
-        send = torch.zeros(widest, dtype=dtype)
+    if rank == 0:
         if mine is not None:
-            if tuple(mine[key].shape) == widest:
-                send = mine[key].contiguous()
-            else:
-                send[tuple(slice(0, n) for n in mine[key].shape)] = mine[key]
-        received = [torch.empty(widest, dtype=dtype) for _ in range(size)]
-        dist.all_gather(received, send)
-        for r, d in enumerate(described):
-            if d is not None:
-                out[r][key] = received[r][tuple(slice(0, n) for n in d[key][0])]
-    return [o for o in out if o is not None]
+            add_chunk(total, mine, concatenated)
+        if present > 1:
+            _send(total, 1)
+            total.clear()  # it travels round the ring and comes back whole
+            total.update(_recv(present - 1))
+    elif rank < present:
+        carried = _recv(rank - 1)
+        add_chunk(carried, mine, concatenated)
+        _send(carried, (rank + 1) % present)
+
+
+def _send(total: dict, dst: int) -> None:
+    """Send statistics (tensors, and lists of them) to rank ``dst``: their shapes and dtypes first."""
+    tensors = {k: (v if isinstance(v, list) else [v]) for k, v in total.items()}
+    described = {k: ([(tuple(t.shape), t.dtype) for t in v], isinstance(total[k], list)) for k, v in tensors.items()}
+    dist.send_object_list([described], dst=dst)
+    for key in sorted(tensors):
+        for t in tensors[key]:
+            for piece in t.contiguous().view(-1).split(PIECE):
+                dist.send(piece.contiguous(), dst=dst)
+
+
+def _recv(src: int) -> dict:
+    """Receive statistics that ``_send`` sent from rank ``src``."""
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    out = {}
+    for key in sorted(box[0]):
+        shapes, listed = box[0][key]
+        received = []
+        for shape, dtype in shapes:
+            t = torch.empty(shape, dtype=dtype)
+            for piece in t.view(-1).split(PIECE):
+                dist.recv(piece, src=src)
+            received.append(t)
+        out[key] = received if listed else received[0]
+    return out

@@ -74,17 +74,19 @@ def compress_needs(model: torch.nn.Module, blocks: list[torch.nn.Module], stream
         parts["block"] = 2 * block  # the block and the copies sorting makes of one group's members
     else:
         parts["model"] = whole + block
-    # Gram matrices (float64) of the MLP's and the attention's inputs: the sum and one chunk's (every
-    # rank's of a round); then sorting holds the sum and two matrices of the MLP's size at a time
+    # Gram matrices (float64) of the MLP's and the attention's inputs: the running sum and one chunk's
+    # (on any number of ranks: the sum travels a ring); then sorting holds the sum and two matrices
+    # of the MLP's size at a time
     grams = (inter ** 2 + hidden ** 2) * 8
-    parts["statistics"] = max(grams * (1 + ranks), grams + 2 * inter ** 2 * 8)
+    parts["statistics"] = max(2 * grams, grams + 2 * inter ** 2 * 8)
     chunk = min(CHUNK, samples)  # and its causal mask, of booleans
     parts["activations"] = mine * seqlen * hidden * 4 + chunk * seqlen * (3 * inter + 4 * hidden) * 4 \
         + chunk * seqlen ** 2
     memory = sum(parts.values())
-    ends = 2 * embed if getattr(config, "tie_word_embeddings", False) else 4 * embed
+    ends = embed if getattr(config, "tie_word_embeddings", False) else 2 * embed  # embedding and head, float32
     if quality_windows:  # block by block too, with the dense model's and a rate's embedding and head
-        parts["quality (at the end)"] = ends + block + quality_windows * seqlen * hidden * 4 + 2 * seqlen * vocab * 4
+        parts["quality (at the end)"] = 2 * ends + block + quality_windows * seqlen * hidden * 4 \
+            + 2 * seqlen * vocab * 4
         memory = max(memory, BASELINE + parts["quality (at the end)"])
     if quantize:  # GPTQ, block by block: the Hessians of the block's inputs and one matrix's inverse
         parts["quantize"] = ends + 2 * block + (3 * hidden ** 2 + 4 * inter ** 2) * 8 + mine * seqlen * hidden * 8

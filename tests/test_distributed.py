@@ -17,9 +17,9 @@ ARGS = ["--rates", "0.15,0.25", "--calib-samples", "10", "--calib-seqlen", "32",
         "--no-recover"]
 
 
-def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, cwd, ranks: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "elastiq", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -39,6 +39,24 @@ def test_two_ranks_write_the_one_process_checkpoint(quantize, models, tmp_path):
     assert (one / WEIGHTS).read_bytes() == (two / WEIGHTS).read_bytes()
     assert done.stderr.count("elastiq: wrote") == 1  # rank 0 reports, rank 1 is quiet
     assert not (tmp_path / "two.elastiq.stages").exists()
+
+
+def test_three_ranks_and_a_mamba2_model(tokenizer, tmp_path):
+    """Three ranks pass the running sums along the whole ring (0 -> 1 -> 2 -> 0); a Mamba2
+    model's statistics are its mixers' inputs, concatenated in chunk order."""
+    from test_mamba2 import build_mamba2
+
+    src = tmp_path / "mamba2"
+    build_mamba2(len(tokenizer)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    args = ["--rates", "0.25", "--calib-samples", "10", "--calib-seqlen", "40", "--quality-windows", "0",
+            "--no-recover", "--no-quantize"]
+    one, three = tmp_path / "one.elastiq", tmp_path / "three.elastiq"
+    main(["compress", str(src), "-o", str(one), *args])
+    done = _torchrun("compress", str(src), "-o", str(three), *args, cwd=tmp_path, ranks=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Checkpoint(one).manifest["tensors"] == Checkpoint(three).manifest["tensors"]
+    assert (one / WEIGHTS).read_bytes() == (three / WEIGHTS).read_bytes()
 
 
 def test_recovery_on_two_ranks_trains_and_merges(models, tmp_path):
