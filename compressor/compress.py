@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from .. import ElastiqError
-from ..atomic import atomic_path
 from ..checkpoint import MANIFEST, QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import family_for
 from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
@@ -23,7 +20,7 @@ from .calibrate import calibrate, calibration_file, calibration_samples, describ
 from .distributed import synchronize, world
 from .intake import LoadedModel, load_model
 from .needs import check_room, plan
-from .progress import BlockProgress
+from .progress import BlockProgress, staging
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
@@ -116,7 +113,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     stored, aliases = _plan(model)
     groups = [g for layer in layer_groups for g in layer]
     begun = time.perf_counter()
-    with _staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
+    with staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
         if not (staged / MANIFEST).is_file():  # else a resumed run that was stopped while measuring
             writing = resume / "writing" if resume is not None else None
             with CheckpointWriter(staged, {**stored, **pairs}, groups, heads, aliases, True, writing) as writer:
@@ -170,21 +167,6 @@ def _settings(source: str | Path, options: CompressOptions) -> dict:
     """What decides the stage's result, as its resume folder records it (JSON's own types)."""
     fields = {k: v for k, v in asdict(options).items() if k != "timings"}
     return json.loads(json.dumps({"source": str(source), **fields}, default=str))
-
-
-@contextmanager
-def _staging(output: Path, resume: Path | None) -> Iterator[Path]:
-    """Where the checkpoint is written and measured before it takes the name ``output``: a
-    temporary that a kill removes, or, when resumable, a folder in ``resume`` that outlives it."""
-    if resume is None:
-        with atomic_path(output, named=True) as staged:
-            yield staged
-        return
-    staged = resume / output.name
-    yield staged
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staged, output)
 
 
 def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[torch.nn.Module], start: int,

@@ -6,10 +6,10 @@ writing its checkpoint into a work folder beside the output, ``NAME.elastiq.stag
 alone, with neither of the others, writes the output directly):
 ``sorted.elastiq``, then ``recovered.elastiq`` (with recovery's own resumable state beside it),
 then the final checkpoint under the output's name, after which the work folder is removed. A run
-stopped at any point resumes at the stage it was in (sorting at its last finished block, in
-``sorting/``; recovery at its last saved step) when run again with the same source and options;
-with other options it starts over. Every rate's quality in the final checkpoint is measured
-against the sorted model before recovery: the dense model.
+stopped at any point resumes at the stage it was in (sorting and quantization at their last
+finished block, in ``sorting/`` and ``quantizing/``; recovery at its last saved step) when run
+again with the same source and options; with other options it starts over. Every rate's quality
+in the final checkpoint is measured against the sorted model before recovery: the dense model.
 
 Launched on several ranks (torchrun), every rank runs its share of sorting's calibration and of
 recovery's batches; rank 0 writes, quantizes and reports (``distributed.py``).
@@ -38,6 +38,7 @@ from .recover import RecoverOptions, recover_checkpoint
 
 STAGES = "stages.json"  # the work folder's record of what its checkpoints were made from
 SORTING = "sorting"  # the sorting stage's resume folder in the work folder (compress's ``resume``)
+QUANTIZING = "quantizing"  # and the quantization stage's
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
     if options.quantize is not None:
         log(f"elastiq: stage {count}/{count}: quantize ({options.quantize.method})")
         quantize_checkpoint(current, output, options.quantize, overwrite=True, data=data, progress=progress,
-                            dense=dense)
+                            dense=dense, resume=work / QUANTIZING)
     else:
         if options.compress.quality_windows:
             _measure_against(Checkpoint(current), Checkpoint(dense), options.compress, data, progress)

@@ -12,7 +12,11 @@ rank may be a block ahead of another when killed, which is why each keeps two.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -22,12 +26,28 @@ from .distributed import agree, world
 PROGRESS = "progress.json"
 
 
-class BlockProgress:
-    """A stage's progress in ``folder``, valid for runs of the same ``settings`` (a JSON-able dict)."""
+@contextmanager
+def staging(output: Path, resume: Path | None) -> Iterator[Path]:
+    """Where the checkpoint is written and measured before it takes the name ``output``: a
+    temporary that a kill removes, or, when resumable, a folder in ``resume`` that outlives it."""
+    if resume is None:
+        with atomic_path(output, named=True) as staged:
+            yield staged
+        return
+    staged = resume / output.name
+    yield staged
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staged, output)
 
-    def __init__(self, folder: Path, settings: dict):
+
+class BlockProgress:
+    """A stage's progress in ``folder``, valid for runs of the same ``settings`` (a JSON-able dict);
+    ``alone`` for a stage that rank 0 runs by itself (quantization) in a distributed run."""
+
+    def __init__(self, folder: Path, settings: dict, alone: bool = False):
         self.folder, self.settings = Path(folder), settings
-        self.rank, self.ranks = world()
+        self.rank, self.ranks = (0, 1) if alone else world()
 
     def _activations(self, block: int) -> Path:
         return self.folder / f"activations-rank{self.rank}-block{block}.safetensors"
@@ -47,7 +67,7 @@ class BlockProgress:
             saved = json.loads((self.folder / PROGRESS).read_text())
             if saved.get("settings") == self.settings and saved.get("ranks") == self.ranks:
                 record = saved
-        record = agree(record)
+        record = agree(record) if self.ranks > 1 else record
         mine = self._mine()
         if record is None:
             for block in mine:

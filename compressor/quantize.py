@@ -19,8 +19,10 @@ own 4-bit mixes also give ``attn_v`` more bits.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -28,8 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..atomic import atomic_path
-from ..checkpoint import (MLP, SSM_P, VO, Checkpoint, CheckpointWriter, RateSpec, checkpoint_output,
+from ..checkpoint import (MANIFEST, MLP, SSM_P, VO, Checkpoint, CheckpointWriter, RateSpec, checkpoint_output,
                           record_quality)
 from ..families import checkpoint_family
 from ..families.base import ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES, Family
@@ -38,6 +39,7 @@ from ..quants import BLOCK, FORMATS, PACKED, Quantized, QuantizedTensor, quantiz
 from .blockwise import BlockReader, block_runner
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
+from .progress import BlockProgress, staging
 from .quality import QUALITY_WINDOWS, rate_quality
 
 METHODS = ("gptq", "rtn")
@@ -104,12 +106,13 @@ def _order(slot: str, h: torch.Tensor, in_features: int, heads: int, least_impor
 @torch.no_grad()
 def quantize_checkpoint(source: str | Path, output: str | Path, options: QuantizeOptions | None = None,
                         overwrite: bool = False, data: Path | None = None, progress: bool = True,
-                        dense: str | Path | None = None) -> Path:
+                        dense: str | Path | None = None, resume: Path | None = None) -> Path:
     """Quantize the float nested checkpoint ``source`` into ``output``; each rate's quality is
     measured against rate 0 of ``dense`` (a float checkpoint of the same model: the sorted one
     before recovery), or of ``source`` itself. One block is read, quantized and written at a time
     (besides the embedding, the head and the calibration activations), so that a model larger
-    than memory is quantized."""
+    than memory is quantized. With ``resume``, a folder, a stopped run goes on from the last block
+    it finished when run again with the same source and options (``compress`` says how)."""
     options = options or QuantizeOptions()
     ckpt = Checkpoint(source)
     family = checkpoint_family(ckpt)
@@ -136,32 +139,47 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             "embedding_format": EMBEDDING_FORMATS[options.embedding_bits],
             "q8_0_matrices": [k for k in options.q8 if k in applied]}
     rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]  # the float quality no longer holds
-    with atomic_path(output, named=True) as staged:  # measured before it takes its name: a kill leaves nothing
-        with CheckpointWriter(staged, _plan(ckpt, formats), ckpt.groups, ckpt.heads, ckpt.aliases) as writer:
-            ends = reader.ends()
-            hidden, positions = [], None  # round-to-nearest needs no calibration activations
-            if options.method == "gptq":
-                positions = torch.arange(samples.shape[1])
-                embed_tokens = Transformer.ends_from_weights(ends, config).embed_tokens
-                hidden = [embed_tokens(chunk) for chunk in samples.split(4)]
-                del embed_tokens
-            for name, t in ends.items():  # a tied head is the embedding's alias, written with it
-                if name in formats:
-                    writer.put(name, _quantize_embedding(t, options.embedding_bits))
-                elif name not in ckpt.aliases:
-                    writer.put(name, t)
-            del ends
-            for index in tqdm(range(len(reader.blocks)), desc="quantize", disable=not progress, leave=False):
-                hidden = _quantize_block(reader, index, family, options, formats, hidden, positions, writer)
-            options.timings["quantize"] = time.perf_counter() - start
-            writer.finish(rates, ckpt.source.record, tokenizer, quantization=spec)
-        if len(heldout):
+    blocks_done = None
+    if resume is not None:  # rank 0 quantizes alone in a distributed run
+        settings = json.loads(json.dumps({"source": str(ckpt.path.resolve()), **asdict(options)}, default=str))
+        blocks_done = BlockProgress(resume / "blocks", {k: v for k, v in settings.items() if k != "timings"},
+                                    alone=True)
+    first, _, saved = blocks_done.restore() if blocks_done is not None else (0, {}, {})
+    with staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
+        if not (staged / MANIFEST).is_file():  # else a resumed run that was stopped while measuring
+            writing = resume / "writing" if resume is not None else None
+            with CheckpointWriter(staged, _plan(ckpt, formats), ckpt.groups, ckpt.heads, ckpt.aliases, True,
+                                  writing) as writer:
+                ends = reader.ends()
+                hidden, positions = [], None  # round-to-nearest needs no calibration activations
+                if options.method == "gptq":
+                    positions = torch.arange(samples.shape[1])
+                    embed_tokens = Transformer.ends_from_weights(ends, config).embed_tokens
+                    hidden = [saved[c] for c in sorted(saved)] if first else \
+                        [embed_tokens(chunk) for chunk in samples.split(4)]
+                    del embed_tokens
+                for name, t in ends.items():  # a tied head is the embedding's alias, written with it
+                    if name in formats:
+                        writer.put(name, _quantize_embedding(t, options.embedding_bits))
+                    elif name not in ckpt.aliases:
+                        writer.put(name, t)
+                del ends
+                for index in tqdm(range(first, len(reader.blocks)), desc="quantize", disable=not progress,
+                                  leave=False, initial=first, total=len(reader.blocks)):
+                    hidden = _quantize_block(reader, index, family, options, formats, hidden, positions, writer)
+                    if blocks_done is not None:
+                        blocks_done.save(index, {}, dict(enumerate(hidden)))
+                options.timings["quantize"] = time.perf_counter() - start
+                writer.finish(rates, ckpt.source.record, tokenizer, quantization=spec)
             del hidden
+        if len(heldout):
             t = time.perf_counter()
             written = Checkpoint(staged)
             reference = Checkpoint(dense) if dense is not None else ckpt
             record_quality(written, rate_quality(written, reference, heldout, progress))
             options.timings["quality"] = time.perf_counter() - t
+    if resume is not None:
+        shutil.rmtree(resume)
     return output
 
 

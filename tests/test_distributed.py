@@ -62,8 +62,6 @@ def test_three_ranks_and_a_mamba2_model(tokenizer, tmp_path):
 def test_recovery_on_two_ranks_trains_and_merges(models, tmp_path):
     """Data-parallel recovery: two ranks, each on half of every step's batch, with averaged LoRA
     gradients, merge the weights one process merges from the whole batch (up to float sums)."""
-    import torch
-
     src, _ = models["llama"]
     args = ["--rates", "0.35", "--calib-samples", "4", "--calib-seqlen", "32", "--quality-windows", "0",
             "--recover-steps", "3", "--no-quantize"]

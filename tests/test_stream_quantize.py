@@ -15,7 +15,7 @@ import torch
 from conftest import TEXT
 from test_mamba2 import build_mamba2
 
-from elastiq.checkpoint import Checkpoint, RateSpec, record_quality, write_checkpoint
+from elastiq.checkpoint import WEIGHTS, Checkpoint, RateSpec, record_quality, write_checkpoint
 from elastiq.compressor import quality as quality_module
 from elastiq.compressor import quantize as quantize_module
 from elastiq.compressor.blockwise import BlockReader
@@ -249,3 +249,29 @@ def test_the_block_reader_reads_what_read_rate_reads(model, float_checkpoints, d
                 _assert_same(read[name], t)
             for alias, name in ckpt.aliases.items():
                 assert read[alias] is read[name]
+
+
+def test_a_stopped_quantization_resumes_at_its_last_finished_block(float_checkpoints, data_dir, tmp_path,
+                                                                   monkeypatch):
+    """GPTQ stopped in the second block of a 2-block checkpoint goes on from it, and writes the
+    uninterrupted run's checkpoint."""
+    source = float_checkpoints["llama"].path
+    whole = quantize_checkpoint(source, tmp_path / "whole.elastiq", _options(), data=data_dir, progress=False)
+    quantize_block, seen = quantize_module._quantize_block, []
+
+    def stopping(reader, index, *args):
+        if index == 1 and "stopped" not in seen:
+            seen.append("stopped")
+            raise KeyboardInterrupt
+        seen.append(index)
+        return quantize_block(reader, index, *args)
+
+    monkeypatch.setattr(quantize_module, "_quantize_block", stopping)
+    out, resume = tmp_path / "resumed.elastiq", tmp_path / "resume"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(source, out, _options(), data=data_dir, progress=False, resume=resume)
+    assert not out.exists() and resume.is_dir()
+    quantize_checkpoint(source, out, _options(), data=data_dir, progress=False, resume=resume)
+    assert seen == [0, "stopped", 1] and not resume.exists()
+    assert (out / WEIGHTS).read_bytes() == (whole / WEIGHTS).read_bytes()
+    assert Checkpoint(out).manifest["rates"] == Checkpoint(whole).manifest["rates"]
