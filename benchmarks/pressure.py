@@ -77,7 +77,7 @@ def usage(cgroup: Path) -> int:
 def child_allocator(spec: dict) -> None:
     """Keep this cgroup's free memory (as the governor reads it) at the schedule's target, in 1 MiB
     chunks whose pages are written; a target of None frees everything. Prints its log as JSON."""
-    from elastiq.runtime.memory import free_memory, return_freed_memory
+    from elastiq.machine import free_memory, return_freed_memory
 
     chunks: list[bytearray] = []
     log, start, last = [], time.monotonic(), -1.0

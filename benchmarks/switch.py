@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 def child_switch(spec: dict) -> dict:
     from elastiq.checkpoint import Checkpoint
     from elastiq.runtime.engine import Engine
-    from elastiq.runtime.memory import return_freed_memory
+    from elastiq.machine import return_freed_memory
 
     torch.set_num_threads(spec["threads"])
     ckpt = Checkpoint(spec["checkpoint"])

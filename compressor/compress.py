@@ -110,7 +110,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         _follow(loaded, family, samples, blocks, start, activations, blocks_done)
         synchronize()
         return output
-    stored, aliases = _plan(model)
+    stored, aliases = _stored_tensors(model)
     groups = [g for layer in layer_groups for g in layer]
     begun = time.perf_counter()
     with staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
@@ -181,10 +181,10 @@ def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[tor
             blocks_done.save(index, {}, activations)
 
 
-def _plan(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _stored_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of ``model``'s state dict on the meta device (its shape and dtype), and the
     names of tied ones ({alias: stored name}, as a tied head's)."""
-    plan, aliases, first = {}, {}, {}
+    stored, aliases, first = {}, {}, {}
     tensors = dict(model.named_parameters(remove_duplicate=False))
     for name, t in model.state_dict(keep_vars=True).items():
         t = tensors.get(name, t)
@@ -192,13 +192,13 @@ def _plan(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
             aliases[name] = first[id(t)]
         else:
             first[id(t)] = name
-            plan[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-    return plan, aliases
+            stored[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return stored, aliases
 
 
-def _put(writer: CheckpointWriter, loaded: LoadedModel, module: torch.nn.Module, plan: dict) -> None:
+def _put(writer: CheckpointWriter, loaded: LoadedModel, module: torch.nn.Module, stored: dict) -> None:
     """Write every stored tensor of ``module`` (once it is final), then free it if streamed."""
     for name, t in module.state_dict(prefix=loaded.prefix(module)).items():
-        if name in plan:
+        if name in stored:
             writer.put(name, t)
     loaded.release(module)

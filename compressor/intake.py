@@ -19,7 +19,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
-from ..runtime.memory import return_freed_memory
+from ..machine import return_freed_memory
 from .shards import ShardWeights
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
 from .source_checks import (ModelLoadError, check_config, check_gguf_tokenizer, check_loading_info,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import ElastiqError
-from ..runtime.memory import free_memory
+from ..machine import free_memory
 
 CHUNK = 4  # calibration windows run through a block at once (calibrate's default)
 BASELINE = 700 * 2 ** 20  # Python, torch, transformers and the tokenizer: 0.63 GB peak compressing a 2-layer model

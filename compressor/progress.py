@@ -12,33 +12,21 @@ rank may be a block ahead of another when killed, which is why each keeps two.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, resumable_path, write_text
 from .distributed import agree, world
 
 PROGRESS = "progress.json"
 
 
-@contextmanager
-def staging(output: Path, resume: Path | None) -> Iterator[Path]:
-    """Where the checkpoint is written and measured before it takes the name ``output``: a
-    temporary that a kill removes, or, when resumable, a folder in ``resume`` that outlives it."""
-    if resume is None:
-        with atomic_path(output, named=True) as staged:
-            yield staged
-        return
-    staged = resume / output.name
-    yield staged
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staged, output)
+def staging(output: Path, resume: Path | None):
+    """Where the checkpoint is written and measured before it takes the name ``output`` (a context
+    manager): a temporary that a kill removes, or, when resumable, a folder in ``resume`` that
+    outlives it."""
+    return atomic_path(output, named=True) if resume is None else resumable_path(output, resume)
 
 
 class BlockProgress:

@@ -169,6 +169,26 @@ def atomic_path(path: Path, directory: bool = False, named: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def resumable_path(path: Path, folder: Path) -> Iterator[Path]:
+    """``folder / NAME``, for a writer whose work outlives a stop (it resumes from what it finds
+    there), moved over ``path`` when the block ends: what ``atomic_path(named=True)`` gives, except
+    that the block's files are kept when it raises. Running out of room raises ``WriteError`` naming
+    ``path``, as ``atomic_path`` does."""
+    path = Path(path)
+    existed, staged = path.exists(), Path(folder) / path.name
+    try:
+        yield staged
+    except Exception as err:
+        cause = _space_cause(err, staged)
+        if cause:
+            raise WriteError(path, cause, existed) from err
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staged, path)
+
+
 def write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (the rename is atomic on one file system)."""
     with atomic_path(path) as tmp:

@@ -141,7 +141,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from .runtime.generate import Sampling
     from .runtime.governor import Governor, model_needs
-    from .runtime.memory import free_memory
+    from .machine import free_memory
     from .runtime.serve import Limits, Server, serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

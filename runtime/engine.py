@@ -35,7 +35,8 @@ from ..modeling.model import (Block, KVCache, Q4Linear, Q8PairLinear, RMSNorm, T
 from ..modeling.ssm import GatedRMSNorm, SSMState
 from ..quants import Quantized, q8_0_halves
 from .generate import Generator
-from .memory import held_orders, return_freed_memory
+from ..machine import return_freed_memory
+from .memory import held_orders
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ..paths import cache_dir, cache_lock
 from .backends import BACKENDS, backend, open_engine
 from .backends.exported import export_key
 from .floor import DEFAULT_MAX_KL
-from .memory import return_freed_memory
+from ..machine import return_freed_memory
 from .plan import RatePlan, plan_rate, process_baseline
 
 SPEEDS_FILE = "backend-speeds.json"

@@ -1,6 +1,6 @@
 """The memory governor of ``elastiq serve``: the serving rate follows the device's free memory.
 
-A thread samples free memory a few times a second (``memory.free_memory``: psutil, the cgroup
+A thread samples free memory a few times a second (``machine.free_memory``: psutil, the cgroup
 limit, CUDA; Linux's pressure stall information is reported beside it). The model part of each
 rate's footprint (weights, KV cache, workspace: the planner's prediction without the baseline) is
 known from the checkpoint, and the memory the model may use is the margin's share of what is free
@@ -23,7 +23,8 @@ from typing import Callable
 
 from . import backends
 from .floor import within_floor
-from .memory import SAFETY_MARGIN, FreeMemory
+from ..machine import FreeMemory
+from .memory import SAFETY_MARGIN
 
 PRESSURE = Path("/proc/pressure/memory")
 

@@ -12,7 +12,8 @@ from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from . import backends
 from .floor import DEFAULT_MAX_KL, check_floor, quality_note, within_floor
-from .memory import SAFETY_MARGIN, Footprint, free_memory, return_freed_memory
+from ..machine import free_memory, return_freed_memory
+from .memory import SAFETY_MARGIN, Footprint
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from .chat import stop_ids, template_ids
 from .floor import DEFAULT_MAX_KL, check_floor, within_floor
 from .generate import Sampling
 from .governor import Governor
-from .memory import free_memory
+from ..machine import free_memory
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_QUEUE = 16  # requests waiting for the engine, beside the one it runs

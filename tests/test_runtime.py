@@ -22,7 +22,8 @@ from elastiq.quants import quantize_q8_0, quantize_rtn, unpack
 from elastiq.runtime.chat import chat, template_ids
 from elastiq.runtime.engine import Engine
 from elastiq.runtime.generate import Generator, Sampling
-from elastiq.runtime.memory import free_memory, parse_size, predict_footprint
+from elastiq.machine import free_memory
+from elastiq.runtime.memory import parse_size, predict_footprint
 from elastiq.runtime.plan import plan_rate
 from elastiq.modeling.model import Transformer
 from conftest import TEXT

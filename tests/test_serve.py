@@ -23,7 +23,7 @@ from elastiq.runtime.engine import Engine
 from elastiq.runtime.floor import DEFAULT_MAX_KL
 from elastiq.runtime.generate import Sampling
 from elastiq.runtime.governor import Governor, memory_pressure, model_needs
-from elastiq.runtime.memory import FreeMemory
+from elastiq.machine import FreeMemory
 from elastiq.runtime.serve import Limits, Server, visible
 from conftest import context_dependent
 

