@@ -4,9 +4,11 @@ Launched with ``torchrun`` (or ``accelerate launch``), every rank draws the same
 windows and runs its share of them: chunk c of the windows belongs to rank c mod world size.
 Chunks are run in rounds (round k holds chunks kW .. kW + W - 1), and after each round the
 running total of the statistics goes round the ranks, each adding its chunk (``reduce_round``):
-the same float64 sums, in the same order, as one process makes, so the checkpoint is the
-single-process one bit for bit (the per-chunk statistics themselves depend only on the chunk). Rank 0 sorts, allocates and writes;
-the others only run their chunks. Recovery is data-parallel: each rank takes its share of every
+the same float64 sums, in the same order, as one process makes, so the statistics are the
+single-process ones bit for bit (the per-chunk statistics themselves depend only on the chunk),
+and so is the checkpoint when rank 0 sorts with the one process's number of threads (LAPACK's
+eigen-decompositions depend on it). Rank 0 sorts, allocates and writes; the others only run
+their chunks. Recovery is data-parallel: each rank takes its share of every
 step's batch, and the LoRA gradients are averaged before the step (``average_gradients``).
 """
 
