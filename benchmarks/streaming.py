@@ -51,13 +51,12 @@ def make(shape: str, out: Path, seed: int = 0) -> None:
     """Write a random bf16 model of ``shape`` into ``out`` in shards of about 4 GiB, one shard in
     memory at a time (std 0.02 matrices, unit norms, as transformers initialises Llama)."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from elastiq.compressor.wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
 
     config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
         skeleton = AutoModelForCausalLM.from_config(config)
     names = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}  # a tied head is left out
     out.mkdir(parents=True, exist_ok=True)

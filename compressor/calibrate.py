@@ -280,7 +280,6 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                     mine = dict(chunk_stats)
                 # every chunk of the round added in chunk order, on rank 0
                 reduce_round(mine, sums, min(size, count - k * size), frozenset({"ssm_input"}))
-                mine = None
                 chunk_stats.clear()
         finally:
             for h in handles:

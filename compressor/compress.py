@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from .calibrate import calibrate, calibration_file, calibration_samples, describ
 from .distributed import synchronize, world
 from .intake import LoadedModel, load_model
 from .needs import check_room, plan
-from .progress import BlockProgress, staging
+from .progress import BlockProgress, stage_settings, staging
 from .quality import QUALITY_WINDOWS, rate_quality
 from .rotate import random_orthogonal, rotate_residual
 from .sort import METHODS, sort_block
@@ -50,13 +49,14 @@ class CompressOptions:
 
 def compress(source: str | Path, output: str | Path, options: CompressOptions | None = None,
              overwrite: bool = False, data: Path | None = None, progress: bool = True,
-             resume: Path | None = None) -> Path:
+             resume: Path | None = None, room_checked: bool = False) -> Path:
     """Compress ``source`` (a model path or name) into the nested checkpoint ``output``.
 
     With ``resume``, a folder, the run keeps there what it needs to go on from the last block
     it finished (the checkpoint being written, the calibration activations) when stopped, and a
     run of the same source and options given the same folder goes on from there; the folder is
-    removed when the checkpoint is written."""
+    removed when the checkpoint is written. A run the machine has no room for is refused first
+    (``needs``), unless the caller checked already (``room_checked``: the pipeline, for every stage)."""
     options = options or CompressOptions()
     output = checkpoint_output(output, overwrite)
     if options.method not in (*METHODS, *SSM_METHODS):
@@ -67,7 +67,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.quality_windows < 0:
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
-    check_room(plan(source, options.calib_samples, options.calib_seqlen, options.quality_windows), output)
+    if not room_checked:
+        check_room(plan(source, options.calib_samples, options.calib_seqlen, options.quality_windows), output)
 
     # streamed (one block in memory at a time) where the source allows; rotation needs the whole model
     loaded = load_model(source, stream=not options.rotate)
@@ -104,7 +105,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
                                                         device="meta")
              for i, kind in enumerate(kinds) if kind != SSM and QK in family.offers}
-    blocks_done = BlockProgress(resume / "blocks", _settings(source, options)) if resume is not None else None
+    blocks_done = BlockProgress(resume / "blocks", stage_settings(source, options)) if resume is not None else None
     start, kept, activations = blocks_done.restore() if blocks_done is not None else (0, {}, {})
     if world()[0] != 0:  # another rank runs its share of the calibration chunks; rank 0 writes
         _follow(loaded, family, samples, blocks, start, activations, blocks_done)
@@ -161,12 +162,6 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if resume is not None:
         shutil.rmtree(resume)
     return output
-
-
-def _settings(source: str | Path, options: CompressOptions) -> dict:
-    """What decides the stage's result, as its resume folder records it (JSON's own types)."""
-    fields = {k: v for k, v in asdict(options).items() if k != "timings"}
-    return json.loads(json.dumps({"source": str(source), **fields}, default=str))
 
 
 def _follow(loaded: LoadedModel, family, samples: torch.Tensor, blocks: list[torch.nn.Module], start: int,

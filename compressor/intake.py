@@ -20,11 +20,11 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
 from ..machine import return_freed_memory
-from .shards import ShardWeights
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
+from .shards import ShardWeights
 from .source_checks import (ModelLoadError, check_config, check_gguf_tokenizer, check_loading_info,
                             check_tokenizer_files, check_weights, gguf_config_fields, one_line, read_json_object,
-                            safetensors_shapes, shown, tokenizer_errors)
+                            safetensors_shapes, shown, tokenizer_errors, weight_files)
 from .wheel_models import DEFAULT_MODEL, WHEEL_MODELS, fetch
 
 T = TypeVar("T")
@@ -181,7 +181,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, stream: bool = False) -> Loaded
     if stream and MODEL_TYPES[config.model_type].convert is None:
         skeleton = _skeleton(config, dtype, shapes)
         if skeleton is not None:
-            return LoadedModel(skeleton, tokenizer, str(path), config.model_type, ShardWeights(path))
+            files, placed = weight_files(path)
+            weights = ShardWeights(placed or {name: files[0] for name in shapes})  # one file, or an index
+            return LoadedModel(skeleton, tokenizer, str(path), config.model_type, weights)
     model, info = _loaded(f"the weights of {path}", lambda: AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True))
     check_loading_info(info, str(path))
@@ -199,8 +201,8 @@ def _skeleton(config, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]) ->
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # done by from_config on a real device, not under init_empty_weights
     params = dict(model.named_parameters())  # a tied head is left out: it is its embedding
-    buffers = {name: b for name, b in model.state_dict().items()  # persistent buffers come from the files too
-               if name not in dict(model.named_parameters(remove_duplicate=False))}
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {name: b for name, b in model.state_dict().items() if name not in every}  # persistent ones
     if any(shapes.get(name) != tuple(t.shape) for name, t in {**params, **buffers}.items()):
         return None
     return model.eval()

@@ -102,10 +102,10 @@ def compress_needs(model: torch.nn.Module, blocks: list[torch.nn.Module], stream
     return Needs(memory, disk, parts)
 
 
-def check_room(needs: Needs, output: Path, device: str = "cpu") -> None:
+def check_room(needs: Needs, output: Path) -> None:
     """Refuse a run that cannot fit: more memory than is free, or more disk than the output's
     file system has; the message says what the run needs and what to change."""
-    free = free_memory(device)
+    free = free_memory()
     folder = Path(output).resolve().parent
     while not folder.exists():
         folder = folder.parent

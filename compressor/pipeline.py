@@ -31,7 +31,7 @@ from .calibrate import calibration_file, heldout_windows
 from .compress import CompressOptions, compress
 from .distributed import agree, world
 from .intake import check_source
-from .needs import check_room, plan
+from .needs import Needs, check_room, plan
 from .quality import rate_quality
 from .quantize import QuantizeOptions, quantize_checkpoint
 from .recover import RecoverOptions, recover_checkpoint
@@ -63,6 +63,13 @@ class PipelineOptions:
 def _plain(value):
     """An option as JSON reads it back (a path as its text, a tuple as a list), so records compare."""
     return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+
+def run_needs(source: str | Path, options: PipelineOptions) -> Needs:
+    """The memory and disk that compressing ``source`` through the stages ``options`` asks for needs."""
+    c = options.compress
+    return plan(source, c.calib_samples, c.calib_seqlen, c.quality_windows, quantize=options.quantize is not None,
+                recover=options.recover is not None)
 
 
 def stages_dir(output: Path) -> Path:
@@ -104,15 +111,13 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
     if world()[0] != 0:  # another rank: it joins sorting and recovery if rank 0 runs them; quantizing is rank 0's
         if agree(None):
             compress(source, work / f"sorted{SUFFIX}", options.compress, overwrite=True, data=data, progress=False,
-                     resume=work / SORTING)
+                     resume=work / SORTING, room_checked=True)
         if options.recover is not None and agree(None):
             recover_checkpoint(work / f"sorted{SUFFIX}", work / f"recovered{SUFFIX}", options.recover, overwrite=True,
                                data=data or data_dir(), progress=False)
         return output
     check_source(source)  # a bad source fails before any stage starts
-    c = options.compress
-    needs = plan(source, c.calib_samples, c.calib_seqlen, c.quality_windows, quantize=options.quantize is not None,
-                 recover=options.recover is not None)
+    needs = run_needs(source, options)
     log(f"elastiq: this run {needs.describe()}")
     check_room(needs, output)
     settings = options.settings(_source_key(source))
@@ -141,7 +146,7 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
     if agree(not _done(dense)):  # the other ranks, if any, join this stage
         log(f"elastiq: stage 1/{count}: calibrate, sort and allocate")
         compress(source, dense, options.compress, overwrite=True, data=data, progress=progress,
-                 resume=work / SORTING)
+                 resume=work / SORTING, room_checked=True)
     current = dense
     if options.recover is not None:
         recovered = work / f"recovered{SUFFIX}"

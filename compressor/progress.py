@@ -12,6 +12,7 @@ rank may be a block ahead of another when killed, which is why each keeps two.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +28,13 @@ def staging(output: Path, resume: Path | None):
     manager): a temporary that a kill removes, or, when resumable, a folder in ``resume`` that
     outlives it."""
     return atomic_path(output, named=True) if resume is None else resumable_path(output, resume)
+
+
+def stage_settings(source: str | Path, options) -> dict:
+    """What decides a stage's result, as its resume folder records it: the source and the stage's
+    options (a dataclass; its ``timings`` left out), in JSON's own types."""
+    fields = {k: v for k, v in asdict(options).items() if k != "timings"}
+    return json.loads(json.dumps({"source": str(source), **fields}, default=str))
 
 
 class BlockProgress:

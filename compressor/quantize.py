@@ -19,10 +19,9 @@ own 4-bit mixes also give ``attn_v`` more bits.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -35,11 +34,11 @@ from ..checkpoint import (MANIFEST, MLP, SSM_P, VO, Checkpoint, CheckpointWriter
 from ..families import checkpoint_family
 from ..families.base import ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES, Family
 from ..modeling.model import Transformer, block_from_weights
-from ..quants import BLOCK, FORMATS, PACKED, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
+from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
 from .blockwise import BlockReader, block_runner
 from .calibrate import calibration_file, calibration_samples, describe_calibration
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
-from .progress import BlockProgress, staging
+from .progress import BlockProgress, stage_settings, staging
 from .quality import QUALITY_WINDOWS, rate_quality
 
 METHODS = ("gptq", "rtn")
@@ -47,7 +46,6 @@ EMBEDDING_FORMATS = {4: "q4_0", 8: "q8_0"}  # bits of the token embedding and LM
 FIRST_LAST = "first-last"  # every matrix of the first and the last block
 Q8_KINDS = (*MATRICES, *SSM_MATRICES, FIRST_LAST)  # what ``q8`` may name
 DEFAULT_Q8 = (ATTN_V,)
-_CODES = {"q4_0": (PACKED, torch.uint8), "q8_0": (BLOCK, torch.int8)}  # each format's codes per block: size, dtype
 
 
 @dataclass
@@ -141,9 +139,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]  # the float quality no longer holds
     blocks_done = None
     if resume is not None:  # rank 0 quantizes alone in a distributed run
-        settings = json.loads(json.dumps({"source": str(ckpt.path.resolve()), **asdict(options)}, default=str))
-        blocks_done = BlockProgress(resume / "blocks", {k: v for k, v in settings.items() if k != "timings"},
-                                    alone=True)
+        blocks_done = BlockProgress(resume / "blocks", stage_settings(ckpt.path.resolve(), options), alone=True)
     first, _, saved = blocks_done.restore() if blocks_done is not None else (0, {}, {})
     with staging(output, resume) as staged:  # measured before it takes its name: a kill leaves nothing
         if not (staged / MANIFEST).is_file():  # else a resumed run that was stopped while measuring
@@ -160,7 +156,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                     del embed_tokens
                 for name, t in ends.items():  # a tied head is the embedding's alias, written with it
                     if name in formats:
-                        writer.put(name, _quantize_embedding(t, options.embedding_bits))
+                        writer.put(name, _round_to_nearest(t, formats[name]))
                     elif name not in ckpt.aliases:
                         writer.put(name, t)
                 del ends
@@ -211,13 +207,9 @@ def _plan(ckpt: Checkpoint, formats: Mapping[str, str]) -> dict[str, torch.Tenso
         if name not in formats:
             plan[name] = torch.empty(shape, dtype=dtype, device="meta")
             continue
-        rows, columns = shape
-        if columns % BLOCK:
-            raise ElastiqError(f"{name} has an input axis of {columns}, not a multiple of the Q4_0 block of {BLOCK}")
-        size, codes_dtype = _CODES[formats[name]]
-        blocks = columns // BLOCK
-        plan[name] = FORMATS[formats[name]](torch.empty(rows, blocks, size, dtype=codes_dtype, device="meta"),
-                                            torch.empty(rows, blocks, dtype=torch.float16, device="meta"))
+        if shape[1] % BLOCK:
+            raise ElastiqError(f"{name} has an input axis of {shape[1]}, not a multiple of the Q4_0 block of {BLOCK}")
+        plan[name] = _round_to_nearest(torch.empty(shape, device="meta"), formats[name])  # its parts' shapes
     return plan
 
 
@@ -242,10 +234,8 @@ def _quantize_block(reader: BlockReader, index: int, family: Family, options: Qu
             # runs of a pruned input axis: per attention query head (attn_output), or per SSM head (ssm_out)
             order = _order(slot, h, linear.in_features, block.num_heads, options.order == "least-important-first")
             t = gptq(linear.weight, h, order, options.damp, fmt=formats[name])
-        elif formats[name] == "q8_0":
-            t = quantize_q8_0(linear.weight)
         else:
-            t = QuantizedTensor(*quantize_rtn(linear.weight))
+            t = _round_to_nearest(linear.weight, formats[name])
         linear.weight.copy_(t.dequantize())  # later blocks see this block quantized
         writer.put(name, t)
     for name, t in tensors.items():
@@ -254,9 +244,9 @@ def _quantize_block(reader: BlockReader, index: int, family: Family, options: Qu
     return [run(x) for x in hidden] if run is not None else hidden
 
 
-def _quantize_embedding(w: torch.Tensor, bits: int) -> Quantized:
-    """Round-to-nearest of the token embedding or LM head [vocab, hidden] to Q4_0 or Q8_0."""
-    return QuantizedTensor(*quantize_rtn(w)) if bits == 4 else quantize_q8_0(w)
+def _round_to_nearest(w: torch.Tensor, fmt: str) -> Quantized:
+    """Round-to-nearest of the matrix ``w`` to ``fmt`` ("q4_0" or "q8_0")."""
+    return QuantizedTensor(*quantize_rtn(w)) if fmt == "q4_0" else quantize_q8_0(w)
 
 
 def _block_hessians(block: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hidden: list[torch.Tensor],

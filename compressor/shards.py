@@ -10,34 +10,18 @@ a memory map, so a shard is never read whole.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
+
 import torch
 from torch import nn
 
-from .source_checks import weight_files
-
 
 class ShardWeights:
-    """The tensors of a folder's safetensors files, by name, loaded into a module on request."""
+    """The tensors of a folder's safetensors files, loaded into a module on request; ``files``
+    maps every tensor's name to its file."""
 
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        files, placed = weight_files(Path(folder))
-        self.files: dict[str, Path] = dict(placed)
-        if not placed:
-            for file in files:
-                with safe_open(file, "pt") as st:
-                    self.files.update({name: file for name in st.keys()})
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every stored tensor's shape, read from the files' headers."""
-        from safetensors import safe_open
-
-        shapes: dict[str, tuple[int, ...]] = {}
-        for file in sorted(set(self.files.values())):
-            with safe_open(file, "pt") as st:
-                shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
-        return shapes
+    def __init__(self, files: Mapping[str, Path]):
+        self.files = dict(files)
 
     def load(self, module: nn.Module, prefix: str) -> None:
         """Give every parameter and persistent buffer of ``module`` (named ``prefix`` + its own

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, resumable_path, write_text
 from .layouts import ADDED_DIMS, Layout, head_counts, is_input_role, role_layout
 from .manifest import (DIGEST, DTYPES, FILES, MLP, QK, SSM_N, SSM_P, VO, TORCH_DTYPES,  # noqa: F401
                        CheckpointError, Group, Heads, digest, kept_bytes, kept_units, kv_bytes_per_token, unit_bytes,
@@ -135,10 +134,10 @@ class CheckpointWriter:
     manifest. Everything is written into a temporary folder renamed to ``path`` when the ``with``
     block ends after ``finish``; an error, or a block left without ``finish``, leaves nothing.
 
-    With ``resume``, that folder is ``resume`` instead, and it outlives an error or a kill: a
-    writer of the same plan opened on it again keeps the tensors already put (recorded in
-    ``resume``.written.json beside it, each once its bytes are written), so a caller that lost its
-    process puts only the rest.
+    With ``resume``, that folder is ``resume``/NAME instead, and it outlives an error or a kill
+    (``atomic.resumable_path``): a writer of the same plan opened on it again keeps the tensors
+    already put (recorded in NAME.written.json beside it, each once its bytes are written), so a
+    caller that lost its process puts only the rest.
     """
 
     def __init__(self, path: Path, plan: Mapping[str, torch.Tensor | Quantized], groups: Sequence[Group],
@@ -178,39 +177,30 @@ class CheckpointWriter:
         self._fd: int | None = None
 
     def __enter__(self) -> "CheckpointWriter":
-        if self.resume is not None:
-            self._tmp = Path(self.resume)
+        # resumable: the folder outlives an error (``resumable_path``); else a temporary a kill removes
+        self._folder = atomic_path(self.path, directory=True) if self.resume is None else \
+            resumable_path(self.path, self.resume)
+        self._tmp = self._folder.__enter__()
+        try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._open_weights()
-            return self
-        self._atomic = atomic_path(self.path, directory=True)
-        self._tmp = self._atomic.__enter__()
-        try:
-            self._open_weights()
         except BaseException as err:
-            self._atomic.__exit__(type(err), err, err.__traceback__)
+            self._folder.__exit__(type(err), err, err.__traceback__)
             raise
         return self
 
     def __exit__(self, kind, err, tb) -> bool:
         if self._fd is not None:
             os.close(self._fd)
-        unfinished = CheckpointError(f"the checkpoint writer of {self.path} was closed before finish(); nothing "
-                                     "was written under that name")
-        if self.resume is not None:  # the folder stays for the next writer, unless it is finished
-            if err is None and not self._finished:
-                raise unfinished
-            if err is None:
-                if self.path.exists():
-                    shutil.rmtree(self.path)
-                os.replace(self._tmp, self.path)
-                self._record.unlink(missing_ok=True)
-            return False
         if err is None and not self._finished:
-            if not self._atomic.__exit__(type(unfinished), unfinished, None):
-                raise unfinished
+            err = CheckpointError(f"the checkpoint writer of {self.path} was closed before finish(); nothing "
+                                  "was written under that name")
+            if not self._folder.__exit__(type(err), err, None):
+                raise err
             return False
-        return bool(self._atomic.__exit__(kind, err, tb))
+        if err is None and self.resume is not None:
+            self._record.unlink(missing_ok=True)
+        return bool(self._folder.__exit__(kind, err, tb))
 
     @property
     def _record(self) -> Path:
@@ -246,11 +236,6 @@ class CheckpointWriter:
         os.ftruncate(self._fd, self._data_start + offset)
         if self.resume is not None:
             self._record.unlink(missing_ok=True)
-
-    @property
-    def written(self) -> set[str]:
-        """The stored tensors put so far (with ``resume``, also by an earlier writer)."""
-        return set(self._written)
 
     def put(self, name: str, tensor: torch.Tensor | Quantized) -> None:
         """Write the bytes of planned tensor ``name`` (its shape and dtype as planned)."""

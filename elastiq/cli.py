@@ -176,7 +176,7 @@ def _q8_kinds(text: str) -> tuple[str, ...]:
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .compressor.compress import CompressOptions
     from .compressor.distributed import init_from_environment, world
-    from .compressor.pipeline import PipelineOptions, build
+    from .compressor.pipeline import PipelineOptions, build, run_needs
     from .compressor.quantize import QuantizeOptions
     from .compressor.recover import RecoverOptions
 
@@ -190,12 +190,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
     if args.plan:
-        from .compressor.needs import plan
-
-        c = options.compress
-        needs = plan(args.model, c.calib_samples, c.calib_seqlen, c.quality_windows,
-                     quantize=options.quantize is not None, recover=options.recover is not None)
-        print(f"elastiq: compressing {args.model} {needs.describe()}")
+        print(f"elastiq: compressing {args.model} {run_needs(args.model, options).describe()}")
         return
     path = build(args.model, args.output, options, overwrite=args.overwrite, log=_log if lead else _quiet,
                  progress=lead)

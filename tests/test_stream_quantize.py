@@ -24,7 +24,7 @@ from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.gptq import gptq
 from elastiq.compressor.quality import rate_quality
 from elastiq.compressor.quantize import (EMBEDDING_FORMATS, FIRST_LAST, QuantizeOptions, _block_hessians, _order,
-                                         _quantize_embedding, quantize_checkpoint)
+                                         _round_to_nearest, quantize_checkpoint)
 from elastiq.divergence import Divergence
 from elastiq.families import checkpoint_family
 from elastiq.families.base import ATTENTION, BLOCK_READS, EMBED, HEAD, PRUNED_INPUTS, SSM_P
@@ -102,8 +102,8 @@ def whole_model_quantize(source, output, options: QuantizeOptions, data):
     for name in (embed, head):
         if name in weights and name not in quantized:
             tied = name == head and weights[name] is weights[embed]
-            quantized[name] = quantized[embed] if tied else _quantize_embedding(weights[name],
-                                                                                options.embedding_bits)
+            quantized[name] = quantized[embed] if tied else _round_to_nearest(
+                weights[name], EMBEDDING_FORMATS[options.embedding_bits])
     rates = [RateSpec(r["rate"], r["widths"]) for r in ckpt.rate_table]
     spec = {"format": "q4_0", "bits": 4, "block": BLOCK, "scale_dtype": "float16", "method": options.method,
             "order": options.order, "calib_samples": options.calib_samples if hidden else 0,
