@@ -89,24 +89,45 @@ def make(shape: str, out: Path, seed: int = 0) -> None:
     print(f"wrote {out}: {len(files)} shards, {total / 1e9:.1f} GB of bf16 weights")
 
 
-def _measured(command: list[str], limit_bytes: int | None = None, env: dict | None = None) -> dict:
+def _resident_gb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        return None
+    return None
+
+
+def _measured(command: list[str], limit_bytes: int | None = None, env: dict | None = None,
+              sample_every: float | None = None) -> dict:
     """Run ``command`` as its own process; its exit status, wall time, peak RSS (of it and the
-    processes it waited for, as ``wait4`` reports it for this child alone) and last lines."""
+    processes it waited for, as ``wait4`` reports it for this child alone) and last lines; with
+    ``sample_every``, also its resident memory every so many seconds (one process only)."""
     def limit() -> None:
         if limit_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
+    samples: list[tuple[float, float]] = []
     with tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+        if sample_every:
+            while not (ended := os.wait4(proc.pid, os.WNOHANG))[0]:
+                if (gb := _resident_gb(proc.pid)) is not None:
+                    samples.append((round(time.perf_counter() - t, 1), round(gb, 3)))
+                time.sleep(sample_every)
+            _, status, usage = ended
+        else:
+            _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         tail = err.read()[-1500:]
-    return {"command": " ".join(command), "returncode": proc.returncode, "wall_s": round(wall, 1),
-            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "tail": tail}
+    out = {"command": " ".join(command), "returncode": proc.returncode, "wall_s": round(wall, 1),
+           "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "tail": tail}
+    return {**out, "resident_gb_over_time": samples} if sample_every else out
 
 
 def _compress(model: Path, out: Path, samples: int, seqlen: int, ranks: int = 1) -> list[str]:
@@ -138,12 +159,7 @@ def run(model: Path, ranks_model: Path | None, work: Path, samples: int, seqlen:
     # Today's whole-model load, within the machine's memory as address space (this machine has no swap)
     out["whole_load"] = {**_measured([sys.executable, "-c", load, str(model)], limit_bytes=total),
                          "address_space_limit_gb": round(total / 1e9, 1)}
-    planned = subprocess.run(_compress(model, work / "big.elastiq", samples, seqlen) + ["--plan"],
-                             capture_output=True, text=True)
-    out["planned"] = planned.stdout.strip()
-    out["streamed"] = _measured(_compress(model, work / "big.elastiq", samples, seqlen))
-    out["streamed"]["checkpoint_gb"] = round(sum(f.stat().st_size for f in (work / "big.elastiq").iterdir()) / 1e9, 2) \
-        if (work / "big.elastiq").is_dir() else None
+    out.update(streamed(model, work, samples, seqlen))
     if ranks_model is not None:
         out["ranks"] = {}
         for ranks in (1, 2):
@@ -152,6 +168,46 @@ def run(model: Path, ranks_model: Path | None, work: Path, samples: int, seqlen:
         a, b = (work / f"ranks{r}.elastiq" / "weights.safetensors" for r in (1, 2))
         out["ranks"]["identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
     return out
+
+
+def streamed(model: Path, work: Path, samples: int, seqlen: int) -> dict:
+    """The planner's forecast and the streamed compression of ``model``, its resident memory
+    sampled every 5 s, as the entries ``planned``, ``planned_gib`` and ``streamed``."""
+    from elastiq.compressor.needs import plan
+
+    work.mkdir(parents=True, exist_ok=True)
+    command = _compress(model, work / "big.elastiq", samples, seqlen)
+    planned = subprocess.run(command + ["--plan"], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = _measured(command, sample_every=5.0)
+    run["checkpoint_gb"] = round(sum(f.stat().st_size for f in (work / "big.elastiq").iterdir()) / 1e9, 2) \
+        if (work / "big.elastiq").is_dir() else None
+    run["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                   cwd=Path(__file__).parent).stdout.strip()
+    return {"planned": planned.stdout.strip(),
+            "planned_gib": round(plan(model, samples, seqlen, 0).memory / 2 ** 30, 2), "streamed": run}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Resident memory of the streamed run over time, against the planner's forecast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace = result["streamed"]["resident_gb_over_time"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([t / 60 for t, _ in trace], [gb / 1.073741824 for _, gb in trace], label="resident memory (VmRSS)")
+    ax.axhline(result["planned_gib"], color="black", ls="--", lw=0.8, label="the planner's forecast")
+    ax.axhline(result["machine"]["mem_total_gb"] / 1.073741824, color="red", ls=":", lw=0.8,
+               label="the machine's memory")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("GiB")
+    ax.set_ylim(0, None)
+    ax.set_title(f"Streamed compression of a Llama-3.1-8B-shaped model ({result['machine']['cores']} cores)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def gptq_block(shape: str, tokens: int = 512, seed: int = 0) -> dict:
@@ -214,6 +270,11 @@ def main() -> None:
     rn.add_argument("--work", type=Path, default=Path("/tmp/elastiq-streaming"))
     rn.add_argument("--samples", type=int, default=4)
     rn.add_argument("--seqlen", type=int, default=128)
+    st = sub.add_parser("streamed", help="measure the streamed run alone; replaces its entries in streaming.json")
+    st.add_argument("--model", type=Path, required=True)
+    st.add_argument("--work", type=Path, default=Path("/tmp/elastiq-streaming"))
+    st.add_argument("--samples", type=int, default=4)
+    st.add_argument("--seqlen", type=int, default=128)
     gb = sub.add_parser("gptq-block", help="time GPTQ on one block's matrices; adds it to streaming.json")
     gb.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
     args = parser.parse_args()
@@ -223,12 +284,14 @@ def main() -> None:
     if args.command == "gptq-block":
         result = json.loads((RESULTS / "streaming.json").read_text())
         result["gptq_block"] = gptq_block(args.shape)
-        (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
-        (RESULTS / "streaming.md").write_text(table(result))
-        print(table(result))
-        return
-    result = run(args.model, args.ranks_model, args.work, args.samples, args.seqlen)
+    elif args.command == "streamed":
+        result = json.loads((RESULTS / "streaming.json").read_text())
+        result.update(streamed(args.model, args.work, args.samples, args.seqlen))
+    else:
+        result = run(args.model, args.ranks_model, args.work, args.samples, args.seqlen)
     RESULTS.mkdir(exist_ok=True)
+    if "resident_gb_over_time" in result["streamed"]:
+        plot(result, RESULTS / "streaming.png")
     (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "streaming.md").write_text(table(result))
     print(table(result))
