@@ -3,9 +3,9 @@ measure of each rate (``quality.py``) hold one block of a model larger than memo
 embedding and head.
 
 ``BlockReader`` gives the tensors of one block, or of the model's ends (embedding, final norm,
-head), at one rate: read from a checkpoint as ``Checkpoint.iter_rate`` reads them (the rate's byte
-prefix of each stored part, verified, in the tensor's own form), or taken from a mapping already
-in memory. ``modeling.model.block_from_weights`` and ``Transformer.ends_from_weights`` build what
+head), at one rate, on the device the stage computes on: read from a checkpoint as
+``Checkpoint.iter_rate`` reads them (the rate's byte prefix of each stored part, verified, in the
+tensor's own form), or taken from a mapping already in memory. ``modeling.model.block_from_weights`` and ``Transformer.ends_from_weights`` build what
 they hold, computing what the whole model computes.
 """
 
@@ -20,15 +20,18 @@ from .. import ElastiqError
 from ..checkpoint import Checkpoint
 from ..families import family_for
 from ..modeling.model import Block, SSMBlock, Weight
+from .devices import to_device
 
 
 class BlockReader:
     """The tensors of a model by block: ``source``'s at ``rate`` (a checkpoint), or ``source``
-    itself (a mapping, any names the family of ``config`` knows). ``blocks[i]`` names block i's
-    tensors, ``top`` the others; a tied head is the same object as the embedding it names."""
+    itself (a mapping, any names the family of ``config`` knows), on ``device``. ``blocks[i]``
+    names block i's tensors, ``top`` the others; a tied head is the same object as the embedding
+    it names."""
 
-    def __init__(self, source: Checkpoint | Mapping[str, Weight], config: Mapping, rate: float = 0.0):
-        self.source = source
+    def __init__(self, source: Checkpoint | Mapping[str, Weight], config: Mapping, rate: float = 0.0,
+                 device: torch.device | str = "cpu"):
+        self.source, self.device = source, torch.device(device)
         checkpoint = isinstance(source, Checkpoint)
         names = [*source.names, *source.aliases] if checkpoint else list(source)
         layers = config["num_hidden_layers"]
@@ -56,7 +59,7 @@ class BlockReader:
     def read(self, names: Sequence[str]) -> dict[str, Weight]:
         """Tensors ``names`` by name; an alias is the same object as the tensor it names."""
         if not isinstance(self.source, Checkpoint):
-            return {name: self.source[name] for name in names}
+            return to_device({name: self.source[name] for name in names}, self.device)
         aliases, read = self.source.aliases, {}
         for name in names:
             stored = aliases.get(name, name)
@@ -67,7 +70,7 @@ class BlockReader:
 
     def _read(self, name: str) -> Weight:
         """Stored model tensor ``name`` at the reader's rate, as ``Checkpoint.iter_rate`` reads it."""
-        return self.source.read_tensor(name, self.rate)
+        return self.source.read_tensor(name, self.rate).to(self.device)
 
 
 def block_runner(block: Block | SSMBlock, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..families.base import ATTN_K, ATTN_Q, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
+from ..families.base import ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
 from ..paths import data_dir
 from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
@@ -186,8 +186,9 @@ def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
     model passes to each block (rotary tables and masks, which differ between blocks of different
     layer types, as Gemma 3's sliding and global ones), by chunk index, for the chunks this rank
     runs. While they are read, every block passes its input through unchanged, and the pass stops
-    at the final norm, so it costs little."""
+    at the final norm, so it costs little. The samples go to the embedding's device."""
     blocks = family.blocks(model)
+    device = family.top_module(model, EMBED).weight.device
     hidden, kwargs, current = {}, {}, [0]
 
     def recorder(index: int):
@@ -210,7 +211,7 @@ def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
         for c in my_chunks(-(-len(samples) // chunk)):
             current[0] = c
             try:
-                model(input_ids=samples[c * chunk:(c + 1) * chunk], use_cache=False)
+                model(input_ids=samples[c * chunk:(c + 1) * chunk].to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -240,15 +241,19 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
     computed. ``load(i)``, if given, is called before block i runs (a streamed model fills it
     then); the embeddings must be loaded before. ``activations`` holds this rank's hidden states
     by chunk, entering block ``start`` (those a stopped run saved; filled here at block 0) and
-    leaving each block once it is yielded, for the caller to save.
+    leaving each block once it is yielded, for the caller to save. Everything runs on the device
+    of the embedding and of each block as ``load`` leaves it; the statistics come on that device.
     """
     config = model.config.to_dict()
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     hidden, kwargs = _block_inputs(model, family, samples, chunk)
+    device = family.top_module(model, EMBED).weight.device
     if activations is not None:
         if start == 0:
             activations.update(hidden)
+        for c, x in activations.items():  # a stopped run's, read back on the CPU
+            activations[c] = x.to(device)
         hidden = activations
     count, size = -(-len(samples) // chunk), world()[1]
     for index in tqdm(range(start, len(blocks)), desc="calibrate", disable=not progress, leave=False,
@@ -277,7 +282,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                         dtype=torch.float64)
                     chunk_stats["tokens"] = torch.tensor(x.shape[0] * x.shape[1])
                     hidden[c] = out
-                    mine = dict(chunk_stats)
+                    # over several ranks the statistics travel as CPU tensors (gloo)
+                    mine = {k: v.cpu() for k, v in chunk_stats.items()} if size > 1 else dict(chunk_stats)
                 # every chunk of the round added in chunk order, on rank 0
                 reduce_round(mine, sums, min(size, count - k * size), frozenset({"ssm_input"}))
                 chunk_stats.clear()
@@ -286,10 +292,12 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
                 h.remove()
         stats = None
         if sums:
+            def there(name: str) -> torch.Tensor | None:  # sorted where the block computes
+                return sums[name].to(device) if name in sums else None
+
             stats = BlockStats(influence=sums["influence"].item() / sums["tokens"].item(), tokens=int(sums["tokens"]),
-                               mlp=sums.get("mlp"), attn=sums.get("attn"), q_sq=sums.get("q_sq"),
-                               k_sq=sums.get("k_sq"),
-                               ssm_input=torch.cat(sums["ssm_input"]) if "ssm_input" in sums else None)
+                               mlp=there("mlp"), attn=there("attn"), q_sq=there("q_sq"), k_sq=there("k_sq"),
+                               ssm_input=torch.cat(sums["ssm_input"]).to(device) if "ssm_input" in sums else None)
         yield index, stats
 
 

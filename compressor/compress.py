@@ -16,7 +16,8 @@ from ..families import family_for
 from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
-from .distributed import synchronize, world
+from .devices import compute_device
+from .distributed import one_process_threads, synchronize, world
 from .intake import LoadedModel, load_model
 from .needs import check_room, plan
 from .progress import BlockProgress, stage_settings, staging
@@ -44,6 +45,7 @@ class CompressOptions:
     ridge: float = 1.0
     temperature: float = 2.0
     rotate: bool = False
+    device: str = "auto"  # where calibration and sorting compute (devices.py)
     timings: dict = field(default_factory=dict)
 
 
@@ -67,11 +69,14 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.quality_windows < 0:
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
+    device = compute_device(options.device)
     if not room_checked:
-        check_room(plan(source, options.calib_samples, options.calib_seqlen, options.quality_windows), output)
+        check_room(plan(source, options.calib_samples, options.calib_seqlen, options.quality_windows), output,
+                   device)
 
     # streamed (one block in memory at a time) where the source allows; rotation needs the whole model
     loaded = load_model(source, stream=not options.rotate)
+    loaded.place(device)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config.to_dict()
     family = family_for(config)
@@ -126,13 +131,15 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                                               activations=activations):
                     influence.append(stats.influence)
                     t = time.perf_counter()
-                    if kinds[index] == SSM:
-                        sort_ssm_block(model, family, index, layer_groups[index], stats, options.method,
-                                       options.ridge)
-                    else:
-                        order = sort_block(model, layer_groups[index], heads, stats, options.method, options.ridge)
-                        if QK in family.offers:
-                            writer.put(family.name_of(index, ROPE_PAIRS), order)
+                    with one_process_threads():  # a one-process run's bits, on every core
+                        if kinds[index] == SSM:
+                            sort_ssm_block(model, family, index, layer_groups[index], stats, options.method,
+                                           options.ridge)
+                        else:
+                            order = sort_block(model, layer_groups[index], heads, stats, options.method,
+                                               options.ridge)
+                            if QK in family.offers:
+                                writer.put(family.name_of(index, ROPE_PAIRS), order)
                     sort_seconds += time.perf_counter() - t
                     _put(writer, loaded, blocks[index], stored)
                     if blocks_done is not None:
@@ -157,7 +164,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
             del model, loaded, blocks
             t = time.perf_counter()
             ckpt = Checkpoint(staged)  # the sorted model at rate 0 is the source model: the dense reference
-            record_quality(ckpt, rate_quality(ckpt, ckpt, heldout, progress))
+            with one_process_threads():  # rank 0 measures alone
+                record_quality(ckpt, rate_quality(ckpt, ckpt, heldout, progress, device))
             options.timings["quality"] = time.perf_counter() - t
     if resume is not None:
         shutil.rmtree(resume)

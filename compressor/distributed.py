@@ -6,16 +6,23 @@ Chunks are run in rounds (round k holds chunks kW .. kW + W - 1), and after each
 running total of the statistics goes round the ranks, each adding its chunk (``reduce_round``):
 the same float64 sums, in the same order, as one process makes, so the statistics are the
 single-process ones bit for bit (the per-chunk statistics themselves depend only on the chunk),
-and so is the checkpoint when rank 0 sorts with the one process's number of threads (LAPACK's
-eigen-decompositions depend on it). Rank 0 sorts, allocates and writes; the others only run
-their chunks. Recovery is data-parallel: each rank takes its share of every
-step's batch, and the LoRA gradients are averaged before the step (``average_gradients``).
+and so is the checkpoint, as rank 0 sorts on the one process's number of threads
+(``one_process_threads``: LAPACK's eigen-decompositions depend on it). Rank 0 sorts, allocates
+and writes; the others only run their chunks. Recovery is data-parallel: each rank takes its
+share of every step's batch, and the LoRA gradients are averaged before the step
+(``average_gradients``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
 from datetime import timedelta
+from functools import cache
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,6 +48,63 @@ def init_from_environment() -> bool:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
     return True
+
+
+# torch's intra-op thread count in a new process; ``-c`` would put the working folder first on the
+# path, where a folder of the same name as a package imported by torch would shadow it
+_THREADS_PROBE = "import sys; sys.path[:] = [p for p in sys.path if p]; import torch; print(torch.get_num_threads())"
+
+
+@cache
+def one_process_thread_count() -> int:
+    """The intra-op thread count torch takes by default in a one-process run started from this
+    process's environment, less the ``OMP_NUM_THREADS=1`` that torchrun gives each rank.
+
+    torch's default (``at::init_num_threads``) is, on builds with MKL and OpenMP (x86 Linux
+    wheels), ``mkl_get_max_threads()``: the physical cores in the CPU affinity, or
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` where set, but never more than those cores; other
+    builds count the physical cores (cpuinfo). Inside a rank that variable is already read, so
+    the count is asked of a new Python process with the rank's environment (affinity, cgroup,
+    ``MKL_NUM_THREADS``) but without it: torch itself answers, on any build, in about 2 s, once.
+    torchrun sets ``OMP_NUM_THREADS=1`` only where it is unset, so any other value is the user's
+    and stays; a user's own 1 cannot be told from torchrun's and is dropped too. Where the child
+    fails, the present count stands (with a warning)."""
+    env = dict(os.environ)
+    if env.get("OMP_NUM_THREADS") == "1":
+        del env["OMP_NUM_THREADS"]
+    try:
+        done = subprocess.run([sys.executable, "-c", _THREADS_PROBE], env=env, capture_output=True, text=True,
+                              timeout=300, check=True)
+        return int(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:
+        warnings.warn(f"elastiq: could not learn a one-process run's thread count ({err}); rank 0 sorts on "
+                      f"{torch.get_num_threads()}, and the checkpoint may differ from a one-process run's in the "
+                      "last bits")
+        return torch.get_num_threads()
+
+
+@contextmanager
+def one_process_threads() -> Iterator[None]:
+    """Run the body on the thread count a one-process run would use (``one_process_thread_count``),
+    then go back to the rank's own; outside a run of several ranks, nothing changes.
+
+    For rank 0's sorting. torchrun runs each rank on one thread (``OMP_NUM_THREADS=1``, so that
+    the ranks' calibration chunks do not fight over the cores), and LAPACK's eigen-decompositions,
+    SVDs and Cholesky factors give other bits on another number of threads: sorted on one thread,
+    a 1B model's V/O weights (and at times even a 64-wide test model's) differ from a one-process
+    run's in the last bits, though the statistics are the same. On the one process's count (set
+    by ``torch.set_num_threads``, which gives the bits of torch's default count), the checkpoint
+    is that run's, bit for bit. It is faster too: while rank 0 sorts, the other ranks run their
+    next block's first chunk, then wait for it."""
+    count, before = (one_process_thread_count(), torch.get_num_threads()) if world()[1] > 1 else (0, 0)
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def agree(value):

@@ -41,7 +41,7 @@ def act_order(hessian: torch.Tensor) -> torch.Tensor:
     """Column order of whole 32-blocks for an input axis every rate keeps (the hidden axis): the
     blocks with the most input energy (diag H) first, so others can absorb their error (GPTQ's
     act-order, at block granularity)."""
-    blocks = torch.arange(hessian.shape[0]).view(-1, BLOCK)
+    blocks = torch.arange(hessian.shape[0], device=hessian.device).view(-1, BLOCK)
     energy = hessian.diagonal().view(-1, BLOCK).sum(-1)
     return blocks[energy.argsort(descending=True, stable=True)].flatten()
 
@@ -54,7 +54,7 @@ GRIDS = {"q4_0": (q4_0_scales, lambda w, d: d.float() * (round_to_grid(w, d) - 8
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp: float = 0.01,
          batch: int = 128, fmt: str = "q4_0") -> Quantized:
     """Quantize ``weight`` [out, in] to ``fmt`` ("q4_0" or "q8_0") given ``hessian`` [in, in] (sum of
-    x x^T over calibration inputs), visiting columns in ``order``."""
+    x x^T over calibration inputs), visiting columns in ``order``, on ``weight``'s device."""
     if fmt not in GRIDS:
         raise ElastiqError(f"GPTQ quantizes to {' or '.join(GRIDS)}, not {fmt!r}")
     block_scales_of, on_grid = GRIDS[fmt]
@@ -64,19 +64,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor, damp:
     if n % BLOCK or batch % BLOCK or not torch.equal(order.view(-1, BLOCK) // BLOCK,
                                                       (order.view(-1, BLOCK)[:, :1] // BLOCK).expand(-1, BLOCK)):
         raise ElastiqError(f"GPTQ's column order must visit whole {BLOCK}-column blocks one after another")
+    order = order.to(weight.device)
     w = weight.float()[:, order].clone()
-    h = hessian.double()[order][:, order].clone()
+    h = hessian.double().to(weight.device)[order][:, order].clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype)
+    h += damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
     quantized = torch.zeros_like(w)
-    scales = torch.zeros(w.shape[0], n // BLOCK, dtype=torch.float16)
+    scales = torch.zeros(w.shape[0], n // BLOCK, dtype=torch.float16, device=w.device)
     for i1 in range(0, n, batch):
         i2 = min(i1 + batch, n)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % BLOCK == 0:
                 d = block_scales_of(w1[:, i:i + BLOCK])[:, 0]

@@ -43,27 +43,43 @@ class LoadedModel:
     its tokenizer, where it came from and the source's own ``model_type``.
 
     ``weights`` is set when the model was loaded streamed: its parameters then lie on the meta
-    device until ``load`` fills a module from the files, and ``release`` empties it again; for a
-    model loaded whole both do nothing."""
+    device until ``load`` fills a module from the files, and ``release`` empties it again; a model
+    loaded whole stays on the CPU. ``load`` puts a module on ``device`` (``place`` sets it), and
+    ``release`` takes it off again."""
 
     model: torch.nn.Module
     tokenizer: object
     source: str
     model_type: str
     weights: ShardWeights | None = None
+    device: torch.device = torch.device("cpu")
+
+    def place(self, device: torch.device) -> None:
+        """Compute on ``device`` from now on; the tensors the model computes with outside its
+        modules' weights (rotary frequencies and other non-persistent buffers) move there now."""
+        self.device = device
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name in module._non_persistent_buffers_set and not buffer.is_meta:
+                    module._buffers[name] = buffer.to(device)
 
     def load(self, module: torch.nn.Module) -> None:
-        """Fill ``module`` (a block, the embeddings, ...) from the files, if the model is streamed."""
+        """Fill ``module`` (a block, the embeddings, ...) from the files if the model is streamed,
+        and put it on the device."""
         if self.weights is not None:
             self.weights.load(module, self.prefix(module))
+        module.to(self.device)
 
     def release(self, module: torch.nn.Module) -> None:
-        """Free ``module``'s weights again, if the model is streamed, and hand freed memory back to
+        """Free ``module``'s weights again if the model is streamed, and hand freed memory back to
         the system (glibc otherwise keeps a block's worth of freed buffers a block, and the
-        process grew by 30 MB a block on a 1 GB model)."""
+        process grew by 30 MB a block on a 1 GB model); a model loaded whole takes the module
+        back to the CPU."""
         if self.weights is not None:
             self.weights.release(module)
             return_freed_memory()
+        else:
+            module.to("cpu")
 
     def prefix(self, module: torch.nn.Module) -> str:
         """The name of ``module``'s tensors before their own (``model.layers.3.``)."""

@@ -102,18 +102,24 @@ def compress_needs(model: torch.nn.Module, blocks: list[torch.nn.Module], stream
     return Needs(memory, disk, parts)
 
 
-def check_room(needs: Needs, output: Path) -> None:
-    """Refuse a run that cannot fit: more memory than is free, or more disk than the output's
-    file system has; the message says what the run needs and what to change."""
-    free = free_memory()
+def check_room(needs: Needs, output: Path, device: torch.device = torch.device("cpu")) -> None:
+    """Refuse a run that cannot fit: more memory than is free (the GPU's, on a GPU, where all but
+    the process's baseline lies), or more disk than the output's file system has; the message
+    says what the run needs and what to change."""
     folder = Path(output).resolve().parent
     while not folder.exists():
         folder = folder.parent
     disk = shutil.disk_usage(folder).free
-    if needs.memory > free.bytes:
-        raise ElastiqError(f"this compression {needs.describe()}; {free.bytes / 2 ** 30:.1f} GiB of memory is free "
-                           f"({free.source}): lower --calib-samples or --calib-seqlen, measure fewer "
-                           "--quality-windows, or run on a machine with more memory")
+    if device.type == "cuda":
+        free_bytes, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+        needed = needs.memory - BASELINE
+    else:
+        free = free_memory()
+        free_bytes, where, needed = free.bytes, f"free ({free.source})", needs.memory
+    if needed > free_bytes:
+        raise ElastiqError(f"this compression {needs.describe()}; {free_bytes / 2 ** 30:.1f} GiB of memory is {where}: "
+                           "lower --calib-samples or --calib-seqlen, measure fewer --quality-windows, or run on a "
+                           "machine with more memory")
     if needs.disk > disk:
         raise ElastiqError(f"this compression {needs.describe()}; {folder} has {disk / 2 ** 30:.1f} GiB free: "
                            "write the output on a larger disk")

@@ -29,7 +29,8 @@ from ..checkpoint import MANIFEST, checkpoint_output, SUFFIX, Checkpoint, record
 from ..paths import data_dir
 from .calibrate import calibration_file, heldout_windows
 from .compress import CompressOptions, compress
-from .distributed import agree, world
+from .devices import compute_device
+from .distributed import agree, one_process_threads, world
 from .intake import check_source
 from .needs import Needs, check_room, plan
 from .quality import rate_quality
@@ -92,15 +93,16 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
     every stage ``options`` asks for, resuming the stages a stopped run of the same options left."""
     options = options or PipelineOptions()
     output = checkpoint_output(output, overwrite)
+    device = compute_device(options.compress.device)  # every stage computes there
     if options.recover is not None:
-        options.recover.seed = options.compress.seed
+        options.recover.seed, options.recover.device = options.compress.seed, options.compress.device
         if options.recover.bf16 is None:  # settled now: the work folder's record must not change on resume
             from .recover import native_bf16
-            options.recover.bf16 = native_bf16()
+            options.recover.bf16 = native_bf16(device)
     if options.quantize is not None:  # quantization calibrates on the same text as sorting
         c, q = options.compress, options.quantize
         q.calib_samples, q.calib_seqlen, q.calib_data = c.calib_samples, c.calib_seqlen, c.calib_data
-        q.quality_windows, q.seed = c.quality_windows, c.seed
+        q.quality_windows, q.seed, q.device = c.quality_windows, c.seed, c.device
     work = stages_dir(output)
     if options.recover is None and options.quantize is None:  # one stage: straight to the output
         compress(source, output, options.compress, overwrite=overwrite, data=data, progress=progress,
@@ -119,7 +121,7 @@ def build(source: str | Path, output: str | Path, options: PipelineOptions | Non
     check_source(source)  # a bad source fails before any stage starts
     needs = run_needs(source, options)
     log(f"elastiq: this run {needs.describe()}")
-    check_room(needs, output)
+    check_room(needs, output, device)
     settings = options.settings(_source_key(source))
     record = work / STAGES
     if work.exists():
@@ -158,11 +160,13 @@ def _stages(source: str | Path, output: Path, options: PipelineOptions, work: Pa
         current = recovered
     if options.quantize is not None:
         log(f"elastiq: stage {count}/{count}: quantize ({options.quantize.method})")
-        quantize_checkpoint(current, output, options.quantize, overwrite=True, data=data, progress=progress,
-                            dense=dense, resume=work / QUANTIZING)
+        with one_process_threads():  # rank 0 quantizes alone: on every core, with a one-process run's bits
+            quantize_checkpoint(current, output, options.quantize, overwrite=True, data=data, progress=progress,
+                                dense=dense, resume=work / QUANTIZING)
     else:
         if options.compress.quality_windows:
-            _measure_against(Checkpoint(current), Checkpoint(dense), options.compress, data, progress)
+            with one_process_threads():
+                _measure_against(Checkpoint(current), Checkpoint(dense), options.compress, data, progress)
         if output.exists():
             shutil.rmtree(output)
         os.replace(current, output)
@@ -176,4 +180,4 @@ def _measure_against(ckpt: Checkpoint, dense: Checkpoint, options: CompressOptio
     held-out windows compression measured the dense model's rates on."""
     windows = heldout_windows(ckpt.tokenizer(), calibration_file(options.calib_data, data),
                               options.quality_windows, options.calib_seqlen, options.seed)
-    record_quality(ckpt, rate_quality(ckpt, dense, windows, progress))
+    record_quality(ckpt, rate_quality(ckpt, dense, windows, progress, compute_device(options.device)))

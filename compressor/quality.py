@@ -27,7 +27,7 @@ QUALITY_WINDOWS = 8  # held-out calibration windows measured per rate (0: none)
 
 
 def rate_quality(ckpt: Checkpoint, dense: Checkpoint | Mapping[str, Weight], windows: torch.Tensor,
-                 progress: bool = True) -> dict[float, dict[str, float]]:
+                 progress: bool = True, device: torch.device | str = "cpu") -> dict[float, dict[str, float]]:
     """``{rate: {"heldout_ppl", "kl_mean", "kl_p99", "top1_agreement", "tokens"}}`` for every rate
     of ``ckpt`` on ``windows`` [n, seqlen], against the dense model: rate 0 of the checkpoint
     ``dense`` (``ckpt`` itself for a float one), or the model of the weights ``dense``.
@@ -35,14 +35,16 @@ def rate_quality(ckpt: Checkpoint, dense: Checkpoint | Mapping[str, Weight], win
     Each model is held one block at a time (besides its embedding and head): the dense model's
     last hidden states of every window are computed once and kept ([n, seqlen, hidden], where its
     logits would be [n, seqlen, vocab]), and each window's dense logits recomputed from them by the
-    dense head when a rate's come, window by window as the whole models compute them."""
+    dense head when a rate's come, window by window as the whole models compute them. Every model
+    computes on ``device``."""
     config = ckpt.config
-    reference, finals = _last_hidden(BlockReader(dense, config), config, windows)
+    windows = windows.to(device)
+    reference, finals = _last_hidden(BlockReader(dense, config, device=device), config, windows)
     norm, head = reference.norm, reference.lm_head  # the dense embedding is not needed again
     del reference
     out = {}
     for rate in tqdm(ckpt.rates, desc="quality", disable=not progress, leave=False):
-        model, hidden = _last_hidden(BlockReader(ckpt, config, rate), config, windows)
+        model, hidden = _last_hidden(BlockReader(ckpt, config, rate, device), config, windows)
         divergence, nll = Divergence(), []
         with torch.inference_mode():
             for window, x, final in zip(windows, hidden, finals):
@@ -62,7 +64,7 @@ def _last_hidden(reader: BlockReader, config: Mapping, windows: torch.Tensor) ->
     the last block [1, seqlen, hidden], each window run alone as ``Transformer.forward`` runs it,
     one block built at a time."""
     ends = Transformer.ends_from_weights(reader.ends(), config)
-    positions = torch.arange(windows.shape[1])
+    positions = torch.arange(windows.shape[1], device=windows.device)
     with torch.inference_mode():
         hidden = [ends.embed(window[None]) for window in windows]
     for index in range(len(reader.blocks)):

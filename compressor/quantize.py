@@ -37,6 +37,7 @@ from ..modeling.model import Transformer, block_from_weights
 from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
 from .blockwise import BlockReader, block_runner
 from .calibrate import calibration_file, calibration_samples, describe_calibration
+from .devices import compute_device
 from .gptq import ORDERS, act_order, gptq, sorted_axis_order
 from .progress import BlockProgress, stage_settings, staging
 from .quality import QUALITY_WINDOWS, rate_quality
@@ -64,6 +65,7 @@ class QuantizeOptions:
     quality_windows: int = QUALITY_WINDOWS  # held-out windows on which each rate is measured (0: none)
     seed: int = 0
     damp: float = 0.01
+    device: str = "auto"  # where GPTQ and the quality measure compute (devices.py)
     timings: dict = field(default_factory=dict)
 
 
@@ -115,11 +117,12 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
     ckpt = Checkpoint(source)
     family = checkpoint_family(ckpt)
     _check(options, ckpt)
+    device = compute_device(options.device)
     output = checkpoint_output(output, overwrite)
 
     start = time.perf_counter()
     config = ckpt.config
-    reader = BlockReader(ckpt, config)
+    reader = BlockReader(ckpt, config, device=device)
     tokenizer = ckpt.tokenizer()
     heldout = torch.empty(0)
     calib_file = calibration_file(options.calib_data, data)
@@ -149,10 +152,10 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
                 ends = reader.ends()
                 hidden, positions = [], None  # round-to-nearest needs no calibration activations
                 if options.method == "gptq":
-                    positions = torch.arange(samples.shape[1])
+                    positions = torch.arange(samples.shape[1], device=device)
                     embed_tokens = Transformer.ends_from_weights(ends, config).embed_tokens
-                    hidden = [saved[c] for c in sorted(saved)] if first else \
-                        [embed_tokens(chunk) for chunk in samples.split(4)]
+                    hidden = [saved[c].to(device) for c in sorted(saved)] if first else \
+                        [embed_tokens(chunk.to(device)) for chunk in samples.split(4)]
                     del embed_tokens
                 for name, t in ends.items():  # a tied head is the embedding's alias, written with it
                     if name in formats:
@@ -172,7 +175,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, options: Quantiz
             t = time.perf_counter()
             written = Checkpoint(staged)
             reference = Checkpoint(dense) if dense is not None else ckpt
-            record_quality(written, rate_quality(written, reference, heldout, progress))
+            record_quality(written, rate_quality(written, reference, heldout, progress, device))
             options.timings["quality"] = time.perf_counter() - t
     if resume is not None:
         shutil.rmtree(resume)

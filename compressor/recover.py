@@ -70,6 +70,7 @@ from ..modeling.model import Transformer
 from ..paths import data_dir
 from .allocate import MAX_RATE, allocate_checkpoint
 from .calibrate import C4_SAMPLE, calibration_samples
+from .devices import compute_device, to_device
 from .distributed import average_gradients, synchronize, world
 
 METHODS = ("nested", "lorashear")
@@ -107,7 +108,8 @@ class RecoverOptions:
     prune_periods: int = 3
     prune_fraction: float = 0.5
     heldout: int = 8
-    bf16: bool | None = None  # bf16 autocast; None: where the CPU computes bf16 natively
+    bf16: bool | None = None  # bf16 autocast; None: where the device computes bf16 natively
+    device: str = "auto"  # where training computes (devices.py)
     seed: int = 0
     save_every: int = 25
     timings: dict = field(default_factory=dict)
@@ -155,7 +157,7 @@ class _Scaled(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         m = self.channels.get(self.path)
-        return t if m is None else t * m.to(t.dtype)
+        return t if m is None else t * m.to(t.device, t.dtype)
 
 
 class UnitMasks:
@@ -195,14 +197,14 @@ class UnitMasks:
         if what in ("input", "gated_norm"):
             def scale_input(mod, args):
                 m = self._channels.get(path)
-                return None if m is None else (args[0] * m.to(args[0].dtype), *args[1:])
+                return None if m is None else (args[0] * m.to(args[0].device, args[0].dtype), *args[1:])
             self._handles.append(module.register_forward_pre_hook(scale_input))
         if what in ("output", "gated_norm"):
             after = self._after if what == "gated_norm" else self._channels
 
             def scale_output(mod, args, out):
                 m = after.get(path)
-                return None if m is None else out * m.to(out.dtype)
+                return None if m is None else out * m.to(out.device, out.dtype)
             self._handles.append(module.register_forward_hook(scale_output))
 
     def set(self, units: Mapping[str, torch.Tensor] | None) -> None:
@@ -276,10 +278,12 @@ def merged_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], family
 
 # --- checks ----------------------------------------------------------------------------------------
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it, bf16 autocast
-    is emulated: measured 29x slower than float32 on an AVX2-only EPYC (a 1024 x 576 x 1536 matmul
-    with its backward)."""
+def native_bf16(device: torch.device = torch.device("cpu")) -> bool:
+    """Whether ``device`` multiplies bf16 natively: a CPU with AVX-512 BF16 or AMX, a GPU that
+    CUDA says supports bf16. Without it, bf16 autocast is emulated: measured 29x slower than
+    float32 on an AVX2-only EPYC (a 1024 x 576 x 1536 matmul with its backward)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -420,7 +424,7 @@ class Shear:
                 grad = layer.scaling[ADAPTER] * (b.grad @ a + b @ a.grad)
                 s = to_storage((layer.get_base_layer().weight * grad).abs(), role, self.heads)
                 keep = 1 if g.kind == MLP else 2
-                total += s.double().reshape(*s.shape[:keep], -1).sum(-1)
+                total += s.double().reshape(*s.shape[:keep], -1).sum(-1).to(total.device)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {**{f"importance.{k}": v for k, v in self.importance.items()},
@@ -481,7 +485,8 @@ def _loss(model: nn.Module, masks: UnitMasks, ids: torch.Tensor, scales: Mapping
     """``lm_weight`` x the next-token loss of the masked model, plus ``distill`` x T^2 x
     KL(teacher || masked) at temperature T when distilling: the teacher is ``teacher`` (the frozen
     dense model) if given, else the full-width pass of ``model`` (then only on masked steps)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.bf16):
+    ids = ids.to(model.device)  # drawn on the CPU: the same batches on every device
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=options.bf16):
         target = None
         if options.distill and (teacher is not None or scales is not None):
             masks.set(None)
@@ -513,10 +518,11 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     """Train LoRA on the full-width model of the float checkpoint ``ckpt`` as ``options`` say and
     merge it; resume from (and keep saving to) the state folder ``state`` if given."""
     _check_options(options, ckpt, data)
+    device = compute_device(options.device)
     if options.bf16 is None:  # settled before the settings are compared with a saved state or recorded
-        options.bf16 = native_bf16()
+        options.bf16 = native_bf16(device)
     start = time.perf_counter()
-    weights = ckpt.read_rate(0.0)
+    weights = to_device(ckpt.read_rate(0.0), device)
     config = ckpt.config
     rates = _target_rates(ckpt, options)
     tokenizer = ckpt.tokenizer()

@@ -70,10 +70,10 @@ def permute_group(model: torch.nn.Module, group: Group, heads: Heads, order: tor
     """Permute a group's units: ``order`` [W] for the whole layer, or [W, n] per KV head (SSM head,
     SSM group): the units of each of the n parts in their own order."""
     if order.dim() == 1:
-        _apply(model, group, heads, lambda s, role: s[order])
+        _apply(model, group, heads, lambda s, role: s[order.to(s.device)])
     else:
         parts = torch.arange(order.shape[1])[None]
-        _apply(model, group, heads, lambda s, role: s[order, parts])
+        _apply(model, group, heads, lambda s, role: s[order.to(s.device), parts.to(s.device)])
 
 
 def _magnitude(model: torch.nn.Module, group: Group, heads: Heads) -> torch.Tensor:

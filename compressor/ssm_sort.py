@@ -60,8 +60,8 @@ def _mixer(weights: Mapping[str, torch.Tensor], config: SSMConfig) -> SSMMixer:
 
 
 def _per_head_leverage(corr: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge leverage of each head's [P, P] correlation (on the CPU, where ``ridge_leverage`` works)."""
-    return torch.stack([ridge_leverage(c, ridge) for c in corr.cpu()]).float()
+    """Ridge leverage of each head's [P, P] correlation."""
+    return torch.stack([ridge_leverage(c, ridge) for c in corr]).float()
 
 
 @torch.no_grad()

@@ -185,7 +185,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     options = PipelineOptions(
         compress=CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                                  calib_data=args.calib_data, quality_windows=args.quality_windows, seed=args.seed,
-                                 method=args.method, allocation=args.allocation, rotate=args.rotate),
+                                 method=args.method, allocation=args.allocation, rotate=args.rotate,
+                                 device=args.device),
         recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
@@ -214,7 +215,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     options = QuantizeOptions(method=args.method, order=args.order, bits=args.bits, block_size=args.block_size,
                               embedding_bits=args.embedding_bits, q8=args.q8, calib_samples=args.calib_samples,
                               calib_seqlen=args.calib_seqlen, calib_data=args.calib_data,
-                              quality_windows=args.quality_windows, seed=args.seed)
+                              quality_windows=args.quality_windows, seed=args.seed, device=args.device)
     path = quantize_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (quantization {options.timings['quantize']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
@@ -227,7 +228,7 @@ def _cmd_recover(args: argparse.Namespace) -> None:
                              alpha=args.alpha, batch=args.batch, seqlen=args.seqlen, samples=args.samples,
                              distill=args.distill, teacher=args.teacher, lm_weight=args.lm_weight,
                              temperature=args.temperature, bf16=BF16[args.bf16],
-                             seed=args.seed, save_every=args.save_every)
+                             seed=args.seed, save_every=args.save_every, device=args.device)
     path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     print(f"elastiq: wrote {path} (training {options.timings['train']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
@@ -360,6 +361,12 @@ def _add_calibration_args(parser: argparse.ArgumentParser, seed_help: str) -> No
                              f"manifest, shown by inspect); 0 skips it (default {QUALITY_WINDOWS})")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help=f"where {what} computes: cpu, cuda (under torchrun, each rank its LOCAL_RANK's GPU), "
+                             "cuda:N, or auto, a GPU where CUDA sees one, else the CPU (default auto)")
 
 
 def _rates_or_all(text: str) -> list[float] | str:
@@ -527,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"per byte measured, benchmarks/results/precision_per_kind.md)")
     comp.add_argument("--q8", type=_q8_kinds, default=DEFAULT_Q8, metavar="KINDS", help=q8_help)
     _add_calibration_args(comp, "calibration sampling, rotation and recovery seed (default 0)")
+    _add_device_arg(comp, "every stage")
     comp.set_defaults(func=_cmd_compress)
 
     qua = sub.add_parser("quantize", help="quantize a nested checkpoint to 4 bits", description=(
@@ -547,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(Q8_0: closer to the float model, 1.06 bytes per weight instead of 0.56)")
     qua.add_argument("--q8", type=_q8_kinds, default=DEFAULT_Q8, metavar="KINDS", help=q8_help)
     _add_calibration_args(qua, "calibration sampling seed (default 0)")
+    _add_device_arg(qua, "GPTQ and the quality measure")
     qua.set_defaults(func=_cmd_quantize)
 
     rec = sub.add_parser("recover", help="fine-tune a nested checkpoint with LoRA at every rate", description=(
@@ -578,11 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "which keeps every rate closest to the dense model: benchmarks/results/distillation.md)")
     rec.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     rec.add_argument("--bf16", choices=list(BF16), default="auto",
-                     help="train in bfloat16 autocast (on) or float32 (off); auto (default): on where the CPU "
-                          "computes bf16 natively (AVX-512 BF16 or AMX), where it is faster")
+                     help="train in bfloat16 autocast (on) or float32 (off); auto (default): on where the device "
+                          "computes bf16 natively (a CPU with AVX-512 BF16 or AMX, most GPUs), where it is faster")
     rec.add_argument("--save-every", type=_positive, default=25, help="steps between state saves (default 25)")
     rec.add_argument("--seed", type=int, default=0, help="data, rate draw and LoRA initialisation seed (default 0)")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_device_arg(rec, "training")
     rec.set_defaults(func=_cmd_recover)
 
     exp = sub.add_parser("export", help="write one rate as GGUF, ONNX or a Hugging Face folder", description=(

@@ -35,6 +35,10 @@ class _Blocks:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * BLOCK
 
+    def to(self, device: torch.device | str):
+        """The same matrix with its codes and scales on ``device``."""
+        return type(self)(self.codes.to(device), self.scales.to(device))
+
 
 class QuantizedTensor(_Blocks):
     """A Q4_0 matrix [out, in]: GGUF-packed codes [out, in/32, 16] (uint8), fp16 scales [out, in/32]."""
