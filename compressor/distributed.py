@@ -219,3 +219,41 @@ def _recv(src: int) -> dict:
             received.append(t)
         out[key] = received if listed else received[0]
     return out
+
+
+def shard_mesh(device: torch.device):
+    """The ranks as one FSDP mesh on ``device`` (every rank must ask, together)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world()[1],))
+
+
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], mesh) -> None:
+    """Shard ``model``'s parameters over the ranks of ``mesh`` (``shard_mesh``) with FSDP
+    (``fully_shard``, one unit a block and the rest at the top), onto the mesh's device: this rank
+    then keeps 1/W of every parameter, and gathers one block's whole while it computes it.
+    Gradients are reduced (averaged) by FSDP. Nothing passes between the ranks here, so they may
+    shard one after another."""
+    from torch.distributed.fsdp import fully_shard
+
+    for param in model.parameters():  # FSDP shards contiguous tensors only (a checkpoint's may be views)
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter gathered whole (on every rank: every rank must ask, in one order), or
+    ``t`` itself where it is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value``, a whole tensor, laid out as ``t`` is: this rank's shard where ``t`` is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return distribute_tensor(value.to(t.device), t.device_mesh, t.placements) if isinstance(t, DTensor) else value

@@ -7,9 +7,10 @@ inverse sorting takes of the MLP's), the calibration activations of this rank's 
 chunk's intermediate activations; the LM head comes in at the end, after the embedding left. A
 source that cannot be streamed (a GGUF file, a family whose weights are converted on loading)
 is held whole. Quantization and the measure of each rate's quality go block by block as well;
-recovery's LoRA training holds the model whole, with its dense teacher. The figure is the
-largest stage's, a prediction within about 10% of the measured peak RSS (``benchmarks/streaming.py``,
-``tests/test_stream.py``).
+recovery's LoRA training holds the model whole (sharded, each rank still reads it whole in its
+turn), counted twice for autograd's and AdamW's working memory: a bound, not a measured figure.
+The figure is the largest stage's, a prediction within about 10% of the measured peak RSS
+(``benchmarks/streaming.py``, ``tests/test_stream.py``) for the stages before recovery.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def compress_needs(model: torch.nn.Module, blocks: list[torch.nn.Module], stream
     if quantize:  # GPTQ, block by block: the Hessians of the block's inputs and one matrix's inverse
         parts["quantize"] = ends + 2 * block + (3 * hidden ** 2 + 4 * inter ** 2) * 8 + mine * seqlen * hidden * 8
         memory = max(memory, BASELINE + parts["quantize"])
-    if recover:  # LoRA training holds the model whole, and the dense teacher
+    if recover:  # LoRA training holds the model whole (its teacher is the same model), and its working memory
         parts["recover"] = 2 * whole
         memory = max(memory, BASELINE + parts["recover"])
     disk = whole  # the float checkpoint

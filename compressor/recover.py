@@ -50,9 +50,10 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ from ..paths import data_dir
 from .allocate import MAX_RATE, allocate_checkpoint
 from .calibrate import C4_SAMPLE, calibration_samples
 from .devices import compute_device, to_device
-from .distributed import average_gradients, synchronize, world
+from .distributed import average_gradients, like, shard_mesh, shard_model, synchronize, whole, world
 
 METHODS = ("nested", "lorashear")
 TEACHERS = ("dense", "self")
@@ -110,6 +111,7 @@ class RecoverOptions:
     heldout: int = 8
     bf16: bool | None = None  # bf16 autocast; None: where the device computes bf16 natively
     device: str = "auto"  # where training computes (devices.py)
+    shard: bool = False  # on several ranks, shard the weights over them (FSDP) instead of a copy each
     seed: int = 0
     save_every: int = 25
     timings: dict = field(default_factory=dict)
@@ -268,11 +270,15 @@ def lora_layers(model: nn.Module, family: Family) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def merged_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
-    """``weights`` with every LoRA-wrapped projection replaced by W + s B A (PEFT's delta weight);
-    the LoRA model itself is left un-merged."""
+    """``weights`` (the frozen ones the LoRA model was built on) with every LoRA-wrapped projection
+    replaced by W + s B A (PEFT's delta weight); the LoRA model itself is left un-merged. Sharded
+    LoRA weights are gathered whole (every rank must call this; a rank that writes nothing may
+    pass no ``weights``)."""
     out = dict(weights)
     for name, layer in lora_layers(model, family).items():
-        out[name] = (layer.get_base_layer().weight + layer.get_delta_weight(ADAPTER)).contiguous()
+        a, b = (whole(m[ADAPTER].weight) for m in (layer.lora_A, layer.lora_B))
+        if name in out:
+            out[name] = (out[name] + (b @ a).to(out[name].device) * layer.scaling[ADAPTER]).contiguous()
     return out
 
 
@@ -445,14 +451,18 @@ def state_dir(output: Path) -> Path:
 
 def _save_state(path: Path, step: int, settings: dict, source: str, model: nn.Module,
                 optimizer: torch.optim.Optimizer, extra: Mapping[str, torch.Tensor], info: dict) -> None:
-    """Write the state folder under a temporary name and rename it into place."""
+    """Write the state folder under a temporary name and rename it into place (rank 0; every rank
+    calls this in a sharded run, to gather the state whole)."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: whole(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer_state = _optimizer_state(model, optimizer)
+    if world()[0] != 0:  # a sharded run's other ranks only helped gather the state
+        return
     with atomic_path(path, directory=True) as tmp:
         save_file({**{f"lora.{k}": v for k, v in tensors.items()}, **extra}, str(tmp / "state.safetensors"))
         buffer = io.BytesIO()  # torch.save's own file writer says a full disk with a RuntimeError, no errno
-        torch.save(optimizer.state_dict(), buffer)
+        torch.save(optimizer_state, buffer)
         (tmp / "optimizer.pt").write_bytes(buffer.getbuffer())
         (tmp / "state.json").write_text(json.dumps({"step": step, "checkpoint": source, "settings": settings,
                                                     "schedule": info}, indent=1))
@@ -473,25 +483,64 @@ def _load_state(path: Path, settings: dict, source: str, model: nn.Module,
     with torch.no_grad():
         for name, value in tensors.items():
             if name.startswith("lora."):
-                params[name.removeprefix("lora.")].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+                param = params[name.removeprefix("lora.")]
+                param.copy_(like(param, value))
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
     return info["step"], {k: v for k, v in tensors.items() if not k.startswith("lora.")}, info["schedule"]
+
+
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state to save: as it is, or gathered whole onto rank 0 (by parameter name)
+    where the model is sharded."""
+    if not _sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # --- training -----------------------------------------------------------------------------------------------
 
+@contextmanager
+def adapters_off(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Every LoRA layer of ``layers`` computes its base layer alone: the model is the frozen dense
+    one (PEFT's own switch, set directly: ``enable_adapters`` would also change the LoRA weights'
+    ``requires_grad``, which sharded training fixes when it starts)."""
+    layers = list(layers)
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+
+
 def _loss(model: nn.Module, masks: UnitMasks, ids: torch.Tensor, scales: Mapping[str, torch.Tensor] | None,
-          options: RecoverOptions, teacher: nn.Module | None = None) -> torch.Tensor:
+          options: RecoverOptions, layers: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
     """``lm_weight`` x the next-token loss of the masked model, plus ``distill`` x T^2 x
-    KL(teacher || masked) at temperature T when distilling: the teacher is ``teacher`` (the frozen
-    dense model) if given, else the full-width pass of ``model`` (then only on masked steps)."""
+    KL(teacher || masked) at temperature T when distilling: the teacher is the frozen dense model,
+    ``model`` with its LoRA ``layers`` off, if they are given, else the full-width pass of
+    ``model`` (then only on masked steps)."""
     ids = ids.to(model.device)  # drawn on the CPU: the same batches on every device
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=options.bf16):
         target = None
-        if options.distill and (teacher is not None or scales is not None):
+        if options.distill and (layers is not None or scales is not None):
             masks.set(None)
-            with torch.no_grad():
-                target = (model if teacher is None else teacher)(ids).float().flatten(0, 1)
+            with torch.no_grad(), adapters_off(layers.values() if layers is not None else ()):
+                target = model(ids).float().flatten(0, 1)
         masks.set(scales)
         logits = model(ids).float().flatten(0, 1)
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).flatten()
@@ -513,6 +562,13 @@ def _heldout_loss(model: nn.Module, masks: UnitMasks, windows: torch.Tensor,
     return sum(_loss(model, masks, w[None], scales, lm).item() for w in windows) / len(windows)
 
 
+def _lora_model(ckpt: Checkpoint, options: RecoverOptions, weights: Mapping[str, torch.Tensor]
+                ) -> tuple[Transformer, UnitMasks]:
+    """The LoRA model of ``weights`` (``ckpt``'s at rate 0) and its unit masks."""
+    model = lora_model(weights, ckpt.config, options.rank, options.alpha, options.seed)
+    return model, UnitMasks(model, ckpt.groups, ckpt.heads)
+
+
 def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path | None = None,
             progress: bool = True) -> Recovered:
     """Train LoRA on the full-width model of the float checkpoint ``ckpt`` as ``options`` say and
@@ -522,7 +578,8 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     if options.bf16 is None:  # settled before the settings are compared with a saved state or recorded
         options.bf16 = native_bf16(device)
     start = time.perf_counter()
-    weights = to_device(ckpt.read_rate(0.0), device)
+    rank, ranks = world()
+    sharded = options.shard and ranks > 1
     config = ckpt.config
     rates = _target_rates(ckpt, options)
     tokenizer = ckpt.tokenizer()
@@ -531,12 +588,18 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     sources = {"c4": windows[:options.samples]}
     heldout = {"c4": windows[options.samples:]}
 
-    model = lora_model(weights, config, options.rank, options.alpha, options.seed)
-    teacher = None
-    if options.distill and options.teacher == "dense":  # shares the frozen weights' storage: no copy
-        teacher = Transformer.from_weights(weights, config).eval().requires_grad_(False)
+    if sharded:  # each rank in turn reads the model whole on the CPU, and FSDP moves its shards to the device
+        mesh = shard_mesh(device)
+        for turn in range(ranks):
+            if turn == rank:
+                model, masks = _lora_model(ckpt, options, ckpt.read_rate(0.0))
+                shard_model(model, list(model.layers), mesh)
+            synchronize()  # one whole model in host memory at a time
+    else:
+        weights = to_device(ckpt.read_rate(0.0), device)
+        model, masks = _lora_model(ckpt, options, weights)
     layers = lora_layers(model, family_for(config))
-    masks = UnitMasks(model, ckpt.groups, ckpt.heads)
+    teacher = layers if options.distill and options.teacher == "dense" else None  # the model, LoRA off
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     settings = options.settings()
@@ -547,7 +610,6 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
     rate_units = {r.rate: None if r.rate == 0 else width_units(ckpt.groups, ckpt.heads, r.widths) for r in rates}
 
     step, info = 0, {}
-    rank, ranks = world()
     if state is not None and rank == 0:
         sweep(state)  # a save killed between its two renames left the previous state aside
     synchronize()
@@ -585,7 +647,8 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
         ids = pool[torch.randint(len(pool), (options.batch,), generator=g)][rank::ranks]  # this rank's share
         loss = _loss(model, masks, ids, scales, options, teacher)
         loss.backward()
-        average_gradients(params)
+        if not sharded:  # FSDP reduces a sharded model's gradients itself
+            average_gradients(params)
         if shear is not None and step < shear.recovery_start:
             shear.accumulate(layers)
         optimizer.step()
@@ -593,12 +656,14 @@ def recover(ckpt: Checkpoint, options: RecoverOptions, data: Path, state: Path |
         bar.set_postfix(loss=f"{loss.item():.3f}", rate=rate)
         step_seconds.append(time.perf_counter() - tick)
         done = step + 1
-        if state is not None and rank == 0 and done % options.save_every == 0 and done < options.steps:
+        if state is not None and (rank == 0 or sharded) and done % options.save_every == 0 and done < options.steps:
             _save_state(state, done, settings, str(ckpt.path.resolve()), model, optimizer,
                         shear.state() if shear else {}, info)
     masks.remove()
     options.timings["train"] = time.perf_counter() - start
     options.timings["step_seconds"] = step_seconds
+    if sharded:  # only the LoRA weights changed: the frozen ones are read again, by rank 0 alone
+        weights = ckpt.read_rate(0.0) if rank == 0 else {}
     return Recovered(merged_weights(model, weights, family_for(config)), shear.keep() if shear else None, model, rates)
 
 

@@ -187,7 +187,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                                  calib_data=args.calib_data, quality_windows=args.quality_windows, seed=args.seed,
                                  method=args.method, allocation=args.allocation, rotate=args.rotate,
                                  device=args.device),
-        recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps),
+        recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps, shard=args.shard),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
     if args.plan:
@@ -222,14 +222,19 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_recover(args: argparse.Namespace) -> None:
+    from .compressor.distributed import init_from_environment, world
     from .compressor.recover import RecoverOptions, recover_checkpoint
+
+    lead = not init_from_environment() or world()[0] == 0  # of the ranks of a torchrun launch, rank 0 writes
 
     options = RecoverOptions(method=args.method, rate=args.rate, steps=args.steps, lr=args.lr, rank=args.rank,
                              alpha=args.alpha, batch=args.batch, seqlen=args.seqlen, samples=args.samples,
                              distill=args.distill, teacher=args.teacher, lm_weight=args.lm_weight,
                              temperature=args.temperature, bf16=BF16[args.bf16],
-                             seed=args.seed, save_every=args.save_every, device=args.device)
-    path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+                             seed=args.seed, save_every=args.save_every, device=args.device, shard=args.shard)
+    path = recover_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite, progress=lead)
+    if not lead:
+        return
     print(f"elastiq: wrote {path} (training {options.timings['train']:.0f} s)", file=sys.stderr)
     _cmd_inspect(argparse.Namespace(checkpoint=path, layers=False))
 
@@ -367,6 +372,14 @@ def _add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help=f"where {what} computes: cpu, cuda (under torchrun, each rank its LOCAL_RANK's GPU), "
                              "cuda:N, or auto, a GPU where CUDA sees one, else the CPU (default auto)")
+
+
+def _add_shard_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", action="store_true",
+                        help="under torchrun, shard recovery's weights over the ranks (FSDP): each rank's device "
+                             "holds 1/N of the model and one whole block at a time, instead of a whole copy; "
+                             "the ranks read the model into host memory one after another (nothing changes on "
+                             "one process)")
 
 
 def _rates_or_all(text: str) -> list[float] | str:
@@ -535,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--q8", type=_q8_kinds, default=DEFAULT_Q8, metavar="KINDS", help=q8_help)
     _add_calibration_args(comp, "calibration sampling, rotation and recovery seed (default 0)")
     _add_device_arg(comp, "every stage")
+    _add_shard_arg(comp)
     comp.set_defaults(func=_cmd_compress)
 
     qua = sub.add_parser("quantize", help="quantize a nested checkpoint to 4 bits", description=(
@@ -593,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0, help="data, rate draw and LoRA initialisation seed (default 0)")
     rec.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_device_arg(rec, "training")
+    _add_shard_arg(rec)
     rec.set_defaults(func=_cmd_recover)
 
     exp = sub.add_parser("export", help="write one rate as GGUF, ONNX or a Hugging Face folder", description=(

@@ -145,16 +145,18 @@ def test_three_ranks_and_a_mamba2_model(tokenizer, tmp_path):
     assert (one / WEIGHTS).read_bytes() == (three / WEIGHTS).read_bytes()
 
 
-def test_recovery_on_two_ranks_trains_and_merges(models, tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["copies", "sharded"])
+def test_recovery_on_two_ranks_trains_and_merges(shard, models, tmp_path):
     """Data-parallel recovery: two ranks, each on half of every step's batch, with averaged LoRA
-    gradients, merge the weights one process merges from the whole batch (up to float sums)."""
+    gradients (each rank with a copy of the model, or half of it under --shard: FSDP), merge the
+    weights one process merges from the whole batch (up to float sums)."""
     src, _ = models["llama"]
     args = ["--rates", "0.35", "--calib-samples", "4", "--calib-seqlen", "32", "--quality-windows", "0",
             "--recover-steps", "3", "--no-quantize"]
     one, two, plain = (tmp_path / f"{n}.elastiq" for n in ("one", "two", "plain"))
     main(["compress", str(src), "-o", str(one), *args])
     main(["compress", str(src), "-o", str(plain), *args[:-3], "--no-recover", "--no-quantize"])
-    done = _torchrun("compress", str(src), "-o", str(two), *args, cwd=tmp_path)
+    done = _torchrun("compress", str(src), "-o", str(two), *args, *(["--shard"] if shard else []), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b, p = (Checkpoint(x).read_rate(0.0) for x in (one, two, plain))
     trained = [n for n in a if n.endswith("q_proj.weight")]
@@ -291,3 +293,75 @@ def test_a_compression_whose_rank_is_killed_resumes_at_its_last_finished_block(k
     assert a.manifest["tensors"] == b.manifest["tensors"]
     assert a.manifest["rates"] == b.manifest["rates"]
     assert (one / WEIGHTS).read_bytes() == (out / WEIGHTS).read_bytes()
+
+
+# Runs ``elastiq recover`` on a torchrun rank, writing down the share of the weights this rank keeps
+# once sharded; with ELASTIQ_TEST_KILL set, rank 0 SIGKILLs itself once the first state is saved.
+SHARD_SCRIPT = '''
+import os, signal, sys
+
+from elastiq.compressor import recover as recover_module
+
+rank = int(os.environ["RANK"])
+shard, save = recover_module.shard_model, recover_module._save_state
+
+
+def noted(model, blocks, mesh):
+    shard(model, blocks, mesh)
+    kept = sum(p.to_local().numel() for p in model.parameters())
+    with open(os.environ["ELASTIQ_TEST_LOG"] + f"-rank{rank}.txt", "w") as log:
+        log.write(f"{kept / sum(p.numel() for p in model.parameters())}")
+
+
+def saving(*args, **kwargs):
+    save(*args, **kwargs)
+    if os.environ.get("ELASTIQ_TEST_KILL") and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+recover_module.shard_model, recover_module._save_state = noted, saving
+
+from elastiq.cli import main
+
+sys.exit(main())
+'''
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba2"])
+def test_sharded_recovery_keeps_half_the_weights_a_rank_and_resumes_after_a_kill(family, models, tokenizer,
+                                                                                 tmp_path):
+    """Under --shard each of two ranks keeps half of the model (FSDP), and a run whose rank 0 is
+    killed after its first saved state resumes from it and writes the uninterrupted run's bytes
+    (a Mamba2 model too, whose convolutions' biases carry the state masks)."""
+    if family == "mamba2":
+        from test_mamba2 import build_mamba2
+
+        src = tmp_path / "mamba2"
+        build_mamba2(len(tokenizer)).save_pretrained(src)
+        tokenizer.save_pretrained(src)
+    else:
+        src, _ = models["llama"]
+    sorted_ = tmp_path / "sorted.elastiq"
+    main(["compress", str(src), "-o", str(sorted_), "--rates", "0.35", "--calib-samples", "4", "--calib-seqlen",
+          "32", "--quality-windows", "0", "--no-recover", "--no-quantize"])
+    script = tmp_path / "rank.py"
+    script.write_text(SHARD_SCRIPT)
+    args = ["recover", str(sorted_), "--steps", "4", "--save-every", "2", "--batch", "2", "--samples", "4",
+            "--seqlen", "16", "--bf16", "off", "--shard"]
+    log = str(tmp_path / "kept")
+    whole = _torchrun(*args, "-o", str(tmp_path / "whole.elastiq"), cwd=tmp_path, script=script,
+                      env={"ELASTIQ_TEST_LOG": log})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for rank in (0, 1):
+        assert float(Path(f"{log}-rank{rank}.txt").read_text()) == pytest.approx(0.5, abs=0.01)
+
+    out = tmp_path / "resumed.elastiq"
+    killed = _torchrun(*args, "-o", str(out), cwd=tmp_path, script=script,
+                       env={"ELASTIQ_TEST_LOG": log, "ELASTIQ_TEST_KILL": "1"})
+    assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr
+    state = tmp_path / "resumed.elastiq.state"
+    assert not out.exists() and json.loads((state / "state.json").read_text())["step"] == 2
+    resumed = _torchrun(*args, "-o", str(out), cwd=tmp_path, script=script, env={"ELASTIQ_TEST_LOG": log})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2/4" in resumed.stderr and not state.exists()  # went on from the saved step
+    assert (out / WEIGHTS).read_bytes() == (tmp_path / "whole.elastiq" / WEIGHTS).read_bytes()

@@ -225,15 +225,17 @@ def test_cli_recover(checkpoints, tmp_path, capsys):
 
 
 def test_dense_teacher_is_the_frozen_starting_model(checkpoints, tokenizer):
-    """Distilling from the dense model: the loss is KL(dense || masked rate) against the weights the
-    training started from, whatever LoRA has learnt since; with LoRA at zero, rate 0 has nothing to learn."""
-    from elastiq.compressor.recover import _loss
+    """Distilling from the dense model (the LoRA model with its LoRA layers off): the loss is
+    KL(dense || masked rate) against the weights the training started from, whatever LoRA has
+    learnt since; with LoRA at zero, rate 0 has nothing to learn."""
+    from elastiq.compressor.recover import _loss, adapters_off, lora_layers
+    from elastiq.families import family_for
 
     ckpt = Checkpoint(checkpoints["llama"])
     weights, config, ids = ckpt.read_rate(0.0), ckpt.config, _ids(tokenizer)
     options = _options(distill=1.0, temperature=1.0, lm_weight=0.0)
     model = lora_model(weights, config, rank=4, alpha=8.0, seed=0)
-    teacher = Transformer.from_weights(weights, config).eval().requires_grad_(False)
+    teacher = lora_layers(model, family_for(config))
     masks = UnitMasks(model, ckpt.groups, ckpt.heads)
     units = width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(0.35)["widths"])
 
@@ -248,9 +250,11 @@ def test_dense_teacher_is_the_frozen_starting_model(checkpoints, tokenizer):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     _loss(model, masks, ids, units, options, teacher).backward()
     optimizer.step()
-    with torch.no_grad():
-        assert torch.equal(teacher(ids), Transformer.from_weights(ckpt.read_rate(0.0), config)(ids))
+    masks.set(None)
+    with torch.no_grad(), adapters_off(teacher.values()):
+        assert torch.equal(model(ids), Transformer.from_weights(ckpt.read_rate(0.0), config)(ids))
     assert _loss(model, masks, ids, None, options, teacher).item() > 1e-4  # rate 0 has moved off the teacher
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # still trained
 
 
 def test_bf16_defaults_to_what_the_cpu_computes_natively(checkpoints, data_dir, tmp_path):
