@@ -13,7 +13,9 @@ load's; docs/scale.md gives the peaks sampled from /proc during that run.
     python benchmarks/streaming.py make --shape llama-3.1-8b --out /work/big/llama8b
     python benchmarks/streaming.py run --model /work/big/llama8b --ranks-model /work/big/llama1b
         # writes benchmarks/results/streaming.{json,md}
-    python benchmarks/streaming.py gptq-block --shape llama-3.1-8b   # adds one block's GPTQ time
+    python benchmarks/streaming.py streamed --model /work/big/llama8b   # the streamed run alone, resampled
+    python benchmarks/streaming.py ranks --model /work/big/llama1b      # 1 process against 2 ranks alone
+    python benchmarks/streaming.py block --shape llama-3.1-8b --device cuda   # one block's sorting and GPTQ
 """
 
 from __future__ import annotations
@@ -161,13 +163,30 @@ def run(model: Path, ranks_model: Path | None, work: Path, samples: int, seqlen:
                          "address_space_limit_gb": round(total / 1e9, 1)}
     out.update(streamed(model, work, samples, seqlen))
     if ranks_model is not None:
-        out["ranks"] = {}
-        for ranks in (1, 2):
-            out["ranks"][ranks] = _measured(_compress(ranks_model, work / f"ranks{ranks}.elastiq", samples * 2,
-                                                      seqlen, ranks))
-        a, b = (work / f"ranks{r}.elastiq" / "weights.safetensors" for r in (1, 2))
-        out["ranks"]["identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+        out["ranks"] = ranks(ranks_model, work, samples * 2, seqlen)
     return out
+
+
+def ranks(model: Path, work: Path, samples: int, seqlen: int) -> dict:
+    """``model`` compressed by one process and by two ranks (torchrun, gloo): each run's figures,
+    and whether the two weights files are the same bytes."""
+    work.mkdir(parents=True, exist_ok=True)
+    commit = _commit()
+    out = {count: _measured(_compress(model, work / f"ranks{count}.elastiq", samples, seqlen, count))
+           for count in (1, 2)}
+    a, b = (work / f"ranks{r}.elastiq" / "weights.safetensors" for r in (1, 2))
+    out["identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+    out["commit"] = commit
+    return out
+
+
+def _commit() -> str:
+    """The repository's commit, and whether its compressor has changes not committed."""
+    here = Path(__file__).parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "../compressor", "../elastiq"], capture_output=True,
+                           text=True, cwd=here).stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
 
 
 def streamed(model: Path, work: Path, samples: int, seqlen: int) -> dict:
@@ -179,11 +198,11 @@ def streamed(model: Path, work: Path, samples: int, seqlen: int) -> dict:
     command = _compress(model, work / "big.elastiq", samples, seqlen)
     planned = subprocess.run(command + ["--plan"], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    commit = _commit()  # the code the run imports as it starts
     run = _measured(command, sample_every=5.0)
     run["checkpoint_gb"] = round(sum(f.stat().st_size for f in (work / "big.elastiq").iterdir()) / 1e9, 2) \
         if (work / "big.elastiq").is_dir() else None
-    run["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                   cwd=Path(__file__).parent).stdout.strip()
+    run["commit"] = commit
     return {"planned": planned.stdout.strip(),
             "planned_gib": round(plan(model, samples, seqlen, 0).memory / 2 ** 30, 2), "streamed": run}
 
@@ -210,33 +229,55 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def gptq_block(shape: str, tokens: int = 512, seed: int = 0) -> dict:
-    """Seconds GPTQ takes for the matrices of one block of ``shape`` (random weights at std 0.02,
-    Hessians X^T X of ``tokens`` random inputs), the stage the 8B run leaves out: a measured rate
-    for the plan of bigger runs."""
+def block_times(shape: str, device: str = "cpu", tokens: int = 512, seed: int = 0) -> dict:
+    """Seconds one block of ``shape`` takes on ``device`` (``compute_device``'s names) in the
+    stages' heaviest steps, on random weights (std 0.02) and statistics of ``tokens`` random
+    inputs: sorting's ridge leverage of the MLP channels and V/O transform (float64, as
+    compression computes them), and GPTQ of each of the block's seven matrices. Measured rates
+    for the plans of bigger runs (docs/scale.md)."""
+    from elastiq.checkpoint import Heads
+    from elastiq.compressor.devices import compute_device
     from elastiq.compressor.gptq import act_order, gptq, sorted_axis_order
+    from elastiq.compressor.sort import _vo_transform, ridge_leverage
+
+    where = compute_device(device)
+
+    def timed(fn) -> float:
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
+        t = time.perf_counter()
+        fn()
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
+        return round(time.perf_counter() - t, 2)
 
     torch.manual_seed(seed)
     c = SHAPES[shape]
-    hidden, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
-    heads = c["num_attention_heads"]
+    hidden, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    heads, groups = c["num_attention_heads"], c["num_key_value_heads"]
+    kv = groups * d
+    grams = {}
+    for columns in (hidden, inter):
+        x = torch.randn(tokens, columns, dtype=torch.float64, device=where)
+        grams[columns] = x.T @ x
+    out = {"shape": shape, "device": str(where), "tokens": tokens,
+           "name": torch.cuda.get_device_name(where) if where.type == "cuda" else platform.processor(),
+           "sort_seconds": {}, "gptq_seconds": {}}
+    out["sort_seconds"]["mlp_ridge_leverage"] = timed(lambda: ridge_leverage(grams[inter]))
+    v = torch.randn(d, groups, hidden, device=where) * 0.02  # V and O in their storage layouts
+    o = torch.randn(d, groups, heads // groups, hidden, device=where) * 0.02
+    out["sort_seconds"]["vo_transform"] = timed(lambda: _vo_transform(v, o, grams[hidden]))
     matrices = {"attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
                 "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden),
                 "ffn_down": (hidden, inter)}
-    hessians = {}
-    out = {"shape": shape, "tokens": tokens, "seconds": {}}
     for slot, (rows, columns) in matrices.items():
-        if columns not in hessians:
-            x = torch.randn(tokens, columns, dtype=torch.float64)
-            hessians[columns] = x.T @ x
-        h = hessians[columns]
+        h = grams[columns]
         order = sorted_axis_order(columns, heads if slot == "attn_output" else 1, False) \
             if slot in ("attn_output", "ffn_down") else act_order(h)
-        w = torch.randn(rows, columns) * 0.02
-        t = time.perf_counter()
-        gptq(w, h, order)
-        out["seconds"][slot] = round(time.perf_counter() - t, 1)
-    out["block_seconds"] = round(sum(out["seconds"].values()), 1)
+        w = torch.randn(rows, columns, device=where) * 0.02
+        out["gptq_seconds"][slot] = timed(lambda: gptq(w, h, order))
+    out["sort_total"] = round(sum(out["sort_seconds"].values()), 2)
+    out["gptq_total"] = round(sum(out["gptq_seconds"].values()), 2)
     return out
 
 
@@ -248,13 +289,24 @@ def table(result: dict) -> str:
     s = result["streamed"]
     rows.append(f"| streamed compress (calibrate, sort, allocate, write) | {s['returncode']} | {s['wall_s']} | "
                 f"{s['peak_rss_gb']} |")
-    for ranks, r in result.get("ranks", {}).items():
-        if ranks != "identical":
-            rows.append(f"| smaller model, {ranks} rank(s) | {r['returncode']} | {r['wall_s']} | {r['peak_rss_gb']} |")
-    if "gptq_block" in result:
+    for count, r in result.get("ranks", {}).items():
+        if count not in ("identical", "commit"):
+            rows.append(f"| smaller model, {count} rank(s) | {r['returncode']} | {r['wall_s']} | {r['peak_rss_gb']} |")
+    if "ranks" in result:
+        rows += ["", f"One process and two ranks wrote {'the same' if result['ranks']['identical'] else 'different'} "
+                     "weights bytes."]
+    if "gptq_block" in result:  # the first measurement, before block_times
         g = result["gptq_block"]
         rows += ["", f"GPTQ of one {g['shape']} block ({g['tokens']} calibration tokens): {g['block_seconds']} s "
                      f"({', '.join(f'{k} {v} s' for k, v in g['seconds'].items())})"]
+    if result.get("blocks"):
+        rows += ["", "One block's heaviest steps (`streaming.py block`; random weights, Hessians of 512 random "
+                     "tokens):", "", "| shape | device | sorting s (MLP ridge leverage, V/O) | GPTQ s (7 matrices) |",
+                 "|---|---|---|---|"]
+        for b in result["blocks"].values():
+            rows.append(f"| {b['shape']} | {b['device']} ({b['name']}) | {b['sort_total']} "
+                        f"({b['sort_seconds']['mlp_ridge_leverage']}, {b['sort_seconds']['vo_transform']}) | "
+                        f"{b['gptq_total']} |")
     return "\n".join(rows) + "\n"
 
 
@@ -275,15 +327,25 @@ def main() -> None:
     st.add_argument("--work", type=Path, default=Path("/tmp/elastiq-streaming"))
     st.add_argument("--samples", type=int, default=4)
     st.add_argument("--seqlen", type=int, default=128)
-    gb = sub.add_parser("gptq-block", help="time GPTQ on one block's matrices; adds it to streaming.json")
-    gb.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
+    rk = sub.add_parser("ranks", help="one process against two ranks alone; replaces that entry in streaming.json")
+    rk.add_argument("--model", type=Path, required=True)
+    rk.add_argument("--work", type=Path, default=Path("/tmp/elastiq-streaming"))
+    rk.add_argument("--samples", type=int, default=8)
+    rk.add_argument("--seqlen", type=int, default=128)
+    bl = sub.add_parser("block", help="time one block's sorting and GPTQ on a device; adds it to streaming.json")
+    bl.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
+    bl.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.shape, args.out)
         return
-    if args.command == "gptq-block":
+    if args.command == "block":
         result = json.loads((RESULTS / "streaming.json").read_text())
-        result["gptq_block"] = gptq_block(args.shape)
+        times = block_times(args.shape, args.device)
+        result.setdefault("blocks", {})[f"{times['shape']} on {times['device']}"] = times
+    elif args.command == "ranks":
+        result = json.loads((RESULTS / "streaming.json").read_text())
+        result["ranks"] = ranks(args.model, args.work, args.samples, args.seqlen)
     elif args.command == "streamed":
         result = json.loads((RESULTS / "streaming.json").read_text())
         result.update(streamed(args.model, args.work, args.samples, args.seqlen))
