@@ -289,6 +289,10 @@ def table(result: dict) -> str:
     s = result["streamed"]
     rows.append(f"| streamed compress (calibrate, sort, allocate, write) | {s['returncode']} | {s['wall_s']} | "
                 f"{s['peak_rss_gb']} |")
+    if "resident_gb_over_time" in s:
+        rows.insert(1, f"\n![resident memory of the streamed run](streaming.png)\n\nStreamed run: commit {s['commit']}; "
+                       f"peak RSS {s['peak_rss_gb']} GB against the planner's {result['planned_gib']} GiB "
+                       f"({result['planned_gib'] * 1.073741824:.2f} GB).")
     for count, r in result.get("ranks", {}).items():
         if count not in ("identical", "commit"):
             rows.append(f"| smaller model, {count} rank(s) | {r['returncode']} | {r['wall_s']} | {r['peak_rss_gb']} |")
