@@ -5,8 +5,9 @@ embedding and head.
 ``BlockReader`` gives the tensors of one block, or of the model's ends (embedding, final norm,
 head), at one rate, on the device the stage computes on: read from a checkpoint as
 ``Checkpoint.iter_rate`` reads them (the rate's byte prefix of each stored part, verified, in the
-tensor's own form), or taken from a mapping already in memory. ``modeling.model.block_from_weights`` and ``Transformer.ends_from_weights`` build what
-they hold, computing what the whole model computes.
+tensor's own form), or taken from a mapping already in memory.
+``modeling.model.block_from_weights`` and ``Transformer.ends_from_weights`` build what they hold,
+computing what the whole model computes.
 """
 
 from __future__ import annotations

@@ -180,15 +180,14 @@ class _Captured(Exception):
     """Raised by the hook on the final norm once every block has seen its arguments."""
 
 
-def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
-                  chunk: int) -> tuple[dict[int, torch.Tensor], dict[int, list[dict]]]:
+def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor, chunk: int,
+                  device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, list[dict]]]:
     """Hidden states entering block 0, and for each chunk of samples the keyword arguments the
     model passes to each block (rotary tables and masks, which differ between blocks of different
     layer types, as Gemma 3's sliding and global ones), by chunk index, for the chunks this rank
     runs. While they are read, every block passes its input through unchanged, and the pass stops
-    at the final norm, so it costs little. The samples go to the embedding's device."""
+    at the final norm, so it costs little. The samples go to ``device``, the embedding's."""
     blocks = family.blocks(model)
-    device = family.top_module(model, EMBED).weight.device
     hidden, kwargs, current = {}, {}, [0]
 
     def recorder(index: int):
@@ -247,8 +246,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
     config = model.config.to_dict()
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
-    hidden, kwargs = _block_inputs(model, family, samples, chunk)
     device = family.top_module(model, EMBED).weight.device
+    hidden, kwargs = _block_inputs(model, family, samples, chunk, device)
     if activations is not None:
         if start == 0:
             activations.update(hidden)

@@ -111,16 +111,12 @@ def check_room(needs: Needs, output: Path, device: torch.device = torch.device("
     while not folder.exists():
         folder = folder.parent
     disk = shutil.disk_usage(folder).free
-    if device.type == "cuda":
-        free_bytes, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
-        needed = needs.memory - BASELINE
-    else:
-        free = free_memory()
-        free_bytes, where, needed = free.bytes, f"free ({free.source})", needs.memory
-    if needed > free_bytes:
-        raise ElastiqError(f"this compression {needs.describe()}; {free_bytes / 2 ** 30:.1f} GiB of memory is {where}: "
-                           "lower --calib-samples or --calib-seqlen, measure fewer --quality-windows, or run on a "
-                           "machine with more memory")
+    free = free_memory(device)
+    needed = needs.memory - BASELINE if device.type == "cuda" else needs.memory  # the baseline is on the host
+    if needed > free.bytes:
+        raise ElastiqError(f"this compression {needs.describe()}; {free.bytes / 2 ** 30:.1f} GiB of memory is free "
+                           f"({free.source}): lower --calib-samples or --calib-seqlen, measure fewer "
+                           "--quality-windows, or run on a machine with more memory")
     if needs.disk > disk:
         raise ElastiqError(f"this compression {needs.describe()}; {folder} has {disk / 2 ** 30:.1f} GiB free: "
                            "write the output on a larger disk")
