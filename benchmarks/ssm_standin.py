@@ -68,12 +68,23 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor([i for t in texts for i in (*tokenizer.encode(t), eos)])
 
 
-def model_config(vocab_size: int):
-    from transformers import Mamba2Config
+# Nemotron-H's layer pattern in small: Mamba2 mixers (M), ReLU² MLPs (-) and one attention layer (*).
+HYBRID_LAYERS = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
 
+
+def model_config(vocab_size: int, family: str = "mamba2"):
+    """The stand-in's config: a 4-block Mamba2, or a 7-block Nemotron-H hybrid (``HYBRID_LAYERS``)
+    whose mixers have the Mamba2 stand-in's shapes."""
+    from transformers import Mamba2Config, NemotronHConfig
+
+    ids = dict(vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "nemotron_h":
+        return NemotronHConfig(hidden_size=256, layers_block_type=HYBRID_LAYERS, mamba_num_heads=8, mamba_head_dim=64,
+                               n_groups=2, ssm_state_size=64, expand=2, conv_kernel=4, chunk_size=64,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
+                               **ids)
     return Mamba2Config(hidden_size=256, num_hidden_layers=4, num_heads=8, head_dim=64, n_groups=2, state_size=64,
-                        expand=2, conv_kernel=4, chunk_size=64, vocab_size=vocab_size, tie_word_embeddings=False,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                        expand=2, conv_kernel=4, chunk_size=64, **ids)
 
 
 def heldout_loss(model, stream: torch.Tensor, seqlen: int, windows: int) -> float:
@@ -83,8 +94,9 @@ def heldout_loss(model, stream: torch.Tensor, seqlen: int, windows: int) -> floa
     return sum(losses) / len(losses)
 
 
-def train(out: Path, minutes: float, seqlen: int, batch: int, lr: float, seed: int, threads: int) -> None:
-    from transformers import Mamba2ForCausalLM
+def train(out: Path, minutes: float, seqlen: int, batch: int, lr: float, seed: int, threads: int,
+          family: str = "mamba2") -> None:
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -93,7 +105,7 @@ def train(out: Path, minutes: float, seqlen: int, batch: int, lr: float, seed: i
     tokenizer = train_tokenizer(train_texts)
     stream = token_stream(tokenizer, train_texts)
     heldout = token_stream(tokenizer, heldout_texts)
-    model = Mamba2ForCausalLM(model_config(len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(model_config(len(tokenizer), family))
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget, warmup = minutes * 60, 50
@@ -278,6 +290,8 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: leave the other core free)")
+    t.add_argument("--family", choices=("mamba2", "nemotron_h"), default="mamba2",
+                   help="a Mamba2, or a Nemotron-H hybrid of Mamba2, MLP and attention layers (default mamba2)")
     c = sub.add_parser("compare", help="compare the sorting methods on the trained stand-in")
     c.add_argument("--model", type=Path, required=True, help="the folder `train` wrote")
     c.add_argument("--rates", type=lambda v: [float(r) for r in v.split(",")], default=[0.15, 0.25, 0.35])
@@ -290,7 +304,7 @@ def main() -> None:
     c.add_argument("--work", type=Path, default=Path("/tmp/elastiq-ssm-sorting"), help="where the checkpoints go")
     args = parser.parse_args()
     if args.command == "train":
-        train(args.out, args.minutes, args.seqlen, args.batch, args.lr, args.seed, args.threads)
+        train(args.out, args.minutes, args.seqlen, args.batch, args.lr, args.seed, args.threads, args.family)
     else:
         from measure import command_line, save_results
 

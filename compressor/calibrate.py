@@ -21,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..families.base import ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, SSM, SSM_IN_Z, Family
+from ..families import config_dict
+from ..families.base import (ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY, SSM, SSM_IN_Z,
+                              Family)
 from ..paths import data_dir
 from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
@@ -243,7 +245,7 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
     leaving each block once it is yielded, for the caller to save. Everything runs on the device
     of the embedding and of each block as ``load`` leaves it; the statistics come on that device.
     """
-    config = model.config.to_dict()
+    config = config_dict(model.config)
     heads, kinds = family.heads(config), family.layer_kinds(config)
     blocks = family.blocks(model)
     device = family.top_module(model, EMBED).weight.device
@@ -262,8 +264,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
         block = blocks[index]
         chunk_stats: dict[str, torch.Tensor] = {}  # the hooks fill it with one chunk's statistics
         current: dict = {}
-        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, block, heads, chunk_stats,
-                                                                              current)
+        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, kinds[index], block, heads,
+                                                                              chunk_stats, current)
         sums: dict = {}  # this block's statistics, summed over the chunks (on rank 0)
         try:
             for k in range(rounds(count)):
@@ -305,28 +307,35 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
-def _attention_hooks(family: Family, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
-    """Hooks that put one chunk's statistics of an attention block into ``stats`` (the fields of
-    ``BlockStats``; ``current["rope"]``: this pass's cos and sin)."""
-    query, key, down = (family.part(block, slot) for slot in (ATTN_Q, ATTN_K, FFN_DOWN))
+def _attention_hooks(family: Family, kind: str, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
+    """Hooks that put one chunk's statistics of a block of attention and an MLP, or of either alone
+    (``kind``), into ``stats`` (the fields of ``BlockStats``; ``current["rope"]``: this pass's cos and
+    sin, absent for attention without RoPE)."""
 
     def on_down(module, args):
         stats["mlp"] = _gram(args[0])
 
+    def rotated(out: torch.Tensor, count: int) -> torch.Tensor:
+        x = out.float().unflatten(-1, (count, heads.head_dim))
+        return _rotate(x, *current["rope"]) if "rope" in current else x
+
     def on_q(module, args, out):
         stats["attn"] = _gram(args[0])
-        q = _rotate(out.float().unflatten(-1, (heads.num_heads, heads.head_dim)), *current["rope"])
-        stats["q_sq"] = q.square().sum((0, 1)).double()
+        stats["q_sq"] = rotated(out, heads.num_heads).square().sum((0, 1)).double()
 
     def on_k(module, args, out):
-        k = _rotate(out.float().unflatten(-1, (heads.num_kv_heads, heads.head_dim)), *current["rope"])
-        stats["k_sq"] = k.square().sum((0, 1)).double()
+        stats["k_sq"] = rotated(out, heads.num_kv_heads).square().sum((0, 1)).double()
 
-    return [down.register_forward_pre_hook(on_down), query.register_forward_hook(on_q),
-            key.register_forward_hook(on_k)]
+    handles = []
+    if kind != ATTENTION_ONLY:
+        handles.append(family.part(block, FFN_DOWN).register_forward_pre_hook(on_down))
+    if kind != MLP_ONLY:
+        handles += [family.part(block, ATTN_Q).register_forward_hook(on_q),
+                    family.part(block, ATTN_K).register_forward_hook(on_k)]
+    return handles
 
 
-def _ssm_hooks(family: Family, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
+def _ssm_hooks(family: Family, kind: str, block: torch.nn.Module, heads, stats: dict, current: dict) -> list:
     """A hook that keeps what enters an SSM block's mixer (the input of its projections) in one
     chunk, in float32."""
 

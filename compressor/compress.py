@@ -12,8 +12,8 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
-from ..families import family_for
-from ..families.base import ATTENTION, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
+from ..families import config_dict, family_for
+from ..families.base import ATTENTION, ATTENTION_ONLY, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .devices import compute_device
@@ -78,7 +78,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     loaded = load_model(source, stream=not options.rotate)
     loaded.place(device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = model.config.to_dict()
+    config = config_dict(model.config)
     family = family_for(config)
     family.check(config)
     if options.rotate and family.unrotatable:
@@ -87,9 +87,9 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
         rotate_residual(model, family, random_orthogonal(model.config.hidden_size, options.seed))
     heads, kinds = family.heads(config), family.layer_kinds(config)
-    if options.method not in METHODS and ATTENTION in kinds:
+    if options.method not in METHODS and SSM not in kinds:
         raise ElastiqError(f"sorting method {options.method!r} orders Mamba2 blocks only; a {family.name} model "
-                           f"has attention blocks: use {' or '.join(METHODS)}")
+                           f"has none: use {' or '.join(METHODS)}")
     blocks = family.blocks(model)
     layer_groups = [family.groups(config, i) for i in range(len(blocks))]
     unit = {g.name: unit_params(model, g) for layer in layer_groups for g in layer}
@@ -99,7 +99,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     samples, heldout = drawn[:options.calib_samples], drawn[options.calib_samples:]
     source_info = {
         "name": loaded.source, "model_type": loaded.model_type,
-        "architectures": model.config.architectures, "config": model.config.to_dict(),
+        "architectures": model.config.architectures, "config": config_dict(model.config),
         "chat_template": tokenizer.chat_template,
         "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
                         "temperature": options.temperature, "rotation": options.rotate,
@@ -109,7 +109,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     }
     pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
                                                         device="meta")
-             for i, kind in enumerate(kinds) if kind != SSM and QK in family.offers}
+             for i, kind in enumerate(kinds) if kind in (ATTENTION, ATTENTION_ONLY) and QK in family.offers}
     blocks_done = BlockProgress(resume / "blocks", stage_settings(source, options)) if resume is not None else None
     start, kept, activations = blocks_done.restore() if blocks_done is not None else (0, {}, {})
     if world()[0] != 0:  # another rank runs its share of the calibration chunks; rank 0 writes
@@ -136,9 +136,10 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                             sort_ssm_block(model, family, index, layer_groups[index], stats, options.method,
                                            options.ridge)
                         else:
-                            order = sort_block(model, layer_groups[index], heads, stats, options.method,
-                                               options.ridge)
-                            if QK in family.offers:
+                            # a hybrid's other blocks: an SSM-only method's baseline sorts the mixers alone
+                            method = options.method if options.method in METHODS else "uniql"
+                            order = sort_block(model, layer_groups[index], heads, stats, method, options.ridge)
+                            if kinds[index] in (ATTENTION, ATTENTION_ONLY) and QK in family.offers:
                                 writer.put(family.name_of(index, ROPE_PAIRS), order)
                     sort_seconds += time.perf_counter() - t
                     _put(writer, loaded, blocks[index], stored)

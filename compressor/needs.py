@@ -46,12 +46,12 @@ def plan(source, samples: int, seqlen: int, quality_windows: int, quantize: bool
          recover: bool = False) -> Needs:
     """The needs of compressing ``source`` (a model path or name) with these options, on as many
     ranks as this process is one of; nothing is loaded but the config."""
-    from ..families import family_for
+    from ..families import config_dict, family_for
     from .distributed import world
     from .intake import model_skeleton
 
     skeleton, streamed = model_skeleton(source)
-    family = family_for(skeleton.config.to_dict())
+    family = family_for(config_dict(skeleton.config))
     return compress_needs(skeleton, family.blocks(skeleton), streamed, samples, seqlen, quality_windows,
                           world()[1], quantize, recover)
 

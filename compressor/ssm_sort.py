@@ -44,6 +44,7 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import SSM_P, Group
+from ..families import config_dict
 from ..families.base import (ATTN_NORM, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z,
                               SSM_NORM, SSM_OUT, Family, SSMConfig)
 from ..modeling.model import SSMMixer
@@ -140,7 +141,7 @@ def sort_block(model: torch.nn.Module, family: Family, index: int, groups: list[
     block = {name: t for name, t in model.state_dict().items() if name.startswith(prefix)}
     weights = {runtime.removeprefix(f"layers.{index}."): block[name]
                for name, runtime in family.runtime_names(block).items()}
-    config = family.ssm_config(model.config.to_dict())
+    config = family.ssm_config(config_dict(model.config))
     channels, states = orders(weights, config, stats.ssm_input, method, ridge)
     for group in groups:
         permute_group(model, group, None, (channels if group.kind == SSM_P else states).T)

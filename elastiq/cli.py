@@ -522,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", choices=["uniql", "magnitude", "ridge"], default="uniql",
                       help="importance order: uniql (ridge leverage, Q/K pair scores, whitened V/O SVD; for Mamba2 "
                            "blocks state-aware ridge leverage of the SSM channels; default), magnitude (weight L2 "
-                           "norm, a baseline) or ridge (Mamba2 only: ridge leverage of the channels without the "
-                           "state, a baseline)")
+                           "norm, a baseline) or ridge (Mamba2 mixers only: ridge leverage of the channels without "
+                           "the state, a baseline; a hybrid's other blocks are then sorted as by uniql)")
     comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
                       help="per-layer widths from block influence (default) or the same ratio everywhere")
     comp.add_argument("--rotate", action="store_true",

@@ -10,11 +10,12 @@ from .base import Family
 from .gemma3 import GEMMA3, GEMMA3_VISION
 from .llama import LLAMA
 from .mamba2 import MAMBA2
+from .nemotron_h import NEMOTRON_H
 from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION, PHI3, MAMBA2)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION, PHI3, MAMBA2, NEMOTRON_H)
 MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 GGUF_ARCHITECTURES: dict[str, Family] = {a: f for f in FAMILIES for a in f.gguf_architectures}
 GROUP_KINDS = {MLP: "MLP channels", QK: "rotary pairs of q/k per KV head", VO: "V/O rank per KV head",
@@ -27,6 +28,15 @@ def family_for(config: Mapping) -> Family:
     if model_type not in MODEL_TYPES:
         raise ElastiqError(f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
     return MODEL_TYPES[model_type]
+
+
+def config_dict(config) -> dict:
+    """A transformers config as the dict every stage reads (``to_dict()``), with ``num_hidden_layers``
+    even where the config derives it (Nemotron-H's, from ``layers_block_type``), so that the dict
+    travels whole inside a checkpoint."""
+    out = config.to_dict()
+    out.setdefault("num_hidden_layers", config.num_hidden_layers)
+    return out
 
 
 def checkpoint_family(ckpt: Checkpoint) -> Family:
@@ -43,4 +53,4 @@ def checkpoint_family(ckpt: Checkpoint) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "GGUF_ARCHITECTURES", "GROUP_KINDS", "MODEL_TYPES", "checkpoint_family",
-           "family_for"]
+           "config_dict", "family_for"]

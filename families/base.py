@@ -40,8 +40,10 @@ BARE = (ROPE_PAIRS, SSM_DT, SSM_A, SSM_D)
 MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)  # of an attention block
 SSM_MATRICES = (*SSM_IN, SSM_OUT)
 NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM, SSM_NORM)
-# The kinds of block: attention + gated MLP (every transformer family), or a Mamba2 mixer alone.
-ATTENTION, SSM = "attention", "ssm"
+# The kinds of block: attention + gated MLP (every transformer family), a Mamba2 mixer alone, and
+# the single-branch blocks of hybrids (Nemotron-H): attention alone, an MLP alone (ungated). A
+# block of one branch reads it through its one input norm, ``attn_norm`` (llama.cpp's name for it).
+ATTENTION, SSM, ATTENTION_ONLY, MLP_ONLY = "attention", "ssm", "attention_only", "mlp_only"
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
@@ -53,7 +55,9 @@ READS = {ATTN_Q: ATTN_Q, ATTN_K: ATTN_Q, ATTN_V: ATTN_Q, ATTN_OUT: ATTN_OUT,
 # The same of an SSM block: its input projections read the normed block input, its output
 # projection the gated norm's output.
 SSM_READS = {**{slot: SSM_IN_Z for slot in SSM_IN}, SSM_OUT: SSM_OUT}
-BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS}
+BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS,
+               ATTENTION_ONLY: {slot: READS[slot] for slot in (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)},
+               MLP_ONLY: {FFN_UP: FFN_UP, FFN_DOWN: FFN_DOWN}}  # an MLP alone is ungated
 # Matrices whose pruned axis is their input (whole quantization blocks are pruned there).
 PRUNED_INPUTS = {FFN_DOWN: MLP, ATTN_OUT: VO, SSM_OUT: SSM_P}
 # Where recovery masks each group: (slot, what of the module): its input or output channels, its
@@ -75,13 +79,15 @@ class SSMConfig:
     layer_norm_epsilon: float
     chunk_size: int
     time_step_limit: tuple[float, float] = (0.0, math.inf)
+    head_dim: int = 0  # the unpruned channels per head P and states per group N (a block's own are in its tensors)
+    state_size: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping) -> "SSMConfig":
         """From a transformers Mamba2 config dict (``Mamba2Config.to_dict()``)."""
         limit = config.get("time_step_limit", (0.0, math.inf))
         return cls(config["num_heads"], config["n_groups"], config["conv_kernel"], config["layer_norm_epsilon"],
-                   config["chunk_size"], (float(limit[0]), float(limit[1])))
+                   config["chunk_size"], (float(limit[0]), float(limit[1])), config["head_dim"], config["state_size"])
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,13 @@ class Family:
     # The inverse of ``convert`` on a state dict, where the converted model is not a stock one
     # (Mamba2's split mixers): what an export in the source's own form writes.
     unconvert: Callable[[Mapping], dict] | None = None
-    activations: tuple[str, ...] = ("silu",)  # the gated MLP's accepted hidden_act values
+    activations: tuple[str, ...] = ("silu",)  # the MLP's accepted activations (config key ``act_key``)
+    act_key: str = "hidden_act"
     block_kind: str = ATTENTION  # what every block is: ATTENTION (attention + MLP) or SSM (a Mamba2 mixer)
+    # each block's kind from the config, for a family whose blocks differ (hybrids); None: ``block_kind``
+    kinds_of: Callable[[Mapping], list[str]] | None = None
+    ssm_of: Callable[[Mapping], SSMConfig] = SSMConfig.from_config  # the mixers' config, where there are any
+    rotary: bool = True  # whether attention rotates q and k (RoPE); Nemotron-H's has no position encoding
     eps_key: str = "rms_norm_eps"  # the config key of the norms' epsilon
     check_fields: Callable[[Mapping], None] | None = None  # the config check; None: ``check_config``
 
@@ -175,12 +186,15 @@ class Family:
     # --- shape -----------------------------------------------------------------------------------
 
     def layer_kinds(self, config: Mapping) -> list[str]:
-        """What each block of a model of ``config`` is: ``ATTENTION`` or ``SSM``."""
+        """What each block of a model of ``config`` is: ``ATTENTION``, ``SSM``, ``ATTENTION_ONLY``
+        or ``MLP_ONLY``."""
+        if self.kinds_of is not None:
+            return self.kinds_of(config)
         return [self.block_kind] * config["num_hidden_layers"]
 
     def heads(self, config: Mapping) -> Heads | None:
         """Attention heads of a Hugging Face config dict; None for a model without attention."""
-        if ATTENTION not in self.layer_kinds(config):
+        if not {ATTENTION, ATTENTION_ONLY} & set(self.layer_kinds(config)):
             return None
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return Heads(config["num_attention_heads"], config.get("num_key_value_heads") or
@@ -190,7 +204,11 @@ class Family:
         """What the Mamba2 mixers of a config dict compute beyond their weights; None for a model without them."""
         if SSM not in self.layer_kinds(config):
             return None
-        return SSMConfig.from_config(config)
+        return self.ssm_of(config)
+
+    def activation(self, config: Mapping) -> str:
+        """The MLP's activation, by transformers' names (``silu``, ``gelu_pytorch_tanh``, ``relu2``)."""
+        return config.get(self.act_key) or config.get("hidden_activation") or "silu"
 
     def norm_eps(self, config: Mapping) -> float:
         """The epsilon of every RMSNorm of the model."""
@@ -205,9 +223,10 @@ class Family:
         biased = self.biased(config)
         name = lambda slot: self.name_of(layer, slot)  # noqa: E731
         bias = lambda *slots: tuple((self.name_of(layer, s, "bias"), r) for s, r in slots if s in biased)  # noqa: E731
-        if self.layer_kinds(config)[layer] == SSM:
+        kind = self.layer_kinds(config)[layer]
+        if kind == SSM:
             ssm = self.ssm_config(config)
-            P, N = config["head_dim"], config["state_size"]
+            P, N = ssm.head_dim, ssm.state_size
             heads, groups = per_unit_of("rows", ssm.num_heads), per_unit_of("rows", ssm.n_groups)
             every = {
                 # Channels of each SSM head; the output projection's input axis is pruned: whole blocks.
@@ -222,21 +241,24 @@ class Family:
                               *bias((SSM_IN_B, groups), (SSM_IN_C, groups), (SSM_CONV_B, groups), (SSM_CONV_C, groups)))),
             }
             return [every[kind] for kind in (SSM_P, SSM_N) if kind in self.offers]
-        d = self.heads(config).head_dim
+        d = self.heads(config).head_dim if kind != MLP_ONLY else 0
+        gate = ((FFN_GATE, "rows"),) if kind == ATTENTION else ()  # an MLP alone is ungated
         every = {
             # The down projection's input axis is pruned: whole quantization blocks.
-            MLP: Group(MLP, layer, config["intermediate_size"], BLOCK,
-                       ((name(FFN_GATE), "rows"), (name(FFN_UP), "rows"), (name(FFN_DOWN), "cols"),
-                        *bias((FFN_GATE, "rows"), (FFN_UP, "rows")))),
+            MLP: lambda: Group(MLP, layer, config["intermediate_size"], BLOCK,
+                               (*((name(s), r) for s, r in gate), (name(FFN_UP), "rows"), (name(FFN_DOWN), "cols"),
+                                *bias(*gate, (FFN_UP, "rows")))),
             # Whole rotary pairs (channel j with j + d/2), shared by a KV head and its query heads;
             # their original indices travel with them.
-            QK: Group(QK, layer, d // 2, 1,
-                      ((name(ATTN_Q), "q"), (name(ATTN_K), "k"), *bias((ATTN_Q, "q"), (ATTN_K, "k")),
-                       (self.name_of(layer, ROPE_PAIRS), "pairs"))),
+            QK: lambda: Group(QK, layer, d // 2, 1,
+                              ((name(ATTN_Q), "q"), (name(ATTN_K), "k"), *bias((ATTN_Q, "q"), (ATTN_K, "k")),
+                               (self.name_of(layer, ROPE_PAIRS), "pairs"))),
             # V rank per KV head; the output projection's input axis is pruned: whole blocks.
-            VO: Group(VO, layer, d, BLOCK, ((name(ATTN_V), "v"), (name(ATTN_OUT), "o"), *bias((ATTN_V, "v")))),
+            VO: lambda: Group(VO, layer, d, BLOCK, ((name(ATTN_V), "v"), (name(ATTN_OUT), "o"),
+                                                    *bias((ATTN_V, "v")))),
         }
-        return [every[kind] for kind in (MLP, QK, VO) if kind in self.offers]
+        present = {ATTENTION: (MLP, QK, VO), ATTENTION_ONLY: (QK, VO), MLP_ONLY: (MLP,)}[kind]
+        return [every[k]() for k in present if k in self.offers]
 
     def embedding_scale(self, config: Mapping) -> float:
         return config["hidden_size"] ** 0.5 if self.scaled_embeddings else 1.0
@@ -260,9 +282,9 @@ class Family:
         from .. import ElastiqError
 
         (self.check_fields or check_config)(config)
-        act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
+        act = self.activation(config)
         if act not in self.activations:
-            raise ElastiqError(f"hidden_act {act!r} is not supported for {self.name}; the elastic model runs "
+            raise ElastiqError(f"{self.act_key} {act!r} is not supported for {self.name}; the elastic model runs "
                                f"{', '.join(self.activations)}")
 
     def shapes(self, config: Mapping) -> dict[str, tuple[int, ...]]:
@@ -277,10 +299,14 @@ class Family:
                 FFN_GATE: (inter, hidden), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter),
                 ATTN_Q_NORM: (d,), ATTN_K_NORM: (d,), ROPE_PAIRS: (G, d // 2),
                 **{norm: (hidden,) for norm in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM)}}
+            by_kind[ATTENTION_ONLY] = {slot: by_kind[ATTENTION][slot] for slot in
+                                       (ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, ROPE_PAIRS)}
+        if MLP_ONLY in self.layer_kinds(config):
+            inter = config["intermediate_size"]
+            by_kind[MLP_ONLY] = {ATTN_NORM: (hidden,), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter)}
         ssm = self.ssm_config(config)
         if ssm is not None:
-            HP, GN, H, K = ssm.num_heads * config["head_dim"], ssm.n_groups * config["state_size"], ssm.num_heads, \
-                ssm.conv_kernel
+            HP, GN, H, K = ssm.num_heads * ssm.head_dim, ssm.n_groups * ssm.state_size, ssm.num_heads, ssm.conv_kernel
             by_kind[SSM] = {
                 ATTN_NORM: (hidden,), SSM_IN_Z: (HP, hidden), SSM_IN_X: (HP, hidden), SSM_IN_B: (GN, hidden),
                 SSM_IN_C: (GN, hidden), SSM_IN_DT: (H, hidden), SSM_CONV_X: (HP, 1, K), SSM_CONV_B: (GN, 1, K),
@@ -312,8 +338,10 @@ class Family:
         elif head in aliases:
             raise ElastiqError(f"its config says tie_word_embeddings false, yet {head} is stored as the embedding "
                                f"{aliases[head]}")
-        widths = (f"MLP {config['intermediate_size']}" if self.heads(config) else
-                  f"SSM head size {config['head_dim']}, state size {config['state_size']}")
+        ssm = self.ssm_config(config)
+        mlp = {ATTENTION, MLP_ONLY} & set(self.layer_kinds(config))
+        widths = ", ".join(([f"MLP {config['intermediate_size']}"] if mlp else []) +
+                           ([f"SSM head size {ssm.head_dim}, state size {ssm.state_size}"] if ssm else []))
         described = (f"a {self.name} model of {config['num_hidden_layers']} layers, hidden size "
                      f"{config['hidden_size']}, {widths}, vocabulary {config['vocab_size']}")
         unknown = sorted((set(shapes) | set(aliases)) - set(expected))

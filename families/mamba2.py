@@ -82,16 +82,14 @@ def _split_conv(conv: nn.Conv1d, sizes: list[int]) -> SplitRows:
 
 
 def split_mixers(model: nn.Module) -> nn.Module:
-    """``model`` (a transformers ``Mamba2ForCausalLM``) with each mixer's ``in_proj`` and ``conv1d``
-    split in place into one module per part (``in_proj.z`` ... ``in_proj.dt``, ``conv1d.x``,
-    ``conv1d.b``, ``conv1d.c``); it computes the same."""
-    config = model.config
-    HP, GN = config.num_heads * config.head_dim, config.n_groups * config.state_size
-    for block in model.backbone.layers:
-        mixer = block.mixer
-        if isinstance(mixer.in_proj, SplitRows):
+    """``model`` (a transformers model with Mamba2 mixers: ``Mamba2ForCausalLM``, or a hybrid's)
+    with each mixer's ``in_proj`` and ``conv1d`` split in place into one module per part
+    (``in_proj.z`` ... ``in_proj.dt``, ``conv1d.x``, ``conv1d.b``, ``conv1d.c``); it computes the same."""
+    for mixer in model.modules():
+        if not isinstance(getattr(mixer, "conv1d", None), nn.Conv1d):  # not a mixer, or one split already
             continue
-        mixer.in_proj = _split_linear(mixer.in_proj, [HP, HP, GN, GN, config.num_heads])
+        HP, GN = mixer.num_heads * mixer.head_dim, mixer.n_groups * mixer.ssm_state_size
+        mixer.in_proj = _split_linear(mixer.in_proj, [HP, HP, GN, GN, mixer.num_heads])
         mixer.conv1d = _split_conv(mixer.conv1d, [HP, GN, GN])
     return model
 

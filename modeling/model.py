@@ -31,10 +31,10 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ElastiqError
-from ..families import family_for
-from ..families.base import (ATTN_K, ATTN_NORM, ATTN_V, EMBED, FFN_GATE, HEAD, MATRICES, NORMS, ROPE_PAIRS, SSM_A,
-                              SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z,
-                              SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
+from ..families import config_dict, family_for
+from ..families.base import (ATTN_K, ATTN_NORM, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, HEAD, MATRICES,
+                              NORMS, ROPE_PAIRS, SSM_A, SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT,
+                              SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
@@ -42,31 +42,37 @@ from .ssm import GatedRMSNorm, ScanInputs, SSMState, SSMWidths, ssd_scan, ssm_st
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight | Q8Pair
 # The gated MLP's activations, by transformers' hidden_act names.
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+               "relu2": lambda x: F.relu(x).square()}
 SSM_SCALARS = (SSM_DT, SSM_A, SSM_D)  # a mixer's bare per-head tensors [H]: dt_bias, A_log, D
 
 
 @dataclass(frozen=True)
 class LayerArgs:
-    """Widths of one block: MLP channels, rotary pairs u per KV head, V/O rank r per KV head."""
+    """Widths of one block of attention and an MLP, or of either alone (a hybrid's): MLP channels,
+    rotary pairs u per KV head, V/O rank r per KV head (0 for a branch the block lacks)."""
 
     intermediate_size: int
     rope_pairs: int
     v_rank: int
     biases: frozenset[str]  # the slots whose projection carries a bias
+    attention: bool = True
+    mlp: bool = True
+    gated: bool = True  # the MLP has a gate (SwiGLU, GeGLU); else down(act(up(x)))
 
     @classmethod
     def of(cls, block: Mapping[str, Weight], num_kv_heads: int, index: int) -> "LayerArgs":
         """The widths of block ``index`` read off its tensors' shapes (runtime names within the block)."""
-        k_rows = _rows(block[f"{ATTN_K}.weight"])
-        v_rows = _rows(block[f"{ATTN_V}.weight"])
-        if k_rows % (2 * num_kv_heads) or v_rows % num_kv_heads:
+        attention, mlp = f"{ATTN_Q}.weight" in block, f"{FFN_DOWN}.weight" in block
+        k_rows = _rows(block[f"{ATTN_K}.weight"]) if attention else 0
+        v_rows = _rows(block[f"{ATTN_V}.weight"]) if attention else 0
+        if attention and (k_rows % (2 * num_kv_heads) or v_rows % num_kv_heads):
             raise ElastiqError(f"layer {index}: the key projection has {k_rows} rows and the value projection "
                                f"{v_rows}; expected whole rotary pairs and whole V ranks for each of the "
                                f"{num_kv_heads} KV heads")
         biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
-        return cls(_rows(block[f"{FFN_GATE}.weight"]), k_rows // (2 * num_kv_heads), v_rows // num_kv_heads,
-                   biases)
+        return cls(_rows(block[f"{FFN_UP}.weight"]) if mlp else 0, k_rows // (2 * num_kv_heads) if attention else 0,
+                   v_rows // num_kv_heads if attention else 0, biases, attention, mlp, f"{FFN_GATE}.weight" in block)
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,11 @@ def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | 
         if ssm is None:
             raise ElastiqError(f"layer {index} holds a Mamba2 mixer; the model's config describes none")
         return SSMLayerArgs.of(block, ssm, index)
-    if not num_kv_heads:
-        raise ElastiqError(f"layer {index} holds no Mamba2 mixer ({SSM_OUT}.weight); the model's config describes "
-                           "no attention")
+    if not num_kv_heads and f"{ATTN_Q}.weight" in block:
+        raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
+    if f"{ATTN_Q}.weight" not in block and f"{FFN_DOWN}.weight" not in block:
+        raise ElastiqError(f"layer {index} holds neither a Mamba2 mixer ({SSM_OUT}.weight), attention "
+                           f"({ATTN_Q}.weight) nor an MLP ({FFN_DOWN}.weight)")
     return LayerArgs.of(block, num_kv_heads, index)
 
 
@@ -116,7 +124,7 @@ class ModelArgs:
     head_dim: int  # the original head size d: fixes the rotary frequencies
     rms_norm_eps: float  # of every RMSNorm but the mixers' gated one (``SSMConfig.layer_norm_epsilon``)
     tie_word_embeddings: bool
-    hidden_act: str  # the gated MLP's activation: "silu" or "gelu_pytorch_tanh"
+    hidden_act: str  # the MLP's activation: "silu", "gelu_pytorch_tanh" or "relu2"
     embed_scale: float  # the embeddings' multiplier (1, or Gemma's sqrt(hidden))
     attention_scale: float  # of q.k: that of the original head size, or the family's; pruning keeps it
     layers: tuple[LayerArgs | SSMLayerArgs, ...]
@@ -142,7 +150,7 @@ class ModelArgs:
         return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_heads=num_heads,
                    num_kv_heads=num_kv_heads, head_dim=head_dim,
                    rms_norm_eps=family.norm_eps(config), tie_word_embeddings=config.get("tie_word_embeddings", False),
-                   hidden_act=config.get("hidden_act") or config.get("hidden_activation") or "silu",
+                   hidden_act=family.activation(config),
                    embed_scale=family.embedding_scale(config),
                    attention_scale=family.attention_scale(config) if heads else 0.0, layers=(), ssm=ssm)
 
@@ -150,10 +158,10 @@ class ModelArgs:
 @dataclass(frozen=True)
 class LayerAttention:
     """What a block's attention needs beyond its weights: the rotary frequencies of the original
-    head [d/2], transformers' cos/sin scaling factor (1 for default RoPE), and its sliding window
-    (None: full causal attention)."""
+    head [d/2] (None: a family whose attention has no RoPE), transformers' cos/sin scaling factor (1
+    for default RoPE), and its sliding window (None: full causal attention)."""
 
-    inv_freq: torch.Tensor
+    inv_freq: torch.Tensor | None
     scaling: float
     window: int | None
 
@@ -173,6 +181,8 @@ def layer_attention(config: Mapping, device: torch.device | str = "cpu") -> list
     """``LayerAttention`` of every block (blocks of one layer type share one frequency tensor, and
     so one RoPE table a forward pass)."""
     types = config.get("layer_types") or [None] * config["num_hidden_layers"]
+    if not family_for(config).rotary:
+        return [LayerAttention(None, 1.0, w) for w in layer_windows(config)]
     rope = {}
     for t in set(types):
         inv_freq, scaling = rotary_frequencies(config, t)
@@ -385,6 +395,11 @@ class Block(nn.Module):
     block has ``post_attention_norm`` / ``post_ffw_norm`` (Gemma), they normalise each branch's
     output before it joins the residual stream. Attention sees ``attending``'s sliding window.
     ``orders`` names the slots whose pruned axis ``w`` holds in unit order (``UnitOrdered``).
+
+    A hybrid's block may hold one branch (``LayerArgs.attention``, ``LayerArgs.mlp``), read through
+    its one norm ``attn_norm``: x + attention(attn_norm(x)), or x + MLP(attn_norm(x)); its MLP may be
+    ungated (down(act(up(x))), Nemotron-H's ReLU²), its attention without RoPE (``attending`` has no
+    frequencies; then q and k keep their channels in order and no ``rope_pairs`` is needed).
     """
 
     def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight],
@@ -395,18 +410,21 @@ class Block(nn.Module):
         self.qk_dim, self.v_dim = 2 * u, r
         self.scale = args.attention_scale  # pruning drops terms of q.k, it does not rescale it
         self.attending = attending
-        self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
         self.act = ACTIVATIONS[args.hidden_act]
-        for slot in MATRICES:
-            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot)))
+        for slot in MATRICES:  # None: a branch (or gate) the block does not have
+            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot))
+                    if f"{slot}.weight" in w else None)
         for slot in NORMS:
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
-        self.register_buffer("rope_pairs", w[ROPE_PAIRS])
-        if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
-            raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
-                               f"frequencies do not fit {G} KV heads of {u} kept pairs")
-        self.rope = rope_for(self.rope_pairs.device)  # shapes checked here, not on every token
-        self.rope_index = self.rope.prepare(self.rope_pairs)
+        self.rope = None  # no attention, or attention without RoPE
+        if layer.attention and attending.inv_freq is not None:
+            self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
+            self.register_buffer("rope_pairs", w[ROPE_PAIRS])
+            if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
+                raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
+                                   f"frequencies do not fit {G} KV heads of {u} kept pairs")
+            self.rope = rope_for(self.rope_pairs.device)  # shapes checked here, not on every token
+            self.rope_index = self.rope.prepare(self.rope_pairs)
         self.kv_cache: KVCache | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -459,9 +477,10 @@ class Block(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.num_heads != self.num_kv_heads)
 
-    def attention(self, x: torch.Tensor, tables: tuple, start: int | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, tables: tuple | None, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        self.rotate(q, k, tables)
+        if self.rope is not None:
+            self.rotate(q, k, tables)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if start is not None:
             if self.kv_cache is None:
@@ -471,12 +490,19 @@ class Block(nn.Module):
         return self.attn_output(y.transpose(1, 2).flatten(2))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn_gate is None:
+            return self.ffn_down(self.act(self.ffn_up(x)))
         return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
 
-    def forward(self, x: torch.Tensor, tables: tuple, start: int | None = None) -> torch.Tensor:
-        """The block at the positions of ``tables`` (``rope_tables``); ``start`` as in ``attend``."""
+    def forward(self, x: torch.Tensor, tables: tuple | None, start: int | None = None) -> torch.Tensor:
+        """The block at the positions of ``tables`` (``rope_tables``; None without RoPE); ``start``
+        as in ``attend``."""
+        if self.attn_q is None:  # an MLP alone
+            return x + self.mlp(self.attn_norm(x))
         a = self.attention(self.attn_norm(x), tables, start)
         h = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
+        if self.ffn_down is None:  # attention alone
+            return h
         m = self.mlp(self.ffn_norm(h))
         return h + (m if self.post_ffw_norm is None else self.post_ffw_norm(m))
 
@@ -738,8 +764,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args, self.dtype, self.attending = args, dtype, attending
         # the first block of each set of rotary frequencies: blocks of one layer type share a RoPE
-        # table (None: a Mamba2 block, which needs none)
-        self.rope_groups = [None if a is None else
+        # table (None: a block without RoPE, which needs none)
+        self.rope_groups = [None if a is None or a.inv_freq is None else
                             next(j for j, b in enumerate(attending) if b is not None and b.inv_freq is a.inv_freq and
                                  b.scaling == a.scaling) for a in attending]
         embed = weights["embed_tokens.weight"]
@@ -788,12 +814,12 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         tables = {}  # one RoPE table per set of frequencies (layer type) and forward pass
         for layer, group in zip(self.layers, self.rope_groups):
-            if group is None:  # a Mamba2 block
+            if isinstance(layer, SSMBlock):
                 x = layer(x, start)
                 continue
-            if group not in tables:
+            if group is not None and group not in tables:
                 tables[group] = layer.rope_tables(positions)
-            x = layer(x, tables[group], start)
+            x = layer(x, tables.get(group), start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
@@ -812,7 +838,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if isinstance(layer, SSMBlock):
                 layer.state = layer.new_state(batch)
-            else:
+            elif layer.attn_q is not None:
                 layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
                                          self.device)
 
@@ -849,9 +875,10 @@ class Transformer(nn.Module):
         weights = _resident_weights(weights, config, dtype, int4)
         args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
-        attention = [isinstance(layer, LayerArgs) for layer in args.layers]
+        attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
+        rotary = family_for(config).rotary
         for i, layer in enumerate(args.layers):
-            if attention[i]:
+            if attention[i] and rotary:
                 name = f"layers.{i}.{ROPE_PAIRS}"
                 weights[name] = _rope_pairs(weights.get(name), layer, args.num_kv_heads, i, device)
         # rotary frequencies for attention blocks only (a Mamba2 model's config has none)
@@ -862,7 +889,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":
         """The elastic model of a transformers causal LM, sharing its tensors."""
-        return cls.from_weights(model.state_dict(), model.config.to_dict())
+        return cls.from_weights(model.state_dict(), config_dict(model.config))
 
     @classmethod
     def ends_from_weights(cls, weights: Mapping[str, Weight], config: Mapping) -> "Transformer":
@@ -885,10 +912,11 @@ def block_from_weights(weights: Mapping[str, Weight], config: Mapping, index: in
     w = block_weights(_resident_weights(weights, config, torch.float32, False), index)
     layer = layer_args(w, args.num_kv_heads, args.ssm, index)
     attending = None
-    if isinstance(layer, LayerArgs):
+    if isinstance(layer, LayerArgs) and layer.attention:
         device = _device(w[f"{ATTN_NORM}.weight"])
-        w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device)
         attending = layer_attention(config, device)[index]
+        if attending.inv_freq is not None:
+            w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device)
     return build_block(args, layer, w, attending).eval()
 
 

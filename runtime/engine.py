@@ -223,6 +223,6 @@ def _held(block: nn.Module) -> dict[str, torch.Tensor | Q4Weight | Q8Pair]:
         elif isinstance(module, (nn.Linear, nn.Conv1d, RMSNorm, GatedRMSNorm)):
             out.update({f"{name}.{p}": t.data for p, t in module.named_parameters(recurse=False)})
     out.update({name: t.data for name, t in block.named_parameters(recurse=False)})  # a mixer's dt_bias, A_log, D
-    if isinstance(block, Block):
+    if isinstance(block, Block) and block.rope is not None:
         out[ROPE_PAIRS] = block.rope_pairs
     return out
