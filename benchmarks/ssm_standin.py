@@ -128,7 +128,7 @@ def train(out: Path, minutes: float, seqlen: int, batch: int, lr: float, seed: i
             print(f"step {step} {elapsed:.0f}s loss {loss.item():.3f}", flush=True)
         step += 1
     model.eval()
-    result = {"params": params, "steps": step, "seconds": round(time.perf_counter() - start, 1),
+    result = {"family": family, "params": params, "steps": step, "seconds": round(time.perf_counter() - start, 1),
               "tokens": step * batch * seqlen, "train_tokens_available": len(stream), "seqlen": seqlen,
               "batch": batch, "lr": lr, "seed": seed, "threads": threads,
               "heldout_loss": heldout_loss(model, heldout, seqlen, 32), "random_loss": math.log(len(tokenizer)),
@@ -167,6 +167,7 @@ def compare(model: Path, rates: list[float], windows: int, seqlen: int, calib_sa
            "seqlen": seqlen, "calib_samples": calib_samples, "results": {},
            "recovery": recovery.settings() if recovery else None}
     out["model"].pop("log")
+    out["model"].setdefault("family", json.loads((model / "config.json").read_text())["model_type"])
     dense = None
 
     def measure(ckpt: Checkpoint, name: str, seconds: float) -> None:
@@ -203,11 +204,16 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
+KINDS = {"mamba2": "Mamba2", "nemotron_h": "Nemotron-H hybrid (Mamba2 mixers, ReLU² MLPs and attention, one a block)"}
+
+
 def table(result: dict, command: str) -> str:
     m, recovery = result["model"], result.get("recovery")
-    lines = ["# Sorting a Mamba2: state-aware vs plain ridge leverage vs magnitude (trained stand-in)", "",
-             f"`{command}`", "",
-             f"The model is a {m['params'] / 1e6:.1f}M-parameter Mamba2 trained here for {m['seconds'] / 60:.0f} min "
+    kind = KINDS[m.get("family", "mamba2")]
+    hybrid = m.get("family", "mamba2") != "mamba2"
+    lines = [f"# Sorting a {kind.partition(' (')[0]}: state-aware vs plain ridge leverage vs magnitude (trained "
+             "stand-in)", "", f"`{command}`", "",
+             f"The model is a {m['params'] / 1e6:.1f}M-parameter {kind} trained here for {m['seconds'] / 60:.0f} min "
              f"({m['steps']} steps, {m['tokens'] / 1e6:.1f}M tokens) on the C4 sample: held-out loss "
              f"{m['heldout_loss']:.2f} nats against {m['random_loss']:.2f} for a uniform guess. It is a small "
              "stand-in trained on this machine, not a published model (none can be fetched here).", "",
@@ -219,7 +225,10 @@ def table(result: dict, command: str) -> str:
              f"Measured on {result['windows']} windows of {result['seqlen']} tokens of held-out C4 documents (read by "
              "neither training, calibration nor recovery) and of WikiText-2. KL: mean over tokens of KL(dense || "
              "rate), nats. Δ NLL, mean NLL per window ± one standard error (paired, same windows): a method "
-             "against uniql, both without recovery; a `+recovery` row against the same method without it.", "",
+             "against uniql, both without recovery; a `+recovery` row against the same method without it."
+             + (" The methods differ in the order of the mixers' channels and states; `ridge` sorts the MLP and "
+                "attention blocks as `uniql` does, `magnitude` sorts every block by weight norms." if hybrid else ""),
+             "",
              "| rate | method | C4 ppl | C4 KL | Δ NLL, C4 | WikiText-2 ppl | WikiText-2 KL | Δ NLL, WikiText-2 |",
              "|---|---|---|---|---|---|---|---|"]
     results = result["results"]
@@ -245,12 +254,17 @@ def table(result: dict, command: str) -> str:
             label = "dense" if rate == "0.0" and name == SORTS[0] else name
             lines.append(f"| {rate} | {label} | " + " | ".join(cells) + " |")
     if "widths" in result:
-        lines += ["", "Widths kept (P of 64 channels per head, N of 64 states per group), block by block; the "
-                  "allocation is the same for every method:", ""]
+        lines += ["", "Widths kept block by block ((P, N): channels per SSM head of 64 and states per group of 64; "
+                  "mlp: MLP channels; vo: V/O rank per KV head); the allocation is the same for every method:", ""]
         for rate, widths in result["widths"].items():
             blocks = sorted({int(k.split(".")[1]) for k in widths})
-            kept = ", ".join(f"({widths[f'layers.{i}.ssm_p']}, {widths[f'layers.{i}.ssm_n']})" for i in blocks)
-            lines.append(f"- {rate}: {kept}")
+
+            def kept(i: int) -> str:
+                if f"layers.{i}.ssm_p" in widths:
+                    return f"({widths[f'layers.{i}.ssm_p']}, {widths[f'layers.{i}.ssm_n']})"
+                return " ".join(f"{k} {widths[f'layers.{i}.{k}']}" for k in ("mlp", "vo") if f"layers.{i}.{k}" in widths)
+
+            lines.append(f"- {rate}: " + ", ".join(kept(i) for i in blocks))
     return "\n".join(lines) + "\n"
 
 
@@ -269,12 +283,13 @@ def plot(result: dict, path: Path) -> None:
             xs = [float(r) for r in rows]
             ax.plot(xs, [rows[r][corpus]["ppl"] for r in rows], marker="o", label=name,
                     linestyle="--" if name.endswith(RECOVERED) else "-")
-        ax.set_xlabel("rate (fraction of SSM parameters pruned)")
+        ax.set_xlabel("rate (fraction of prunable parameters pruned)")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
         ax.set_title(corpus)
         ax.legend()
-    fig.suptitle("Mamba2 stand-in: sorting methods, without and with nested recovery (dashed)")
+    kind = KINDS[result["model"].get("family", "mamba2")].partition(" (")[0]
+    fig.suptitle(f"{kind} stand-in: sorting methods, without and with nested recovery (dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -282,7 +297,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the stand-in Mamba2 and its tokenizer")
+    t = sub.add_parser("train", help="train the stand-in (a Mamba2 or a Nemotron-H hybrid) and its tokenizer")
     t.add_argument("--out", type=Path, required=True, help="folder for the Hugging Face model and tokenizer")
     t.add_argument("--minutes", type=float, default=30.0, help="training time budget (default 30)")
     t.add_argument("--seqlen", type=int, default=256)
@@ -302,6 +317,7 @@ def main() -> None:
     c.add_argument("--recover-steps", type=int, default=200,
                    help="steps of nested LoRA recovery after each method's compress (0: none; default 200)")
     c.add_argument("--work", type=Path, default=Path("/tmp/elastiq-ssm-sorting"), help="where the checkpoints go")
+    c.add_argument("--name", default="ssm_sorting", help="results file name in benchmarks/results (default ssm_sorting)")
     args = parser.parse_args()
     if args.command == "train":
         train(args.out, args.minutes, args.seqlen, args.batch, args.lr, args.seed, args.threads, args.family)
@@ -312,8 +328,8 @@ def main() -> None:
                          args.work, args.recover_steps)
         command = command_line()
         result["command"] = command
-        save_results(RESULTS / "ssm_sorting.json", result, table(result, command))
-        plot(result, RESULTS / "ssm_sorting.png")
+        save_results(RESULTS / f"{args.name}.json", result, table(result, command))
+        plot(result, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
