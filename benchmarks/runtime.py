@@ -3,8 +3,9 @@
 For each model (SmolLM2-135M-Instruct through the README's default pipeline; a random-weight
 model with the shapes of a ~1B Llama, whose weights are meaningless but whose speed and memory
 are those of a real one; the 4M Mamba2 stand-in that ``ssm_standin.py train`` makes, given by
---standin; and a random-weight Mamba2 with the shapes of Mamba2-370M), every measurement runs in a
-fresh process so that its peak RSS is its own:
+--standin; the Nemotron-H hybrid stand-in that ``ssm_standin.py train --family nemotron_h`` makes,
+given by --hybrid-standin; and a random-weight Mamba2 with the shapes of Mamba2-370M), every
+measurement runs in a fresh process so that its peak RSS is its own:
 
 - elastiq at each offered rate: load time and bytes read, prefill and decode tokens/s (medians
   of --repeats), peak RSS (``VmHWM``) against the predicted footprint;
@@ -14,6 +15,7 @@ fresh process so that its peak RSS is its own:
 
     python benchmarks/runtime.py            # writes benchmarks/results/runtime.{json,md,png}
     python benchmarks/runtime.py --models mamba2-standin,random-mamba2 --standin DIR --name runtime_mamba2
+    python benchmarks/runtime.py --models hybrid-standin --hybrid-standin DIR --name runtime_nemotron_h
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  rope_theta=100000.0)
 RANDOM_MAMBA2 = dict(hidden_size=1024, num_hidden_layers=48, num_heads=32, head_dim=64, expand=2, state_size=128,
                      n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True)  # Mamba2-370M's shapes
-MODELS = ("smollm2", "random-1b", "mamba2-standin", "random-mamba2")
+MODELS = ("smollm2", "random-1b", "mamba2-standin", "hybrid-standin", "random-mamba2")
+STANDINS = ("mamba2-standin", "hybrid-standin")  # trained here, read from a folder
 
 
 # --- children: each runs in its own process and prints one JSON line --------------------------
@@ -103,11 +106,11 @@ def child_hf(spec: dict) -> dict:
 
         loaded = load_model("smollm2-135m")
         model, tokenizer = loaded.model, loaded.tokenizer
-    elif spec["model"] == "mamba2-standin":
-        from transformers import Mamba2ForCausalLM
+    elif spec["model"] in STANDINS:
+        from transformers import AutoModelForCausalLM
 
         tokenizer = AutoTokenizer.from_pretrained(spec["source"])
-        model = Mamba2ForCausalLM.from_pretrained(spec["source"], dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32).eval()
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
         model = random_model(spec["model"], len(tokenizer)).eval()
@@ -204,14 +207,14 @@ def random_checkpoint(name: str, tokenizer_dir: Path) -> Path:
     return target
 
 
-def standin_checkpoint(model: Path) -> Path:
-    """The trained Mamba2 stand-in ``model`` (``ssm_standin.py train``) as `elastiq compress
+def standin_checkpoint(model: Path, name: str) -> Path:
+    """The trained stand-in ``model`` (``ssm_standin.py train``) as `elastiq compress
     --no-recover` makes it (recovery changes no width, so neither speed nor memory): state-aware
     sorting, influence allocation, GPTQ Q4_0 at the default rates; cached under a digest of its weights."""
     from elastiq.compressor.pipeline import PipelineOptions, build
 
     digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:10]
-    target = cache_dir() / "bench" / f"mamba2-standin-{digest}-q4.elastiq"
+    target = cache_dir() / "bench" / f"{name}-{digest}-q4.elastiq"
     if not (target / "manifest.json").is_file():
         build(model, target, PipelineOptions(recover=None), overwrite=True, progress=False)
     return target
@@ -253,13 +256,26 @@ def model_setup(name: str, standin: Path | None) -> tuple[Path, Path, str]:
     if name == "mamba2-standin":
         if standin is None:
             raise SystemExit("--models mamba2-standin needs --standin DIR (the folder ssm_standin.py train wrote)")
-        ckpt = standin_checkpoint(standin)
+        ckpt = standin_checkpoint(standin, name)
         return ckpt, rate0_gguf(ckpt), (
             f"The Mamba2 stand-in trained here (`{standin}`: 4 blocks, hidden 256, 8 SSM heads of P = 64, 2 groups "
             "of N = 64 states, its own 4096-token vocabulary; 4.0M parameters) through `elastiq compress "
             "--no-recover` (state-aware sorting, influence allocation, GPTQ Q4_0; recovery would change no width). So "
             "small that the process's baseline is most of its memory and per-token overheads most of its time. "
             "llama.cpp runs elastiq's rate-0 GGUF export (`mamba2`); " + slow)
+    if name == "hybrid-standin":
+        if standin is None:
+            raise SystemExit("--models hybrid-standin needs --hybrid-standin DIR (the folder ssm_standin.py train "
+                             "--family nemotron_h wrote)")
+        ckpt = standin_checkpoint(standin, name)
+        return ckpt, rate0_gguf(ckpt), (
+            f"The Nemotron-H hybrid stand-in trained here (`{standin}`: 7 blocks of one branch each, hidden 256: "
+            "3 Mamba2 mixers of 8 SSM heads of P = 64 and 2 groups of N = 64 states, 3 ReLU² MLPs of 1024 "
+            "channels, 1 attention block of 4 query / 2 KV heads of 64 without RoPE; its own 4096-token "
+            "vocabulary) through `elastiq compress --no-recover` (state-aware sorting, influence allocation, GPTQ "
+            "Q4_0). So small that the process's baseline is most of its memory and per-token overheads most of "
+            "its time. llama.cpp runs elastiq's rate-0 GGUF export (`nemotron_h`); " + slow.replace(
+                "Mamba2ForCausalLM", "NemotronHForCausalLM"))
     ckpt = random_checkpoint(name, smollm2_checkpoint())
     return ckpt, rate0_gguf(ckpt), (
         "Random weights with the shapes of Mamba2-370M (hidden 1024, 48 Mamba2 blocks, 32 SSM heads of P = 64, "
@@ -341,6 +357,8 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,random-1b", help="comma-separated, from " + ", ".join(MODELS))
     parser.add_argument("--standin", type=Path, help="the Mamba2 stand-in's folder (ssm_standin.py train --out); "
                         "needed by mamba2-standin")
+    parser.add_argument("--hybrid-standin", type=Path, help="the Nemotron-H stand-in's folder (ssm_standin.py train "
+                        "--family nemotron_h --out); needed by hybrid-standin")
     parser.add_argument("--name", default="runtime", help="results file stem in benchmarks/results/")
     add_generation_args(parser, prompt_tokens=256)
     args = parser.parse_args()
@@ -356,14 +374,15 @@ def main() -> None:
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        path, gguf, note = model_setup(name, args.standin)
+        source = args.hybrid_standin if name == "hybrid-standin" else args.standin
+        path, gguf, note = model_setup(name, source)
         ckpt = Checkpoint(path)
         rows = []
         for rate in ckpt.rates:
             row = run_child(__file__, "elastiq", {**common, "checkpoint": str(ckpt.path), "rate": rate})
             rows.append({"runner": "elastiq (torch, int4)", "rate": rate, **row})
             print(rows[-1], file=sys.stderr)
-        hf = {**common, "model": name, "tokenizer": str(ckpt.path), "source": args.standin and str(args.standin)}
+        hf = {**common, "model": name, "tokenizer": str(ckpt.path), "source": source and str(source)}
         rows.append({"runner": "transformers float32 (dense)", **run_child(__file__, "hf", hf)})
         print(rows[-1], file=sys.stderr)
         rows.append({"runner": "llama.cpp (dense)",

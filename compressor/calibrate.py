@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .. import ElastiqError
 from ..families import config_dict
-from ..families.base import (ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY, SSM, SSM_IN_Z,
-                              Family)
+from ..checkpoint import QK
+from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY, SSM,
+                             SSM_IN_Z, SSM_MLP, Family)
 from ..paths import data_dir
 from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
@@ -199,7 +200,7 @@ def _block_inputs(model: torch.nn.Module, family: Family, samples: torch.Tensor,
                 hidden[current[0]] = x
                 kwargs[current[0]] = []
             kwargs[current[0]].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            return x
+            return (x, None) if family.returns_pair else x
         return forward
 
     def stop(module, args):
@@ -264,8 +265,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
         block = blocks[index]
         chunk_stats: dict[str, torch.Tensor] = {}  # the hooks fill it with one chunk's statistics
         current: dict = {}
-        handles = (_ssm_hooks if kinds[index] == SSM else _attention_hooks)(family, kinds[index], block, heads,
-                                                                              chunk_stats, current)
+        handles = [h for hooks in HOOKS[kinds[index]]
+                   for h in hooks(family, kinds[index], block, heads, chunk_stats, current)]
         sums: dict = {}  # this block's statistics, summed over the chunks (on rank 0)
         try:
             for k in range(rounds(count)):
@@ -319,9 +320,12 @@ def _attention_hooks(family: Family, kind: str, block: torch.nn.Module, heads, s
         x = out.float().unflatten(-1, (count, heads.head_dim))
         return _rotate(x, *current["rope"]) if "rope" in current else x
 
+    pairs = QK in family.offers  # the rotated q and k, for the rotary pairs' scores
+
     def on_q(module, args, out):
         stats["attn"] = _gram(args[0])
-        stats["q_sq"] = rotated(out, heads.num_heads).square().sum((0, 1)).double()
+        if pairs:
+            stats["q_sq"] = rotated(out, heads.num_heads).square().sum((0, 1)).double()
 
     def on_k(module, args, out):
         stats["k_sq"] = rotated(out, heads.num_kv_heads).square().sum((0, 1)).double()
@@ -329,9 +333,10 @@ def _attention_hooks(family: Family, kind: str, block: torch.nn.Module, heads, s
     handles = []
     if kind != ATTENTION_ONLY:
         handles.append(family.part(block, FFN_DOWN).register_forward_pre_hook(on_down))
-    if kind != MLP_ONLY:
-        handles += [family.part(block, ATTN_Q).register_forward_hook(on_q),
-                    family.part(block, ATTN_K).register_forward_hook(on_k)]
+    if kind not in (MLP_ONLY, SSM_MLP):
+        handles.append(family.part(block, ATTN_Q).register_forward_hook(on_q))
+        if pairs:
+            handles.append(family.part(block, ATTN_K).register_forward_hook(on_k))
     return handles
 
 
@@ -343,3 +348,8 @@ def _ssm_hooks(family: Family, kind: str, block: torch.nn.Module, heads, stats: 
         stats["ssm_input"] = args[0].float()
 
     return [family.part(block, SSM_IN_Z).register_forward_pre_hook(on_input)]
+
+
+# The statistics each kind of block gathers (a hybrid's Mamba2 + MLP block, both).
+HOOKS = {SSM: (_ssm_hooks,), SSM_MLP: (_ssm_hooks, _attention_hooks), ATTENTION: (_attention_hooks,),
+         ATTENTION_ONLY: (_attention_hooks,), MLP_ONLY: (_attention_hooks,)}

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import MANIFEST, QK, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
+from ..checkpoint import MANIFEST, QK, SSM_N, SSM_P, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import config_dict, family_for
-from ..families.base import ATTENTION, ATTENTION_ONLY, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM
+from ..families.base import ATTENTION, ATTENTION_ONLY, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_KINDS
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .devices import compute_device
@@ -87,7 +87,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     if options.rotate:  # before calibration: the statistics and the sort then see the rotated basis
         rotate_residual(model, family, random_orthogonal(model.config.hidden_size, options.seed))
     heads, kinds = family.heads(config), family.layer_kinds(config)
-    if options.method not in METHODS and SSM not in kinds:
+    if options.method not in METHODS and not set(SSM_KINDS) & set(kinds):
         raise ElastiqError(f"sorting method {options.method!r} orders Mamba2 blocks only; a {family.name} model "
                            f"has none: use {' or '.join(METHODS)}")
     blocks = family.blocks(model)
@@ -132,9 +132,12 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                     influence.append(stats.influence)
                     t = time.perf_counter()
                     with one_process_threads():  # a one-process run's bits, on every core
-                        if kinds[index] == SSM:
-                            sort_ssm_block(model, family, index, layer_groups[index], stats, options.method,
-                                           options.ridge)
+                        if kinds[index] in SSM_KINDS:
+                            mixer = [g for g in layer_groups[index] if g.kind in (SSM_P, SSM_N)]
+                            sort_ssm_block(model, family, index, mixer, stats, options.method, options.ridge)
+                            method = options.method if options.method in METHODS else "uniql"
+                            sort_block(model, [g for g in layer_groups[index] if g not in mixer], heads, stats, method,
+                                       options.ridge)  # a hybrid's MLP after the mixer
                         else:
                             # a hybrid's other blocks: an SSM-only method's baseline sorts the mixers alone
                             method = options.method if options.method in METHODS else "uniql"

@@ -45,9 +45,9 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import SSM_P, Group
 from ..families import config_dict
-from ..families.base import (ATTN_NORM, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z,
+from ..families.base import (SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z,
                               SSM_NORM, SSM_OUT, Family, SSMConfig)
-from ..modeling.model import SSMMixer
+from ..modeling.model import SSMMixer, mixer_tensors
 from ..modeling.ssm import chunk_states
 from .calibrate import BlockStats
 from .sort import permute_group, ridge_leverage
@@ -56,8 +56,8 @@ METHODS = ("uniql", "ridge", "magnitude")
 
 
 def _mixer(weights: Mapping[str, torch.Tensor], config: SSMConfig) -> SSMMixer:
-    """The mixer of a block's tensors (its norm left out)."""
-    return SSMMixer({name: t for name, t in weights.items() if name != f"{ATTN_NORM}.weight"}, config)
+    """The mixer of a block's tensors (its norm, and a hybrid's MLP, left out)."""
+    return SSMMixer(mixer_tensors(weights), config)
 
 
 def _per_head_leverage(corr: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -41,9 +41,11 @@ MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)  # of 
 SSM_MATRICES = (*SSM_IN, SSM_OUT)
 NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM, SSM_NORM)
 # The kinds of block: attention + gated MLP (every transformer family), a Mamba2 mixer alone, and
-# the single-branch blocks of hybrids (Nemotron-H): attention alone, an MLP alone (ungated). A
-# block of one branch reads it through its one input norm, ``attn_norm`` (llama.cpp's name for it).
-ATTENTION, SSM, ATTENTION_ONLY, MLP_ONLY = "attention", "ssm", "attention_only", "mlp_only"
+# the blocks of hybrids: a Mamba2 mixer + gated MLP (Bamba), and single branches (Nemotron-H):
+# attention alone, an MLP alone (ungated). A block reads its first (or only) branch through
+# ``attn_norm`` (llama.cpp's name for it, whatever the branch) and its MLP after another through ``ffn_norm``.
+ATTENTION, SSM, SSM_MLP, ATTENTION_ONLY, MLP_ONLY = "attention", "ssm", "ssm_mlp", "attention_only", "mlp_only"
+SSM_KINDS = (SSM, SSM_MLP)  # the kinds of block with a Mamba2 mixer
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
@@ -56,6 +58,7 @@ READS = {ATTN_Q: ATTN_Q, ATTN_K: ATTN_Q, ATTN_V: ATTN_Q, ATTN_OUT: ATTN_OUT,
 # projection the gated norm's output.
 SSM_READS = {**{slot: SSM_IN_Z for slot in SSM_IN}, SSM_OUT: SSM_OUT}
 BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS,
+               SSM_MLP: {**SSM_READS, **{slot: READS[slot] for slot in (FFN_GATE, FFN_UP, FFN_DOWN)}},
                ATTENTION_ONLY: {slot: READS[slot] for slot in (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)},
                MLP_ONLY: {FFN_UP: FFN_UP, FFN_DOWN: FFN_DOWN}}  # an MLP alone is ungated
 # Matrices whose pruned axis is their input (whole quantization blocks are pruned there).
@@ -135,6 +138,7 @@ class Family:
     kinds_of: Callable[[Mapping], list[str]] | None = None
     ssm_of: Callable[[Mapping], SSMConfig] = SSMConfig.from_config  # the mixers' config, where there are any
     rotary: bool = True  # whether attention rotates q and k (RoPE); Nemotron-H's has no position encoding
+    returns_pair: bool = False  # a transformers block returns (hidden states, attention weights) (Bamba)
     eps_key: str = "rms_norm_eps"  # the config key of the norms' epsilon
     check_fields: Callable[[Mapping], None] | None = None  # the config check; None: ``check_config``
 
@@ -202,7 +206,7 @@ class Family:
 
     def ssm_config(self, config: Mapping) -> SSMConfig | None:
         """What the Mamba2 mixers of a config dict compute beyond their weights; None for a model without them."""
-        if SSM not in self.layer_kinds(config):
+        if not set(SSM_KINDS) & set(self.layer_kinds(config)):
             return None
         return self.ssm_of(config)
 
@@ -224,7 +228,12 @@ class Family:
         name = lambda slot: self.name_of(layer, slot)  # noqa: E731
         bias = lambda *slots: tuple((self.name_of(layer, s, "bias"), r) for s, r in slots if s in biased)  # noqa: E731
         kind = self.layer_kinds(config)[layer]
-        if kind == SSM:
+        gate = ((FFN_GATE, "rows"),) if kind in (ATTENTION, SSM_MLP) else ()  # an MLP alone is ungated
+        # The down projection's input axis is pruned: whole quantization blocks.
+        mlp = lambda: Group(MLP, layer, config["intermediate_size"], BLOCK,  # noqa: E731
+                            (*((name(s), r) for s, r in gate), (name(FFN_UP), "rows"), (name(FFN_DOWN), "cols"),
+                             *bias(*gate, (FFN_UP, "rows"))))
+        if kind in SSM_KINDS:
             ssm = self.ssm_config(config)
             P, N = ssm.head_dim, ssm.state_size
             heads, groups = per_unit_of("rows", ssm.num_heads), per_unit_of("rows", ssm.n_groups)
@@ -240,14 +249,12 @@ class Family:
                               (name(SSM_CONV_C), groups),
                               *bias((SSM_IN_B, groups), (SSM_IN_C, groups), (SSM_CONV_B, groups), (SSM_CONV_C, groups)))),
             }
-            return [every[kind] for kind in (SSM_P, SSM_N) if kind in self.offers]
+            if kind == SSM_MLP:
+                every[MLP] = mlp()
+            return [every[k] for k in (SSM_P, SSM_N, MLP) if k in every and k in self.offers]
         d = self.heads(config).head_dim if kind != MLP_ONLY else 0
-        gate = ((FFN_GATE, "rows"),) if kind == ATTENTION else ()  # an MLP alone is ungated
         every = {
-            # The down projection's input axis is pruned: whole quantization blocks.
-            MLP: lambda: Group(MLP, layer, config["intermediate_size"], BLOCK,
-                               (*((name(s), r) for s, r in gate), (name(FFN_UP), "rows"), (name(FFN_DOWN), "cols"),
-                                *bias(*gate, (FFN_UP, "rows")))),
+            MLP: mlp,
             # Whole rotary pairs (channel j with j + d/2), shared by a KV head and its query heads;
             # their original indices travel with them.
             QK: lambda: Group(QK, layer, d // 2, 1,
@@ -301,7 +308,7 @@ class Family:
                 **{norm: (hidden,) for norm in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM)}}
             by_kind[ATTENTION_ONLY] = {slot: by_kind[ATTENTION][slot] for slot in
                                        (ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, ROPE_PAIRS)}
-        if MLP_ONLY in self.layer_kinds(config):
+        if {MLP_ONLY, SSM_MLP} & set(self.layer_kinds(config)):
             inter = config["intermediate_size"]
             by_kind[MLP_ONLY] = {ATTN_NORM: (hidden,), FFN_UP: (inter, hidden), FFN_DOWN: (hidden, inter)}
         ssm = self.ssm_config(config)
@@ -311,6 +318,9 @@ class Family:
                 ATTN_NORM: (hidden,), SSM_IN_Z: (HP, hidden), SSM_IN_X: (HP, hidden), SSM_IN_B: (GN, hidden),
                 SSM_IN_C: (GN, hidden), SSM_IN_DT: (H, hidden), SSM_CONV_X: (HP, 1, K), SSM_CONV_B: (GN, 1, K),
                 SSM_CONV_C: (GN, 1, K), SSM_DT: (H,), SSM_A: (H,), SSM_D: (H,), SSM_NORM: (HP,), SSM_OUT: (hidden, HP)}
+            if SSM_MLP in self.layer_kinds(config):
+                by_kind[SSM_MLP] = {**by_kind[SSM], **by_kind[MLP_ONLY], FFN_NORM: (hidden,),
+                                    FFN_GATE: by_kind[MLP_ONLY][FFN_UP]}
         out = {f"{self.top[EMBED]}.weight": (vocab, hidden), f"{self.top[FINAL_NORM]}.weight": (hidden,),
                f"{self.top[HEAD]}.weight": (vocab, hidden)}
         biased = self.biased(config)
@@ -339,7 +349,7 @@ class Family:
             raise ElastiqError(f"its config says tie_word_embeddings false, yet {head} is stored as the embedding "
                                f"{aliases[head]}")
         ssm = self.ssm_config(config)
-        mlp = {ATTENTION, MLP_ONLY} & set(self.layer_kinds(config))
+        mlp = {ATTENTION, SSM_MLP, MLP_ONLY} & set(self.layer_kinds(config))
         widths = ", ".join(([f"MLP {config['intermediate_size']}"] if mlp else []) +
                            ([f"SSM head size {ssm.head_dim}, state size {ssm.state_size}"] if ssm else []))
         described = (f"a {self.name} model of {config['num_hidden_layers']} layers, hidden size "

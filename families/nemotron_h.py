@@ -16,7 +16,7 @@ import math
 from typing import Mapping
 
 from ..checkpoint import MLP, SSM_N, SSM_P, VO
-from .base import (ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, ATTENTION_ONLY, EMBED, FFN_DOWN, FFN_UP, FINAL_NORM,
+from .base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ATTENTION_ONLY, EMBED, FFN_DOWN, FFN_UP, FINAL_NORM,
                    HEAD, MLP_ONLY, SSM, SSM_CONV, SSM_IN, SSM_OUT, Family, SSMConfig, check_token_ids)
 from .mamba2 import PARTS as MAMBA2_PARTS
 from .mamba2 import fuse_mixers, split_mixers

@@ -32,9 +32,9 @@ from torch.func import functional_call
 
 from .. import ElastiqError
 from ..families import config_dict, family_for
-from ..families.base import (ATTN_K, ATTN_NORM, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_UP, HEAD, MATRICES,
-                              NORMS, ROPE_PAIRS, SSM_A, SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT,
-                              SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
+from ..families.base import (ATTN_K, ATTN_NORM, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_UP, HEAD,
+                              MATRICES, NORMS, ROPE_PAIRS, SSM_A, SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C,
+                              SSM_IN_DT, SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
@@ -77,22 +77,33 @@ class LayerArgs:
 
 @dataclass(frozen=True)
 class SSMLayerArgs:
-    """Widths of one Mamba2 block: channels per SSM head P and states per group N."""
+    """Widths of one Mamba2 block: channels per SSM head P and states per group N, and the channels
+    of the gated MLP that follows the mixer in a hybrid's block (0: none, a Mamba2's block)."""
 
     head_dim: int
     state_size: int
     biases: frozenset[str]  # the slots whose projection or convolution carries a bias
+    intermediate_size: int = 0
 
     @classmethod
     def of(cls, block: Mapping[str, Weight], config: SSMConfig, index: int) -> "SSMLayerArgs":
         """The widths of block ``index`` read off its tensors' shapes (runtime names within the
         block: ``attn_norm.weight`` and the mixer's, ``mixer_widths``)."""
         try:
-            widths = mixer_widths({k: t for k, t in block.items() if k != f"{ATTN_NORM}.weight"}, config)
+            widths = mixer_widths(mixer_tensors(block), config)
         except ValueError as err:
             raise ElastiqError(f"layer {index}: {err}") from None
         biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
-        return cls(widths.head_dim, widths.state_size, biases)
+        mlp = _rows(block[f"{FFN_UP}.weight"]) if f"{FFN_UP}.weight" in block else 0
+        return cls(widths.head_dim, widths.state_size, biases, mlp)
+
+
+MLP_TENSORS = tuple(f"{slot}.{p}" for slot in (FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN) for p in ("weight", "bias"))
+
+
+def mixer_tensors(block: Mapping[str, Weight]) -> dict[str, Weight]:
+    """A Mamba2 block's mixer tensors: its own, less its norm and a hybrid's MLP (runtime names)."""
+    return {k: t for k, t in block.items() if k != f"{ATTN_NORM}.weight" and k not in MLP_TENSORS}
 
 
 def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | None,
@@ -420,9 +431,12 @@ class Block(nn.Module):
         if layer.attention and attending.inv_freq is not None:
             self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
             self.register_buffer("rope_pairs", w[ROPE_PAIRS])
-            if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
+            rotated = self.rope_pairs.shape[1]  # fewer than u: partial RoPE turns the head's first 2 * rotated
+            if self.rope_pairs.shape[0] != G or not (rotated == u or rotated == self.inv_freq.shape[0] < u) or \
+                    self.inv_freq.shape[0] < rotated:
                 raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
                                    f"frequencies do not fit {G} KV heads of {u} kept pairs")
+            self.rotated = 2 * rotated
             self.rope = rope_for(self.rope_pairs.device)  # shapes checked here, not on every token
             self.rope_index = self.rope.prepare(self.rope_pairs)
         self.kv_cache: KVCache | None = None
@@ -479,7 +493,9 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor, tables: tuple | None, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        if self.rope is not None:
+        if self.rope is not None and self.rotated < self.qk_dim:  # partial RoPE: the heads' first channels
+            self.rotate(q[..., :self.rotated], k[..., :self.rotated], tables)
+        elif self.rope is not None:
             self.rotate(q, k, tables)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if start is not None:
@@ -707,14 +723,20 @@ class SSMMixer(nn.Module):
 class SSMBlock(SSMMixer):
     """Pre-norm Mamba2 block of its own widths: x + mixer(attn_norm(x)), its modules named by slot
     (``SSMMixer``, and ``attn_norm``), so a block tensor's runtime name is ``layers.{i}.{slot}.{param}``
-    (``layers.{i}.ssm_dt`` for the bare ones). ``state`` is its recurrent state for decoding at a
+    (``layers.{i}.ssm_dt`` for the bare ones). A hybrid's block (Bamba) adds a gated MLP of its own
+    width after the mixer: h + MLP(ffn_norm(h)). ``state`` is its recurrent state for decoding at a
     position (``Transformer.setup_caches``), the counterpart of an attention block's KV cache.
     ``orders`` as in ``SSMMixer``."""
 
     def __init__(self, args: ModelArgs, w: Mapping[str, Weight],
                  orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
-        super().__init__({k: t for k, t in w.items() if k != f"{ATTN_NORM}.weight"}, args.ssm, orders)
+        super().__init__(mixer_tensors(w), args.ssm, orders)
         self.attn_norm = _norm(w[f"{ATTN_NORM}.weight"], args.rms_norm_eps)
+        self.ffn_norm = _norm(w[f"{FFN_NORM}.weight"], args.rms_norm_eps) if f"{FFN_NORM}.weight" in w else None
+        for slot in (FFN_GATE, FFN_UP, FFN_DOWN):
+            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot))
+                    if self.ffn_norm is not None else None)
+        self.act = ACTIVATIONS[args.hidden_act]
         self.state: SSMState | None = None
 
     def check_start(self, start: int) -> SSMState:
@@ -734,11 +756,16 @@ class SSMBlock(SSMMixer):
         else at positions start..start+T-1 from ``state`` (reset when ``start`` is 0), advancing it."""
         h = self.attn_norm(x)
         if start is None:
-            return x + SSMMixer.forward(self, h)
-        state = self.check_start(start)
-        if start == 0:
-            state.reset()
-        return x + (self.step(h, state) if h.shape[1] == 1 else self.prefill(h, state)[0])
+            out = x + SSMMixer.forward(self, h)
+        else:
+            state = self.check_start(start)
+            if start == 0:
+                state.reset()
+            out = x + (self.step(h, state) if h.shape[1] == 1 else self.prefill(h, state)[0])
+        if self.ffn_norm is None:
+            return out
+        m = self.ffn_norm(out)
+        return out + self.ffn_down(self.act(self.ffn_gate(m)) * self.ffn_up(m))
 
 
 def build_block(args: ModelArgs, layer: LayerArgs | SSMLayerArgs, w: Mapping[str, Weight],
@@ -876,13 +903,13 @@ class Transformer(nn.Module):
         args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
         attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
-        rotary = family_for(config).rotary
-        for i, layer in enumerate(args.layers):
-            if attention[i] and rotary:
-                name = f"layers.{i}.{ROPE_PAIRS}"
-                weights[name] = _rope_pairs(weights.get(name), layer, args.num_kv_heads, i, device)
         # rotary frequencies for attention blocks only (a Mamba2 model's config has none)
         attending = layer_attention(config, device) if any(attention) else [None] * len(attention)
+        for i, layer in enumerate(args.layers):
+            if attention[i] and attending[i].inv_freq is not None:
+                name = f"layers.{i}.{ROPE_PAIRS}"
+                weights[name] = _rope_pairs(weights.get(name), layer, args.num_kv_heads, i, device,
+                                            attending[i].inv_freq.shape[0])
         attending = [a if attends else None for a, attends in zip(attending, attention)]
         return cls(args, weights, attending, dtype, orders).eval()
 
@@ -916,7 +943,8 @@ def block_from_weights(weights: Mapping[str, Weight], config: Mapping, index: in
         device = _device(w[f"{ATTN_NORM}.weight"])
         attending = layer_attention(config, device)[index]
         if attending.inv_freq is not None:
-            w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device)
+            w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device,
+                                        attending.inv_freq.shape[0])
     return build_block(args, layer, w, attending).eval()
 
 
@@ -940,14 +968,16 @@ def _resident_weights(weights: Mapping[str, Weight], config: Mapping, dtype: tor
 
 
 def _rope_pairs(pairs: torch.Tensor | None, layer: LayerArgs, num_kv_heads: int, index: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, frequencies: int) -> torch.Tensor:
     """Block ``index``'s rotary pair indices [G, u] as the model holds them (int64): ``pairs``, or
-    pairs 0..u-1 of every KV head when absent."""
+    pairs 0..u-1 of every KV head when absent; with partial RoPE (fewer ``frequencies`` than the
+    u pairs of a head) pairs 0..frequencies-1, the rotated ones."""
+    rotated = min(layer.rope_pairs, frequencies)
     if pairs is None:
-        pairs = torch.arange(layer.rope_pairs, device=device).expand(num_kv_heads, -1)
-    if pairs.shape != (num_kv_heads, layer.rope_pairs):
+        pairs = torch.arange(rotated, device=device).expand(num_kv_heads, -1)
+    if pairs.shape != (num_kv_heads, rotated):
         raise ElastiqError(f"layer {index}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
-                           f"rows say {(num_kv_heads, layer.rope_pairs)}")
+                           f"rows say {(num_kv_heads, rotated)}")
     return pairs.long()
 
 
@@ -1007,6 +1037,7 @@ def rotary_frequencies(config: Mapping, layer_type: str | None = None) -> tuple[
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        dim = int(dim * rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
         return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -1,0 +1,88 @@
+"""Bamba (``BambaForCausalLM``): a hybrid whose every block is a pre-norm mixer and a pre-norm
+SwiGLU MLP; the mixer is a Mamba2 one, or attention where the config's ``attn_layer_indices`` put
+it (grouped-query, RoPE on a part of each head, ``partial_rotary_factor``).
+
+The mixers are Mamba2's, split on intake as Mamba2's are (``mamba2.split_mixers``); they offer
+the channels per SSM head and the states per group, every MLP its channels, the attention blocks
+V/O rank. q/k channels are all kept: pruning rotary pairs is not built for partial RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from ..checkpoint import MLP, SSM_N, SSM_P, VO
+from .base import (ATTENTION, ATTN_NORM, EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_UP, FINAL_NORM, HEAD, ROPE_PAIRS,
+                   SSM_CONV, SSM_IN, SSM_MLP, SSM_OUT, Family, SSMConfig, check_config)
+from .llama import BIAS_FLAGS as LLAMA_BIASES
+from .llama import PARTS as LLAMA_PARTS
+from .mamba2 import PARTS as MAMBA2_PARTS
+from .mamba2 import fuse_mixers, split_mixers
+
+PARTS = {**{slot: path.replace("mixer.", "mamba.") for slot, path in MAMBA2_PARTS.items()},
+         **{slot: path for slot, path in LLAMA_PARTS.items() if slot.startswith("attn_") and slot != ATTN_NORM},
+         ROPE_PAIRS: LLAMA_PARTS[ROPE_PAIRS],
+         ATTN_NORM: "input_layernorm", FFN_NORM: "pre_ff_layernorm", FFN_GATE: "feed_forward.gate_proj",
+         FFN_UP: "feed_forward.up_proj", FFN_DOWN: "feed_forward.down_proj"}
+
+
+def layer_kinds(config: Mapping) -> list[str]:
+    attention = set(config.get("attn_layer_indices") or ())
+    return [ATTENTION if i in attention else SSM_MLP for i in range(config["num_hidden_layers"])]
+
+
+def ssm_config(config: Mapping) -> SSMConfig:
+    limit = config.get("time_step_limit", (0.0, math.inf))
+    return SSMConfig(config["mamba_n_heads"], config["mamba_n_groups"], config["mamba_d_conv"], config["rms_norm_eps"],
+                     config["mamba_chunk_size"], (float(limit[0]), float(limit[1])), config["mamba_d_head"],
+                     config["mamba_d_state"])
+
+
+_POSITIVE = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
+
+
+def check_bamba_config(config: Mapping) -> None:
+    """Refuse a Bamba config dict whose fields that elastiq reads are missing, of the wrong type or
+    out of range, naming the field and what is accepted (a config inside a checkpoint is untrusted)."""
+    from .. import ElastiqError
+
+    def bad(key: str, expected: str):
+        raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected {expected}")
+
+    check_config(config)
+    for key in _POSITIVE:
+        v = config.get(key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31):
+            bad(key, "a positive integer")
+    layers = config["num_hidden_layers"]
+    indices = config.get("attn_layer_indices") or []
+    if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers
+                                              for i in indices)):
+        bad("attn_layer_indices", f"a list of layer indices below num_hidden_layers ({layers})")
+    if config["mamba_n_heads"] % config["mamba_n_groups"]:
+        bad("mamba_n_groups", f"a divisor of mamba_n_heads ({config['mamba_n_heads']})")
+    expand = config.get("mamba_expand", 2)
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or \
+            int(expand * config["hidden_size"]) != config["mamba_n_heads"] * config["mamba_d_head"]:
+        bad("mamba_expand", f"mamba_n_heads x mamba_d_head / hidden_size ({config['mamba_n_heads']} x "
+            f"{config['mamba_d_head']} / {config['hidden_size']}), as transformers' Bamba requires")
+    limit = config.get("time_step_limit", (0.0, math.inf))
+    if not (isinstance(limit, (list, tuple)) and len(limit) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit) and 0 <= limit[0] < limit[1]):
+        bad("time_step_limit", "two numbers [low, high] with 0 <= low < high")
+    if config.get("num_experts", 1) != 1:
+        bad("num_experts", "1 (mixture-of-experts MLPs are not supported)")
+    for key in ("mamba_proj_bias", "mamba_conv_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            bad(key, "true or false")
+
+
+BAMBA = Family("bamba", model_types=("bamba",), gguf_architectures=(), parts=PARTS,
+               top={EMBED: "model.embed_tokens", FINAL_NORM: "model.final_layernorm", HEAD: "lm_head"},
+               bias_flags={"mamba_proj_bias": (*SSM_IN, SSM_OUT), "mamba_conv_bias": SSM_CONV,
+                           "attention_bias": LLAMA_BIASES["attention_bias"], "mlp_bias": (FFN_GATE, FFN_UP, FFN_DOWN)},
+               offers=(MLP, VO, SSM_P, SSM_N), gguf=(None, None), convert=split_mixers, unconvert=fuse_mixers,
+               kept="every q/k channel is kept: pruning rotary pairs is not built for partial RoPE",
+               unrotatable="rotating the residual stream is not built for SSM blocks",
+               kinds_of=layer_kinds, ssm_of=ssm_config, returns_pair=True, check_fields=check_bamba_config)
