@@ -135,9 +135,10 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                         if kinds[index] in SSM_KINDS:
                             mixer = [g for g in layer_groups[index] if g.kind in (SSM_P, SSM_N)]
                             sort_ssm_block(model, family, index, mixer, stats, options.method, options.ridge)
-                            method = options.method if options.method in METHODS else "uniql"
-                            sort_block(model, [g for g in layer_groups[index] if g not in mixer], heads, stats, method,
-                                       options.ridge)  # a hybrid's MLP after the mixer
+                            mlp = [g for g in layer_groups[index] if g not in mixer]  # a hybrid's MLP after it
+                            if mlp:
+                                method = options.method if options.method in METHODS else "uniql"
+                                sort_block(model, mlp, heads, stats, method, options.ridge)
                         else:
                             # a hybrid's other blocks: an SSM-only method's baseline sorts the mixers alone
                             method = options.method if options.method in METHODS else "uniql"

@@ -612,9 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write one rate as GGUF, ONNX or a Hugging Face folder", description=(
         "Write one offered rate of a nested checkpoint for another runtime: gguf (llama.cpp; per-layer widths "
-        "through the deci architecture, 4-bit codes copied bit-exact as Q4_0), onnx (onnxruntime decoder with KV "
-        "cache, 4-bit matrices as MatMulNBits on the same codes) or hf (a transformers folder, float, pruned units "
-        "zero-filled at full size). Written under a temporary name and renamed into place."))
+        "through the deci architecture, 4-bit codes copied bit-exact as Q4_0; Mamba2 as mamba2, Nemotron-H as "
+        "nemotron_h with per-layer MLP widths, their SSM blocks zero-widened to the rate's widest), onnx "
+        "(onnxruntime decoder with KV cache, 4-bit matrices as MatMulNBits on the same codes; attention + MLP "
+        "models only) or hf (a transformers folder, float, pruned units zero-filled at full size, or at the "
+        "rate's widest for Mamba2 and Nemotron-H). Written under a temporary name and renamed into place."))
     exp.add_argument("checkpoint", help="a NAME.elastiq folder")
     exp.add_argument("--rate", type=float, required=True, help="an offered rate (elastiq inspect lists them)")
     exp.add_argument("--format", choices=["gguf", "onnx", "hf"], required=True, help="what to write")

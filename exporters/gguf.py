@@ -10,6 +10,9 @@ the permutation llama.cpp's Hugging Face converter applies, for ``llama``; rotat
 NeoX-style ones such as ``qwen3``. MLP widths differ per layer, which ``llama`` cannot say: such
 a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family with no such
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
+Models with Mamba2 blocks are written as llama.cpp's ``mamba2`` (Mamba2 alone) or ``nemotron_h``
+(Nemotron-H: per-layer MLP widths kept; V/O rank, SSM channels per head and states per group
+widened with zeros), as ``_write_hybrid`` says.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
 zero row or column is blocks of scale 0), and 8-bit ones (value projections, embedding, head) as ``Q8_0`` blocks;
@@ -24,7 +27,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import gguf
 import numpy as np
@@ -36,7 +39,7 @@ from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import (ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_A,
                              SSM_CONV, SSM_CONV_X, SSM_D, SSM_DT, SSM_IN, SSM_NORM, SSM_OUT)
-from ..modeling.model import (ModelArgs, SSMLayerArgs, layer_windows, rope_parameters, rotary_frequencies,
+from ..modeling.model import (LayerArgs, ModelArgs, SSMLayerArgs, layer_windows, rope_parameters, rotary_frequencies,
                               runtime_weights)
 from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
@@ -74,11 +77,14 @@ def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.T
 def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False) -> dict[str, Weight]:
     """``weights`` (runtime names, one rate) with every attention projection at full head size in
     llama.cpp's layout (rotary pairs interleaved, or halves kept with ``neox``), and the
-    ``rope_pairs`` tensors consumed."""
+    ``rope_pairs`` tensors consumed. Blocks without attention (a hybrid's) are left as they are;
+    where the family has no RoPE, q and k hold every channel in order and ``neox`` keeps it."""
     rows_of = half_rows if neox else qk_rows
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
     out = dict(weights)
     for i, layer in enumerate(args.layers):
+        if not (isinstance(layer, LayerArgs) and layer.attention):
+            continue
         p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
         pairs = out.pop(p + ROPE_PAIRS, None)
@@ -109,23 +115,28 @@ def _cat_rows(parts: list[Weight], name: str) -> Weight:
     return type(parts[0])(torch.cat([t.codes for t in parts]), torch.cat([t.scales for t in parts]))
 
 
-def ssm_gguf_tensors(weights: Mapping[str, Weight], layers: int, groups: int) -> dict[str, Weight]:
-    """llama.cpp's ``mamba2`` tensors of ``weights`` (runtime names, every block at one width), by
-    their GGUF names: the split projections and convolutions fused back (``ssm_in`` rows z, x, B,
-    C, dt; ``ssm_conv1d`` channels x, B, C as [channels, K]), A = -exp(A_log) and D as [H, 1],
-    dt_bias as ``ssm_dt.bias``, and the gated norm's weight as [groups, channels per group]."""
+def ssm_gguf_tensors(weights: Mapping[str, Weight], layers: Iterable[int], groups: int,
+                     arch: str = "mamba2") -> dict[str, Weight]:
+    """llama.cpp's Mamba2 tensors (of its ``mamba2`` or ``nemotron_h``, named ``arch`` in errors)
+    of the blocks ``layers`` of ``weights`` (runtime names, every Mamba2 block at one width), by
+    their GGUF names: the block's norm, the split projections and convolutions fused back
+    (``ssm_in`` rows z, x, B, C, dt; ``ssm_conv1d`` channels x, B, C as [channels, K], its bias
+    zero where the model has none, since llama.cpp always adds one), A = -exp(A_log) and D as
+    [H, 1], dt_bias as ``ssm_dt.bias``, and the gated norm's weight as [groups, channels per group]."""
     out = {}
-    for i in range(layers):
+    for i in layers:
         w = lambda slot, kind="weight": weights.get(f"layers.{i}.{slot}.{kind}")  # noqa: E731
         if any(w(slot, "bias") is not None for slot in (*SSM_IN, SSM_OUT)):
-            raise ExportError("llama.cpp's mamba2 has no biases on its input and output projections; this model "
-                              "has them (use_bias), so it cannot be written to GGUF")
+            raise ExportError(f"llama.cpp's {arch} has no biases on its input and output projections (a Mamba2 "
+                              "mixer's in_proj and out_proj); this model has them (use_bias), so it cannot be written "
+                              "to GGUF")
         b = f"blk.{i}."
         out[b + "attn_norm.weight"] = weights[f"layers.{i}.{ATTN_NORM}.weight"]
         out[b + "ssm_in.weight"] = _cat_rows([w(slot) for slot in SSM_IN], b + "ssm_in")
-        out[b + "ssm_conv1d.weight"] = torch.cat([w(slot) for slot in SSM_CONV])[:, 0]
-        if w(SSM_CONV_X, "bias") is not None:
-            out[b + "ssm_conv1d.bias"] = torch.cat([w(slot, "bias") for slot in SSM_CONV])
+        conv = torch.cat([w(slot) for slot in SSM_CONV])[:, 0]
+        out[b + "ssm_conv1d.weight"] = conv
+        out[b + "ssm_conv1d.bias"] = (torch.cat([w(slot, "bias") for slot in SSM_CONV])
+                                      if w(SSM_CONV_X, "bias") is not None else conv.new_zeros(conv.shape[0]))
         out[b + "ssm_dt.bias"] = weights[f"layers.{i}.{SSM_DT}"]
         out[b + "ssm_a"] = -torch.exp(weights[f"layers.{i}.{SSM_A}"].float())[:, None]
         out[b + "ssm_d"] = weights[f"layers.{i}.{SSM_D}"][:, None]
@@ -302,36 +313,85 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     return f"{name}.{param}"
 
 
-def _write_ssm(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
-               args: ModelArgs, family) -> Path:
-    """``write_gguf`` of a model of Mamba2 blocks: llama.cpp's ``mamba2`` at the widest block's widths
-    (``ssm_widest``)."""
-    if family.gguf[0] is None or any(not isinstance(layer, SSMLayerArgs) for layer in args.layers):
+HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h")  # llama.cpp's architectures of Mamba2 blocks (alone, or in a hybrid)
+
+
+def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
+                  args: ModelArgs, family) -> Path:
+    """``write_gguf`` of a model whose blocks are not each attention + MLP: llama.cpp's ``mamba2``
+    (Mamba2 blocks alone) or ``nemotron_h`` (blocks of one branch each: a Mamba2 mixer, attention
+    without RoPE, or an ungated ReLU² MLP).
+
+    What the file keeps per layer: ``nemotron_h`` reads each block's kind and MLP width from two
+    per-layer arrays (``feed_forward_length``: the MLP's width, 0 elsewhere; ``attention.head_count_kv``:
+    the KV heads of an attention block, 0 elsewhere; a block with both 0 is a Mamba2 mixer), so
+    every MLP keeps its own width. What it cannot keep: llama.cpp has one head size for keys and
+    values and one SSM inner size and state size, so each attention block's V/O rank goes back to
+    the full head size with zero rows of v and zero columns of the output projection (exact), and
+    every Mamba2 block is widened to the rate's widest channels per head P and states per group N
+    (``ssm_widest``: exact in N, equal up to the gated norm's epsilon in P). Those zeros are stored.
+
+    llama.cpp's Mamba2 does not clamp its time steps: ``mamba2`` refuses a model whose config
+    limits them. Nemotron-H's mixers clamp dt below at ``time_step_min`` (transformers and the
+    runtime do); llama.cpp's ``nemotron_h``, as its own converter writes it, does not, so the file
+    computes the model without that floor: the same wherever softplus(dt + dt_bias) stays above
+    it; a step that falls below it takes its own smaller dt there (less than ``time_step_min``
+    apart), so the state and the logits that follow differ a little."""
+    arch_name = family.gguf[0]
+    mixers = {i for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
+    if arch_name not in HYBRID_ARCHITECTURES or (arch_name == "mamba2" and len(mixers) < len(args.layers)):
         raise ExportError(f"a {family.name} model cannot be written to GGUF yet: only models of Mamba2 blocks alone "
-                          "(llama.cpp's mamba2) are")
-    ssm = args.ssm
-    weights, P, N = ssm_widest(weights, args)
+                          "(llama.cpp's mamba2) and Nemotron-H hybrids (llama.cpp's nemotron_h) are")
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
+    ssm = args.ssm or family.ssm_of(ckpt.config)  # a nemotron_h file states the mixers' shape even without one
+    P, N = ssm.head_dim, ssm.state_size
+    if mixers:
+        weights, P, N = ssm_widest(weights, args)
+    if arch_name == "mamba2" and ssm.time_step_limit != (0.0, math.inf):
+        raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's mamba2 "
+                          "does not, so it would compute another model")
+    attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
+    if any(attention) and abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
+        raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
+                          f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")
+    widths = [layer.intermediate_size if isinstance(layer, LayerArgs) and layer.mlp else 0 for layer in args.layers]
+    if any(isinstance(layer, LayerArgs) and layer.mlp and not layer.intermediate_size for layer in args.layers):
+        raise ExportError(f"a block of this rate keeps no MLP channel; llama.cpp's {arch_name} would read it as a "
+                          "Mamba2 block")
+    weights = full_heads(weights, args, neox=True)  # V/O rank at full head size; q, k (no RoPE) as they are
     tensors = {TOP[slot] + ".weight": weights[f"{slot}.weight"] for slot in (EMBED, FINAL_NORM, HEAD)
                if f"{slot}.weight" in weights and not (slot == HEAD and args.tie_word_embeddings)}
-    tensors.update(ssm_gguf_tensors(weights, len(args.layers), ssm.n_groups))
-    arch = gguf.MODEL_ARCH.MAMBA2
+    tensors.update(ssm_gguf_tensors(weights, sorted(mixers), ssm.n_groups, arch_name))
+    for name, t in weights.items():  # the attention and MLP blocks' tensors, by llama.cpp's names of their slots
+        if name.startswith("layers.") and int(name.split(".")[1]) not in mixers:
+            tensors[gguf_name(name, arch)] = t
     known = _tensor_names(arch)
     for name in tensors:
         generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", name).removesuffix(".weight").removesuffix(".bias")
         if generic not in known:
-            raise ExportError(f"tensor {name} has no place in llama.cpp's mamba2 architecture")
+            raise ExportError(f"tensor {name} has no place in llama.cpp's {arch_name} architecture")
     dtype, file_type = FLOAT_TYPES[float_type]
     if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
         file_type = gguf.LlamaFileType.MOSTLY_Q4_0
-    if ssm.time_step_limit != (0.0, math.inf):
-        raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's mamba2 "
-                          "does not, so it would compute another model")
+    n = len(args.layers)
+    # a recurrent state has no trained length (llama.cpp's converter writes 2^20); attention was trained to the config's
+    context = (ckpt.config.get("max_position_embeddings") if any(attention) else None) or 2 ** 20
+
     def header(writer: gguf.GGUFWriter) -> None:
-        writer.add_block_count(len(args.layers))
-        writer.add_context_length(2 ** 20)  # a recurrent state has no trained length; llama.cpp's converter says so
+        writer.add_block_count(n)
+        writer.add_context_length(context)
         writer.add_embedding_length(args.hidden_size)
-        writer.add_feed_forward_length(0)
-        writer.add_head_count(0)
+        if arch_name == "nemotron_h":
+            writer.add_feed_forward_length(widths)
+            writer.add_head_count(args.num_heads)  # one number: llama.cpp reads layer 0's as the model's
+            writer.add_head_count_kv([args.num_kv_heads if a else 0 for a in attention])
+            if args.num_heads:
+                writer.add_key_length(args.head_dim)
+                writer.add_value_length(args.head_dim)
+            writer.add_layer_norm_eps(args.rms_norm_eps)  # nemotron_h requires it
+        else:
+            writer.add_feed_forward_length(0)
+            writer.add_head_count(0)
         writer.add_ssm_conv_kernel(ssm.conv_kernel)
         writer.add_ssm_inner_size(ssm.num_heads * P)
         writer.add_ssm_state_size(N)
@@ -401,7 +461,9 @@ def _check_swa(config: Mapping, windows: list[int | None], pattern: int, local_b
 
 def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_type: str = "f16") -> Path:
     """Write ``rate`` of the nested checkpoint ``checkpoint`` to the GGUF file ``output`` for
-    llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise) and return its path.
+    llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise; the family's own
+    architecture where it has one, ``mamba2`` or ``nemotron_h`` for a model with Mamba2 blocks:
+    ``_write_hybrid``) and return its path.
 
     4-bit matrices are copied as Q4_0 and 8-bit ones as Q8_0; float matrices are written as
     ``float_type`` (f16 or f32).
@@ -415,8 +477,8 @@ def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_ty
     family = checkpoint_family(ckpt)
     weights = runtime_weights(ckpt.read_rate(rate), config)
     args = ModelArgs.from_weights(weights, config)
-    if args.ssm is not None:
-        return _write_ssm(ckpt, rate, output, float_type, weights, args, family)
+    if any(not (isinstance(layer, LayerArgs) and layer.attention and layer.mlp) for layer in args.layers):
+        return _write_hybrid(ckpt, rate, output, float_type, weights, args, family)
     if abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
         raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
                           f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")

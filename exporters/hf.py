@@ -22,6 +22,11 @@ A Mamba2 model is written as stock ``Mamba2ForCausalLM`` at the widest block's c
 and states per group (``padding.ssm_widest``), its split mixers fused back (the family's
 ``unconvert``): smaller than the source where every block was pruned alike, exact where only states
 were pruned, and equal up to the gated norm's epsilon in a block whose channels were widened.
+A Nemotron-H model is written as stock ``NemotronHForCausalLM``, whose config also has one
+width of each kind: its Mamba2 blocks widened as Mamba2's are, each attention block's V/O rank
+back at the full head size, and every MLP block (ungated) zero-padded to the rate's widest one,
+which becomes its ``intermediate_size`` (exact). transformers clamps Nemotron-H's time steps
+below at ``time_step_min`` as the runtime does, so the folder computes the runtime's model.
 Weights are float (4-bit matrices dequantized), in safetensors; the tokenizer and its chat
 template are saved beside them. The folder is assembled under a temporary name and renamed into
 place.
@@ -39,7 +44,7 @@ from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
-from ..modeling.model import ModelArgs, runtime_weights
+from ..modeling.model import LayerArgs, ModelArgs, runtime_weights
 from ..quants import Quantized
 from .padding import head_prefix, scatter_rows, ssm_widest
 
@@ -68,16 +73,17 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     weights = runtime_weights({k: v.dequantize() if isinstance(v, Quantized) else v
                                for k, v in ckpt.read_rate(rate).items()}, source)
     args = ModelArgs.from_weights(weights, source)
+    state = dict(weights)
     if args.ssm is not None:  # one head size and state size for every Mamba2 block: the widest
-        state, P, N = ssm_widest(weights, args)
-        expand, rest = divmod(args.ssm.num_heads * P, args.hidden_size)
-        if rest:
-            raise HfExportError(f"at rate {rate} the widest Mamba2 block keeps {P} channels in each of its "
-                                f"{args.ssm.num_heads} heads, which transformers' Mamba2 cannot hold: its inner size "
-                                f"must be a whole multiple (expand) of the hidden size {args.hidden_size}")
-        source = {**source, "head_dim": P, "state_size": N, "expand": expand}
-    else:
-        state = full_size(weights, args, source["intermediate_size"])
+        state, P, N = ssm_widest(state, args)
+        source = {**source, **_ssm_fields(family.name, args, P, N, rate)}
+    blocks = [layer for layer in args.layers if isinstance(layer, LayerArgs)]
+    if blocks:  # attention and MLP blocks at the config's head size and one MLP width
+        size = source["intermediate_size"]
+        if any(not (layer.attention and layer.mlp) for layer in blocks):  # a hybrid's: the rate's widest MLP
+            size = max((layer.intermediate_size for layer in blocks if layer.mlp), default=size)
+            source = {**source, "intermediate_size": size}
+        state = full_size(state, args, size)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {family.checkpoint_name(name): family.checkpoint_tensor(name, t) for name, t in state.items()}
@@ -98,32 +104,60 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
 
 
 def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate_size: int) -> dict[str, torch.Tensor]:
-    """``weights`` (float, runtime names, one rate) at the original head size and MLP width: kept
-    units at the positions above, zeros elsewhere, and the ``rope_pairs`` tensors consumed."""
+    """``weights`` (float, runtime names, one rate) at the original head size and MLP width
+    ``intermediate_size``: kept units at the positions above, zeros elsewhere, and the
+    ``rope_pairs`` tensors consumed. Only the branches a block has are widened (a hybrid's block
+    may hold attention alone or an MLP alone, its MLP ungated); Mamba2 blocks are left as they are."""
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
     out = dict(weights)
     for i, layer in enumerate(args.layers):
+        if not isinstance(layer, LayerArgs):
+            continue
         p = f"layers.{i}."
-        u, r, m = layer.rope_pairs, layer.v_rank, layer.intermediate_size
-        pairs = out.pop(p + ROPE_PAIRS, None)
-        pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
-        if (pairs < 0).any() or (pairs >= d // 2).any() or any(len(set(row.tolist())) != u for row in pairs):
-            raise HfExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
-                                f"of the {G} KV heads, got {pairs.tolist()}")
-        rows = {ATTN_Q: (qk_rows(pairs, H // G, d), H * d),
-                ATTN_K: (qk_rows(pairs, 1, d), G * d),
-                ATTN_V: (head_prefix(G, r, d), G * d),
-                FFN_GATE: (torch.arange(m), intermediate_size),
-                FFN_UP: (torch.arange(m), intermediate_size)}
+        rows, columns = {}, {}
+        if layer.attention:
+            u, r = layer.rope_pairs, layer.v_rank
+            pairs = out.pop(p + ROPE_PAIRS, None)
+            pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
+            if (pairs < 0).any() or (pairs >= d // 2).any() or any(len(set(row.tolist())) != u for row in pairs):
+                raise HfExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for "
+                                    f"each of the {G} KV heads, got {pairs.tolist()}")
+            rows.update({ATTN_Q: (qk_rows(pairs, H // G, d), H * d), ATTN_K: (qk_rows(pairs, 1, d), G * d),
+                         ATTN_V: (head_prefix(G, r, d), G * d)})
+            columns[ATTN_OUT] = (head_prefix(H, r, d), H * d)
+        if layer.mlp:
+            kept = torch.arange(layer.intermediate_size)
+            rows.update({FFN_GATE: (kept, intermediate_size), FFN_UP: (kept, intermediate_size)})
+            columns[FFN_DOWN] = (kept, intermediate_size)
         for proj, (index, total) in rows.items():
             for kind in ("weight", "bias"):
                 if (name := f"{p}{proj}.{kind}") in out:
                     out[name] = scatter_rows(out[name], index, total)
-        for proj, index, total in ((ATTN_OUT, head_prefix(H, r, d), H * d),
-                                   (FFN_DOWN, torch.arange(m), intermediate_size)):
+        for proj, (index, total) in columns.items():
             name = f"{p}{proj}.weight"
             out[name] = scatter_rows(out[name].T, index, total).T.contiguous()
     return out
+
+
+# transformers' config keys of the Mamba2 mixers' channels per head P and states per group N
+SSM_FIELDS = {"mamba2": ("head_dim", "state_size"), "nemotron_h": ("mamba_head_dim", "ssm_state_size")}
+
+
+def _ssm_fields(family: str, args: ModelArgs, P: int, N: int, rate: float) -> dict:
+    """The config fields of a stock model whose Mamba2 blocks all keep P channels per head and N
+    states per group (``Mamba2Config`` also derives its inner size from ``expand``)."""
+    if family not in SSM_FIELDS:
+        raise HfExportError(f"a {family} model with Mamba2 blocks has no Hugging Face export; "
+                            f"exported: {', '.join(SSM_FIELDS)}")
+    fields = dict(zip(SSM_FIELDS[family], (P, N)))
+    if family == "mamba2":
+        expand, rest = divmod(args.ssm.num_heads * P, args.hidden_size)
+        if rest:
+            raise HfExportError(f"at rate {rate} the widest Mamba2 block keeps {P} channels in each of its "
+                                f"{args.ssm.num_heads} heads, which transformers' Mamba2 cannot hold: its inner size "
+                                f"must be a whole multiple (expand) of the hidden size {args.hidden_size}")
+        fields["expand"] = expand
+    return fields
 
 
 def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:

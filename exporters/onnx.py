@@ -36,10 +36,13 @@ from .. import ElastiqError, __version__
 from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
-from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
-                             FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, ROPE_PAIRS)
+from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM,
+                             ATTN_Q, ATTN_Q_NORM, ATTN_V, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, MLP_ONLY,
+                             ROPE_PAIRS, SSM_KINDS)
 from ..modeling.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
+from .gguf import HYBRID_ARCHITECTURES
+from .hf import SSM_FIELDS
 
 OPSET = 21
 IR_VERSION = 10  # the IR of opset 21; onnxruntime 1.30 reads IR versions up to 13
@@ -64,10 +67,17 @@ def write_onnx(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     ckpt = Checkpoint(checkpoint)
     ckpt.rate_entry(rate)  # a rate that is not offered fails here, listing the offered ones
     family = checkpoint_family(ckpt)  # its config and tensors describe one model
-    if family.heads(ckpt.config) is None or family.ssm_config(ckpt.config) is not None:
-        raise OnnxExportError(f"the ONNX export builds attention blocks only; a {family.name} model has Mamba2 "
-                              "blocks, whose recurrent scan it does not build yet: export it to GGUF (llama.cpp) or "
-                              "Hugging Face, or run it with `elastiq run`")
+    kinds = set(family.layer_kinds(ckpt.config))
+    if kinds != {ATTENTION}:  # Mamba2, or a hybrid's blocks (Nemotron-H, Bamba)
+        has = [what for present, what in ((kinds & set(SSM_KINDS), "Mamba2 blocks (a recurrent scan)"),
+                                          (ATTENTION_ONLY in kinds, "attention blocks without RoPE or MLP"),
+                                          (MLP_ONLY in kinds, "ungated MLP blocks without attention")) if present]
+        instead = ([f"export it to GGUF (--format gguf: llama.cpp's {family.gguf[0]})"]
+                   if family.gguf[0] in HYBRID_ARCHITECTURES else [])
+        instead += ["to Hugging Face (--format hf)"] if family.name in SSM_FIELDS else []
+        raise OnnxExportError(f"the ONNX export builds blocks of attention + gated MLP only; a {family.name} model "
+                              f"has {', '.join(has)}, which it does not build yet: "
+                              f"{' or '.join(instead + ['run it with `elastiq run`'])}")
     model = build_model(ckpt.read_rate(rate), ckpt.config,
                         {"elastiq_version": __version__, "checkpoint": ckpt.path.name, "rate": str(rate)})
     _write_atomic(output, model.SerializeToString())

@@ -12,7 +12,7 @@ import torch
 from .. import ElastiqError
 from ..families.base import (FFN_DOWN, FFN_GATE, FFN_UP, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C,
                              SSM_IN_X, SSM_IN_Z, SSM_NORM, SSM_OUT)
-from ..modeling.model import ModelArgs
+from ..modeling.model import ModelArgs, SSMLayerArgs
 from ..quants import BLOCK, Q8Tensor, QuantizedTensor
 
 ZERO_CODES = 0x88  # two codes of 8: w = d * (8 - 8) = 0 whatever the scale
@@ -51,9 +51,10 @@ def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
 
 
 def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str, Weight], int, int]:
-    """``weights`` (runtime names, one rate of a Mamba2 model) with every block at the widest
-    block's channels per head P and states per group N, and those (P, N): for llama.cpp's
-    ``mamba2``, whose inner size and state size are one number each.
+    """``weights`` (runtime names, one rate of a model with Mamba2 blocks: Mamba2's, or a hybrid's)
+    with every Mamba2 block at the widest such block's channels per head P and states per group N,
+    and those (P, N): for llama.cpp's ``mamba2`` and ``nemotron_h`` and transformers' stock
+    configs, whose inner size and state size are one number each. Other blocks are left as they are.
 
     Zero states are exact: zero B and C rows (and conv1d channels and biases) leave a state never
     written and never read. Zero channels are not quite: the gated norm averages y * silu(z) over
@@ -61,7 +62,8 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str
     scaled by sqrt(P'/P), which restores the mean up to its epsilon (eps * P/P' in place of eps).
     The zeros are stored: a widened block saves no bytes in the file."""
     H, G = args.ssm.num_heads, args.ssm.n_groups
-    P, N = max(layer.head_dim for layer in args.layers), max(layer.state_size for layer in args.layers)
+    mixers = {i: layer for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
+    P, N = max(layer.head_dim for layer in mixers.values()), max(layer.state_size for layer in mixers.values())
     out = dict(weights)
 
     def widen(slots: tuple[str, ...], index: torch.Tensor, total: int, layer: int) -> None:
@@ -70,7 +72,7 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str
                 if (name := f"layers.{layer}.{slot}.{kind}") in out:
                     out[name] = scatter_rows(out[name], index, total)
 
-    for i, layer in enumerate(args.layers):
+    for i, layer in mixers.items():
         if layer.head_dim < P:
             index = head_prefix(H, layer.head_dim, P)
             norm = f"layers.{i}.{SSM_NORM}.weight"
