@@ -7,9 +7,11 @@ the deployed slice cuts (``UnitMasks``): the down projection's input channels be
 width, each KV head's V rank beyond r (which is all the output projection sees of it), and the dropped
 rotary pairs' two channels in both the query and key projections' outputs; in a Mamba2 block, the
 channels beyond the kept P of each head at its gated norm (whose mean is then taken over the kept
-ones) and the states beyond the kept N of each group in B and C. The masked full model computes
-the sliced model, before and after LoRA is merged back. LoRA wraps the projections only (a Mamba2
-block's depthwise convolutions, dt_bias, A, D and the norms stay frozen).
+ones) and the states beyond the kept N of each group in B and C. A hybrid's blocks of one branch
+(Nemotron-H) are masked the same way: an MLP alone, ungated, at its down projection's input,
+attention alone at its value projection's output. The masked full model computes the sliced
+model, before and after LoRA is merged back. LoRA wraps the projections only (a Mamba2 block's
+depthwise convolutions, dt_bias, A, D and the norms stay frozen).
 
 Two methods:
 - ``nested``: at each step one offered rate is drawn, the larger ones more often (probability of

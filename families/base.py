@@ -133,7 +133,7 @@ class Family:
     unconvert: Callable[[Mapping], dict] | None = None
     activations: tuple[str, ...] = ("silu",)  # the MLP's accepted activations (config key ``act_key``)
     act_key: str = "hidden_act"
-    block_kind: str = ATTENTION  # what every block is: ATTENTION (attention + MLP) or SSM (a Mamba2 mixer)
+    block_kind: str = ATTENTION  # what every block is, where all are alike: ATTENTION (attention + MLP) or SSM
     # each block's kind from the config, for a family whose blocks differ (hybrids); None: ``block_kind``
     kinds_of: Callable[[Mapping], list[str]] | None = None
     ssm_of: Callable[[Mapping], SSMConfig] = SSMConfig.from_config  # the mixers' config, where there are any
@@ -190,8 +190,8 @@ class Family:
     # --- shape -----------------------------------------------------------------------------------
 
     def layer_kinds(self, config: Mapping) -> list[str]:
-        """What each block of a model of ``config`` is: ``ATTENTION``, ``SSM``, ``ATTENTION_ONLY``
-        or ``MLP_ONLY``."""
+        """What each block of a model of ``config`` is: ``ATTENTION``, ``SSM``, ``SSM_MLP``,
+        ``ATTENTION_ONLY`` or ``MLP_ONLY``."""
         if self.kinds_of is not None:
             return self.kinds_of(config)
         return [self.block_kind] * config["num_hidden_layers"]

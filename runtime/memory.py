@@ -5,9 +5,11 @@ what the runtime will hold:
 - weights: each tensor in the form the model keeps it (``modeling.model.resident``: floats in the
   compute dtype, 4-bit matrices in their kernel's packed layout, ``kernels.q4_layout.q4_nbytes``),
   and the indices of the matrices held in unit order (``held_orders``);
-- KV cache: ``ctx`` positions of every attention layer's kept key and value channels, and every
-  Mamba2 layer's recurrent state (``modeling.ssm.state_bytes``: its widths', whatever the context);
-- workspace: the larger of a prefill chunk's activations and loading's transient copies;
+- KV cache: ``ctx`` positions of the kept key and value channels of every block that holds
+  attention, and every Mamba2 block's recurrent state (``modeling.ssm.state_bytes``: its widths',
+  whatever the context); a hybrid's MLP-only blocks hold neither;
+- workspace: the larger of loading's transient copies and the activations of a prefill chunk
+  through the block that needs the most (attention, its MLP if it has one, or a Mamba2 mixer);
 - baseline: the process's own resident memory before loading (Python, torch, the tokenizer).
 
 The benchmark ``benchmarks/runtime.py`` compares this prediction with the measured peak RSS.
@@ -22,12 +24,12 @@ from typing import Mapping
 import torch
 
 from .. import ElastiqError
-from ..checkpoint import Checkpoint, Heads, kv_bytes_per_token
+from ..checkpoint import Checkpoint, Heads
 from ..families import checkpoint_family
-from ..families.base import EMBED, HEAD, SSM_IN_B, SSM_OUT, SSMConfig, is_norm
+from ..families.base import EMBED, HEAD, ROPE_PAIRS, SSM_IN_B, SSM_OUT, SSMConfig, is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
-from ..modeling.model import LayerArgs, block_weights
+from ..modeling.model import SSM_SCALARS, LayerArgs, SSMLayerArgs, block_weights, layer_args, layer_attention
 from ..modeling.ssm import state_bytes
 from ..quants import BLOCK, BLOCK_BYTES
 from .generate import PREFILL_CHUNK
@@ -72,16 +74,70 @@ def held_orders(ckpt: Checkpoint, rate: float,
     return orders
 
 
-def layer_widths(shapes: Mapping[str, tuple], heads: Heads) -> list[LayerArgs]:
-    """The widths of each block, read off runtime-named ``shapes`` without reading a weight."""
+def layer_widths(shapes: Mapping[str, tuple], heads: Heads | None,
+                 ssm: SSMConfig | None = None) -> list[LayerArgs | SSMLayerArgs]:
+    """The widths of each block, read off runtime-named ``shapes`` without reading a weight
+    (``modeling.model.layer_args``): a Mamba2 block's ``SSMLayerArgs`` (with a hybrid's MLP after the
+    mixer, if any; ``ssm``, the model's mixer config, must then be given), else a ``LayerArgs`` of
+    attention and an MLP or of either alone (a hybrid's). ``heads`` is None for a model without
+    attention."""
     layers = sorted({int(name.split(".")[1]) for name in shapes if name.startswith("layers.")})
-    return [LayerArgs.of({k: torch.empty(v[0], device="meta") for k, v in block_weights(shapes, i).items()},
-                         heads.num_kv_heads, i) for i in layers]
+    kv_heads = heads.num_kv_heads if heads is not None else 0
+    return [layer_args({k: torch.empty(v[0], device="meta") for k, v in block_weights(shapes, i).items()},
+                       kv_heads, ssm, i) for i in layers]
 
 
-def widest_mlp(shapes: Mapping[str, tuple], heads: Heads) -> int:
-    """The widest block's MLP channels in runtime-named ``shapes``: what sizes a forward pass's activations."""
-    return max(layer.intermediate_size for layer in layer_widths(shapes, heads))
+def widest_mlp(shapes: Mapping[str, tuple], heads: Heads | None, ssm: SSMConfig | None = None) -> int:
+    """The widest MLP's channels over the blocks of runtime-named ``shapes`` (a block without an MLP
+    counts 0; a hybrid's Mamba2 block may hold one): what sizes a forward pass's activations."""
+    return max((layer.intermediate_size for layer in layer_widths(shapes, heads, ssm)), default=0)
+
+
+def rotary_bytes(config: Mapping, layers: list[LayerArgs | SSMLayerArgs], shapes: Mapping[str, tuple],
+                 heads: Heads | None) -> int:
+    """Bytes of what the attention blocks' RoPE holds beside the checkpoint's tensors: each set of
+    rotary frequencies once (float32; blocks of one layer type share one, ``layer_attention``), and
+    the rotary pair indices [G, rotated] (int64) of every block whose checkpoint stores none (a
+    family or group that keeps every pair; partial RoPE rotates fewer). Attention without RoPE
+    (Nemotron-H) holds neither."""
+    attending = [i for i, layer in enumerate(layers) if isinstance(layer, LayerArgs) and layer.attention]
+    if not attending:
+        return 0
+    rope = layer_attention(config)
+    frequencies = {id(rope[i].inv_freq): rope[i].inv_freq for i in attending if rope[i].inv_freq is not None}
+    total = sum(f.nbytes for f in frequencies.values())
+    for i in attending:
+        if rope[i].inv_freq is not None and f"layers.{i}.{ROPE_PAIRS}" not in shapes:
+            total += heads.num_kv_heads * min(layers[i].rope_pairs, rope[i].inv_freq.shape[0]) * 8
+    return total
+
+
+def block_cache_bytes(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: SSMConfig | None, ctx: int,
+                      itemsize: int) -> int:
+    """What one block holds to decode: a Mamba2 block its recurrent state (float32, whatever
+    ``ctx``; an MLP after the mixer adds none), a block with attention ``ctx`` positions of its
+    kept key (2 channels per rotary pair) and value (V rank) channels per KV head in the
+    activations' dtype, an MLP alone nothing."""
+    if isinstance(layer, SSMLayerArgs):
+        return state_bytes(ssm, layer.head_dim, layer.state_size, 1)
+    if not layer.attention:
+        return 0
+    return ctx * heads.num_kv_heads * (2 * layer.rope_pairs + layer.v_rank) * itemsize
+
+
+def block_workspace(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: SSMConfig | None, chunk: int,
+                    ctx: int, hidden: int, itemsize: int) -> int:
+    """Bytes a forward pass of ``chunk`` tokens through one block holds at once: per chunk token the
+    residual, norm output, q, k, v, attention output, o (hidden each), the MLP's gate, up and
+    product (up and its activation where it is ungated), plus, with attention, its scores and
+    probabilities over the context (float32); a Mamba2 block's ``ssm_workspace``, or that of the
+    gated MLP after its mixer (a hybrid's) where it is larger."""
+    if isinstance(layer, SSMLayerArgs):
+        mlp = chunk * (8 * hidden + 3 * layer.intermediate_size) * itemsize if layer.intermediate_size else 0
+        return max(ssm_workspace(ssm, layer.head_dim, layer.state_size, chunk, hidden, itemsize), mlp)
+    mlp = (3 if layer.gated else 2) * layer.intermediate_size if layer.mlp else 0
+    scores = 2 * heads.num_heads * ctx * 4 if layer.attention else 0
+    return chunk * ((8 * hidden + mlp) * itemsize + scores)
 
 
 def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtype, int4: bool,
@@ -108,32 +164,27 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
             held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
             load = min(4 * numel, REPACK_BYTES) + 2 * held
-        else:  # floats in the activations' dtype (norms in float32), integers (rope pair indices) as int64
-            held = numel * (4 if is_norm(name) else itemsize) if quantized or stored_dtype.is_floating_point \
+        else:  # floats in the activations' dtype (norms and a mixer's dt_bias, A_log, D in float32),
+            # integers (rope pair indices) as int64 (``modeling.model.resident``)
+            wide = is_norm(name) or name.rpartition(".")[2] in SSM_SCALARS
+            held = numel * (4 if wide else itemsize) if quantized or stored_dtype.is_floating_point \
                 else numel * 8
             load = 2 * stored + held  # and their re-laid copy
         weights += held
         transient = max(transient, load)
-    if ckpt.heads is not None:
-        weights += ckpt.heads.head_dim // 2 * 4  # the rotary frequencies, float32
+    family = checkpoint_family(ckpt)
+    ssm = family.ssm_config(config)
+    layers = layer_widths(shapes, ckpt.heads, ssm)
+    weights += rotary_bytes(config, layers, shapes, ckpt.heads)
     weights += sum(order.numel() * 8 for _, order in held_orders(ckpt, rate, "meta").values())
     embed_shape, _, embed_format = shapes["embed_tokens.weight"]
     if tied and embed_format == "q4_0" and int4:
         weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)
-    widths = ckpt.rate_entry(rate)["widths"]
-    kv = ctx * kv_bytes_per_token(ckpt.groups, widths, ckpt.heads, itemsize)
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     chunk = min(PREFILL_CHUNK, ctx)
-    activations = 0
-    if ckpt.heads is not None:
-        # per chunk token: the residual, norm output, q, k, v, attention output, o (hidden each), the
-        # MLP's gate, up and product; plus attention scores and probabilities over the context (float32)
-        widest = widest_mlp(shapes, ckpt.heads)
-        activations = chunk * ((8 * hidden + 3 * widest) * itemsize + 2 * ckpt.heads.num_heads * ctx * 4)
-    ssm = checkpoint_family(ckpt).ssm_config(config)
-    for head_dim, state_size in ssm_widths(shapes, ssm) if ssm else ():
-        kv += state_bytes(ssm, head_dim, state_size, 1)  # the recurrent state: constant in context length
-        activations = max(activations, ssm_workspace(ssm, head_dim, state_size, chunk, hidden, itemsize))
+    # each block kind holds its own: a KV cache (attention), a recurrent state (Mamba2) or nothing (an MLP alone)
+    kv = sum(block_cache_bytes(layer, ckpt.heads, ssm, ctx, itemsize) for layer in layers)
+    activations = max(block_workspace(layer, ckpt.heads, ssm, chunk, ctx, hidden, itemsize) for layer in layers)
     activations += vocab * 4  # the last position's logits
     return Footprint(rate, weights, kv, max(activations, transient), baseline)
 

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ... import ElastiqError
+from ...families import checkpoint_family
+from ...families.base import ATTENTION, ATTENTION_ONLY, MLP_ONLY, SSM, SSM_MLP
 from ..memory import Footprint
+
+# What each kind of block is, in a backend's refusal (``families.base``'s kinds).
+KIND_NAMES = {ATTENTION: "attention + MLP", SSM: "Mamba2", SSM_MLP: "Mamba2 + MLP", ATTENTION_ONLY: "attention-only",
+              MLP_ONLY: "MLP-only"}
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,19 @@ def import_package(backend: str, package: tuple[str, str] | None):
     except ImportError as err:
         raise ElastiqError(f"the {backend} backend needs the Python package {module} ({err}); install it "
                            f"with `pip install {dist}`, or run with --backend torch") from None
+
+
+def block_kinds(ckpt) -> set[str]:
+    """The kinds of block a checkpoint's model holds (``Family.layer_kinds``)."""
+    return set(checkpoint_family(ckpt).layer_kinds(ckpt.config))
+
+
+def unsupported(backend: str, ckpt, runs: str, instead: str) -> str:
+    """A backend's refusal of a checkpoint whose kinds of block it cannot run: what its blocks are,
+    what the backend ``runs``, and what to run it on ``instead``."""
+    family = checkpoint_family(ckpt)
+    held = block_kinds(ckpt)
+    kinds = [KIND_NAMES[k] for k in KIND_NAMES if k in held] + sorted(held - set(KIND_NAMES))
+    kinds = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+    return f"the {backend} backend runs {runs}; {ckpt.path.name} is a {family.name} model of {kinds} blocks: " \
+           f"run it with {instead}"

@@ -66,10 +66,18 @@ class ExportEngine:
     backend = format = ""  # the backend's name and the export format it runs
     requires: tuple[str, str] = ("", "")  # its package: (module, pip requirement)
 
+    @staticmethod
+    def refusal(ckpt: Checkpoint) -> str | None:
+        """Why this backend cannot run ``ckpt``'s model (None: it can), said before anything is
+        planned or exported: its footprint and opening it ask this first."""
+        return None
+
     def __init__(self, checkpoint: str | Path | Checkpoint, rate: float, ctx: int = 2048, tokenizer=None,
                  threads: int | None = None, scoring: bool = False):
         self.package = import_package(self.backend, self.requires)
         self.ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        if (why := self.refusal(self.ckpt)) is not None:
+            raise ElastiqError(why)
         self.config = self.ckpt.config
         check_ctx(self.config, ctx)
         self.ckpt.rate_entry(rate)  # an unoffered rate fails before anything is exported

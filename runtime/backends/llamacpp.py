@@ -9,7 +9,13 @@ GGUF) for ``ctx`` rounded up to 256 cells; its compute buffer is reserved for a 
 ``n_ubatch`` tokens whose every logit is an output, or the attention scores and softmax of that
 batch, whichever is larger. A Mamba2 model (llama.cpp's ``mamba2``, every block at the rate's
 widest P and N) holds one sequence's recurrent state instead of a KV cache, whatever the context,
-and a compute buffer for the batch's logits or its input projections (``_recurrent_footprint``).
+and a compute buffer for the batch's logits or its input projections (``_recurrent``).
+
+A Nemotron-H hybrid (llama.cpp's ``nemotron_h``: Mamba2 mixers, attention alone, MLPs alone; V/O
+at the full head size, every mixer at the rate's widest P and N) holds a KV cache for its attention
+blocks only and one sequence's recurrent state for its mixers only, and a compute buffer the larger
+of the two kinds'. Another hybrid (Bamba) has no GGUF export yet and is refused before anything is
+planned or exported (``LlamaCppEngine.refusal``); the torch backend runs it.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ import torch
 
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
+from ...exporters.gguf import HYBRID_ARCHITECTURES
 from ...families import checkpoint_family
-from ...families.base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ROPE_PAIRS, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X,
-                              SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM, SSM_OUT)
+from ...families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, MLP_ONLY, ROPE_PAIRS, SSM,
+                              SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM,
+                              SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
 from ..memory import Footprint, runtime_shapes, widest_mlp, widest_ssm
-from .base import Backend
+from .base import Backend, block_kinds, unsupported
 from .exported import ExportEngine, export_path
 
+# The kinds of block llama.cpp's architectures of Mamba2 blocks hold (``exporters.gguf._write_hybrid``).
+HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}}
 LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cells
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
@@ -97,6 +107,8 @@ def _repacks_q4_0() -> bool:
 
 def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Footprint:
     """What llama.cpp holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
+    if (why := LlamaCppEngine.refusal(ckpt)) is not None:
+        raise ElastiqError(why)
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
     path = export_path(ckpt, rate, LlamaCppEngine.format)
@@ -105,45 +117,50 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     file_bytes = path.stat().st_size if path.is_file() else tensors + _gguf_vocab(ckpt, vocab)
     weights = file_bytes + (matmul if _repacks_q4_0() else 0)
     ubatch = min(ctx, PREFILL_CHUNK)
-    if heads is None:
-        return _recurrent_footprint(ckpt, rate, shapes, weights, ubatch, baseline)
-    widest = widest_mlp(shapes, heads)
-    cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
-    layers = config["num_hidden_layers"]
-    kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
-    workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest) \
-        + vocab * 4  # the output buffer of one token's logits
-    return Footprint(rate, weights, kv, workspace, baseline)
+    family = checkpoint_family(ckpt)
+    kinds = family.layer_kinds(config)
+    ssm = family.ssm_config(config)
+    kv = workspace = 0
+    if heads is not None:  # the attention blocks' KV cache (a hybrid's others hold none)
+        widest = widest_mlp(shapes, heads, ssm)
+        cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
+        layers = sum(kind in (ATTENTION, ATTENTION_ONLY) for kind in kinds)
+        kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
+        workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest)
+    if ssm is not None:  # the Mamba2 blocks' recurrent states
+        state, buffer = _recurrent(ckpt, shapes, sum(kind == SSM for kind in kinds), ubatch)
+        kv, workspace = kv + state, max(workspace, buffer)
+    return Footprint(rate, weights, kv, workspace + vocab * 4, baseline)  # and the output buffer of one token's logits
 
 
-def _recurrent_footprint(ckpt: Checkpoint, rate: float, shapes: Mapping[str, tuple], weights: int, ubatch: int,
-                         baseline: int) -> Footprint:
-    """llama.cpp's ``mamba2`` at the rate's widest P and N: per block, one sequence's float32
+def _recurrent(ckpt: Checkpoint, shapes: Mapping[str, tuple], layers: int, ubatch: int) -> tuple[int, int]:
+    """The recurrent state and the compute buffer of ``layers`` Mamba2 blocks in llama.cpp's
+    ``mamba2`` or ``nemotron_h``, at the rate's widest P and N: per block, one sequence's float32
     convolution inputs (K - 1 steps of x, B and C) and SSM state (H x P x N), whatever the context;
     a compute buffer for a batch of ``ubatch`` tokens whose every logit is an output, or of the
-    block's input projection, whichever is larger."""
+    block's input projection, whichever is larger (the output buffer of one token's logits apart)."""
     config = ckpt.config
     ssm = checkpoint_family(ckpt).ssm_config(config)
     P, N = widest_ssm(shapes, ssm)
     H, G, K = ssm.num_heads, ssm.n_groups, ssm.conv_kernel
-    state = config["num_hidden_layers"] * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
+    state = layers * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
     projection = 2 * H * P + 2 * G * N + H
-    vocab = config["vocab_size"]
-    workspace = ubatch * 4 * max(vocab + config["hidden_size"], 2 * projection) + vocab * 4
-    return Footprint(rate, weights, state, workspace, baseline)
+    return state, ubatch * 4 * max(config["vocab_size"] + config["hidden_size"], 2 * projection)
 
 
 class LlamaCppGenerator(CachedGenerator):
     """Generation through a ``llama_cpp.Llama``: its ``n_tokens`` is moved back to the reused prefix,
     and ``eval`` drops the cache beyond it before running the new tokens. A recurrent model's state
-    (llama.cpp's ``mamba2``) cannot go back: it goes on only from the position it reached."""
+    (llama.cpp's ``mamba2``, and a hybrid's such as ``nemotron_h``, whose attention blocks' KV cache
+    could go back but whose mixers' states cannot) goes on only from the position it reached."""
 
     def __init__(self, llm, max_seq: int):
         import llama_cpp
 
         super().__init__(max_seq)
         self.llm = llm
-        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(llm.model))
+        hybrid = getattr(llama_cpp, "llama_model_is_hybrid", lambda _: False)  # llama-cpp-python >= 0.3.10
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(llm.model) or hybrid(llm.model))
 
     def _resumable(self, start: int) -> bool:
         return not self.recurrent or start == self.llm.n_tokens
@@ -165,6 +182,18 @@ class LlamaCppEngine(ExportEngine):
     """The rate's GGUF export run by llama.cpp (llama-cpp-python), with a KV cache of ``ctx`` positions."""
 
     backend, format, requires = "llama.cpp", "gguf", ("llama_cpp", "llama-cpp-python")
+
+    @staticmethod
+    def refusal(ckpt: Checkpoint) -> str | None:
+        """What the GGUF export writes runs: models of attention + MLP blocks (``llama`` and its kin),
+        of Mamba2 blocks alone (``mamba2``) and Nemotron-H's hybrids (``nemotron_h``); another
+        hybrid (Bamba's Mamba2 + MLP blocks) does not yet."""
+        kinds, arch = block_kinds(ckpt), checkpoint_family(ckpt).gguf[0]
+        if kinds <= {ATTENTION} or (arch in HYBRID_ARCHITECTURES and kinds <= HYBRID_KINDS[arch]):
+            return None
+        return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone and "
+                           "Nemotron-H hybrids (llama.cpp's nemotron_h), not yet other hybrids (their GGUF export is "
+                           "not built)", "--backend torch")
 
     def _load(self, path: Path) -> LlamaCppGenerator:
         llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,

@@ -16,10 +16,11 @@ import torch
 
 from ... import ElastiqError
 from ...checkpoint import Checkpoint, kv_bytes_per_token
+from ...families.base import ATTENTION
 from ...quants import BLOCK
 from ..generate import CachedGenerator
 from ..memory import Footprint, runtime_shapes, widest_mlp
-from .base import Backend
+from .base import Backend, block_kinds, unsupported
 from .exported import ExportEngine, export_path
 
 # The ONNX decoder returns logits for every position of a call, [chunk, vocab] float32 and copies
@@ -42,11 +43,10 @@ def _onnx_weights(ckpt: Checkpoint, rate: float) -> int:
 
 def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Footprint:
     """What onnxruntime holds for ``rate`` with ``ctx`` positions on top of ``baseline`` bytes (above)."""
+    if (why := OnnxEngine.refusal(ckpt)) is not None:
+        raise ElastiqError(why)
     config = ckpt.config
     heads, vocab, hidden = ckpt.heads, config["vocab_size"], config["hidden_size"]
-    if heads is None:
-        raise ElastiqError("the onnxruntime backend runs attention models here; the ONNX export builds attention "
-                           "models only; run it on --backend torch or llama.cpp")
     widest = widest_mlp(runtime_shapes(ckpt, rate), heads)
     path = export_path(ckpt, rate, OnnxEngine.format)
     initializers = path.stat().st_size if path.is_file() else _onnx_weights(ckpt, rate)
@@ -91,6 +91,18 @@ class OnnxEngine(ExportEngine):
     """The rate's ONNX export run by onnxruntime on the CPU; the KV cache grows to ``ctx`` positions."""
 
     backend, format, requires = "onnxruntime", "onnx", ("onnxruntime", "onnxruntime")
+
+    @staticmethod
+    def refusal(ckpt: Checkpoint) -> str | None:
+        """The ONNX export builds attention + MLP blocks only: another model runs on torch, and on
+        llama.cpp where that backend runs it (Mamba2, Nemotron-H)."""
+        from .llamacpp import LlamaCppEngine
+
+        if block_kinds(ckpt) <= {ATTENTION}:
+            return None
+        instead = "--backend torch" + (" or llama.cpp" if LlamaCppEngine.refusal(ckpt) is None else "")
+        return unsupported("onnxruntime", ckpt, "models of attention + MLP blocks only, the only ones the ONNX "
+                           "export builds", instead)
 
     def _load(self, path: Path) -> OnnxGenerator:
         options = self.package.SessionOptions()
