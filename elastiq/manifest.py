@@ -119,14 +119,15 @@ def kept_bytes(entry: Mapping, widths: Mapping[str, int]) -> int:
 
 def kv_bytes_per_token(groups: Iterable[Group], widths: Mapping[str, int], heads: Heads | None,
                        itemsize: int) -> int:
-    """KV-cache bytes per token at ``widths``: per layer and KV head, 2 channels per kept rotary
-    pair in K plus the kept V rank (the whole head size where a layer has no such group); 0 for a
-    model without attention (``heads`` None)."""
+    """KV-cache bytes per token at ``widths``: per attention layer (one with a V/O or q/k group:
+    every family with attention offers V/O rank; a hybrid's MLP or mixer layers hold no cache) and
+    KV head, 2 channels per kept rotary pair in K plus the kept V rank (the whole head size where a
+    layer has no such group); 0 for a model without attention (``heads`` None)."""
     if heads is None:
         return 0
     per_layer: dict[int, dict[str, int]] = {}
     for g in groups:
-        if g.kind not in (MLP, QK, VO):
+        if g.kind not in (QK, VO):
             continue
         per_layer.setdefault(g.layer, {QK: heads.head_dim, VO: heads.head_dim})
         if g.kind == QK:

@@ -162,6 +162,17 @@ def sliced(weights: dict, ckpt: Checkpoint, rate: float) -> dict:
     return out
 
 
+def test_the_manifest_counts_the_kv_cache_of_the_attention_block_alone(hybrid_checkpoint):
+    from elastiq.manifest import KV_DTYPES
+
+    ckpt = hybrid_checkpoint
+    itemsize = KV_DTYPES[ckpt.manifest["kv_cache_dtype"]]
+    heads = ckpt.heads
+    for rate in ckpt.rates:  # one attention block of 5; q/k keep every channel, V its kept rank
+        vo = ckpt.rate_entry(rate)["widths"]["layers.2.vo"]
+        assert ckpt.rate_entry(rate)["kv_bytes_per_token"] == (heads.head_dim + vo) * heads.num_kv_heads * itemsize
+
+
 def _same(got: torch.Tensor, want: torch.Tensor, bound: float) -> None:
     assert torch.allclose(got, want, atol=bound * want.abs().max(), rtol=0), (got - want).abs().max()
 
