@@ -163,3 +163,75 @@ def test_the_engine_runs_and_switches_each_rate_as_a_fresh_load(which, bamba_che
         if which == "float":  # unit order sums the output projections' inputs in another order
             want = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
             assert torch.allclose(got, want, atol=1e-5 * want.abs().max(), rtol=0), rate
+
+
+def test_recovery_masks_compute_every_slice_of_a_bamba(bamba_checkpoint, ids):
+    """With LoRA in every projection (the mixers' six and the MLPs' three of a Mamba2 + MLP block,
+    attention's four and its MLP's three), the masked full model computes each rate's slice of the
+    merged weights; unmasked it is the full model."""
+    from elastiq.compressor.recover import UnitMasks, lora_model, merged_weights, width_units
+    from elastiq.modeling.model import Transformer
+
+    ckpt, weights = bamba_checkpoint, bamba_checkpoint.read_rate(0.0)
+    model = lora_model(weights, ckpt.config, rank=4, alpha=8.0, seed=0)
+    wrapped = {name.partition(".lora_B")[0] for name, _ in model.named_parameters() if "lora_B" in name}
+    mlp = ("ffn_down", "ffn_gate", "ffn_up")
+    mixer = ("ssm_in_b", "ssm_in_c", "ssm_in_dt", "ssm_in_x", "ssm_in_z", "ssm_out")
+    assert wrapped == {*(f"layers.{i}.{s}" for i in (0, 2) for s in (*mixer, *mlp)),
+                       *(f"layers.1.{s}" for s in ("attn_k", "attn_output", "attn_q", "attn_v", *mlp))}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        merged = merged_weights(model, weights, BAMBA)
+        full = model(ids)
+        masks = UnitMasks(model, ckpt.groups, ckpt.heads)
+        for rate in ckpt.rates:
+            masks.set(width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(rate)["widths"]))
+            expected = Transformer.from_weights(sliced(merged, ckpt, rate), ckpt.config)(ids)
+            assert (model(ids) - expected).abs().max() < 1e-4 * expected.abs().max(), rate
+        masks.set(None)
+        assert torch.equal(model(ids), full)
+
+
+def test_nested_recovery_of_a_bamba_lowers_the_loss_at_every_rate(bamba_checkpoint, data_dir, tmp_path):
+    import torch.nn.functional as F
+
+    from elastiq.compressor.calibrate import C4_SAMPLE, calibration_samples
+    from elastiq.compressor.recover import RecoverOptions, recover_checkpoint
+    from elastiq.modeling.model import Transformer
+
+    options = RecoverOptions(steps=8, lr=1e-2, rank=4, alpha=8.0, batch=4, seqlen=32, samples=16, heldout=2,
+                             lm_weight=1.0, bf16=False)
+    out = Checkpoint(recover_checkpoint(bamba_checkpoint.path, tmp_path / "r.elastiq", options, data=data_dir,
+                                        progress=False))
+    windows = calibration_samples(out.tokenizer(), data_dir / C4_SAMPLE, 16, 32, 0)
+
+    def loss(ckpt: Checkpoint, rate: float) -> float:
+        with torch.no_grad():
+            logits = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(windows)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+
+    for rate in bamba_checkpoint.rates:
+        assert loss(out, rate) < loss(bamba_checkpoint, rate) - 0.05, rate
+
+
+@pytest.mark.parametrize("which", ["float", "q4"])
+def test_the_planner_counts_what_the_engine_holds(which, bamba_checkpoint, bamba_q4):
+    """The torch footprint of each rate: its weights and cache (the attention block's KV, the
+    mixers' states, constant in the context) are what the engine holds, to the byte."""
+    from elastiq.modeling.ssm import SSMState
+    from elastiq.runtime.engine import Engine
+    from elastiq.runtime.memory import predict_footprint
+
+    ckpt = bamba_checkpoint if which == "float" else bamba_q4
+    for rate in ckpt.rates:
+        engine = Engine(ckpt, rate, ctx=64)
+        f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
+        kv = sum(layer.kv_cache.k.nbytes + layer.kv_cache.v.nbytes for layer in engine.model.layers
+                 if getattr(layer, "kv_cache", None) is not None)
+        states = sum(m.conv.nbytes + m.ssm.nbytes for m in engine.model.modules() if isinstance(m, SSMState))
+        assert kv > 0 and states > 0
+        assert (f.weights, f.kv_cache) == (engine.weight_bytes(), kv + states), rate
+        longer = predict_footprint(ckpt, rate, 128, engine.dtype, engine.int4, baseline=0)
+        assert longer.kv_cache - f.kv_cache == kv, rate
