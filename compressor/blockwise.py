@@ -76,8 +76,7 @@ class BlockReader:
 
 def block_runner(block: Block | SSMBlock, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``block`` (``block_from_weights``) as a function of its input [B, T, hidden] at positions
-    ``positions`` [T]: an attention block on RoPE tables computed once, a Mamba2 block as it is (a
-    block without RoPE on no tables)."""
-    if isinstance(block, SSMBlock):
-        return block
-    return partial(block, tables=block.rope_tables(positions) if block.rope is not None else None)
+    ``positions`` [T]: an attention block (or a mixer with attention beside it) on RoPE tables
+    computed once (none without RoPE), a Mamba2 block as it is."""
+    tables = block.rope_tables(positions) if block.rope is not None else None
+    return partial(block, tables=tables)

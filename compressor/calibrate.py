@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from .. import ElastiqError
 from ..families import config_dict
 from ..checkpoint import QK
-from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY, SSM,
-                             SSM_IN_Z, SSM_MLP, Family)
+from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY,
+                             PARALLEL, SSM, SSM_IN_Z, SSM_MLP, Family)
 from ..paths import data_dir
 from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
@@ -351,5 +351,6 @@ def _ssm_hooks(family: Family, kind: str, block: torch.nn.Module, heads, stats: 
 
 
 # The statistics each kind of block gathers (a hybrid's Mamba2 + MLP block, both).
-HOOKS = {SSM: (_ssm_hooks,), SSM_MLP: (_ssm_hooks, _attention_hooks), ATTENTION: (_attention_hooks,),
+HOOKS = {SSM: (_ssm_hooks,), SSM_MLP: (_ssm_hooks, _attention_hooks), PARALLEL: (_ssm_hooks, _attention_hooks),
+         ATTENTION: (_attention_hooks,),
          ATTENTION_ONLY: (_attention_hooks,), MLP_ONLY: (_attention_hooks,)}

@@ -13,7 +13,7 @@ import torch
 from .. import ElastiqError
 from ..checkpoint import MANIFEST, QK, SSM_N, SSM_P, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import config_dict, family_for
-from ..families.base import ATTENTION, ATTENTION_ONLY, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_KINDS
+from ..families.base import ATTENTION_KINDS, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_KINDS
 from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .devices import compute_device
@@ -109,7 +109,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
     }
     pairs = {family.name_of(i, ROPE_PAIRS): torch.empty(heads.num_kv_heads, heads.head_dim // 2, dtype=torch.int32,
                                                         device="meta")
-             for i, kind in enumerate(kinds) if kind in (ATTENTION, ATTENTION_ONLY) and QK in family.offers}
+             for i, kind in enumerate(kinds) if kind in ATTENTION_KINDS and QK in family.offers}
     blocks_done = BlockProgress(resume / "blocks", stage_settings(source, options)) if resume is not None else None
     start, kept, activations = blocks_done.restore() if blocks_done is not None else (0, {}, {})
     if world()[0] != 0:  # another rank runs its share of the calibration chunks; rank 0 writes
@@ -132,18 +132,15 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                     influence.append(stats.influence)
                     t = time.perf_counter()
                     with one_process_threads():  # a one-process run's bits, on every core
-                        if kinds[index] in SSM_KINDS:
-                            mixer = [g for g in layer_groups[index] if g.kind in (SSM_P, SSM_N)]
+                        mixer = [g for g in layer_groups[index] if g.kind in (SSM_P, SSM_N)]
+                        if mixer:
                             sort_ssm_block(model, family, index, mixer, stats, options.method, options.ridge)
-                            mlp = [g for g in layer_groups[index] if g not in mixer]  # a hybrid's MLP after it
-                            if mlp:
-                                method = options.method if options.method in METHODS else "uniql"
-                                sort_block(model, mlp, heads, stats, method, options.ridge)
-                        else:
-                            # a hybrid's other blocks: an SSM-only method's baseline sorts the mixers alone
+                        others = [g for g in layer_groups[index] if g not in mixer]  # attention, MLP
+                        if kinds[index] not in SSM_KINDS or others:
+                            # a hybrid's other branches: an SSM-only method's baseline sorts the mixers alone
                             method = options.method if options.method in METHODS else "uniql"
-                            order = sort_block(model, layer_groups[index], heads, stats, method, options.ridge)
-                            if kinds[index] in (ATTENTION, ATTENTION_ONLY) and QK in family.offers:
+                            order = sort_block(model, others, heads, stats, method, options.ridge)
+                            if kinds[index] in ATTENTION_KINDS and QK in family.offers:
                                 writer.put(family.name_of(index, ROPE_PAIRS), order)
                     sort_seconds += time.perf_counter() - t
                     _put(writer, loaded, blocks[index], stored)

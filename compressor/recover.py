@@ -70,6 +70,7 @@ from ..families import Family, checkpoint_family, family_for
 from ..families.base import ATTN_K, ATTN_Q, ATTN_V, FFN_DOWN, MASKS, MATRICES, SSM_MATRICES
 from ..layouts import from_storage, to_storage
 from ..modeling.model import Transformer
+from ..modeling.ssm import SiLUGate
 from ..paths import data_dir
 from .allocate import MAX_RATE, allocate_checkpoint
 from .calibrate import C4_SAMPLE, calibration_samples
@@ -197,7 +198,8 @@ class UnitMasks:
             parametrize.register_parametrization(module, "bias", _Scaled(self._channels, path))
             self._parametrized.append(module)
             return
-        self._sizes[path] = base.weight.shape[1 if what == "input" else 0]
+        # a mixer's gate without a norm (Falcon-H1's) holds no weight: masked all the same, its gain cancels
+        self._sizes[path] = base.width if isinstance(base, SiLUGate) else base.weight.shape[1 if what == "input" else 0]
         if what in ("input", "gated_norm"):
             def scale_input(mod, args):
                 m = self._channels.get(path)

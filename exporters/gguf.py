@@ -10,9 +10,10 @@ the permutation llama.cpp's Hugging Face converter applies, for ``llama``; rotat
 NeoX-style ones such as ``qwen3``. MLP widths differ per layer, which ``llama`` cannot say: such
 a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family with no such
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
-Models with Mamba2 blocks are written as llama.cpp's ``mamba2`` (Mamba2 alone) or ``nemotron_h``
+Models with Mamba2 blocks are written as llama.cpp's ``mamba2`` (Mamba2 alone), ``nemotron_h``
 (Nemotron-H: per-layer MLP widths kept; V/O rank, SSM channels per head and states per group
-widened with zeros), as ``_write_hybrid`` says.
+widened with zeros) or ``granitehybrid`` (Bamba: MLPs, V/O rank, P and N widened with zeros; q/k
+interleaved within the channels its partial RoPE turns), as ``_write_hybrid`` says.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
 zero row or column is blocks of scale 0), and 8-bit ones (value projections, embedding, head) as ``Q8_0`` blocks;
@@ -39,8 +40,8 @@ from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import (ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_A,
                              SSM_CONV, SSM_CONV_X, SSM_D, SSM_DT, SSM_IN, SSM_NORM, SSM_OUT)
-from ..modeling.model import (LayerArgs, ModelArgs, SSMLayerArgs, layer_windows, rope_parameters, rotary_frequencies,
-                              runtime_weights)
+from ..modeling.model import (BRANCH_TENSORS, LayerArgs, ModelArgs, SSMLayerArgs, layer_windows, rope_parameters,
+                              rotary_frequencies, runtime_weights)
 from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
 from .padding import head_prefix, scatter_columns, scatter_rows, ssm_widest, widest_mlp
@@ -74,27 +75,48 @@ def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.T
     return rows.reshape(-1)
 
 
-def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False) -> dict[str, Weight]:
+def partial_rows(num_heads: int, head_dim: int, rotated: int) -> torch.Tensor:
+    """Interleaved row of each q (or k) row of ``num_heads`` full heads whose first ``rotated``
+    channels turn (partial RoPE, rotate-half within them: channels i and rotated/2 + i are pair i)
+    and whose other channels pass: pair i goes to channels 2i and 2i + 1, as llama.cpp's NORM RoPE
+    turns the first ``rope.dimension_count`` channels of a head; the passing channels stay."""
+    c, half = torch.arange(head_dim), rotated // 2
+    within = torch.where(c < rotated, 2 * (c % max(half, 1)) + c // max(half, 1), c)
+    return (torch.arange(num_heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False,
+               rotated: int | None = None) -> dict[str, Weight]:
     """``weights`` (runtime names, one rate) with every attention projection at full head size in
     llama.cpp's layout (rotary pairs interleaved, or halves kept with ``neox``), and the
     ``rope_pairs`` tensors consumed. Blocks without attention (a hybrid's) are left as they are;
-    where the family has no RoPE, q and k hold every channel in order and ``neox`` keeps it."""
+    where the family has no RoPE, q and k hold every channel in order and ``neox`` keeps it. With
+    partial RoPE (``rotated`` channels of a head turn, fewer than its size), q and k keep every
+    channel (such families prune none) and only the turning ones are interleaved (``partial_rows``)."""
     rows_of = half_rows if neox else qk_rows
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
+    partial = rotated is not None and rotated < d
     out = dict(weights)
     for i, layer in enumerate(args.layers):
         if not (isinstance(layer, LayerArgs) and layer.attention):
             continue
         p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
-        pairs = out.pop(p + ROPE_PAIRS, None)
-        pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
-        if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
-                len(set(row.tolist())) != u for row in pairs):
-            raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for each "
-                              f"of the {G} KV heads, got {pairs.tolist()}")
-        rows = {ATTN_Q: (rows_of(pairs, H // G, d), H * d), ATTN_K: (rows_of(pairs, 1, d), G * d),
-                ATTN_V: (head_prefix(G, r, d), G * d)}
+        if partial:
+            if 2 * u != d or p + ROPE_PAIRS in out:
+                raise ExportError(f"layer {i}: q/k keep {2 * u} of {d} channels per head; with partial RoPE the "
+                                  "GGUF export writes heads whose q/k channels are all kept")
+            out.pop(p + ROPE_PAIRS, None)
+            q_rows, k_rows = partial_rows(H, d, rotated), partial_rows(G, d, rotated)
+        else:
+            pairs = out.pop(p + ROPE_PAIRS, None)
+            pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
+            if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
+                    len(set(row.tolist())) != u for row in pairs):
+                raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for "
+                                  f"each of the {G} KV heads, got {pairs.tolist()}")
+            q_rows, k_rows = rows_of(pairs, H // G, d), rows_of(pairs, 1, d)
+        rows = {ATTN_Q: (q_rows, H * d), ATTN_K: (k_rows, G * d), ATTN_V: (head_prefix(G, r, d), G * d)}
         for slot, (index, total) in rows.items():
             for kind in ("weight", "bias"):
                 if (name := f"{p}{slot}.{kind}") in out:
@@ -313,57 +335,91 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     return f"{name}.{param}"
 
 
-HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h")  # llama.cpp's architectures of Mamba2 blocks (alone, or in a hybrid)
+# llama.cpp's architectures of Mamba2 blocks: alone, or in a hybrid (Nemotron-H's; Bamba's, which
+# llama.cpp's converter writes as granitehybrid)
+HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h", "granitehybrid")
 
 
 def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
                   args: ModelArgs, family) -> Path:
     """``write_gguf`` of a model whose blocks are not each attention + MLP: llama.cpp's ``mamba2``
-    (Mamba2 blocks alone) or ``nemotron_h`` (blocks of one branch each: a Mamba2 mixer, attention
-    without RoPE, or an ungated ReLU² MLP).
+    (Mamba2 blocks alone), ``nemotron_h`` (blocks of one branch each: a Mamba2 mixer, attention
+    without RoPE, or an ungated ReLU² MLP) or ``granitehybrid`` (Bamba: every block a Mamba2 mixer
+    or attention with partial RoPE, then a SwiGLU MLP).
 
-    What the file keeps per layer: ``nemotron_h`` reads each block's kind and MLP width from two
-    per-layer arrays (``feed_forward_length``: the MLP's width, 0 elsewhere; ``attention.head_count_kv``:
-    the KV heads of an attention block, 0 elsewhere; a block with both 0 is a Mamba2 mixer), so
-    every MLP keeps its own width. What it cannot keep: llama.cpp has one head size for keys and
-    values and one SSM inner size and state size, so each attention block's V/O rank goes back to
-    the full head size with zero rows of v and zero columns of the output projection (exact), and
-    every Mamba2 block is widened to the rate's widest channels per head P and states per group N
-    (``ssm_widest``: exact in N, equal up to the gated norm's epsilon in P). Those zeros are stored.
+    What the file keeps per layer: both hybrids read each block's kind from the per-layer
+    ``attention.head_count_kv`` (the KV heads of an attention block, 0 for a Mamba2 one);
+    ``nemotron_h`` also reads each MLP's width from the per-layer ``feed_forward_length`` (0 where
+    a block has none; with both 0 a block is a Mamba2 mixer), so every MLP keeps its own width.
+    What they cannot keep: llama.cpp has one head size for keys and values and one SSM inner size
+    and state size, so each attention block's V/O rank goes back to the full head size with zero
+    rows of v and zero columns of the output projection (exact), and every Mamba2 block is widened
+    to one number of channels per head P and states per group N (``ssm_widest``: exact in N, equal
+    up to the gated norm's epsilon in P): the rate's widest, or for ``granitehybrid``, whose loader
+    takes an inner size of 2 x hidden only, 2 x hidden / heads (the unpruned P of a Bamba with
+    ``mamba_expand`` 2, as every Bamba is). ``granitehybrid`` also sizes every MLP by layer 0's
+    ``feed_forward_length``, so its MLPs are zero-padded to the rate's widest (exact). Those zeros
+    are stored. Its attention turns the first ``rope.dimension_count`` channels of each head as
+    consecutive pairs (NORM RoPE): q and k rows are interleaved within those channels
+    (``partial_rows``); its embedding, residual, attention and logit multipliers are left unset
+    (none is applied), as Bamba has none.
 
-    llama.cpp's Mamba2 does not clamp its time steps: ``mamba2`` refuses a model whose config
-    limits them. Nemotron-H's mixers clamp dt below at ``time_step_min`` (transformers and the
-    runtime do); llama.cpp's ``nemotron_h``, as its own converter writes it, does not, so the file
-    computes the model without that floor: the same wherever softplus(dt + dt_bias) stays above
-    it; a step that falls below it takes its own smaller dt there (less than ``time_step_min``
-    apart), so the state and the logits that follow differ a little."""
+    llama.cpp's Mamba2 does not clamp its time steps: ``mamba2`` and ``granitehybrid`` refuse a
+    model whose config limits them. Nemotron-H's mixers clamp dt below at ``time_step_min``
+    (transformers and the runtime do); llama.cpp's ``nemotron_h``, as its own converter writes it,
+    does not, so the file computes the model without that floor: the same wherever
+    softplus(dt + dt_bias) stays above it; a step that falls below it takes its own smaller dt
+    there (less than ``time_step_min`` apart), so the state and the logits that follow differ a little."""
     arch_name = family.gguf[0]
     mixers = {i for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
     if arch_name not in HYBRID_ARCHITECTURES or (arch_name == "mamba2" and len(mixers) < len(args.layers)):
         raise ExportError(f"a {family.name} model cannot be written to GGUF yet: only models of Mamba2 blocks alone "
-                          "(llama.cpp's mamba2) and Nemotron-H hybrids (llama.cpp's nemotron_h) are")
+                          "(llama.cpp's mamba2), Nemotron-H hybrids (llama.cpp's nemotron_h) and Bamba hybrids "
+                          "(llama.cpp's granitehybrid) are")
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
-    ssm = args.ssm or family.ssm_of(ckpt.config)  # a nemotron_h file states the mixers' shape even without one
+    ssm = args.ssm or family.ssm_of(ckpt.config)  # a hybrid's file states the mixers' shape even without one
     P, N = ssm.head_dim, ssm.state_size
+    granite = arch_name == "granitehybrid"
+    if granite:  # llama.cpp's granitehybrid loads Mamba2 blocks of inner size 2 x hidden only
+        P, rest = divmod(2 * args.hidden_size, ssm.num_heads)
+        widest = max((args.layers[i].head_dim for i in mixers), default=0)
+        if rest or widest > P:
+            raise ExportError(f"llama.cpp's granitehybrid holds Mamba2 blocks of inner size 2 x hidden "
+                              f"({2 * args.hidden_size}) only; this rate's {ssm.num_heads} SSM heads of {widest} "
+                              f"channels cannot be widened to it with zeros")
     if mixers:
-        weights, P, N = ssm_widest(weights, args)
-    if arch_name == "mamba2" and ssm.time_step_limit != (0.0, math.inf):
-        raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's mamba2 "
+        weights, P, N = ssm_widest(weights, args, P if granite else None)
+    if arch_name != "nemotron_h" and ssm.time_step_limit != (0.0, math.inf):
+        raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's {arch_name} "
                           "does not, so it would compute another model")
     attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
     if any(attention) and abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
         raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
                           f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")
-    widths = [layer.intermediate_size if isinstance(layer, LayerArgs) and layer.mlp else 0 for layer in args.layers]
-    if any(isinstance(layer, LayerArgs) and layer.mlp and not layer.intermediate_size for layer in args.layers):
+    widths = [layer.intermediate_size for layer in args.layers]  # a Bamba Mamba2 block's MLP's too; 0: none
+    if arch_name == "nemotron_h" and any(isinstance(layer, LayerArgs) and layer.mlp and not layer.intermediate_size
+                                         for layer in args.layers):
         raise ExportError(f"a block of this rate keeps no MLP channel; llama.cpp's {arch_name} would read it as a "
                           "Mamba2 block")
-    weights = full_heads(weights, args, neox=True)  # V/O rank at full head size; q, k (no RoPE) as they are
+    rotated, base = None, None
+    if granite and any(attention):  # partial RoPE: the first `rotated` channels of each head turn
+        inv_freq, _ = rotary_frequencies(ckpt.config)
+        rotated = 2 * inv_freq.shape[0]
+        base, factors = rope_factors(ckpt.config, rotated)
+        if factors is not None:
+            raise ExportError(f"RoPE parameters {ckpt.config.get('rope_parameters')} change the rotary frequencies; "
+                              "llama.cpp's granitehybrid turns them at the default ones only")
+    if granite:  # one MLP width: the widest
+        weights = widest_mlp(weights, widths)
+        widths = [max(widths)] * len(widths)
+    # V/O rank at full head size; q, k as they are (no RoPE), or interleaved in their turning channels
+    weights = full_heads(weights, args, neox=True, rotated=rotated)
     tensors = {TOP[slot] + ".weight": weights[f"{slot}.weight"] for slot in (EMBED, FINAL_NORM, HEAD)
                if f"{slot}.weight" in weights and not (slot == HEAD and args.tie_word_embeddings)}
     tensors.update(ssm_gguf_tensors(weights, sorted(mixers), ssm.n_groups, arch_name))
-    for name, t in weights.items():  # the attention and MLP blocks' tensors, by llama.cpp's names of their slots
-        if name.startswith("layers.") and int(name.split(".")[1]) not in mixers:
+    for name, t in weights.items():  # the other blocks' tensors and a Mamba2 block's MLP, by their slots' names
+        if name.startswith("layers.") and (int(name.split(".")[1]) not in mixers
+                                           or name.split(".", 2)[2] in BRANCH_TENSORS):
             tensors[gguf_name(name, arch)] = t
     known = _tensor_names(arch)
     for name in tensors:
@@ -381,17 +437,23 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
         writer.add_block_count(n)
         writer.add_context_length(context)
         writer.add_embedding_length(args.hidden_size)
-        if arch_name == "nemotron_h":
-            writer.add_feed_forward_length(widths)
+        if arch_name in ("nemotron_h", "granitehybrid"):
+            writer.add_feed_forward_length(widths[0] if granite else widths)  # granitehybrid reads layer 0's
             writer.add_head_count(args.num_heads)  # one number: llama.cpp reads layer 0's as the model's
             writer.add_head_count_kv([args.num_kv_heads if a else 0 for a in attention])
             if args.num_heads:
                 writer.add_key_length(args.head_dim)
                 writer.add_value_length(args.head_dim)
-            writer.add_layer_norm_eps(args.rms_norm_eps)  # nemotron_h requires it
+            if arch_name == "nemotron_h":
+                writer.add_layer_norm_eps(args.rms_norm_eps)  # nemotron_h requires it
         else:
             writer.add_feed_forward_length(0)
             writer.add_head_count(0)
+        if granite:
+            writer.add_rope_scaling_finetuned(rotated is not None)  # granitehybrid's switch for RoPE
+            if rotated is not None:
+                writer.add_rope_dimension_count(rotated)
+                writer.add_rope_freq_base(base)
         writer.add_ssm_conv_kernel(ssm.conv_kernel)
         writer.add_ssm_inner_size(ssm.num_heads * P)
         writer.add_ssm_state_size(N)
@@ -462,8 +524,8 @@ def _check_swa(config: Mapping, windows: list[int | None], pattern: int, local_b
 def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_type: str = "f16") -> Path:
     """Write ``rate`` of the nested checkpoint ``checkpoint`` to the GGUF file ``output`` for
     llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise; the family's own
-    architecture where it has one, ``mamba2`` or ``nemotron_h`` for a model with Mamba2 blocks:
-    ``_write_hybrid``) and return its path.
+    architecture where it has one, ``mamba2``, ``nemotron_h`` or ``granitehybrid`` for a model with
+    Mamba2 blocks: ``_write_hybrid``) and return its path.
 
     4-bit matrices are copied as Q4_0 and 8-bit ones as Q8_0; float matrices are written as
     ``float_type`` (f16 or f32).

@@ -19,9 +19,12 @@ The folder therefore holds the full-size model: it does not save memory or compu
 or GGUF export for that), it is exact, and anything that reads a Hugging Face folder can read it.
 
 A Mamba2 model is written as stock ``Mamba2ForCausalLM`` at the widest block's channels per head
-and states per group (``padding.ssm_widest``), its split mixers fused back (the family's
+and states per group (``padding.ssm_widest``; P raised where needed so that the inner size stays a
+whole multiple, ``expand``, of the hidden size), its split mixers fused back (the family's
 ``unconvert``): smaller than the source where every block was pruned alike, exact where only states
 were pruned, and equal up to the gated norm's epsilon in a block whose channels were widened.
+A Bamba model is written as stock ``BambaForCausalLM`` alike (``mamba_d_head``, ``mamba_d_state``,
+``mamba_expand``), every MLP, its Mamba2 blocks' included, zero-padded to the rate's widest.
 A Nemotron-H model is written as stock ``NemotronHForCausalLM``, whose config also has one
 width of each kind: its Mamba2 blocks widened as Mamba2's are, each attention block's V/O rank
 back at the full head size, and every MLP block (ungated) zero-padded to the rate's widest one,
@@ -34,6 +37,8 @@ place.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -44,9 +49,9 @@ from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
-from ..modeling.model import LayerArgs, ModelArgs, runtime_weights
+from ..modeling.model import LayerArgs, ModelArgs, SSMLayerArgs, runtime_weights
 from ..quants import Quantized
-from .padding import head_prefix, scatter_rows, ssm_widest
+from .padding import head_prefix, scatter_rows, ssm_widest, widest_mlp
 
 WEIGHTS = "model.safetensors"
 
@@ -74,21 +79,27 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
                                for k, v in ckpt.read_rate(rate).items()}, source)
     args = ModelArgs.from_weights(weights, source)
     state = dict(weights)
-    if args.ssm is not None:  # one head size and state size for every Mamba2 block: the widest
-        state, P, N = ssm_widest(state, args)
-        source = {**source, **_ssm_fields(family.name, args, P, N, rate)}
+    mixers = [layer for layer in args.layers if isinstance(layer, SSMLayerArgs)]
+    if mixers:  # one head size and state size for every Mamba2 block: the widest (that the config can say)
+        state, P, N = ssm_widest(state, args, _ssm_head_dim(family.name, args))
+        source = {**source, **_ssm_fields(family.name, args, P, N)}
     blocks = [layer for layer in args.layers if isinstance(layer, LayerArgs)]
-    if blocks:  # attention and MLP blocks at the config's head size and one MLP width
+    # a Mamba2 block's MLP (Bamba's) by layer; held by its weights, since one pruned to no channel is still there
+    mixer_mlps = {i: layer.intermediate_size for i, layer in enumerate(args.layers)
+                  if isinstance(layer, SSMLayerArgs) and f"layers.{i}.{FFN_DOWN}.weight" in state}
+    if blocks or mixer_mlps:  # attention and MLP blocks at the config's head size, every MLP at one width
         size = source["intermediate_size"]
-        if any(not (layer.attention and layer.mlp) for layer in blocks):  # a hybrid's: the rate's widest MLP
-            size = max((layer.intermediate_size for layer in blocks if layer.mlp), default=size)
+        if mixers or any(not (layer.attention and layer.mlp) for layer in blocks):  # a hybrid's: the rate's widest
+            size = max([layer.intermediate_size for layer in blocks if layer.mlp] + list(mixer_mlps.values()),
+                       default=size)
             source = {**source, "intermediate_size": size}
         state = full_size(state, args, size)
+        state = widest_mlp(state, [mixer_mlps.get(i, size) for i in range(len(args.layers))], size)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {family.checkpoint_name(name): family.checkpoint_tensor(name, t) for name, t in state.items()}
     if family.unconvert is not None:
-        state = family.unconvert(state)
+        state = _unconvert(family, state)
     config = AutoConfig.for_model(**source)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
@@ -140,24 +151,46 @@ def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate
 
 
 # transformers' config keys of the Mamba2 mixers' channels per head P and states per group N
-SSM_FIELDS = {"mamba2": ("head_dim", "state_size"), "nemotron_h": ("mamba_head_dim", "ssm_state_size")}
+SSM_FIELDS = {"mamba2": ("head_dim", "state_size"), "nemotron_h": ("mamba_head_dim", "ssm_state_size"),
+              "bamba": ("mamba_d_head", "mamba_d_state")}
+# the config key of a family whose config also derives the mixers' inner size H x P from an integer
+# multiple of the hidden size (Mamba2Config and BambaConfig: ``int(expand * hidden_size)``)
+EXPAND = {"mamba2": "expand", "bamba": "mamba_expand"}
 
 
-def _ssm_fields(family: str, args: ModelArgs, P: int, N: int, rate: float) -> dict:
+def _ssm_head_dim(family: str, args: ModelArgs) -> int:
+    """The channels per head P of every Mamba2 block of the stock model: the rate's widest block's,
+    raised, where the config derives the inner size from an integer ``expand`` (``EXPAND``), to the
+    next P whose inner size H x P is a whole multiple of the hidden size (more zero channels; the
+    unpruned P is such a one, so P never passes it)."""
+    P = max(layer.head_dim for layer in args.layers if isinstance(layer, SSMLayerArgs))
+    if family in EXPAND:
+        step = args.hidden_size // math.gcd(args.ssm.num_heads, args.hidden_size)
+        P = -(-P // step) * step
+    return P
+
+
+def _ssm_fields(family: str, args: ModelArgs, P: int, N: int) -> dict:
     """The config fields of a stock model whose Mamba2 blocks all keep P channels per head and N
-    states per group (``Mamba2Config`` also derives its inner size from ``expand``)."""
+    states per group (and, for ``EXPAND``'s, the inner size's multiple of the hidden size)."""
     if family not in SSM_FIELDS:
         raise HfExportError(f"a {family} model with Mamba2 blocks has no Hugging Face export; "
                             f"exported: {', '.join(SSM_FIELDS)}")
     fields = dict(zip(SSM_FIELDS[family], (P, N)))
-    if family == "mamba2":
-        expand, rest = divmod(args.ssm.num_heads * P, args.hidden_size)
-        if rest:
-            raise HfExportError(f"at rate {rate} the widest Mamba2 block keeps {P} channels in each of its "
-                                f"{args.ssm.num_heads} heads, which transformers' Mamba2 cannot hold: its inner size "
-                                f"must be a whole multiple (expand) of the hidden size {args.hidden_size}")
-        fields["expand"] = expand
+    if family in EXPAND:
+        fields[EXPAND[family]] = args.ssm.num_heads * P // args.hidden_size  # whole: ``_ssm_head_dim``
     return fields
+
+
+def _unconvert(family, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The family's ``unconvert`` of ``state`` (a checkpoint's names: the split Mamba2 mixers fused
+    back). Refuses a state that still holds a split part, which transformers would not load."""
+    state = family.unconvert(state)
+    left = [name for name in state if re.search(r"\.(in_proj|conv1d)\.(z|x|b|c|dt)\.(weight|bias)$", name)]
+    if left:
+        raise HfExportError(f"the {family.name} mixers' split parts ({', '.join(left[:3])}) were not fused back; "
+                            "transformers would not load them")
+    return state
 
 
 def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:

@@ -50,10 +50,12 @@ def head_prefix(num_heads: int, kept: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(num_heads)[:, None] * head_dim + torch.arange(kept)).reshape(-1)
 
 
-def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str, Weight], int, int]:
+def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs,
+               head_dim: int | None = None) -> tuple[dict[str, Weight], int, int]:
     """``weights`` (runtime names, one rate of a model with Mamba2 blocks: Mamba2's, or a hybrid's)
-    with every Mamba2 block at the widest such block's channels per head P and states per group N,
-    and those (P, N): for llama.cpp's ``mamba2`` and ``nemotron_h`` and transformers' stock
+    with every Mamba2 block at the widest such block's channels per head P (or at ``head_dim``,
+    where the format fixes the inner size: not below the widest) and states per group N, and those
+    (P, N): for llama.cpp's ``mamba2``, ``nemotron_h`` and ``granitehybrid`` and transformers' stock
     configs, whose inner size and state size are one number each. Other blocks are left as they are.
 
     Zero states are exact: zero B and C rows (and conv1d channels and biases) leave a state never
@@ -64,6 +66,10 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str
     H, G = args.ssm.num_heads, args.ssm.n_groups
     mixers = {i: layer for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
     P, N = max(layer.head_dim for layer in mixers.values()), max(layer.state_size for layer in mixers.values())
+    if head_dim is not None:
+        if head_dim < P:
+            raise ElastiqError(f"a Mamba2 block keeps {P} channels per head, more than the {head_dim} asked for")
+        P = head_dim
     out = dict(weights)
 
     def widen(slots: tuple[str, ...], index: torch.Tensor, total: int, layer: int) -> None:
@@ -84,13 +90,14 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs) -> tuple[dict[str
     return out, P, N
 
 
-def widest_mlp(weights: Mapping[str, Weight], widths: list[int]) -> dict[str, Weight]:
-    """``weights`` (runtime names) with every block's MLP widened to the widest block's by zero
-    gate/up rows and down columns (silu(0) * 0 adds nothing): for an architecture whose MLP width
-    is one number. Costs the zero channels' bytes; the model is the same."""
-    out, widest = dict(weights), max(widths)
+def widest_mlp(weights: Mapping[str, Weight], widths: list[int], widest: int | None = None) -> dict[str, Weight]:
+    """``weights`` (runtime names) with every block's MLP (of ``widths[i]`` channels) widened to the
+    widest block's, or to ``widest``, by zero gate/up rows and down columns (silu(0) * 0 adds
+    nothing): for an architecture whose MLP width is one number. Blocks without an MLP are left as
+    they are. Costs the zero channels' bytes; the model is the same."""
+    out, widest = dict(weights), max(widths) if widest is None else widest
     for i, m in enumerate(widths):
-        if m < widest:
+        if m < widest and f"layers.{i}.{FFN_DOWN}.weight" in out:
             kept = torch.arange(m)
             for slot in (FFN_GATE, FFN_UP):
                 for kind in ("weight", "bias"):

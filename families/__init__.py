@@ -8,6 +8,7 @@ from .. import ElastiqError
 from ..checkpoint import MLP, QK, SSM_N, SSM_P, VO, Checkpoint
 from .bamba import BAMBA
 from .base import Family
+from .falcon_h1 import FALCON_H1
 from .gemma3 import GEMMA3, GEMMA3_VISION
 from .llama import LLAMA
 from .mamba2 import MAMBA2
@@ -16,7 +17,7 @@ from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION, PHI3, MAMBA2, NEMOTRON_H, BAMBA)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION, PHI3, MAMBA2, NEMOTRON_H, BAMBA, FALCON_H1)
 MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 GGUF_ARCHITECTURES: dict[str, Family] = {a: f for f in FAMILIES for a in f.gguf_architectures}
 GROUP_KINDS = {MLP: "MLP channels", QK: "rotary pairs of q/k per KV head", VO: "V/O rank per KV head",

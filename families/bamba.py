@@ -82,7 +82,8 @@ BAMBA = Family("bamba", model_types=("bamba",), gguf_architectures=(), parts=PAR
                top={EMBED: "model.embed_tokens", FINAL_NORM: "model.final_layernorm", HEAD: "lm_head"},
                bias_flags={"mamba_proj_bias": (*SSM_IN, SSM_OUT), "mamba_conv_bias": SSM_CONV,
                            "attention_bias": LLAMA_BIASES["attention_bias"], "mlp_bias": (FFN_GATE, FFN_UP, FFN_DOWN)},
-               offers=(MLP, VO, SSM_P, SSM_N), gguf=(None, None), convert=split_mixers, unconvert=fuse_mixers,
+               offers=(MLP, VO, SSM_P, SSM_N), gguf=("granitehybrid", None),  # llama.cpp's converter writes Bamba so
+               convert=split_mixers, unconvert=fuse_mixers,
                kept="every q/k channel is kept: pruning rotary pairs is not built for partial RoPE",
                unrotatable="rotating the residual stream is not built for SSM blocks",
                kinds_of=layer_kinds, ssm_of=ssm_config, returns_pair=True, check_fields=check_bamba_config)

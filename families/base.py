@@ -41,11 +41,14 @@ MATRICES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)  # of 
 SSM_MATRICES = (*SSM_IN, SSM_OUT)
 NORMS = (ATTN_NORM, ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM, SSM_NORM)
 # The kinds of block: attention + gated MLP (every transformer family), a Mamba2 mixer alone, and
-# the blocks of hybrids: a Mamba2 mixer + gated MLP (Bamba), and single branches (Nemotron-H):
-# attention alone, an MLP alone (ungated). A block reads its first (or only) branch through
-# ``attn_norm`` (llama.cpp's name for it, whatever the branch) and its MLP after another through ``ffn_norm``.
-ATTENTION, SSM, SSM_MLP, ATTENTION_ONLY, MLP_ONLY = "attention", "ssm", "ssm_mlp", "attention_only", "mlp_only"
-SSM_KINDS = (SSM, SSM_MLP)  # the kinds of block with a Mamba2 mixer
+# the blocks of hybrids: a Mamba2 mixer + gated MLP (Bamba), attention and a mixer side by side +
+# gated MLP (Falcon-H1), and single branches (Nemotron-H): attention alone, an MLP alone (ungated).
+# A block reads its first (or only) branches through ``attn_norm`` (llama.cpp's name for it,
+# whatever the branch) and an MLP after them through ``ffn_norm``.
+ATTENTION, SSM, SSM_MLP, PARALLEL = "attention", "ssm", "ssm_mlp", "parallel"
+ATTENTION_ONLY, MLP_ONLY = "attention_only", "mlp_only"
+SSM_KINDS = (SSM, SSM_MLP, PARALLEL)  # the kinds of block with a Mamba2 mixer
+ATTENTION_KINDS = (ATTENTION, ATTENTION_ONLY, PARALLEL)  # those with attention
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
@@ -59,6 +62,7 @@ READS = {ATTN_Q: ATTN_Q, ATTN_K: ATTN_Q, ATTN_V: ATTN_Q, ATTN_OUT: ATTN_OUT,
 SSM_READS = {**{slot: SSM_IN_Z for slot in SSM_IN}, SSM_OUT: SSM_OUT}
 BLOCK_READS = {ATTENTION: READS, SSM: SSM_READS,
                SSM_MLP: {**SSM_READS, **{slot: READS[slot] for slot in (FFN_GATE, FFN_UP, FFN_DOWN)}},
+               PARALLEL: {**SSM_READS, **READS},
                ATTENTION_ONLY: {slot: READS[slot] for slot in (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)},
                MLP_ONLY: {FFN_UP: FFN_UP, FFN_DOWN: FFN_DOWN}}  # an MLP alone is ungated
 # Matrices whose pruned axis is their input (whole quantization blocks are pruned there).
@@ -84,6 +88,7 @@ class SSMConfig:
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     head_dim: int = 0  # the unpruned channels per head P and states per group N (a block's own are in its tensors)
     state_size: int = 0
+    gated_norm: bool = True  # y normalised per group after its gate (Mamba2's); else gated alone, y * silu(z)
 
     @classmethod
     def from_config(cls, config: Mapping) -> "SSMConfig":
@@ -198,7 +203,7 @@ class Family:
 
     def heads(self, config: Mapping) -> Heads | None:
         """Attention heads of a Hugging Face config dict; None for a model without attention."""
-        if not {ATTENTION, ATTENTION_ONLY} & set(self.layer_kinds(config)):
+        if not set(ATTENTION_KINDS) & set(self.layer_kinds(config)):
             return None
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return Heads(config["num_attention_heads"], config.get("num_key_value_heads") or
@@ -228,43 +233,40 @@ class Family:
         name = lambda slot: self.name_of(layer, slot)  # noqa: E731
         bias = lambda *slots: tuple((self.name_of(layer, s, "bias"), r) for s, r in slots if s in biased)  # noqa: E731
         kind = self.layer_kinds(config)[layer]
-        gate = ((FFN_GATE, "rows"),) if kind in (ATTENTION, SSM_MLP) else ()  # an MLP alone is ungated
+        gate = ((FFN_GATE, "rows"),) if kind in (ATTENTION, SSM_MLP, PARALLEL) else ()  # an MLP alone is ungated
         # The down projection's input axis is pruned: whole quantization blocks.
         mlp = lambda: Group(MLP, layer, config["intermediate_size"], BLOCK,  # noqa: E731
                             (*((name(s), r) for s, r in gate), (name(FFN_UP), "rows"), (name(FFN_DOWN), "cols"),
                              *bias(*gate, (FFN_UP, "rows"))))
+        every = {MLP: mlp}
         if kind in SSM_KINDS:
             ssm = self.ssm_config(config)
             P, N = ssm.head_dim, ssm.state_size
             heads, groups = per_unit_of("rows", ssm.num_heads), per_unit_of("rows", ssm.n_groups)
-            every = {
-                # Channels of each SSM head; the output projection's input axis is pruned: whole blocks.
-                SSM_P: Group(SSM_P, layer, P, BLOCK,
-                             ((name(SSM_IN_Z), heads), (name(SSM_IN_X), heads), (name(SSM_CONV_X), heads),
-                              (name(SSM_NORM), heads), (name(SSM_OUT), per_unit_of("cols", ssm.num_heads)),
-                              *bias((SSM_IN_Z, heads), (SSM_IN_X, heads), (SSM_CONV_X, heads)))),
-                # States of each group, B and C in one order.
-                SSM_N: Group(SSM_N, layer, N, 1,
-                             ((name(SSM_IN_B), groups), (name(SSM_IN_C), groups), (name(SSM_CONV_B), groups),
-                              (name(SSM_CONV_C), groups),
-                              *bias((SSM_IN_B, groups), (SSM_IN_C, groups), (SSM_CONV_B, groups), (SSM_CONV_C, groups)))),
-            }
-            if kind == SSM_MLP:
-                every[MLP] = mlp()
-            return [every[k] for k in (SSM_P, SSM_N, MLP) if k in every and k in self.offers]
-        d = self.heads(config).head_dim if kind != MLP_ONLY else 0
-        every = {
-            MLP: mlp,
+            norm = ((name(SSM_NORM), heads),) if ssm.gated_norm else ()
+            # Channels of each SSM head; the output projection's input axis is pruned: whole blocks.
+            every[SSM_P] = lambda: Group(SSM_P, layer, P, BLOCK,
+                                         ((name(SSM_IN_Z), heads), (name(SSM_IN_X), heads), (name(SSM_CONV_X), heads),
+                                          *norm, (name(SSM_OUT), per_unit_of("cols", ssm.num_heads)),
+                                          *bias((SSM_IN_Z, heads), (SSM_IN_X, heads), (SSM_CONV_X, heads))))
+            # States of each group, B and C in one order.
+            every[SSM_N] = lambda: Group(SSM_N, layer, N, 1,
+                                         ((name(SSM_IN_B), groups), (name(SSM_IN_C), groups),
+                                          (name(SSM_CONV_B), groups), (name(SSM_CONV_C), groups),
+                                          *bias((SSM_IN_B, groups), (SSM_IN_C, groups), (SSM_CONV_B, groups),
+                                                (SSM_CONV_C, groups))))
+        if kind in ATTENTION_KINDS:
+            d = self.heads(config).head_dim
             # Whole rotary pairs (channel j with j + d/2), shared by a KV head and its query heads;
             # their original indices travel with them.
-            QK: lambda: Group(QK, layer, d // 2, 1,
-                              ((name(ATTN_Q), "q"), (name(ATTN_K), "k"), *bias((ATTN_Q, "q"), (ATTN_K, "k")),
-                               (self.name_of(layer, ROPE_PAIRS), "pairs"))),
+            every[QK] = lambda: Group(QK, layer, d // 2, 1,
+                                      ((name(ATTN_Q), "q"), (name(ATTN_K), "k"), *bias((ATTN_Q, "q"), (ATTN_K, "k")),
+                                       (self.name_of(layer, ROPE_PAIRS), "pairs")))
             # V rank per KV head; the output projection's input axis is pruned: whole blocks.
-            VO: lambda: Group(VO, layer, d, BLOCK, ((name(ATTN_V), "v"), (name(ATTN_OUT), "o"),
-                                                    *bias((ATTN_V, "v")))),
-        }
-        present = {ATTENTION: (MLP, QK, VO), ATTENTION_ONLY: (QK, VO), MLP_ONLY: (MLP,)}[kind]
+            every[VO] = lambda: Group(VO, layer, d, BLOCK, ((name(ATTN_V), "v"), (name(ATTN_OUT), "o"),
+                                                            *bias((ATTN_V, "v"))))
+        present = {ATTENTION: (MLP, QK, VO), SSM: (SSM_P, SSM_N), SSM_MLP: (SSM_P, SSM_N, MLP),
+                   PARALLEL: (SSM_P, SSM_N, MLP, QK, VO), ATTENTION_ONLY: (QK, VO), MLP_ONLY: (MLP,)}[kind]
         return [every[k]() for k in present if k in self.offers]
 
     def embedding_scale(self, config: Mapping) -> float:
@@ -317,10 +319,14 @@ class Family:
             by_kind[SSM] = {
                 ATTN_NORM: (hidden,), SSM_IN_Z: (HP, hidden), SSM_IN_X: (HP, hidden), SSM_IN_B: (GN, hidden),
                 SSM_IN_C: (GN, hidden), SSM_IN_DT: (H, hidden), SSM_CONV_X: (HP, 1, K), SSM_CONV_B: (GN, 1, K),
-                SSM_CONV_C: (GN, 1, K), SSM_DT: (H,), SSM_A: (H,), SSM_D: (H,), SSM_NORM: (HP,), SSM_OUT: (hidden, HP)}
+                SSM_CONV_C: (GN, 1, K), SSM_DT: (H,), SSM_A: (H,), SSM_D: (H,), SSM_OUT: (hidden, HP),
+                **({SSM_NORM: (HP,)} if ssm.gated_norm else {})}
             if SSM_MLP in self.layer_kinds(config):
                 by_kind[SSM_MLP] = {**by_kind[SSM], **by_kind[MLP_ONLY], FFN_NORM: (hidden,),
                                     FFN_GATE: by_kind[MLP_ONLY][FFN_UP]}
+            if PARALLEL in self.layer_kinds(config):
+                by_kind[PARALLEL] = {**by_kind[SSM], **{slot: shape for slot, shape in by_kind[ATTENTION].items()
+                                                         if slot not in (ATTN_POST_NORM, FFN_POST_NORM)}}
         out = {f"{self.top[EMBED]}.weight": (vocab, hidden), f"{self.top[FINAL_NORM]}.weight": (hidden,),
                f"{self.top[HEAD]}.weight": (vocab, hidden)}
         biased = self.biased(config)

@@ -95,16 +95,15 @@ def split_mixers(model: nn.Module) -> nn.Module:
 
 
 def fuse_mixers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``split_mixers`` on a state dict: each mixer's parts concatenated back into
-    transformers' ``in_proj`` and ``conv1d`` (for exports in the source's own form)."""
+    """The inverse of ``split_mixers`` on a state dict: each mixer's parts (``...in_proj.z.weight``,
+    ``...conv1d.b.bias``, whatever the mixer's own name) concatenated back into transformers'
+    ``in_proj`` and ``conv1d`` (for exports in the source's own form)."""
+    order = {"in_proj": list(IN_PARTS.values()), "conv1d": list(CONV_PARTS.values())}
     out, fused = {}, {}
     for name, t in state.items():
-        prefix, _, rest = name.partition(".mixer.")
-        module, _, part_param = rest.partition(".")
-        part, _, param = part_param.partition(".")
-        order = {"in_proj": list(IN_PARTS.values()), "conv1d": list(CONV_PARTS.values())}.get(module)
-        if rest and order and part in order and param:
-            fused.setdefault(f"{prefix}.mixer.{module}.{param}", {})[order.index(part)] = t
+        *path, module, part, param = name.split(".") if name.count(".") >= 2 else ("", "", name)
+        if module in order and part in order[module]:
+            fused.setdefault(".".join((*path, module, param)), {})[order[module].index(part)] = t
         else:
             out[name] = t
     for name, parts in fused.items():

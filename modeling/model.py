@@ -32,13 +32,13 @@ from torch.func import functional_call
 
 from .. import ElastiqError
 from ..families import config_dict, family_for
-from ..families.base import (ATTN_K, ATTN_NORM, ATTN_Q, ATTN_V, EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_UP, HEAD,
-                              MATRICES, NORMS, ROPE_PAIRS, SSM_A, SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C,
-                              SSM_IN_DT, SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
+from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
+                              EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, HEAD, ROPE_PAIRS, SSM_A,
+                              SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
-from .ssm import GatedRMSNorm, ScanInputs, SSMState, SSMWidths, ssd_scan, ssm_step_
+from .ssm import GatedRMSNorm, ScanInputs, SiLUGate, SSMState, SSMWidths, ssd_scan, ssm_step_
 
 Weight = torch.Tensor | QuantizedTensor | Q8Tensor | Q4Weight | Q8Weight | Q8Pair
 # The gated MLP's activations, by transformers' hidden_act names.
@@ -78,15 +78,17 @@ class LayerArgs:
 @dataclass(frozen=True)
 class SSMLayerArgs:
     """Widths of one Mamba2 block: channels per SSM head P and states per group N, and the channels
-    of the gated MLP that follows the mixer in a hybrid's block (0: none, a Mamba2's block)."""
+    of the gated MLP that follows the mixer in a hybrid's block (0: none, a Mamba2's block), and the
+    widths of the attention beside it (Falcon-H1's parallel block; None: none)."""
 
     head_dim: int
     state_size: int
     biases: frozenset[str]  # the slots whose projection or convolution carries a bias
     intermediate_size: int = 0
+    attention: "LayerArgs | None" = None
 
     @classmethod
-    def of(cls, block: Mapping[str, Weight], config: SSMConfig, index: int) -> "SSMLayerArgs":
+    def of(cls, block: Mapping[str, Weight], config: SSMConfig, index: int, num_kv_heads: int = 0) -> "SSMLayerArgs":
         """The widths of block ``index`` read off its tensors' shapes (runtime names within the
         block: ``attn_norm.weight`` and the mixer's, ``mixer_widths``)."""
         try:
@@ -95,15 +97,25 @@ class SSMLayerArgs:
             raise ElastiqError(f"layer {index}: {err}") from None
         biases = frozenset(name.removesuffix(".bias") for name in block if name.endswith(".bias"))
         mlp = _rows(block[f"{FFN_UP}.weight"]) if f"{FFN_UP}.weight" in block else 0
-        return cls(widths.head_dim, widths.state_size, biases, mlp)
+        attention = LayerArgs.of(block, num_kv_heads, index) if f"{ATTN_Q}.weight" in block else None
+        return cls(widths.head_dim, widths.state_size, biases, mlp, attention)
 
 
-MLP_TENSORS = tuple(f"{slot}.{p}" for slot in (FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN) for p in ("weight", "bias"))
+# A hybrid's tensors beside its Mamba2 mixer: the MLP after it, the attention beside it.
+BRANCH_TENSORS = (*(f"{slot}.{p}" for slot in (FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
+                    for p in ("weight", "bias")), ROPE_PAIRS)
 
 
 def mixer_tensors(block: Mapping[str, Weight]) -> dict[str, Weight]:
-    """A Mamba2 block's mixer tensors: its own, less its norm and a hybrid's MLP (runtime names)."""
-    return {k: t for k, t in block.items() if k != f"{ATTN_NORM}.weight" and k not in MLP_TENSORS}
+    """A Mamba2 block's mixer tensors: its own, less its norm and a hybrid's other branches (runtime names)."""
+    return {k: t for k, t in block.items() if k != f"{ATTN_NORM}.weight" and k not in BRANCH_TENSORS}
+
+
+def attends(layer: "LayerArgs | SSMLayerArgs") -> "LayerArgs | None":
+    """The attention widths of a block (``layer_args``), or None where it has no attention."""
+    if isinstance(layer, SSMLayerArgs):
+        return layer.attention
+    return layer if layer.attention else None
 
 
 def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | None,
@@ -113,7 +125,9 @@ def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | 
     if f"{SSM_OUT}.weight" in block:
         if ssm is None:
             raise ElastiqError(f"layer {index} holds a Mamba2 mixer; the model's config describes none")
-        return SSMLayerArgs.of(block, ssm, index)
+        if not num_kv_heads and f"{ATTN_Q}.weight" in block:
+            raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
+        return SSMLayerArgs.of(block, ssm, index, num_kv_heads)
     if not num_kv_heads and f"{ATTN_Q}.weight" in block:
         raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
     if f"{ATTN_Q}.weight" not in block and f"{FFN_DOWN}.weight" not in block:
@@ -394,38 +408,23 @@ def _norm(weight: torch.Tensor, eps: float) -> RMSNorm:
     return norm
 
 
-class Block(nn.Module):
-    """Pre-norm decoder block of its own widths: x + attention(norm(x)), then + MLP(norm(.)).
+class Attending:
+    """Grouped-query attention of a block's own widths, for the blocks that hold it (``Block``, and
+    ``SSMBlock`` beside a mixer): ``init_attention`` puts its modules on the block, named by slot."""
 
-    Its modules are named by slot (``attn_q``, ``ffn_down``, ...; ``elastiq.families.base``), so a
-    block tensor's runtime name is ``layers.{i}.{slot}.{param}`` whatever the family. Attention is
-    grouped-query with q/k heads of 2u channels, value heads of r channels, and RoPE frequencies
-    gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair); q and k are
-    normalised per head before RoPE when the block has ``attn_q_norm`` / ``attn_k_norm``. The MLP
-    is gated (SwiGLU, or GeGLU with tanh-approximated GELU) of the block's own width. Where the
-    block has ``post_attention_norm`` / ``post_ffw_norm`` (Gemma), they normalise each branch's
-    output before it joins the residual stream. Attention sees ``attending``'s sliding window.
-    ``orders`` names the slots whose pruned axis ``w`` holds in unit order (``UnitOrdered``).
-
-    A hybrid's block may hold one branch (``LayerArgs.attention``, ``LayerArgs.mlp``), read through
-    its one norm ``attn_norm``: x + attention(attn_norm(x)), or x + MLP(attn_norm(x)); its MLP may be
-    ungated (down(act(up(x))), Nemotron-H's ReLU²), its attention without RoPE (``attending`` has no
-    frequencies; then q and k keep their channels in order and no ``rope_pairs`` is needed).
-    """
-
-    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight],
-                 attending: LayerAttention, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
-        super().__init__()
+    def init_attention(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, Weight],
+                       attending: LayerAttention | None, orders: Mapping[str, tuple[int, torch.Tensor]] | None) -> None:
+        """Attention's modules from ``w`` (None for each where the block has no attention), its
+        rotary pair indices and frequencies (none without RoPE), and no KV cache yet."""
         H, G, u, r = args.num_heads, args.num_kv_heads, layer.rope_pairs, layer.v_rank
         self.num_heads, self.num_kv_heads = H, G
         self.qk_dim, self.v_dim = 2 * u, r
         self.scale = args.attention_scale  # pruning drops terms of q.k, it does not rescale it
         self.attending = attending
-        self.act = ACTIVATIONS[args.hidden_act]
-        for slot in MATRICES:  # None: a branch (or gate) the block does not have
+        for slot in (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT):
             setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot))
                     if f"{slot}.weight" in w else None)
-        for slot in NORMS:
+        for slot in (ATTN_Q_NORM, ATTN_K_NORM):
             setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
         self.rope = None  # no attention, or attention without RoPE
         if layer.attention and attending.inv_freq is not None:
@@ -505,6 +504,37 @@ class Block(nn.Module):
         y = self.attend(q, k, v, start)
         return self.attn_output(y.transpose(1, 2).flatten(2))
 
+
+class Block(Attending, nn.Module):
+    """Pre-norm decoder block of its own widths: x + attention(norm(x)), then + MLP(norm(.)).
+
+    Its modules are named by slot (``attn_q``, ``ffn_down``, ...; ``elastiq.families.base``), so a
+    block tensor's runtime name is ``layers.{i}.{slot}.{param}`` whatever the family. Attention is
+    grouped-query with q/k heads of 2u channels, value heads of r channels, and RoPE frequencies
+    gathered by ``rope_pairs`` [G, u] (original pair index of each kept pair); q and k are
+    normalised per head before RoPE when the block has ``attn_q_norm`` / ``attn_k_norm``. The MLP
+    is gated (SwiGLU, or GeGLU with tanh-approximated GELU) of the block's own width. Where the
+    block has ``post_attention_norm`` / ``post_ffw_norm`` (Gemma), they normalise each branch's
+    output before it joins the residual stream. Attention sees ``attending``'s sliding window.
+    ``orders`` names the slots whose pruned axis ``w`` holds in unit order (``UnitOrdered``).
+
+    A hybrid's block may hold one branch (``LayerArgs.attention``, ``LayerArgs.mlp``), read through
+    its one norm ``attn_norm``: x + attention(attn_norm(x)), or x + MLP(attn_norm(x)); its MLP may be
+    ungated (down(act(up(x))), Nemotron-H's ReLU²), its attention without RoPE (``attending`` has no
+    frequencies; then q and k keep their channels in order and no ``rope_pairs`` is needed).
+    """
+
+    def __init__(self, args: ModelArgs, layer: LayerArgs, w: Mapping[str, torch.Tensor | Q4Weight],
+                 attending: LayerAttention, orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
+        super().__init__()
+        self.init_attention(args, layer, w, attending, orders)
+        self.act = ACTIVATIONS[args.hidden_act]
+        for slot in (FFN_GATE, FFN_UP, FFN_DOWN):  # None: a branch (or gate) the block does not have
+            setattr(self, slot, _linear(w[f"{slot}.weight"], w.get(f"{slot}.bias"), (orders or {}).get(slot))
+                    if f"{slot}.weight" in w else None)
+        for slot in (ATTN_NORM, ATTN_POST_NORM, FFN_NORM, FFN_POST_NORM):
+            setattr(self, slot, _norm(w[f"{slot}.weight"], args.rms_norm_eps) if f"{slot}.weight" in w else None)
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_gate is None:
             return self.ffn_down(self.act(self.ffn_up(x)))
@@ -543,10 +573,11 @@ def mixer_widths(weights: Mapping[str, Weight], config: SSMConfig) -> SSMWidths:
     H, G, K = config.num_heads, config.n_groups, config.conv_kernel
     if H < 1 or G < 1 or H % G:
         raise ValueError(f"num_heads={H} is not a positive multiple of n_groups={G}")
-    missing = [name for name in SSM_REQUIRED if name not in weights]
-    unknown = sorted(set(weights) - set(SSM_REQUIRED) - set(SSM_OPTIONAL))
+    required = [name for name in SSM_REQUIRED if config.gated_norm or name != f"{SSM_NORM}.weight"]
+    missing = [name for name in required if name not in weights]
+    unknown = sorted(set(weights) - set(required) - set(SSM_OPTIONAL))
     if missing or unknown:
-        raise ValueError(f"a Mamba2 mixer's tensors are {', '.join(SSM_REQUIRED)} (and optionally "
+        raise ValueError(f"a Mamba2 mixer's tensors are {', '.join(required)} (and optionally "
                          f"{', '.join(SSM_OPTIONAL)}); missing: {missing or 'none'}, unexpected: {unknown or 'none'}")
     out, states = _shape(weights[f"{SSM_OUT}.weight"]), _shape(weights[f"{SSM_IN_B}.weight"])
     if len(out) != 2 or out[1] % H or out[1] == 0:
@@ -626,8 +657,9 @@ class SSMMixer(nn.Module):
                                               orders.get(slot)))
         for slot in SSM_SCALARS:
             setattr(self, slot, nn.Parameter(weights[slot], requires_grad=False))
-        self.ssm_norm = _unit_ordered(GatedRMSNorm(weights[f"{SSM_NORM}.weight"], self.n_groups,
-                                                   config.layer_norm_epsilon), orders.get(SSM_NORM))
+        self.ssm_norm = SiLUGate(self.width) if not config.gated_norm else \
+            _unit_ordered(GatedRMSNorm(weights[f"{SSM_NORM}.weight"], self.n_groups, config.layer_norm_epsilon),
+                          orders.get(SSM_NORM))
 
     @property
     def A(self) -> torch.Tensor:
@@ -720,17 +752,24 @@ class SSMMixer(nn.Module):
         return self._scan(hidden, None, None)[0]
 
 
-class SSMBlock(SSMMixer):
+class SSMBlock(Attending, SSMMixer):
     """Pre-norm Mamba2 block of its own widths: x + mixer(attn_norm(x)), its modules named by slot
     (``SSMMixer``, and ``attn_norm``), so a block tensor's runtime name is ``layers.{i}.{slot}.{param}``
-    (``layers.{i}.ssm_dt`` for the bare ones). A hybrid's block (Bamba) adds a gated MLP of its own
-    width after the mixer: h + MLP(ffn_norm(h)). ``state`` is its recurrent state for decoding at a
-    position (``Transformer.setup_caches``), the counterpart of an attention block's KV cache.
-    ``orders`` as in ``SSMMixer``."""
+    (``layers.{i}.ssm_dt`` for the bare ones). A hybrid's block adds a gated MLP of its own width
+    after the mixer, h + MLP(ffn_norm(h)) (Bamba), and may run attention beside the mixer on the
+    same normed input, x + mixer(n) + attention(n) (Falcon-H1; ``layer.attention``, ``attending``).
+    ``state`` is its recurrent state for decoding at a position (``Transformer.setup_caches``), the
+    counterpart of an attention block's KV cache. ``orders`` as in ``SSMMixer``."""
 
     def __init__(self, args: ModelArgs, w: Mapping[str, Weight],
-                 orders: Mapping[str, tuple[int, torch.Tensor]] | None = None):
-        super().__init__(mixer_tensors(w), args.ssm, orders)
+                 orders: Mapping[str, tuple[int, torch.Tensor]] | None = None, layer: SSMLayerArgs | None = None,
+                 attending: LayerAttention | None = None):
+        mixer = (*SSM_MATRICES, *SSM_CONV, SSM_NORM)
+        super().__init__(mixer_tensors(w), args.ssm, {s: o for s, o in (orders or {}).items() if s in mixer})
+        if layer is not None and layer.attention is not None:
+            self.init_attention(args, layer.attention, w, attending, orders)
+        else:
+            self.attn_q, self.rope, self.kv_cache = None, None, None
         self.attn_norm = _norm(w[f"{ATTN_NORM}.weight"], args.rms_norm_eps)
         self.ffn_norm = _norm(w[f"{FFN_NORM}.weight"], args.rms_norm_eps) if f"{FFN_NORM}.weight" in w else None
         for slot in (FFN_GATE, FFN_UP, FFN_DOWN):
@@ -751,17 +790,19 @@ class SSMBlock(SSMMixer):
                                f"stands at {reached}; run from there or from 0")
         return self.state
 
-    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | None = None, tables: tuple | None = None) -> torch.Tensor:
         """The block on ``x`` [B, T, hidden]: with ``start`` None from no past (no state kept);
-        else at positions start..start+T-1 from ``state`` (reset when ``start`` is 0), advancing it."""
+        else at positions start..start+T-1 from ``state`` (reset when ``start`` is 0), advancing it;
+        attention beside the mixer at the positions of ``tables`` (``rope_tables``)."""
         h = self.attn_norm(x)
         if start is None:
-            out = x + SSMMixer.forward(self, h)
+            mixed = SSMMixer.forward(self, h)
         else:
             state = self.check_start(start)
             if start == 0:
                 state.reset()
-            out = x + (self.step(h, state) if h.shape[1] == 1 else self.prefill(h, state)[0])
+            mixed = self.step(h, state) if h.shape[1] == 1 else self.prefill(h, state)[0]
+        out = x + (mixed if self.attn_q is None else mixed + self.attention(h, tables, start))
         if self.ffn_norm is None:
             return out
         m = self.ffn_norm(out)
@@ -776,7 +817,7 @@ def build_block(args: ModelArgs, layer: LayerArgs | SSMLayerArgs, w: Mapping[str
     names the slots ``w`` holds with their pruned axis in unit order."""
     if isinstance(layer, LayerArgs):
         return Block(args, layer, w, attending, orders)
-    return SSMBlock(args, w, orders)
+    return SSMBlock(args, w, orders, layer, attending)
 
 
 class Transformer(nn.Module):
@@ -841,12 +882,12 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         tables = {}  # one RoPE table per set of frequencies (layer type) and forward pass
         for layer, group in zip(self.layers, self.rope_groups):
-            if isinstance(layer, SSMBlock):
-                x = layer(x, start)
-                continue
             if group is not None and group not in tables:
                 tables[group] = layer.rope_tables(positions)
-            x = layer(x, tables.get(group), start)
+            if isinstance(layer, SSMBlock):
+                x = layer(x, start, tables.get(group))
+            else:
+                x = layer(x, tables.get(group), start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
@@ -865,7 +906,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if isinstance(layer, SSMBlock):
                 layer.state = layer.new_state(batch)
-            elif layer.attn_q is not None:
+            if layer.attn_q is not None:
                 layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
                                          self.device)
 
@@ -873,8 +914,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if isinstance(layer, SSMBlock):
                 layer.state = None
-            else:
-                layer.kv_cache = None
+            layer.kv_cache = None
 
     def _ssm_blocks(self) -> list[SSMBlock]:
         return [layer for layer in self.layers if isinstance(layer, SSMBlock)]
@@ -902,15 +942,15 @@ class Transformer(nn.Module):
         weights = _resident_weights(weights, config, dtype, int4)
         args = ModelArgs.from_weights(weights, config)
         device = _device(weights["norm.weight"])
-        attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
+        attention = [attends(layer) for layer in args.layers]
         # rotary frequencies for attention blocks only (a Mamba2 model's config has none)
         attending = layer_attention(config, device) if any(attention) else [None] * len(attention)
-        for i, layer in enumerate(args.layers):
-            if attention[i] and attending[i].inv_freq is not None:
+        for i, layer in enumerate(attention):
+            if layer is not None and attending[i].inv_freq is not None:
                 name = f"layers.{i}.{ROPE_PAIRS}"
                 weights[name] = _rope_pairs(weights.get(name), layer, args.num_kv_heads, i, device,
                                             attending[i].inv_freq.shape[0])
-        attending = [a if attends else None for a, attends in zip(attending, attention)]
+        attending = [a if layer is not None else None for a, layer in zip(attending, attention)]
         return cls(args, weights, attending, dtype, orders).eval()
 
     @classmethod
@@ -939,11 +979,11 @@ def block_from_weights(weights: Mapping[str, Weight], config: Mapping, index: in
     w = block_weights(_resident_weights(weights, config, torch.float32, False), index)
     layer = layer_args(w, args.num_kv_heads, args.ssm, index)
     attending = None
-    if isinstance(layer, LayerArgs) and layer.attention:
+    if attends(layer) is not None:
         device = _device(w[f"{ATTN_NORM}.weight"])
         attending = layer_attention(config, device)[index]
         if attending.inv_freq is not None:
-            w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), layer, args.num_kv_heads, index, device,
+            w[ROPE_PAIRS] = _rope_pairs(w.get(ROPE_PAIRS), attends(layer), args.num_kv_heads, index, device,
                                         attending.inv_freq.shape[0])
     return build_block(args, layer, w, attending).eval()
 

@@ -180,6 +180,18 @@ def _param(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
+class SiLUGate(nn.Module):
+    """y * silu(z) in float32 over ``width`` channels: a mixer's gate without a norm (Falcon-H1's
+    ``mamba_rms_norm`` false), in the place of ``GatedRMSNorm``; it holds no weight."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return y.float() * F.silu(z.float())
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of y * silu(z) over each of ``groups`` equal groups of channels, in float32
     (transformers' ``MambaRMSNormGated`` with group size = width / n_groups)."""

@@ -30,7 +30,7 @@ from ..families.base import ROPE_PAIRS
 from ..kernels import Q4Weight
 from ..kernels.q4_layout import q4_resize
 from ..kernels.q8 import Q8Pair
-from ..modeling.model import (Block, KVCache, Q4Linear, Q8PairLinear, RMSNorm, Transformer, UnitOrdered,
+from ..modeling.model import (KVCache, Q4Linear, Q8PairLinear, RMSNorm, Transformer, UnitOrdered,
                               UnitOrderedParams, block_weights, build_block, layer_args, resident, rope_parameters)
 from ..modeling.ssm import GatedRMSNorm, SSMState
 from ..quants import Quantized, q8_0_halves
@@ -223,6 +223,6 @@ def _held(block: nn.Module) -> dict[str, torch.Tensor | Q4Weight | Q8Pair]:
         elif isinstance(module, (nn.Linear, nn.Conv1d, RMSNorm, GatedRMSNorm)):
             out.update({f"{name}.{p}": t.data for p, t in module.named_parameters(recurse=False)})
     out.update({name: t.data for name, t in block.named_parameters(recurse=False)})  # a mixer's dt_bias, A_log, D
-    if isinstance(block, Block) and block.rope is not None:
+    if getattr(block, "rope", None) is not None:
         out[ROPE_PAIRS] = block.rope_pairs
     return out

@@ -29,7 +29,8 @@ from ..families import checkpoint_family
 from ..families.base import EMBED, HEAD, ROPE_PAIRS, SSM_IN_B, SSM_OUT, SSMConfig, is_norm
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
-from ..modeling.model import SSM_SCALARS, LayerArgs, SSMLayerArgs, block_weights, layer_args, layer_attention
+from ..modeling.model import (SSM_SCALARS, LayerArgs, SSMLayerArgs, attends, block_weights, layer_args,
+                              layer_attention)
 from ..modeling.ssm import state_bytes
 from ..quants import BLOCK, BLOCK_BYTES
 from .generate import PREFILL_CHUNK
@@ -100,7 +101,7 @@ def rotary_bytes(config: Mapping, layers: list[LayerArgs | SSMLayerArgs], shapes
     the rotary pair indices [G, rotated] (int64) of every block whose checkpoint stores none (a
     family or group that keeps every pair; partial RoPE rotates fewer). Attention without RoPE
     (Nemotron-H) holds neither."""
-    attending = [i for i, layer in enumerate(layers) if isinstance(layer, LayerArgs) and layer.attention]
+    attending = [i for i, layer in enumerate(layers) if attends(layer) is not None]
     if not attending:
         return 0
     rope = layer_attention(config)
@@ -108,21 +109,21 @@ def rotary_bytes(config: Mapping, layers: list[LayerArgs | SSMLayerArgs], shapes
     total = sum(f.nbytes for f in frequencies.values())
     for i in attending:
         if rope[i].inv_freq is not None and f"layers.{i}.{ROPE_PAIRS}" not in shapes:
-            total += heads.num_kv_heads * min(layers[i].rope_pairs, rope[i].inv_freq.shape[0]) * 8
+            total += heads.num_kv_heads * min(attends(layers[i]).rope_pairs, rope[i].inv_freq.shape[0]) * 8
     return total
 
 
 def block_cache_bytes(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: SSMConfig | None, ctx: int,
                       itemsize: int) -> int:
     """What one block holds to decode: a Mamba2 block its recurrent state (float32, whatever
-    ``ctx``; an MLP after the mixer adds none), a block with attention ``ctx`` positions of its
-    kept key (2 channels per rotary pair) and value (V rank) channels per KV head in the
-    activations' dtype, an MLP alone nothing."""
-    if isinstance(layer, SSMLayerArgs):
-        return state_bytes(ssm, layer.head_dim, layer.state_size, 1)
-    if not layer.attention:
-        return 0
-    return ctx * heads.num_kv_heads * (2 * layer.rope_pairs + layer.v_rank) * itemsize
+    ``ctx``; an MLP after the mixer adds none), a block with attention (beside a mixer, too) ``ctx``
+    positions of its kept key (2 channels per rotary pair) and value (V rank) channels per KV head
+    in the activations' dtype, an MLP alone nothing."""
+    state = state_bytes(ssm, layer.head_dim, layer.state_size, 1) if isinstance(layer, SSMLayerArgs) else 0
+    attention = attends(layer)
+    if attention is None:
+        return state
+    return state + ctx * heads.num_kv_heads * (2 * attention.rope_pairs + attention.v_rank) * itemsize
 
 
 def block_workspace(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: SSMConfig | None, chunk: int,
@@ -134,7 +135,8 @@ def block_workspace(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: S
     gated MLP after its mixer (a hybrid's) where it is larger."""
     if isinstance(layer, SSMLayerArgs):
         mlp = chunk * (8 * hidden + 3 * layer.intermediate_size) * itemsize if layer.intermediate_size else 0
-        return max(ssm_workspace(ssm, layer.head_dim, layer.state_size, chunk, hidden, itemsize), mlp)
+        scores = 2 * heads.num_heads * ctx * 4 if layer.attention else 0  # attention beside the mixer
+        return max(ssm_workspace(ssm, layer.head_dim, layer.state_size, chunk, hidden, itemsize), mlp + chunk * scores)
     mlp = (3 if layer.gated else 2) * layer.intermediate_size if layer.mlp else 0
     scores = 2 * heads.num_heads * ctx * 4 if layer.attention else 0
     return chunk * ((8 * hidden + mlp) * itemsize + scores)

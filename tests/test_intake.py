@@ -37,8 +37,9 @@ def test_hf_folder_loads_exact_weights(family, tiny_dirs, tokenizer):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type gemma3, gemma3_text, llama, "
-                                             r"mamba2, mistral, nemotron_h, phi3, qwen2, qwen3 from"):
+    with pytest.raises(ModelLoadError, match=r"does not exist.*supported: model_type bamba, falcon_h1, gemma3, "
+                                             r"gemma3_text, llama, mamba2, mistral, nemotron_h, phi3, qwen2, qwen3 "
+                                             r"from"):
         load_model(tmp_path / "nowhere.gguf")
 
 

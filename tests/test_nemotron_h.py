@@ -149,12 +149,21 @@ def test_sorting_keeps_the_model_and_every_rate_is_its_slice(hybrid_checkpoint, 
 def sliced(weights: dict, ckpt: Checkpoint, rate: float) -> dict:
     """The full sorted model of ``ckpt`` cut to ``rate``'s widths by slicing each member tensor in
     its own layout (written apart from the checkpoint's reader): rows/n and cols/n per SSM head or
-    group, rows and cols of an MLP, v per KV head, o per query head."""
+    group, rows and cols of an MLP, v per KV head, o per query head, and q, k (each head's two
+    halves of rotary pairs) and the pair indices per KV head."""
     widths, heads = ckpt.rate_entry(rate)["widths"], ckpt.heads
     parts_of = {"rows": (1, 0), "cols": (1, 1), "v": (heads.num_kv_heads, 0), "o": (heads.num_heads, 1)}
+    halves = {"q": heads.num_heads * 2, "k": heads.num_kv_heads * 2} if heads else {}
     out = dict(weights)
     for g in ckpt.groups:
         for name, role in g.members:
+            if role == "pairs":
+                out[name] = weights[name][:, :widths[g.name]]
+                continue
+            if role in halves:
+                cut = weights[name].unflatten(0, (halves[role], -1)).narrow(1, 0, widths[g.name])
+                out[name] = cut.flatten(0, 1)
+                continue
             kind, _, n = role.partition("/")
             parts, axis = (int(n), 1 if kind == "cols" else 0) if n else parts_of[role]
             shaped = weights[name].unflatten(axis, (parts, -1))

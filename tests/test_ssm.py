@@ -31,7 +31,8 @@ def randomize(mixer: Mamba2Mixer) -> None:
     """Every tensor away from its initial value, and steps dt of 0.05-1 with a small skip D, so
     that the state carries a large part of the output (at transformers' init it carries little)."""
     with torch.no_grad():
-        mixer.norm.weight.uniform_(0.5, 1.5)
+        if isinstance(getattr(mixer.norm, "weight", None), torch.Tensor):  # Falcon-H1's may gate without a norm
+            mixer.norm.weight.uniform_(0.5, 1.5)
         mixer.D.uniform_(-0.2, 0.2)
         mixer.A_log.uniform_(0, 2)
         dt = torch.empty(mixer.num_heads).uniform_(0.05, 1.0)

@@ -30,7 +30,6 @@ import torch
 
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
-from ...exporters.gguf import HYBRID_ARCHITECTURES
 from ...families import checkpoint_family
 from ...families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, MLP_ONLY, ROPE_PAIRS, SSM,
                               SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM,
@@ -186,14 +185,16 @@ class LlamaCppEngine(ExportEngine):
     @staticmethod
     def refusal(ckpt: Checkpoint) -> str | None:
         """What the GGUF export writes runs: models of attention + MLP blocks (``llama`` and its kin),
-        of Mamba2 blocks alone (``mamba2``) and Nemotron-H's hybrids (``nemotron_h``); another
-        hybrid (Bamba's Mamba2 + MLP blocks) does not yet."""
+        of Mamba2 blocks alone (``mamba2``) and Nemotron-H's hybrids (``nemotron_h``); not yet
+        another hybrid: Bamba's export (``granitehybrid``) runs in llama.cpp, but this backend's
+        memory plan of it (every MLP and mixer widened, unlike nemotron_h's) is not built."""
         kinds, arch = block_kinds(ckpt), checkpoint_family(ckpt).gguf[0]
-        if kinds <= {ATTENTION} or (arch in HYBRID_ARCHITECTURES and kinds <= HYBRID_KINDS[arch]):
+        if kinds <= {ATTENTION} or kinds <= HYBRID_KINDS.get(arch, set()):
             return None
         return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone and "
-                           "Nemotron-H hybrids (llama.cpp's nemotron_h), not yet other hybrids (their GGUF export is "
-                           "not built)", "--backend torch")
+                           "Nemotron-H hybrids (llama.cpp's nemotron_h), not yet other hybrids (a Bamba's GGUF export, "
+                           "elastiq export --format gguf, runs in llama.cpp itself; this backend does not plan its "
+                           "memory yet)", "--backend torch")
 
     def _load(self, path: Path) -> LlamaCppGenerator:
         llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,
