@@ -33,6 +33,7 @@ def layer_kinds(config: Mapping) -> list[str]:
 
 
 def ssm_config(config: Mapping) -> SSMConfig:
+    """What the mixers compute beyond their weights, from Bamba's ``mamba_*`` fields (Falcon-H1's too)."""
     limit = config.get("time_step_limit", (0.0, math.inf))
     return SSMConfig(config["mamba_n_heads"], config["mamba_n_groups"], config["mamba_d_conv"], config["rms_norm_eps"],
                      config["mamba_chunk_size"], (float(limit[0]), float(limit[1])), config["mamba_d_head"],
@@ -42,40 +43,51 @@ def ssm_config(config: Mapping) -> SSMConfig:
 _POSITIVE = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
 
 
-def check_bamba_config(config: Mapping) -> None:
-    """Refuse a Bamba config dict whose fields that elastiq reads are missing, of the wrong type or
-    out of range, naming the field and what is accepted (a config inside a checkpoint is untrusted)."""
+def refuse(config: Mapping, key: str, expected: str):
+    """Raise the error of a config field that is not what elastiq accepts."""
     from .. import ElastiqError
 
-    def bad(key: str, expected: str):
-        raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected {expected}")
+    raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected {expected}")
 
-    check_config(config)
+
+def check_mixer_fields(config: Mapping) -> None:
+    """Refuse the ``mamba_*`` fields of a Bamba or Falcon-H1 config dict that elastiq reads where
+    they are missing, of the wrong type or out of range (the general ones checked before)."""
     for key in _POSITIVE:
         v = config.get(key)
         if not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31):
-            bad(key, "a positive integer")
+            refuse(config, key, "a positive integer")
+    if config["mamba_n_heads"] % config["mamba_n_groups"]:
+        refuse(config, "mamba_n_groups", f"a divisor of mamba_n_heads ({config['mamba_n_heads']})")
+    limit = config.get("time_step_limit", (0.0, math.inf))
+    if not (isinstance(limit, (list, tuple)) and len(limit) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit) and 0 <= limit[0] < limit[1]):
+        refuse(config, "time_step_limit", "two numbers [low, high] with 0 <= low < high")
+    for key in ("mamba_proj_bias", "mamba_conv_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            refuse(config, key, "true or false")
+
+
+def check_bamba_config(config: Mapping) -> None:
+    """Refuse a Bamba config dict whose fields that elastiq reads are missing, of the wrong type or
+    out of range, naming the field and what is accepted (a config inside a checkpoint is untrusted)."""
+    def bad(key: str, expected: str):
+        refuse(config, key, expected)
+
+    check_config(config)
+    check_mixer_fields(config)
     layers = config["num_hidden_layers"]
     indices = config.get("attn_layer_indices") or []
     if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers
                                               for i in indices)):
         bad("attn_layer_indices", f"a list of layer indices below num_hidden_layers ({layers})")
-    if config["mamba_n_heads"] % config["mamba_n_groups"]:
-        bad("mamba_n_groups", f"a divisor of mamba_n_heads ({config['mamba_n_heads']})")
     expand = config.get("mamba_expand", 2)
     if not isinstance(expand, (int, float)) or isinstance(expand, bool) or \
             int(expand * config["hidden_size"]) != config["mamba_n_heads"] * config["mamba_d_head"]:
         bad("mamba_expand", f"mamba_n_heads x mamba_d_head / hidden_size ({config['mamba_n_heads']} x "
             f"{config['mamba_d_head']} / {config['hidden_size']}), as transformers' Bamba requires")
-    limit = config.get("time_step_limit", (0.0, math.inf))
-    if not (isinstance(limit, (list, tuple)) and len(limit) == 2 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit) and 0 <= limit[0] < limit[1]):
-        bad("time_step_limit", "two numbers [low, high] with 0 <= low < high")
     if config.get("num_experts", 1) != 1:
         bad("num_experts", "1 (mixture-of-experts MLPs are not supported)")
-    for key in ("mamba_proj_bias", "mamba_conv_bias"):
-        if config.get(key) is not None and not isinstance(config[key], bool):
-            bad(key, "true or false")
 
 
 BAMBA = Family("bamba", model_types=("bamba",), gguf_architectures=(), parts=PARTS,

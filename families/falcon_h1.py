@@ -13,13 +13,14 @@ MLP channels, rotary pairs of q/k, V/O rank, the mixers' P and N.
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..checkpoint import MLP, QK, SSM_N, SSM_P, VO
+from . import bamba
 from .base import (ATTN_NORM, EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_UP, FINAL_NORM, HEAD, PARALLEL, ROPE_PAIRS,
                    SSM_CONV, SSM_IN, SSM_OUT, Family, SSMConfig, check_config)
 from .llama import PARTS as LLAMA_PARTS
@@ -87,43 +88,27 @@ def layer_kinds(config: Mapping) -> list[str]:
 
 
 def ssm_config(config: Mapping) -> SSMConfig:
-    limit = config.get("time_step_limit", (0.0, math.inf))
-    return SSMConfig(config["mamba_n_heads"], config["mamba_n_groups"], config["mamba_d_conv"], config["rms_norm_eps"],
-                     config["mamba_chunk_size"], (float(limit[0]), float(limit[1])), config["mamba_d_head"],
-                     config["mamba_d_state"], gated_norm=bool(config.get("mamba_rms_norm")))
-
-
-_POSITIVE = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
+    """Bamba's mixers' config, gated with a norm only where ``mamba_rms_norm`` says so."""
+    return replace(bamba.ssm_config(config), gated_norm=bool(config.get("mamba_rms_norm")))
 
 
 def check_falcon_h1_config(config: Mapping) -> None:
     """Refuse a Falcon-H1 config dict whose fields that elastiq reads are missing, of the wrong type
     or out of range, naming the field and what is accepted (a config inside a checkpoint is untrusted)."""
-    from .. import ElastiqError
-
     def bad(key: str, expected: str):
-        raise ElastiqError(f"config field {key} is {config.get(key)!r}; expected {expected}")
+        bamba.refuse(config, key, expected)
 
     check_config(config)
-    for key in _POSITIVE:
-        v = config.get(key)
-        if not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31):
-            bad(key, "a positive integer")
-    if config["mamba_n_heads"] % config["mamba_n_groups"]:
-        bad("mamba_n_groups", f"a divisor of mamba_n_heads ({config['mamba_n_heads']})")
+    bamba.check_mixer_fields(config)
     inner = config.get("mamba_d_ssm") or int(config.get("mamba_expand", 2) * config["hidden_size"])
     if inner != config["mamba_n_heads"] * config["mamba_d_head"]:
         bad("mamba_d_ssm", f"mamba_n_heads x mamba_d_head ({config['mamba_n_heads']} x {config['mamba_d_head']})")
     if config.get("mamba_rms_norm") and config.get("mamba_norm_before_gate"):
         bad("mamba_norm_before_gate", "false where mamba_rms_norm is true (the runtime gates, then normalises)")
-    limit = config.get("time_step_limit", (0.0, math.inf))
-    if not (isinstance(limit, (list, tuple)) and len(limit) == 2 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit) and 0 <= limit[0] < limit[1]):
-        bad("time_step_limit", "two numbers [low, high] with 0 <= low < high")
     for key, unit in MULTIPLIERS.items():  # folded into the weights on intake
         if config.get(key, unit) != unit:
             bad(key, f"{unit} (intake folds the multipliers into the weights; this config was not folded)")
-    for key in ("mamba_proj_bias", "mamba_conv_bias", "projectors_bias", "mamba_rms_norm"):
+    for key in ("projectors_bias", "mamba_rms_norm"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             bad(key, "true or false")
 
@@ -133,6 +118,6 @@ FALCON_H1 = Family("falcon_h1", model_types=("falcon_h1",), gguf_architectures=(
                    bias_flags={"mamba_proj_bias": SSM_IN, "projectors_bias": (SSM_OUT,), "mamba_conv_bias": SSM_CONV,
                                "attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
                                "mlp_bias": (FFN_GATE, FFN_UP, FFN_DOWN)},
-                   offers=(MLP, QK, VO, SSM_P, SSM_N), gguf=(None, None), convert=fold_multipliers,
+                   offers=(MLP, QK, VO, SSM_P, SSM_N), gguf=("falcon-h1", None), convert=fold_multipliers,
                    unconvert=fuse_mixers, unrotatable="rotating the residual stream is not built for SSM blocks",
                    kinds_of=layer_kinds, ssm_of=ssm_config, returns_pair=True, check_fields=check_falcon_h1_config)

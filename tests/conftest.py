@@ -40,6 +40,8 @@ def _import_triton_language_interpreted() -> None:
 _import_triton_language_interpreted()
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+from elastiq.checkpoint import Checkpoint  # noqa: E402  (once the hub is offline and Triton interpreted)
+
 TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
 
 
@@ -83,6 +85,29 @@ def tokenizer(data_dir):
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return tok
+
+
+@pytest.fixture
+def ids(tokenizer) -> torch.Tensor:
+    """One sequence of the tiny models' tests: TEXT twice."""
+    return torch.tensor([tokenizer.encode(TEXT + " " + TEXT)])
+
+
+def compressed(folder: Path, data_dir: Path, out: Path) -> Checkpoint:
+    """``folder``'s model compressed as the hybrids' tests take it: rates 0.15 and 0.35, four
+    calibration windows of 40 tokens, two held-out quality windows, no recovery, float."""
+    from elastiq.compressor.compress import CompressOptions, compress
+
+    options = CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=40, quality_windows=2)
+    return Checkpoint(compress(folder, out, options, data=data_dir, progress=False))
+
+
+def quantized(ckpt: Checkpoint, data_dir: Path, out: Path, method: str = "gptq") -> Checkpoint:
+    """``ckpt`` quantized to 4 bits (GPTQ by default) into ``out``."""
+    from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
+
+    return Checkpoint(quantize_checkpoint(ckpt.path, out, QuantizeOptions(method=method), data=data_dir,
+                                          progress=False))
 
 
 def tiny_config(family: str, vocab_size: int):
@@ -215,7 +240,6 @@ def nested_checkpoints(models, data_dir, tmp_path_factory) -> dict:
     0.35: float ("llama", "qwen2") and 4-bit by round-to-nearest ("llama-q4", "qwen2-q4"); with an
     8-bit embedding and head: "llama-q8" (tied) and "qwen2-q8", quantized from "qwen2-rotated"
     (the rotation unties the head)."""
-    from elastiq.checkpoint import Checkpoint
     from elastiq.compressor.compress import CompressOptions, compress
     from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
 

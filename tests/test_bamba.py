@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_nemotron_h import sliced
+from conftest import compressed, quantized
+from hybrid_checks import (every_rate_is_its_slice, masks_compute_every_slice, planner_counts_what_the_engine_holds,
+                           switches_as_fresh_loads)
 from test_ssm import randomize
 
 from elastiq import ElastiqError
@@ -62,27 +64,12 @@ def bamba_folder(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bamba_checkpoint(bamba_folder, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.compress import CompressOptions, compress
-
-    out = tmp_path_factory.mktemp("bamba-ckpt") / "b.elastiq"
-    options = CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=40, quality_windows=2)
-    return Checkpoint(compress(bamba_folder, out, options, data=data_dir, progress=False))
+    return compressed(bamba_folder, data_dir, tmp_path_factory.mktemp("bamba-ckpt") / "b.elastiq")
 
 
 @pytest.fixture(scope="module")
 def bamba_q4(bamba_checkpoint, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("bamba-q4") / "q4.elastiq"
-    return Checkpoint(quantize_checkpoint(bamba_checkpoint.path, out, QuantizeOptions(), data=data_dir,
-                                          progress=False))
-
-
-@pytest.fixture
-def ids(tokenizer) -> torch.Tensor:
-    from conftest import TEXT
-
-    return torch.tensor([tokenizer.encode(TEXT + " " + TEXT)])
+    return quantized(bamba_checkpoint, data_dir, tmp_path_factory.mktemp("bamba-q4") / "q4.elastiq")
 
 
 def test_the_family_describes_each_kind_of_block(tokenizer):
@@ -128,70 +115,28 @@ def test_the_elastic_model_computes_what_transformers_computes(tokenizer, ids):
     assert torch.allclose(torch.cat(steps, 1), want, atol=1e-5 * want.abs().max(), rtol=0)
 
 
-@torch.no_grad()
 def test_sorting_keeps_the_model_and_every_rate_is_its_slice(bamba_checkpoint, bamba_folder, ids):
     from transformers import BambaForCausalLM
 
-    from elastiq.modeling.model import Transformer
-
-    ckpt = bamba_checkpoint
-    assert {g.kind for g in ckpt.groups} == {SSM_P, SSM_N, MLP, VO}
-    full = ckpt.read_rate(0.0)
-    want = BambaForCausalLM.from_pretrained(bamba_folder).eval()(ids).logits
-    got = Transformer.from_weights(full, ckpt.config)(ids)
-    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0), (got - want).abs().max()
-    for rate in (0.15, 0.35):
-        read = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
-        cut = Transformer.from_weights(sliced(full, ckpt, rate), ckpt.config)(ids)
-        assert torch.equal(read, cut)
-        assert not torch.allclose(read, want, atol=1e-2)
+    assert {g.kind for g in bamba_checkpoint.groups} == {SSM_P, SSM_N, MLP, VO}
+    with torch.no_grad():
+        source = BambaForCausalLM.from_pretrained(bamba_folder).eval()(ids).logits
+    every_rate_is_its_slice(bamba_checkpoint, source, ids)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_engine_runs_and_switches_each_rate_as_a_fresh_load(which, bamba_checkpoint, bamba_q4, ids):
-    """An engine switched in place (0 -> 0.35 -> 0.15 -> 0) computes what a fresh one does, bit for bit."""
-    from elastiq.modeling.model import Transformer
-    from elastiq.runtime.engine import Engine
-
-    ckpt = bamba_checkpoint if which == "float" else bamba_q4
-    switched = Engine(ckpt, 0.0, ctx=64, dtype=torch.float32 if which == "float" else None)
-    for rate in (0.0, 0.35, 0.15, 0.0):
-        switched.set_rate(rate)
-        got = switched.logits(ids)
-        assert torch.equal(got, Engine(ckpt, rate, ctx=64, dtype=switched.dtype).logits(ids)), rate
-        if which == "float":  # unit order sums the output projections' inputs in another order
-            want = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
-            assert torch.allclose(got, want, atol=1e-5 * want.abs().max(), rtol=0), rate
+    switches_as_fresh_loads(bamba_checkpoint if which == "float" else bamba_q4, ids, float32=which == "float")
 
 
 def test_recovery_masks_compute_every_slice_of_a_bamba(bamba_checkpoint, ids):
-    """With LoRA in every projection (the mixers' six and the MLPs' three of a Mamba2 + MLP block,
-    attention's four and its MLP's three), the masked full model computes each rate's slice of the
-    merged weights; unmasked it is the full model."""
-    from elastiq.compressor.recover import UnitMasks, lora_model, merged_weights, width_units
-    from elastiq.modeling.model import Transformer
-
-    ckpt, weights = bamba_checkpoint, bamba_checkpoint.read_rate(0.0)
-    model = lora_model(weights, ckpt.config, rank=4, alpha=8.0, seed=0)
-    wrapped = {name.partition(".lora_B")[0] for name, _ in model.named_parameters() if "lora_B" in name}
+    """LoRA in every projection: the mixers' six and the MLPs' three of a Mamba2 + MLP block,
+    attention's four and its MLP's three."""
     mlp = ("ffn_down", "ffn_gate", "ffn_up")
     mixer = ("ssm_in_b", "ssm_in_c", "ssm_in_dt", "ssm_in_x", "ssm_in_z", "ssm_out")
-    assert wrapped == {*(f"layers.{i}.{s}" for i in (0, 2) for s in (*mixer, *mlp)),
-                       *(f"layers.1.{s}" for s in ("attn_k", "attn_output", "attn_q", "attn_v", *mlp))}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-        merged = merged_weights(model, weights, BAMBA)
-        full = model(ids)
-        masks = UnitMasks(model, ckpt.groups, ckpt.heads)
-        for rate in ckpt.rates:
-            masks.set(width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(rate)["widths"]))
-            expected = Transformer.from_weights(sliced(merged, ckpt, rate), ckpt.config)(ids)
-            assert (model(ids) - expected).abs().max() < 1e-4 * expected.abs().max(), rate
-        masks.set(None)
-        assert torch.equal(model(ids), full)
+    assert masks_compute_every_slice(bamba_checkpoint, BAMBA, ids) == {
+        *(f"layers.{i}.{s}" for i in (0, 2) for s in (*mixer, *mlp)),
+        *(f"layers.1.{s}" for s in ("attn_k", "attn_output", "attn_q", "attn_v", *mlp))}
 
 
 def test_nested_recovery_of_a_bamba_lowers_the_loss_at_every_rate(bamba_checkpoint, data_dir, tmp_path):
@@ -218,20 +163,4 @@ def test_nested_recovery_of_a_bamba_lowers_the_loss_at_every_rate(bamba_checkpoi
 
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_planner_counts_what_the_engine_holds(which, bamba_checkpoint, bamba_q4):
-    """The torch footprint of each rate: its weights and cache (the attention block's KV, the
-    mixers' states, constant in the context) are what the engine holds, to the byte."""
-    from elastiq.modeling.ssm import SSMState
-    from elastiq.runtime.engine import Engine
-    from elastiq.runtime.memory import predict_footprint
-
-    ckpt = bamba_checkpoint if which == "float" else bamba_q4
-    for rate in ckpt.rates:
-        engine = Engine(ckpt, rate, ctx=64)
-        f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
-        kv = sum(layer.kv_cache.k.nbytes + layer.kv_cache.v.nbytes for layer in engine.model.layers
-                 if getattr(layer, "kv_cache", None) is not None)
-        states = sum(m.conv.nbytes + m.ssm.nbytes for m in engine.model.modules() if isinstance(m, SSMState))
-        assert kv > 0 and states > 0
-        assert (f.weights, f.kv_cache) == (engine.weight_bytes(), kv + states), rate
-        longer = predict_footprint(ckpt, rate, 128, engine.dtype, engine.int4, baseline=0)
-        assert longer.kv_cache - f.kv_cache == kv, rate
+    planner_counts_what_the_engine_holds(bamba_checkpoint if which == "float" else bamba_q4)

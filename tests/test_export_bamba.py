@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_bamba import HIDDEN, bamba_checkpoint, bamba_folder, bamba_q4, ids  # noqa: F401
+from test_bamba import HIDDEN, bamba_checkpoint, bamba_folder, bamba_q4  # noqa: F401
 from test_export_gguf import _q8_0
 
 from elastiq.cli import main

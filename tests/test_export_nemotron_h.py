@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_export_gguf import _q8_0
-from test_nemotron_h import hybrid_checkpoint, hybrid_folder, hybrid_q4, ids  # noqa: F401
+from test_nemotron_h import hybrid_checkpoint, hybrid_folder, hybrid_q4  # noqa: F401
 
 from elastiq.cli import main
 from elastiq.exporters.gguf import write_gguf

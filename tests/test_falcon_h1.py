@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_nemotron_h import sliced
+from conftest import compressed, quantized
+from hybrid_checks import (every_rate_is_its_slice, masks_compute_every_slice, planner_counts_what_the_engine_holds,
+                           switches_as_fresh_loads)
 from test_ssm import randomize
 
 from elastiq import ElastiqError
@@ -62,27 +64,12 @@ def falcon_folder(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def falcon_checkpoint(falcon_folder, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.compress import CompressOptions, compress
-
-    out = tmp_path_factory.mktemp("falcon-ckpt") / "f.elastiq"
-    options = CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=40, quality_windows=2)
-    return Checkpoint(compress(falcon_folder, out, options, data=data_dir, progress=False))
+    return compressed(falcon_folder, data_dir, tmp_path_factory.mktemp("falcon-ckpt") / "f.elastiq")
 
 
 @pytest.fixture(scope="module")
 def falcon_q4(falcon_checkpoint, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("falcon-q4") / "q4.elastiq"
-    return Checkpoint(quantize_checkpoint(falcon_checkpoint.path, out, QuantizeOptions(), data=data_dir,
-                                          progress=False))
-
-
-@pytest.fixture
-def ids(tokenizer) -> torch.Tensor:
-    from conftest import TEXT
-
-    return torch.tensor([tokenizer.encode(TEXT + " " + TEXT)])
+    return quantized(falcon_checkpoint, data_dir, tmp_path_factory.mktemp("falcon-q4") / "q4.elastiq")
 
 
 def test_the_family_describes_its_parallel_blocks(tokenizer):
@@ -133,93 +120,38 @@ def test_folded_and_elastic_models_compute_what_transformers_computes(tokenizer,
     assert torch.allclose(torch.cat(steps, 1), want, atol=1e-5 * want.abs().max(), rtol=0)
 
 
-@torch.no_grad()
 def test_sorting_keeps_the_model_and_every_rate_is_its_slice(falcon_checkpoint, falcon_folder, ids):
     from transformers import FalconH1ForCausalLM
 
-    from elastiq.modeling.model import Transformer
-
-    ckpt = falcon_checkpoint
-    assert {g.kind for g in ckpt.groups} == {SSM_P, SSM_N, MLP, QK, VO}
-    full = ckpt.read_rate(0.0)
-    want = FalconH1ForCausalLM.from_pretrained(falcon_folder).eval()(ids).logits
-    got = Transformer.from_weights(full, ckpt.config)(ids)
-    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0), (got - want).abs().max()
-    for rate in (0.15, 0.35):
-        read = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
-        cut = Transformer.from_weights(sliced(full, ckpt, rate), ckpt.config)(ids)
-        assert torch.equal(read, cut)
-        assert not torch.allclose(read, want, atol=1e-2)
+    assert {g.kind for g in falcon_checkpoint.groups} == {SSM_P, SSM_N, MLP, QK, VO}
+    with torch.no_grad():
+        source = FalconH1ForCausalLM.from_pretrained(falcon_folder).eval()(ids).logits
+    every_rate_is_its_slice(falcon_checkpoint, source, ids)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_engine_runs_and_switches_each_rate_as_a_fresh_load(which, falcon_checkpoint, falcon_q4, ids):
-    """An engine switched in place (0 -> 0.35 -> 0.15 -> 0) computes what a fresh one does, bit for bit."""
-    from elastiq.modeling.model import Transformer
-    from elastiq.runtime.engine import Engine
-
-    ckpt = falcon_checkpoint if which == "float" else falcon_q4
-    switched = Engine(ckpt, 0.0, ctx=64, dtype=torch.float32 if which == "float" else None)
-    for rate in (0.0, 0.35, 0.15, 0.0):
-        switched.set_rate(rate)
-        got = switched.logits(ids)
-        assert torch.equal(got, Engine(ckpt, rate, ctx=64, dtype=switched.dtype).logits(ids)), rate
-        if which == "float":  # unit order sums the output projections' inputs in another order
-            want = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
-            assert torch.allclose(got, want, atol=1e-5 * want.abs().max(), rtol=0), rate
+    switches_as_fresh_loads(falcon_checkpoint if which == "float" else falcon_q4, ids, float32=which == "float")
 
 
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_planner_counts_what_the_engine_holds(which, falcon_checkpoint, falcon_q4):
-    """Each block holds both a KV cache and a recurrent state: the torch footprint's weights and
-    cache are what the engine holds, to the byte, and only the KV part grows with the context."""
-    from elastiq.modeling.ssm import SSMState
-    from elastiq.runtime.engine import Engine
-    from elastiq.runtime.memory import predict_footprint
-
-    ckpt = falcon_checkpoint if which == "float" else falcon_q4
-    for rate in ckpt.rates:
-        engine = Engine(ckpt, rate, ctx=64)
-        f = predict_footprint(ckpt, rate, 64, engine.dtype, engine.int4, baseline=0)
-        kv = sum(layer.kv_cache.k.nbytes + layer.kv_cache.v.nbytes for layer in engine.model.layers)
-        states = sum(m.conv.nbytes + m.ssm.nbytes for m in engine.model.modules() if isinstance(m, SSMState))
-        assert (f.weights, f.kv_cache) == (engine.weight_bytes(), kv + states), rate
-        longer = predict_footprint(ckpt, rate, 128, engine.dtype, engine.int4, baseline=0)
-        assert longer.kv_cache - f.kv_cache == kv, rate
+    """Each block holds both a KV cache and a recurrent state."""
+    planner_counts_what_the_engine_holds(falcon_checkpoint if which == "float" else falcon_q4)
 
 
 def test_recovery_masks_compute_every_slice_of_a_falcon_h1(falcon_checkpoint, ids):
     """LoRA on the mixer's six projections, attention's four and the MLP's three of every block; the
-    masked full model computes each rate's slice of the merged weights (the mixers' P masked at
-    their gate, which has no norm), and unmasked it is the full model."""
-    from elastiq.compressor.recover import UnitMasks, lora_model, merged_weights, width_units
-    from elastiq.modeling.model import Transformer
-
-    ckpt, weights = falcon_checkpoint, falcon_checkpoint.read_rate(0.0)
-    model = lora_model(weights, ckpt.config, rank=4, alpha=8.0, seed=0)
-    wrapped = {name.partition(".lora_B")[0] for name, _ in model.named_parameters() if "lora_B" in name}
-    assert len(wrapped) == 3 * 13
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-        merged = merged_weights(model, weights, FALCON_H1)
-        full = model(ids)
-        masks = UnitMasks(model, ckpt.groups, ckpt.heads)
-        for rate in ckpt.rates:
-            masks.set(width_units(ckpt.groups, ckpt.heads, ckpt.rate_entry(rate)["widths"]))
-            expected = Transformer.from_weights(sliced(merged, ckpt, rate), ckpt.config)(ids)
-            assert (model(ids) - expected).abs().max() < 1e-4 * expected.abs().max(), rate
-        masks.set(None)
-        assert torch.equal(model(ids), full)
+    mixers' P is masked at their gate, which has no norm."""
+    assert len(masks_compute_every_slice(falcon_checkpoint, FALCON_H1, ids)) == 3 * 13
 
 
-@pytest.mark.parametrize("form", ["gguf", "hf", "onnx"])
-def test_exports_refuse_a_falcon_h1_naming_what_runs_it(form, falcon_checkpoint, tmp_path):
-    """No export of Falcon-H1's parallel blocks is built: each says so, before writing anything."""
+def test_exports_refuse_a_falcon_h1_naming_what_runs_it(falcon_checkpoint, tmp_path):
+    """ONNX does not build Falcon-H1's parallel blocks (GGUF and Hugging Face do:
+    test_export_falcon_h1): it says so, naming those, before writing anything."""
     from elastiq.exporters import export
 
-    with pytest.raises(ElastiqError, match="falcon_h1|Falcon-H1|parallel|attention \\+ MLP"):
-        export(falcon_checkpoint.path, 0.0, form, tmp_path / f"out.{form}")
+    with pytest.raises(ElastiqError, match="falcon_h1 model has Mamba2 blocks.*--format gguf: llama.cpp's falcon-h1"
+                                           ".*--format hf"):
+        export(falcon_checkpoint.path, 0.0, "onnx", tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []

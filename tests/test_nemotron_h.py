@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import compressed, quantized
+from hybrid_checks import every_rate_is_its_slice, switches_as_fresh_loads
 from test_ssm import randomize
 
 from elastiq import ElastiqError
@@ -59,27 +61,12 @@ def hybrid_folder(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hybrid_checkpoint(hybrid_folder, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.compress import CompressOptions, compress
-
-    out = tmp_path_factory.mktemp("nemotron_h-ckpt") / "h.elastiq"
-    options = CompressOptions(rates=(0.15, 0.35), calib_samples=4, calib_seqlen=40, quality_windows=2)
-    return Checkpoint(compress(hybrid_folder, out, options, data=data_dir, progress=False))
+    return compressed(hybrid_folder, data_dir, tmp_path_factory.mktemp("nemotron_h-ckpt") / "h.elastiq")
 
 
 @pytest.fixture(scope="module")
 def hybrid_q4(hybrid_checkpoint, data_dir, tmp_path_factory) -> Checkpoint:
-    from elastiq.compressor.quantize import QuantizeOptions, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("nemotron_h-q4") / "q4.elastiq"
-    return Checkpoint(quantize_checkpoint(hybrid_checkpoint.path, out, QuantizeOptions(), data=data_dir,
-                                          progress=False))
-
-
-@pytest.fixture
-def ids(tokenizer) -> torch.Tensor:
-    from conftest import TEXT
-
-    return torch.tensor([tokenizer.encode(TEXT + " " + TEXT)])
+    return quantized(hybrid_checkpoint, data_dir, tmp_path_factory.mktemp("nemotron_h-q4") / "q4.elastiq")
 
 
 def test_the_family_describes_each_kind_of_block(tokenizer):
@@ -125,50 +112,16 @@ def test_the_elastic_model_computes_what_transformers_computes(tokenizer, ids):
     assert torch.allclose(torch.cat(steps, 1), want, atol=1e-5 * want.abs().max(), rtol=0)
 
 
-@torch.no_grad()
 def test_sorting_keeps_the_model_and_every_rate_is_its_slice(hybrid_checkpoint, hybrid_folder, ids):
     from transformers import NemotronHForCausalLM
 
-    from elastiq.modeling.model import Transformer
-
     ckpt = hybrid_checkpoint
     assert {g.kind for g in ckpt.groups} == {SSM_P, SSM_N, MLP, VO}
-    full = ckpt.read_rate(0.0)
-    want = NemotronHForCausalLM.from_pretrained(hybrid_folder).eval()(ids).logits
-    got = Transformer.from_weights(full, ckpt.config)(ids)
-    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0), (got - want).abs().max()
-    for rate in (0.15, 0.35):
-        widths = ckpt.rate_entry(rate)["widths"]
-        assert any(widths[g.name] < g.width for g in ckpt.groups if g.kind == MLP), rate
-        read = Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids)
-        cut = Transformer.from_weights(sliced(full, ckpt, rate), ckpt.config)(ids)
-        assert torch.equal(read, cut)
-        assert not torch.allclose(read, want, atol=1e-2)
-
-
-def sliced(weights: dict, ckpt: Checkpoint, rate: float) -> dict:
-    """The full sorted model of ``ckpt`` cut to ``rate``'s widths by slicing each member tensor in
-    its own layout (written apart from the checkpoint's reader): rows/n and cols/n per SSM head or
-    group, rows and cols of an MLP, v per KV head, o per query head, and q, k (each head's two
-    halves of rotary pairs) and the pair indices per KV head."""
-    widths, heads = ckpt.rate_entry(rate)["widths"], ckpt.heads
-    parts_of = {"rows": (1, 0), "cols": (1, 1), "v": (heads.num_kv_heads, 0), "o": (heads.num_heads, 1)}
-    halves = {"q": heads.num_heads * 2, "k": heads.num_kv_heads * 2} if heads else {}
-    out = dict(weights)
-    for g in ckpt.groups:
-        for name, role in g.members:
-            if role == "pairs":
-                out[name] = weights[name][:, :widths[g.name]]
-                continue
-            if role in halves:
-                cut = weights[name].unflatten(0, (halves[role], -1)).narrow(1, 0, widths[g.name])
-                out[name] = cut.flatten(0, 1)
-                continue
-            kind, _, n = role.partition("/")
-            parts, axis = (int(n), 1 if kind == "cols" else 0) if n else parts_of[role]
-            shaped = weights[name].unflatten(axis, (parts, -1))
-            out[name] = shaped.narrow(axis + 1, 0, widths[g.name]).flatten(axis, axis + 1)
-    return out
+    for rate in ckpt.rates[1:]:
+        assert any(ckpt.rate_entry(rate)["widths"][g.name] < g.width for g in ckpt.groups if g.kind == MLP), rate
+    with torch.no_grad():
+        source = NemotronHForCausalLM.from_pretrained(hybrid_folder).eval()(ids).logits
+    every_rate_is_its_slice(ckpt, source, ids)
 
 
 def test_the_manifest_counts_the_kv_cache_of_the_attention_block_alone(hybrid_checkpoint):
@@ -182,24 +135,6 @@ def test_the_manifest_counts_the_kv_cache_of_the_attention_block_alone(hybrid_ch
         assert ckpt.rate_entry(rate)["kv_bytes_per_token"] == (heads.head_dim + vo) * heads.num_kv_heads * itemsize
 
 
-def _same(got: torch.Tensor, want: torch.Tensor, bound: float) -> None:
-    assert torch.allclose(got, want, atol=bound * want.abs().max(), rtol=0), (got - want).abs().max()
-
-
-@torch.no_grad()
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_engine_runs_and_switches_each_rate_as_a_fresh_load(which, hybrid_checkpoint, hybrid_q4, ids):
-    """Each rate of the engine computes the model of that rate, and an engine switched in place
-    (0 -> 0.35 -> 0.15 -> 0) computes what a fresh one does, bit for bit."""
-    from elastiq.modeling.model import Transformer
-    from elastiq.runtime.engine import Engine
-
-    ckpt = hybrid_checkpoint if which == "float" else hybrid_q4
-    switched = Engine(ckpt, 0.0, ctx=64, dtype=torch.float32 if which == "float" else None)
-    for rate in (0.0, 0.35, 0.15, 0.0):
-        switched.set_rate(rate)
-        fresh = Engine(ckpt, rate, ctx=64, dtype=switched.dtype)
-        got = switched.logits(ids)
-        assert torch.equal(got, fresh.logits(ids)), rate
-        if which == "float":  # unit order sums the output projections' inputs in another order
-            _same(got, Transformer.from_weights(ckpt.read_rate(rate), ckpt.config)(ids), 1e-5)
+    switches_as_fresh_loads(hybrid_checkpoint if which == "float" else hybrid_q4, ids, float32=which == "float")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_nemotron_h import hybrid_checkpoint, hybrid_folder, hybrid_q4, ids, sliced  # noqa: F401
+from hybrid_checks import masks_compute_every_slice
+from test_nemotron_h import hybrid_checkpoint, hybrid_folder, hybrid_q4  # noqa: F401
 
 from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint
@@ -155,35 +156,14 @@ def test_recovery_masks_compute_every_slice_of_a_hybrid(hybrid_checkpoint, ids):
     """With LoRA in every projection (the mixers' six, attention's four, the ungated MLPs' up and
     down), the masked full model computes each rate's slice of the merged weights: the MLP mask on
     the down projection's input needs no gate, the V/O mask on the value projection's output holds
-    for attention alone; unmasked (or unhooked) it is the full model."""
-    from elastiq.compressor.recover import UnitMasks, lora_model, merged_weights, width_units
-    from elastiq.modeling.model import Transformer
-
-    ckpt, weights = hybrid_checkpoint, hybrid_checkpoint.read_rate(0.0)
-    model = lora_model(weights, ckpt.config, rank=4, alpha=8.0, seed=0)
-    wrapped = sorted({name.partition(".lora_B")[0] for name, _ in model.named_parameters() if "lora_B" in name})
+    for attention alone."""
     mixer = ["ssm_in_b", "ssm_in_c", "ssm_in_dt", "ssm_in_x", "ssm_in_z", "ssm_out"]
-    assert wrapped == [*(f"layers.0.{s}" for s in mixer), "layers.1.ffn_down", "layers.1.ffn_up",
-                       *(f"layers.2.{s}" for s in ("attn_k", "attn_output", "attn_q", "attn_v")),
-                       "layers.3.ffn_down", "layers.3.ffn_up", *(f"layers.4.{s}" for s in mixer)]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-        merged = merged_weights(model, weights, NEMOTRON_H)
-        full = model(ids)
-        assert (full - Transformer.from_weights(weights, ckpt.config)(ids)).abs().max() > 1e-2  # LoRA counts
-        masks = UnitMasks(model, ckpt.groups, ckpt.heads)
-        for rate in ckpt.rates:
-            widths = ckpt.rate_entry(rate)["widths"]
-            masks.set(width_units(ckpt.groups, ckpt.heads, widths))
-            expected = Transformer.from_weights(sliced(merged, ckpt, rate), ckpt.config)(ids)
-            assert (model(ids) - expected).abs().max() < 1e-4 * expected.abs().max(), rate
-        assert widths["layers.2.vo"] < 64 and widths["layers.3.mlp"] < 512  # the last rate cuts both
-        masks.set(None)
-        assert torch.equal(model(ids), full)
-        masks.remove()
-        assert torch.equal(model(ids), full)
+    wrapped = masks_compute_every_slice(hybrid_checkpoint, NEMOTRON_H, ids)
+    assert sorted(wrapped) == [*(f"layers.0.{s}" for s in mixer), "layers.1.ffn_down", "layers.1.ffn_up",
+                               *(f"layers.2.{s}" for s in ("attn_k", "attn_output", "attn_q", "attn_v")),
+                               "layers.3.ffn_down", "layers.3.ffn_up", *(f"layers.4.{s}" for s in mixer)]
+    widths = hybrid_checkpoint.rate_entry(hybrid_checkpoint.rates[-1])["widths"]
+    assert widths["layers.2.vo"] < 64 and widths["layers.3.mlp"] < 512  # the last rate cuts both
 
 
 def test_nested_recovery_of_a_hybrid_lowers_the_loss_at_every_rate(hybrid_checkpoint, data_dir, tmp_path):
