@@ -31,9 +31,9 @@ import torch
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
 from ...families import checkpoint_family
-from ...families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, MLP_ONLY, ROPE_PAIRS, SSM,
-                              SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_NORM,
-                              SSM_OUT)
+from ...families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP,
+                              MLP_ONLY, ROPE_PAIRS, SSM, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C,
+                              SSM_IN_X, SSM_IN_Z, SSM_KINDS, SSM_MLP, SSM_NORM, SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
 from ..memory import Footprint, runtime_shapes, widest_mlp, widest_ssm
@@ -41,26 +41,39 @@ from .base import Backend, block_kinds, unsupported
 from .exported import ExportEngine, export_path
 
 # The kinds of block llama.cpp's architectures of Mamba2 blocks hold (``exporters.gguf._write_hybrid``).
-HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}}
+HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}, "granitehybrid": {SSM_MLP, ATTENTION}}
+ONE_MLP_WIDTH = ("granitehybrid",)  # architectures whose MLPs are all written at the rate's widest
 LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cells
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
 
 
+def _written_ssm(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
+    """The P and N every Mamba2 block is written at (``exporters.gguf._write_hybrid``): the rate's
+    widest, and for ``granitehybrid``, whose inner size is twice the hidden size, the unpruned P."""
+    ssm = checkpoint_family(ckpt).ssm_config(ckpt.config)
+    P, N = widest_ssm(shapes, ssm)
+    return (ssm.head_dim if checkpoint_family(ckpt).gguf[0] == "granitehybrid" else P), N
+
+
 def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
     """Bytes of the tensors ``write_gguf`` writes for a rate (pruned heads back at full size; a
-    Mamba2 block at the rate's widest P and N; Q4_0, Q8_0 or F16 matrices, F32 vectors and
-    convolutions, each padded to the alignment), and of the Q4_0 matrices a matmul uses (the ones
-    llama.cpp repacks; a tied head is the embedding's). ``shapes``: the rate's ``runtime_shapes``."""
+    Mamba2 block at the P and N it is written at, ``_written_ssm``; every MLP at the widest where
+    the architecture has one width; Q4_0, Q8_0 or F16 matrices, F32 vectors and convolutions, each
+    padded to the alignment), and of the Q4_0 matrices a matmul uses (the ones llama.cpp repacks; a
+    tied head is the embedding's). ``shapes``: the rate's ``runtime_shapes``."""
     config, heads = ckpt.config, ckpt.heads
+    family = checkpoint_family(ckpt)
     full = {} if heads is None else {ATTN_Q: heads.num_heads * heads.head_dim,
                                      ATTN_K: heads.num_kv_heads * heads.head_dim,
                                      ATTN_V: heads.num_kv_heads * heads.head_dim}
-    ssm = checkpoint_family(ckpt).ssm_config(config)
-    if ssm is not None:  # rows of every block at the widest P (per head) and N (per group)
-        P, N = widest_ssm(shapes, ssm)
+    ssm = family.ssm_config(config)
+    if ssm is not None:  # rows of every block at the P (per head) and N (per group) it is written at
+        P, N = _written_ssm(ckpt, shapes)
         full.update({slot: ssm.num_heads * P for slot in (SSM_IN_Z, SSM_IN_X, SSM_CONV_X, SSM_NORM)})
         full.update({slot: ssm.n_groups * N for slot in (SSM_IN_B, SSM_IN_C, SSM_CONV_B, SSM_CONV_C)})
+    if family.gguf[0] in ONE_MLP_WIDTH:
+        full.update({slot: widest_mlp(shapes, heads, ssm) for slot in (FFN_GATE, FFN_UP)})
     total = matmul = 0
     for name, (shape, _, fmt) in shapes.items():
         if name.endswith(ROPE_PAIRS):
@@ -72,6 +85,8 @@ def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, i
             shape = (shape[0], heads.num_heads * heads.head_dim)
         elif len(parts) > 2 and parts[-2] == SSM_OUT:
             shape = (shape[0], full[SSM_IN_X])
+        elif len(parts) > 2 and parts[-2] == FFN_DOWN and FFN_UP in full:
+            shape = (shape[0], full[FFN_UP])
         numel = math.prod(shape)
         nbytes = numel // BLOCK * BLOCK_BYTES[fmt] if fmt else numel * (2 if len(shape) == 2 else 4)
         total += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
@@ -127,7 +142,7 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
         kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
         workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest)
     if ssm is not None:  # the Mamba2 blocks' recurrent states
-        state, buffer = _recurrent(ckpt, shapes, sum(kind == SSM for kind in kinds), ubatch)
+        state, buffer = _recurrent(ckpt, shapes, sum(kind in SSM_KINDS for kind in kinds), ubatch)
         kv, workspace = kv + state, max(workspace, buffer)
     return Footprint(rate, weights, kv, workspace + vocab * 4, baseline)  # and the output buffer of one token's logits
 
@@ -140,7 +155,7 @@ def _recurrent(ckpt: Checkpoint, shapes: Mapping[str, tuple], layers: int, ubatc
     block's input projection, whichever is larger (the output buffer of one token's logits apart)."""
     config = ckpt.config
     ssm = checkpoint_family(ckpt).ssm_config(config)
-    P, N = widest_ssm(shapes, ssm)
+    P, N = _written_ssm(ckpt, shapes)
     H, G, K = ssm.num_heads, ssm.n_groups, ssm.conv_kernel
     state = layers * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
     projection = 2 * H * P + 2 * G * N + H
@@ -185,16 +200,14 @@ class LlamaCppEngine(ExportEngine):
     @staticmethod
     def refusal(ckpt: Checkpoint) -> str | None:
         """What the GGUF export writes runs: models of attention + MLP blocks (``llama`` and its kin),
-        of Mamba2 blocks alone (``mamba2``) and Nemotron-H's hybrids (``nemotron_h``); not yet
-        another hybrid: Bamba's export (``granitehybrid``) runs in llama.cpp, but this backend's
-        memory plan of it (every MLP and mixer widened, unlike nemotron_h's) is not built."""
+        of Mamba2 blocks alone (``mamba2``), Nemotron-H's (``nemotron_h``) and Bamba's
+        (``granitehybrid``) hybrids; not yet Falcon-H1's."""
         kinds, arch = block_kinds(ckpt), checkpoint_family(ckpt).gguf[0]
         if kinds <= {ATTENTION} or kinds <= HYBRID_KINDS.get(arch, set()):
             return None
-        return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone and "
-                           "Nemotron-H hybrids (llama.cpp's nemotron_h), not yet other hybrids (a Bamba's GGUF export, "
-                           "elastiq export --format gguf, runs in llama.cpp itself; this backend does not plan its "
-                           "memory yet)", "--backend torch")
+        return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone, and "
+                           "Nemotron-H and Bamba hybrids (llama.cpp's nemotron_h, granitehybrid), not yet other "
+                           "hybrids", "--backend torch")
 
     def _load(self, path: Path) -> LlamaCppGenerator:
         llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,
