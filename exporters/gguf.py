@@ -12,8 +12,9 @@ a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
 Models with Mamba2 blocks are written as llama.cpp's ``mamba2`` (Mamba2 alone), ``nemotron_h``
 (Nemotron-H: per-layer MLP widths kept; V/O rank, SSM channels per head and states per group
-widened with zeros) or ``granitehybrid`` (Bamba: MLPs, V/O rank, P and N widened with zeros; q/k
-interleaved within the channels its partial RoPE turns), as ``_write_hybrid`` says.
+widened with zeros), ``granitehybrid`` (Bamba: MLPs, V/O rank, P and N widened with zeros; q/k
+interleaved within the channels its partial RoPE turns) or ``falcon-h1`` (Falcon-H1: MLPs, V/O
+rank, P and N widened with zeros; q/k rotate-half), as ``_write_hybrid`` says.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
 zero row or column is blocks of scale 0), and 8-bit ones (value projections, embedding, head) as ``Q8_0`` blocks;
@@ -40,8 +41,8 @@ from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import (ATTN_K, ATTN_NORM, ATTN_OUT, ATTN_Q, ATTN_V, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_A,
                              SSM_CONV, SSM_CONV_X, SSM_D, SSM_DT, SSM_IN, SSM_NORM, SSM_OUT)
-from ..modeling.model import (BRANCH_TENSORS, LayerArgs, ModelArgs, SSMLayerArgs, layer_windows, rope_parameters,
-                              rotary_frequencies, runtime_weights)
+from ..modeling.model import (BRANCH_TENSORS, LayerArgs, ModelArgs, SSMLayerArgs, attends, layer_windows,
+                              rope_parameters, rotary_frequencies, runtime_weights)
 from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
 from .padding import head_prefix, scatter_columns, scatter_rows, ssm_widest, widest_mlp
@@ -89,7 +90,8 @@ def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = Fals
                rotated: int | None = None) -> dict[str, Weight]:
     """``weights`` (runtime names, one rate) with every attention projection at full head size in
     llama.cpp's layout (rotary pairs interleaved, or halves kept with ``neox``), and the
-    ``rope_pairs`` tensors consumed. Blocks without attention (a hybrid's) are left as they are;
+    ``rope_pairs`` tensors consumed (a Mamba2 block's attention beside its mixer too: Falcon-H1's).
+    Blocks without attention (a hybrid's) are left as they are;
     where the family has no RoPE, q and k hold every channel in order and ``neox`` keeps it. With
     partial RoPE (``rotated`` channels of a head turn, fewer than its size), q and k keep every
     channel (such families prune none) and only the turning ones are interleaved (``partial_rows``)."""
@@ -98,7 +100,7 @@ def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = Fals
     partial = rotated is not None and rotated < d
     out = dict(weights)
     for i, layer in enumerate(args.layers):
-        if not (isinstance(layer, LayerArgs) and layer.attention):
+        if (layer := attends(layer)) is None:
             continue
         p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
@@ -144,7 +146,8 @@ def ssm_gguf_tensors(weights: Mapping[str, Weight], layers: Iterable[int], group
     their GGUF names: the block's norm, the split projections and convolutions fused back
     (``ssm_in`` rows z, x, B, C, dt; ``ssm_conv1d`` channels x, B, C as [channels, K], its bias
     zero where the model has none, since llama.cpp always adds one), A = -exp(A_log) and D as
-    [H, 1], dt_bias as ``ssm_dt.bias``, and the gated norm's weight as [groups, channels per group]."""
+    [H, 1], dt_bias as ``ssm_dt.bias``, and the gated norm's weight as [groups, channels per group]
+    (none where the mixer is gated without a norm, Falcon-H1's: llama.cpp then computes y * silu(z))."""
     out = {}
     for i in layers:
         w = lambda slot, kind="weight": weights.get(f"layers.{i}.{slot}.{kind}")  # noqa: E731
@@ -162,7 +165,8 @@ def ssm_gguf_tensors(weights: Mapping[str, Weight], layers: Iterable[int], group
         out[b + "ssm_dt.bias"] = weights[f"layers.{i}.{SSM_DT}"]
         out[b + "ssm_a"] = -torch.exp(weights[f"layers.{i}.{SSM_A}"].float())[:, None]
         out[b + "ssm_d"] = weights[f"layers.{i}.{SSM_D}"][:, None]
-        out[b + "ssm_norm.weight"] = w(SSM_NORM).reshape(groups, -1)
+        if w(SSM_NORM) is not None:
+            out[b + "ssm_norm.weight"] = w(SSM_NORM).reshape(groups, -1)
         out[b + "ssm_out.weight"] = w(SSM_OUT)
     return out
 
@@ -336,16 +340,17 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
 
 
 # llama.cpp's architectures of Mamba2 blocks: alone, or in a hybrid (Nemotron-H's; Bamba's, which
-# llama.cpp's converter writes as granitehybrid)
-HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h", "granitehybrid")
+# llama.cpp's converter writes as granitehybrid; Falcon-H1's parallel blocks)
+HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h", "granitehybrid", "falcon-h1")
 
 
 def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
                   args: ModelArgs, family) -> Path:
     """``write_gguf`` of a model whose blocks are not each attention + MLP: llama.cpp's ``mamba2``
     (Mamba2 blocks alone), ``nemotron_h`` (blocks of one branch each: a Mamba2 mixer, attention
-    without RoPE, or an ungated ReLU² MLP) or ``granitehybrid`` (Bamba: every block a Mamba2 mixer
-    or attention with partial RoPE, then a SwiGLU MLP).
+    without RoPE, or an ungated ReLU² MLP), ``granitehybrid`` (Bamba: every block a Mamba2 mixer
+    or attention with partial RoPE, then a SwiGLU MLP) or ``falcon-h1`` (every block attention and
+    a Mamba2 mixer side by side on one normed input, then a SwiGLU MLP).
 
     What the file keeps per layer: both hybrids read each block's kind from the per-layer
     ``attention.head_count_kv`` (the KV heads of an attention block, 0 for a Mamba2 one);
@@ -364,6 +369,15 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     (``partial_rows``); its embedding, residual, attention and logit multipliers are left unset
     (none is applied), as Bamba has none.
 
+    ``falcon-h1`` has one number of heads, KV heads and MLP channels (layer 0's) for every block,
+    all of which hold attention: V/O rank back at the full head size, every MLP zero-padded to the
+    rate's widest, every mixer widened to the rate's widest P and N (exact where the mixers are
+    gated without a norm: llama.cpp's Mamba2 layer then computes y * silu(z), as the runtime does).
+    Its RoPE turns whole heads by halves (NEOX): q and k rows go back to their original rotate-half
+    pairs, as for Qwen3. Its converter folds Falcon-H1's muP multipliers into the weights and writes
+    none, as intake does, so the file's weights are the checkpoint's. Its attention projections and
+    output take no bias (its graph adds none), so a model with them is refused.
+
     llama.cpp's Mamba2 does not clamp its time steps: ``mamba2`` and ``granitehybrid`` refuse a
     model whose config limits them. Nemotron-H's mixers clamp dt below at ``time_step_min``
     (transformers and the runtime do); llama.cpp's ``nemotron_h``, as its own converter writes it,
@@ -374,8 +388,8 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     mixers = {i for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
     if arch_name not in HYBRID_ARCHITECTURES or (arch_name == "mamba2" and len(mixers) < len(args.layers)):
         raise ExportError(f"a {family.name} model cannot be written to GGUF yet: only models of Mamba2 blocks alone "
-                          "(llama.cpp's mamba2), Nemotron-H hybrids (llama.cpp's nemotron_h) and Bamba hybrids "
-                          "(llama.cpp's granitehybrid) are")
+                          "(llama.cpp's mamba2), Nemotron-H hybrids (llama.cpp's nemotron_h), Bamba hybrids "
+                          "(llama.cpp's granitehybrid) and Falcon-H1 hybrids (llama.cpp's falcon-h1) are")
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
     ssm = args.ssm or family.ssm_of(ckpt.config)  # a hybrid's file states the mixers' shape even without one
     P, N = ssm.head_dim, ssm.state_size
@@ -392,7 +406,17 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     if arch_name != "nemotron_h" and ssm.time_step_limit != (0.0, math.inf):
         raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's {arch_name} "
                           "does not, so it would compute another model")
-    attention = [isinstance(layer, LayerArgs) and layer.attention for layer in args.layers]
+    falcon = arch_name == "falcon-h1"
+    attention = [attends(layer) is not None for layer in args.layers]
+    if falcon:
+        if not all(attention):
+            raise ExportError("llama.cpp's falcon-h1 runs attention beside the mixer in every block; a block of this "
+                              "model has none")
+        biased = sorted({slot for layer in args.layers for slot in attends(layer).biases
+                         if slot in (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)})
+        if biased:
+            raise ExportError(f"llama.cpp's falcon-h1 adds no bias to attention's projections; this model has them "
+                              f"({', '.join(biased)}: attention_bias), so it cannot be written to GGUF")
     if any(attention) and abs(args.attention_scale * args.head_dim ** 0.5 - 1) > 1e-6:
         raise ExportError(f"this {family.name} model scales q.k by {args.attention_scale:.6g}; llama.cpp scales it by "
                           f"1/sqrt(head size) = {args.head_dim ** -0.5:.6g}, so it cannot run this model")
@@ -409,7 +433,12 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
         if factors is not None:
             raise ExportError(f"RoPE parameters {ckpt.config.get('rope_parameters')} change the rotary frequencies; "
                               "llama.cpp's granitehybrid turns them at the default ones only")
-    if granite:  # one MLP width: the widest
+    if falcon:  # whole heads turn, by halves
+        base, factors = rope_factors(ckpt.config, args.head_dim)
+        if factors is not None:
+            raise ExportError(f"RoPE parameters {ckpt.config.get('rope_parameters')} change the rotary frequencies; "
+                              "llama.cpp's falcon-h1 turns them at the default ones only")
+    if granite or falcon:  # one MLP width: the widest
         weights = widest_mlp(weights, widths)
         widths = [max(widths)] * len(widths)
     # V/O rank at full head size; q, k as they are (no RoPE), or interleaved in their turning channels
@@ -421,6 +450,8 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
         if name.startswith("layers.") and (int(name.split(".")[1]) not in mixers
                                            or name.split(".", 2)[2] in BRANCH_TENSORS):
             tensors[gguf_name(name, arch)] = t
+    if falcon:  # its loader names the MLP's norm without a suffix, as its converter's map writes it
+        tensors = {re.sub(r"^(blk\.\d+\.ffn_norm)\.weight$", r"\1", name): t for name, t in tensors.items()}
     known = _tensor_names(arch)
     for name in tensors:
         generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", name).removesuffix(".weight").removesuffix(".bias")
@@ -437,7 +468,15 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
         writer.add_block_count(n)
         writer.add_context_length(context)
         writer.add_embedding_length(args.hidden_size)
-        if arch_name in ("nemotron_h", "granitehybrid"):
+        if falcon:  # one number each: every block holds attention and an MLP
+            writer.add_feed_forward_length(widths[0])
+            writer.add_head_count(args.num_heads)
+            writer.add_head_count_kv(args.num_kv_heads)
+            writer.add_key_length(args.head_dim)
+            writer.add_value_length(args.head_dim)
+            writer.add_rope_dimension_count(args.head_dim)
+            writer.add_rope_freq_base(base)
+        elif arch_name in ("nemotron_h", "granitehybrid"):
             writer.add_feed_forward_length(widths[0] if granite else widths)  # granitehybrid reads layer 0's
             writer.add_head_count(args.num_heads)  # one number: llama.cpp reads layer 0's as the model's
             writer.add_head_count_kv([args.num_kv_heads if a else 0 for a in attention])
@@ -524,8 +563,8 @@ def _check_swa(config: Mapping, windows: list[int | None], pattern: int, local_b
 def write_gguf(checkpoint: str | Path, rate: float, output: str | Path, float_type: str = "f16") -> Path:
     """Write ``rate`` of the nested checkpoint ``checkpoint`` to the GGUF file ``output`` for
     llama.cpp (``llama`` architecture at uniform MLP width, ``deci`` otherwise; the family's own
-    architecture where it has one, ``mamba2``, ``nemotron_h`` or ``granitehybrid`` for a model with
-    Mamba2 blocks: ``_write_hybrid``) and return its path.
+    architecture where it has one, ``mamba2``, ``nemotron_h``, ``granitehybrid`` or ``falcon-h1`` for
+    a model with Mamba2 blocks: ``_write_hybrid``) and return its path.
 
     4-bit matrices are copied as Q4_0 and 8-bit ones as Q8_0; float matrices are written as
     ``float_type`` (f16 or f32).

@@ -30,6 +30,11 @@ width of each kind: its Mamba2 blocks widened as Mamba2's are, each attention bl
 back at the full head size, and every MLP block (ungated) zero-padded to the rate's widest one,
 which becomes its ``intermediate_size`` (exact). transformers clamps Nemotron-H's time steps
 below at ``time_step_min`` as the runtime does, so the folder computes the runtime's model.
+A Falcon-H1 model is written as stock ``FalconH1ForCausalLM`` with the multipliers of 1 that its
+checkpoint's config says (intake folded them into the weights): every block's attention at full
+head size as a Llama's, its mixer at the rate's widest P and N (``mamba_d_head``, ``mamba_d_state``
+and ``mamba_d_ssm`` = heads x P, which its config states itself, so P is not raised: exact where the
+mixers are gated without a norm, as most Falcon-H1s are) and its MLP at the rate's widest.
 Weights are float (4-bit matrices dequantized), in safetensors; the tokenizer and its chat
 template are saved beside them. The folder is assembled under a temporary name and renamed into
 place.
@@ -49,7 +54,7 @@ from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
-from ..modeling.model import LayerArgs, ModelArgs, SSMLayerArgs, runtime_weights
+from ..modeling.model import LayerArgs, ModelArgs, SSMLayerArgs, attends, runtime_weights
 from ..quants import Quantized
 from .padding import head_prefix, scatter_rows, ssm_widest, widest_mlp
 
@@ -84,7 +89,8 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
         state, P, N = ssm_widest(state, args, _ssm_head_dim(family.name, args))
         source = {**source, **_ssm_fields(family.name, args, P, N)}
     blocks = [layer for layer in args.layers if isinstance(layer, LayerArgs)]
-    # a Mamba2 block's MLP (Bamba's) by layer; held by its weights, since one pruned to no channel is still there
+    # a Mamba2 block's MLP (Bamba's, Falcon-H1's) by layer; held by its weights, since one pruned to no channel is
+    # still there
     mixer_mlps = {i: layer.intermediate_size for i, layer in enumerate(args.layers)
                   if isinstance(layer, SSMLayerArgs) and f"layers.{i}.{FFN_DOWN}.weight" in state}
     if blocks or mixer_mlps:  # attention and MLP blocks at the config's head size, every MLP at one width
@@ -118,16 +124,18 @@ def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate
     """``weights`` (float, runtime names, one rate) at the original head size and MLP width
     ``intermediate_size``: kept units at the positions above, zeros elsewhere, and the
     ``rope_pairs`` tensors consumed. Only the branches a block has are widened (a hybrid's block
-    may hold attention alone or an MLP alone, its MLP ungated); Mamba2 blocks are left as they are."""
+    may hold attention alone or an MLP alone, its MLP ungated); of a Mamba2 block, only the attention
+    beside its mixer (Falcon-H1's), its mixer and MLP left as they are (``padding``)."""
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
     out = dict(weights)
     for i, layer in enumerate(args.layers):
-        if not isinstance(layer, LayerArgs):
+        attention = attends(layer)
+        if not (isinstance(layer, LayerArgs) or attention):
             continue
         p = f"layers.{i}."
         rows, columns = {}, {}
-        if layer.attention:
-            u, r = layer.rope_pairs, layer.v_rank
+        if attention:
+            u, r = attention.rope_pairs, attention.v_rank
             pairs = out.pop(p + ROPE_PAIRS, None)
             pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
             if (pairs < 0).any() or (pairs >= d // 2).any() or any(len(set(row.tolist())) != u for row in pairs):
@@ -136,7 +144,7 @@ def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate
             rows.update({ATTN_Q: (qk_rows(pairs, H // G, d), H * d), ATTN_K: (qk_rows(pairs, 1, d), G * d),
                          ATTN_V: (head_prefix(G, r, d), G * d)})
             columns[ATTN_OUT] = (head_prefix(H, r, d), H * d)
-        if layer.mlp:
+        if isinstance(layer, LayerArgs) and layer.mlp:
             kept = torch.arange(layer.intermediate_size)
             rows.update({FFN_GATE: (kept, intermediate_size), FFN_UP: (kept, intermediate_size)})
             columns[FFN_DOWN] = (kept, intermediate_size)
@@ -152,7 +160,10 @@ def full_size(weights: Mapping[str, torch.Tensor], args: ModelArgs, intermediate
 
 # transformers' config keys of the Mamba2 mixers' channels per head P and states per group N
 SSM_FIELDS = {"mamba2": ("head_dim", "state_size"), "nemotron_h": ("mamba_head_dim", "ssm_state_size"),
-              "bamba": ("mamba_d_head", "mamba_d_state")}
+              "bamba": ("mamba_d_head", "mamba_d_state"), "falcon_h1": ("mamba_d_head", "mamba_d_state")}
+# the config key of a family whose config states the mixers' inner size H x P itself (FalconH1Config's
+# ``mamba_d_ssm``, which must be mamba_n_heads x mamba_d_head)
+INNER = {"falcon_h1": "mamba_d_ssm"}
 # the config key of a family whose config also derives the mixers' inner size H x P from an integer
 # multiple of the hidden size (Mamba2Config and BambaConfig: ``int(expand * hidden_size)``)
 EXPAND = {"mamba2": "expand", "bamba": "mamba_expand"}
@@ -179,6 +190,8 @@ def _ssm_fields(family: str, args: ModelArgs, P: int, N: int) -> dict:
     fields = dict(zip(SSM_FIELDS[family], (P, N)))
     if family in EXPAND:
         fields[EXPAND[family]] = args.ssm.num_heads * P // args.hidden_size  # whole: ``_ssm_head_dim``
+    if family in INNER:
+        fields[INNER[family]] = args.ssm.num_heads * P
     return fields
 
 

@@ -55,11 +55,13 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs,
     """``weights`` (runtime names, one rate of a model with Mamba2 blocks: Mamba2's, or a hybrid's)
     with every Mamba2 block at the widest such block's channels per head P (or at ``head_dim``,
     where the format fixes the inner size: not below the widest) and states per group N, and those
-    (P, N): for llama.cpp's ``mamba2``, ``nemotron_h`` and ``granitehybrid`` and transformers' stock
-    configs, whose inner size and state size are one number each. Other blocks are left as they are.
+    (P, N): for llama.cpp's ``mamba2``, ``nemotron_h``, ``granitehybrid`` and ``falcon-h1`` and
+    transformers' stock configs, whose inner size and state size are one number each. Other blocks
+    are left as they are.
 
     Zero states are exact: zero B and C rows (and conv1d channels and biases) leave a state never
-    written and never read. Zero channels are not quite: the gated norm averages y * silu(z) over
+    written and never read. Zero channels of a mixer gated without a norm (y * silu(z), as most
+    Falcon-H1s are) are exact too. With a gated norm they are not quite: it averages y * silu(z) over
     each group's channels, zeros included, so a block widened from P' to P has its norm weight
     scaled by sqrt(P'/P), which restores the mean up to its epsilon (eps * P/P' in place of eps).
     The zeros are stored: a widened block saves no bytes in the file."""
@@ -82,7 +84,8 @@ def ssm_widest(weights: Mapping[str, Weight], args: ModelArgs,
         if layer.head_dim < P:
             index = head_prefix(H, layer.head_dim, P)
             norm = f"layers.{i}.{SSM_NORM}.weight"
-            out[norm] = out[norm] * (layer.head_dim / P) ** 0.5
+            if norm in out:  # a mixer gated without a norm (Falcon-H1's) widens exactly
+                out[norm] = out[norm] * (layer.head_dim / P) ** 0.5
             widen((SSM_IN_Z, SSM_IN_X, SSM_CONV_X, SSM_NORM), index, H * P, i)
             out[f"layers.{i}.{SSM_OUT}.weight"] = scatter_columns(out[f"layers.{i}.{SSM_OUT}.weight"], index, H * P)
         if layer.state_size < N:
