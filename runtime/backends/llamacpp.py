@@ -31,9 +31,9 @@ import torch
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
 from ...families import checkpoint_family
-from ...families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP,
-                              MLP_ONLY, ROPE_PAIRS, SSM, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C,
-                              SSM_IN_X, SSM_IN_Z, SSM_KINDS, SSM_MLP, SSM_NORM, SSM_OUT)
+from ...families.base import (ATTENTION, ATTENTION_KINDS, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN,
+                              FFN_GATE, FFN_UP, MLP_ONLY, PARALLEL, ROPE_PAIRS, SSM, SSM_CONV_B, SSM_CONV_C,
+                              SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_KINDS, SSM_MLP, SSM_NORM, SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
 from ..memory import Footprint, runtime_shapes, widest_mlp, widest_ssm
@@ -41,8 +41,9 @@ from .base import Backend, block_kinds, unsupported
 from .exported import ExportEngine, export_path
 
 # The kinds of block llama.cpp's architectures of Mamba2 blocks hold (``exporters.gguf._write_hybrid``).
-HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}, "granitehybrid": {SSM_MLP, ATTENTION}}
-ONE_MLP_WIDTH = ("granitehybrid",)  # architectures whose MLPs are all written at the rate's widest
+HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}, "granitehybrid": {SSM_MLP, ATTENTION},
+                "falcon-h1": {PARALLEL}}
+ONE_MLP_WIDTH = ("granitehybrid", "falcon-h1")  # architectures whose MLPs are all written at the rate's widest
 LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cells
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
@@ -138,7 +139,7 @@ def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, **_) -> Fo
     if heads is not None:  # the attention blocks' KV cache (a hybrid's others hold none)
         widest = widest_mlp(shapes, heads, ssm)
         cells = -(-ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
-        layers = sum(kind in (ATTENTION, ATTENTION_ONLY) for kind in kinds)
+        layers = sum(kind in ATTENTION_KINDS for kind in kinds)
         kv = cells * layers * 2 * heads.num_kv_heads * heads.head_dim * 2
         workspace = ubatch * 4 * max(vocab + hidden, 2 * heads.num_heads * cells + 3 * hidden + 3 * widest)
     if ssm is not None:  # the Mamba2 blocks' recurrent states
@@ -200,14 +201,14 @@ class LlamaCppEngine(ExportEngine):
     @staticmethod
     def refusal(ckpt: Checkpoint) -> str | None:
         """What the GGUF export writes runs: models of attention + MLP blocks (``llama`` and its kin),
-        of Mamba2 blocks alone (``mamba2``), Nemotron-H's (``nemotron_h``) and Bamba's
-        (``granitehybrid``) hybrids; not yet Falcon-H1's."""
+        of Mamba2 blocks alone (``mamba2``), and the hybrids of Nemotron-H (``nemotron_h``), Bamba
+        (``granitehybrid``) and Falcon-H1 (``falcon-h1``)."""
         kinds, arch = block_kinds(ckpt), checkpoint_family(ckpt).gguf[0]
         if kinds <= {ATTENTION} or kinds <= HYBRID_KINDS.get(arch, set()):
             return None
         return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone, and "
-                           "Nemotron-H and Bamba hybrids (llama.cpp's nemotron_h, granitehybrid), not yet other "
-                           "hybrids", "--backend torch")
+                           "Nemotron-H, Bamba and Falcon-H1 hybrids (llama.cpp's nemotron_h, granitehybrid, falcon-h1)",
+                           "--backend torch")
 
     def _load(self, path: Path) -> LlamaCppGenerator:
         llm = self.package.Llama(str(path), n_ctx=self.ctx, n_threads=self.threads, n_threads_batch=self.threads,
