@@ -55,9 +55,9 @@ def fold_multipliers(model: nn.Module) -> nn.Module:
 
     config, inner = model.config, model.model
     if config.tie_word_embeddings and config.embedding_multiplier != config.lm_head_multiplier:
-        raise ElastiqError("a Falcon-H1 whose embedding and head are one tensor yet are scaled apart (embedding_multiplier "
-                           f"{config.embedding_multiplier}, lm_head_multiplier {config.lm_head_multiplier}) cannot be "
-                           "folded into plain weights")
+        raise ElastiqError("a Falcon-H1 whose embedding and head are one tensor yet are scaled apart "
+                           f"(embedding_multiplier {config.embedding_multiplier}, lm_head_multiplier "
+                           f"{config.lm_head_multiplier}) cannot be folded into plain weights")
     inner.embed_tokens.weight.mul_(config.embedding_multiplier)
     if not config.tie_word_embeddings:
         model.lm_head.weight.mul_(config.lm_head_multiplier)

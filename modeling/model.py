@@ -34,7 +34,8 @@ from .. import ElastiqError
 from ..families import config_dict, family_for
 from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
                               EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, HEAD, ROPE_PAIRS, SSM_A,
-                              SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z, SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
+                              SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z,
+                              SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
 from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
@@ -122,14 +123,12 @@ def layer_args(block: Mapping[str, Weight], num_kv_heads: int, ssm: SSMConfig | 
                index: int) -> LayerArgs | SSMLayerArgs:
     """The widths of block ``index`` (runtime names within the block): a Mamba2 block's
     (``SSMLayerArgs``) when it holds ``ssm_out.weight``, else an attention block's (``LayerArgs``)."""
+    if not num_kv_heads and f"{ATTN_Q}.weight" in block:
+        raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
     if f"{SSM_OUT}.weight" in block:
         if ssm is None:
             raise ElastiqError(f"layer {index} holds a Mamba2 mixer; the model's config describes none")
-        if not num_kv_heads and f"{ATTN_Q}.weight" in block:
-            raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
         return SSMLayerArgs.of(block, ssm, index, num_kv_heads)
-    if not num_kv_heads and f"{ATTN_Q}.weight" in block:
-        raise ElastiqError(f"layer {index} holds attention ({ATTN_Q}.weight); the model's config describes none")
     if f"{ATTN_Q}.weight" not in block and f"{FFN_DOWN}.weight" not in block:
         raise ElastiqError(f"layer {index} holds neither a Mamba2 mixer ({SSM_OUT}.weight), attention "
                            f"({ATTN_Q}.weight) nor an MLP ({FFN_DOWN}.weight)")
