@@ -5,9 +5,9 @@ without position encoding (``full_attention``) or a ReLU² MLP without a gate (`
 Each block's one norm is its ``attn_norm`` (llama.cpp's ``nemotron_h`` names it so for every
 kind). The mixers are Mamba2's, split on intake as Mamba2's are (``mamba2.split_mixers``), with dt
 clamped below at ``time_step_min``; they offer the channels per SSM head and the states per group,
-the attention blocks V/O rank, the MLP blocks their channels. q/k channels are all kept: pruning
-them as rotary pairs is not built for attention without RoPE. Mixture-of-experts layers (``moe``,
-Nemotron-3) are refused.
+the attention blocks V/O rank and pairs of q/k channels (j with j + d/2, as rotary pairs are cut
+elsewhere: without RoPE any pairing computes the same, and this one keeps every exporter's
+layout), the MLP blocks their channels. Mixture-of-experts layers (``moe``, Nemotron-3) are refused.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from ..checkpoint import MLP, SSM_N, SSM_P, VO
-from .base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ATTENTION_ONLY, EMBED, FFN_DOWN, FFN_UP, FINAL_NORM,
-                   HEAD, MLP_ONLY, SSM, SSM_CONV, SSM_IN, SSM_OUT, Family, SSMConfig, check_token_ids)
+from ..checkpoint import MLP, QK, SSM_N, SSM_P, VO
+from .base import (ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, ATTENTION_ONLY, EMBED, FFN_DOWN, FFN_UP, FINAL_NORM, HEAD,
+                   MLP_ONLY, ROPE_PAIRS, SSM, SSM_CONV, SSM_IN, SSM_OUT, Family, SSMConfig, check_token_ids)
 from .mamba2 import PARTS as MAMBA2_PARTS
 from .mamba2 import fuse_mixers, split_mixers
 
 KINDS = {"linear_attention": SSM, "full_attention": ATTENTION_ONLY, "mlp": MLP_ONLY}  # layers_block_type's values
 
 PARTS = {**MAMBA2_PARTS, ATTN_Q: "mixer.q_proj", ATTN_K: "mixer.k_proj", ATTN_V: "mixer.v_proj",
-         ATTN_OUT: "mixer.o_proj", FFN_UP: "mixer.up_proj", FFN_DOWN: "mixer.down_proj"}
+         ATTN_OUT: "mixer.o_proj", ROPE_PAIRS: "mixer.rope_pairs", FFN_UP: "mixer.up_proj", FFN_DOWN: "mixer.down_proj"}
 
 
 def layer_kinds(config: Mapping) -> list[str]:
@@ -89,9 +89,8 @@ NEMOTRON_H = Family("nemotron_h", model_types=("nemotron_h",), gguf_architecture
                     top={EMBED: "model.embeddings", FINAL_NORM: "model.norm_f", HEAD: "lm_head"},
                     bias_flags={"use_bias": (*SSM_IN, SSM_OUT), "use_conv_bias": SSM_CONV,
                                 "mlp_bias": (FFN_UP, FFN_DOWN)},
-                    offers=(MLP, VO, SSM_P, SSM_N), gguf=("nemotron_h", None), convert=split_mixers,
+                    offers=(MLP, QK, VO, SSM_P, SSM_N), gguf=("nemotron_h", None), convert=split_mixers,
                     unconvert=fuse_mixers, activations=("relu2",), act_key="mlp_hidden_act",
-                    kept="every q/k channel is kept: pruning them is not built for attention without RoPE",
                     unrotatable="rotating the residual stream is not built for SSM blocks",
                     kinds_of=layer_kinds, ssm_of=ssm_config, rotary=False, eps_key="layer_norm_epsilon",
                     check_fields=check_nemotron_h_config)

@@ -151,8 +151,11 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     config = ckpt.config
     tied = bool(config.get("tie_word_embeddings"))
     shapes = runtime_shapes(ckpt, rate)
+    family = checkpoint_family(ckpt)
     weights, transient = 0, 0
     for name, (shape, stored_dtype, fmt) in shapes.items():
+        if name.endswith(ROPE_PAIRS) and not family.rotary:
+            continue  # the pair indices of q/k cut without RoPE: nothing to turn, the model holds none
         numel = math.prod(shape)
         quantized = fmt is not None
         stored = numel // BLOCK * BLOCK_BYTES[fmt] if quantized else numel * stored_dtype.itemsize
@@ -174,7 +177,6 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
             load = 2 * stored + held  # and their re-laid copy
         weights += held
         transient = max(transient, load)
-    family = checkpoint_family(ckpt)
     ssm = family.ssm_config(config)
     layers = layer_widths(shapes, ckpt.heads, ssm)
     weights += rotary_bytes(config, layers, shapes, ckpt.heads)

@@ -12,7 +12,7 @@ from hybrid_checks import every_rate_is_its_slice, switches_as_fresh_loads
 from test_ssm import randomize
 
 from elastiq import ElastiqError
-from elastiq.checkpoint import MLP, SSM_N, SSM_P, VO, Checkpoint
+from elastiq.checkpoint import MLP, QK, SSM_N, SSM_P, VO, Checkpoint
 from elastiq.families import config_dict, family_for
 from elastiq.families.base import ATTENTION_ONLY, MLP_ONLY, SSM
 from elastiq.families.mamba2 import split_mixers
@@ -76,12 +76,14 @@ def test_the_family_describes_each_kind_of_block(tokenizer):
     family.check(config)
     assert family.layer_kinds(config) == [SSM, MLP_ONLY, ATTENTION_ONLY, MLP_ONLY, SSM]
     assert [[g.kind for g in family.groups(config, i)] for i in range(len(LAYERS))] == [
-        [SSM_P, SSM_N], [MLP], [VO], [MLP], [SSM_P, SSM_N]]
+        [SSM_P, SSM_N], [MLP], [QK, VO], [MLP], [SSM_P, SSM_N]]
     mlp = family.groups(config, 1)[0]
     assert [name for name, _ in mlp.members] == ["model.layers.1.mixer.up_proj.weight",
                                                  "model.layers.1.mixer.down_proj.weight"]  # no gate
     model = split_mixers(build_nemotron_h(len(tokenizer)))
-    assert family.shapes(config) == {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    described = {name: shape for name, shape in family.shapes(config).items()
+                 if not name.endswith("rope_pairs")}  # written by sorting, which prunes q/k pairs
+    assert described == {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("change, field", [
@@ -116,7 +118,7 @@ def test_sorting_keeps_the_model_and_every_rate_is_its_slice(hybrid_checkpoint, 
     from transformers import NemotronHForCausalLM
 
     ckpt = hybrid_checkpoint
-    assert {g.kind for g in ckpt.groups} == {SSM_P, SSM_N, MLP, VO}
+    assert {g.kind for g in ckpt.groups} == {SSM_P, SSM_N, MLP, QK, VO}
     for rate in ckpt.rates[1:]:
         assert any(ckpt.rate_entry(rate)["widths"][g.name] < g.width for g in ckpt.groups if g.kind == MLP), rate
     with torch.no_grad():
@@ -130,9 +132,10 @@ def test_the_manifest_counts_the_kv_cache_of_the_attention_block_alone(hybrid_ch
     ckpt = hybrid_checkpoint
     itemsize = KV_DTYPES[ckpt.manifest["kv_cache_dtype"]]
     heads = ckpt.heads
-    for rate in ckpt.rates:  # one attention block of 5; q/k keep every channel, V its kept rank
-        vo = ckpt.rate_entry(rate)["widths"]["layers.2.vo"]
-        assert ckpt.rate_entry(rate)["kv_bytes_per_token"] == (heads.head_dim + vo) * heads.num_kv_heads * itemsize
+    for rate in ckpt.rates:  # one attention block of 5: K its kept q/k pairs, V its kept rank
+        widths = ckpt.rate_entry(rate)["widths"]
+        kv = (2 * widths["layers.2.qk"] + widths["layers.2.vo"]) * heads.num_kv_heads * itemsize
+        assert ckpt.rate_entry(rate)["kv_bytes_per_token"] == kv
 
 
 @pytest.mark.parametrize("which", ["float", "q4"])

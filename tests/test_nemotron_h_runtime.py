@@ -19,17 +19,17 @@ CTX = 64
 
 def expected_cache_bytes(ckpt: Checkpoint, rate: float, ctx: int, itemsize: int) -> tuple[int, int]:
     """(KV cache bytes, recurrent state bytes) of ``rate``, from the config and the rate's widths
-    alone: each attention block keeps every key channel (no RoPE: q/k are not pruned) and its kept V
+    alone: each attention block keeps its kept q/k pairs (two key channels each) and its kept V
     rank per KV head for ``ctx`` positions in the activations' dtype; each Mamba2 block holds its
     convolution inputs (K steps of x, B and C) and its H x P x N state in float32; an MLP holds
     nothing."""
     config, widths = ckpt.config, ckpt.rate_entry(rate)["widths"]
-    kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
+    kv_heads = config["num_key_value_heads"]
     H, G, K = config["mamba_num_heads"], config["n_groups"], config["conv_kernel"]
     kv = states = 0
     for i, kind in enumerate(config["layers_block_type"]):
         if kind == "full_attention":
-            kv += ctx * kv_heads * (head_dim + widths[f"layers.{i}.vo"]) * itemsize
+            kv += ctx * kv_heads * (2 * widths[f"layers.{i}.qk"] + widths[f"layers.{i}.vo"]) * itemsize
         elif kind == "linear_attention":
             P, N = widths[f"layers.{i}.ssm_p"], widths[f"layers.{i}.ssm_n"]
             states += 4 * ((H * P + 2 * G * N) * K + H * P * N)
