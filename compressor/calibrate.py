@@ -21,10 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ElastiqError
-from ..families import config_dict
 from ..checkpoint import QK
-from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_ONLY,
-                             PARALLEL, SSM, SSM_IN_Z, SSM_MLP, Family)
+from ..families import config_dict
+from ..families.base import (ATTENTION_KINDS, ATTN_K, ATTN_Q, EMBED, FFN_DOWN, FINAL_NORM, MLP_KINDS, SSM_IN_Z,
+                             SSM_KINDS, Family)
 from ..paths import data_dir
 from .distributed import my_chunks, reduce_round, round_chunk, rounds, world
 
@@ -265,8 +265,8 @@ def calibrate(model: torch.nn.Module, family: Family, samples: torch.Tensor, chu
         block = blocks[index]
         chunk_stats: dict[str, torch.Tensor] = {}  # the hooks fill it with one chunk's statistics
         current: dict = {}
-        handles = [h for hooks in HOOKS[kinds[index]]
-                   for h in hooks(family, kinds[index], block, heads, chunk_stats, current)]
+        handles = [h for hooks in _hooks(kinds[index]) for h in hooks(family, kinds[index], block, heads,
+                                                                       chunk_stats, current)]
         sums: dict = {}  # this block's statistics, summed over the chunks (on rank 0)
         try:
             for k in range(rounds(count)):
@@ -331,9 +331,9 @@ def _attention_hooks(family: Family, kind: str, block: torch.nn.Module, heads, s
         stats["k_sq"] = rotated(out, heads.num_kv_heads).square().sum((0, 1)).double()
 
     handles = []
-    if kind != ATTENTION_ONLY:
+    if kind in MLP_KINDS:
         handles.append(family.part(block, FFN_DOWN).register_forward_pre_hook(on_down))
-    if kind not in (MLP_ONLY, SSM_MLP):
+    if kind in ATTENTION_KINDS:
         handles.append(family.part(block, ATTN_Q).register_forward_hook(on_q))
         if pairs:
             handles.append(family.part(block, ATTN_K).register_forward_hook(on_k))
@@ -350,7 +350,7 @@ def _ssm_hooks(family: Family, kind: str, block: torch.nn.Module, heads, stats: 
     return [family.part(block, SSM_IN_Z).register_forward_pre_hook(on_input)]
 
 
-# The statistics each kind of block gathers (a hybrid's Mamba2 + MLP block, both).
-HOOKS = {SSM: (_ssm_hooks,), SSM_MLP: (_ssm_hooks, _attention_hooks), PARALLEL: (_ssm_hooks, _attention_hooks),
-         ATTENTION: (_attention_hooks,),
-         ATTENTION_ONLY: (_attention_hooks,), MLP_ONLY: (_attention_hooks,)}
+def _hooks(kind: str) -> list:
+    """The hooks of a kind of block: a mixer's input, and attention's and an MLP's statistics."""
+    return ([_ssm_hooks] if kind in SSM_KINDS else []) + \
+        ([_attention_hooks] if kind in ATTENTION_KINDS or kind in MLP_KINDS else [])

@@ -49,6 +49,7 @@ ATTENTION, SSM, SSM_MLP, PARALLEL = "attention", "ssm", "ssm_mlp", "parallel"
 ATTENTION_ONLY, MLP_ONLY = "attention_only", "mlp_only"
 SSM_KINDS = (SSM, SSM_MLP, PARALLEL)  # the kinds of block with a Mamba2 mixer
 ATTENTION_KINDS = (ATTENTION, ATTENTION_ONLY, PARALLEL)  # those with attention
+MLP_KINDS = (ATTENTION, SSM_MLP, PARALLEL, MLP_ONLY)  # those with an MLP
 
 # The decoder block: each norm and the matrices that read its output (rotation folds the norm
 # into them), the matrices that write the residual stream, and the input each matrix reads
