@@ -210,10 +210,16 @@ def random_checkpoint(name: str, tokenizer_dir: Path) -> Path:
 def standin_checkpoint(model: Path, name: str) -> Path:
     """The trained stand-in ``model`` (``ssm_standin.py train``) as `elastiq compress
     --no-recover` makes it (recovery changes no width, so neither speed nor memory): state-aware
-    sorting, influence allocation, GPTQ Q4_0 at the default rates; cached under a digest of its weights."""
+    sorting, influence allocation, GPTQ Q4_0 at the default rates; cached under a digest of its
+    weights and of the code that compresses them (a checkout's commit), so that a change to the
+    compressor builds it anew."""
+    import subprocess
+
     from elastiq.compressor.pipeline import PipelineOptions, build
 
-    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:10]
+    code = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip() or "not a checkout"
+    digest = hashlib.sha256((model / "model.safetensors").read_bytes() + code.encode()).hexdigest()[:10]
     target = cache_dir() / "bench" / f"{name}-{digest}-q4.elastiq"
     if not (target / "manifest.json").is_file():
         build(model, target, PipelineOptions(recover=None), overwrite=True, progress=False)
