@@ -113,3 +113,34 @@ def masks_compute_every_slice(ckpt: Checkpoint, family, ids: torch.Tensor) -> se
     assert torch.equal(model(ids), full)
     masks.remove()
     return {name.partition(".lora_B")[0] for name, _ in model.named_parameters() if "lora_B" in name}
+
+
+def llama_cpp_plans(ckpt: Checkpoint, rate: float, ctx: int, kv: int, states: int, folder) -> None:
+    """llama.cpp's footprint of ``rate`` holds ``kv`` bytes of KV cache and ``states`` of recurrent
+    state before and after the export (its weights within 2% of the file), llama.cpp's own account
+    of its memory agrees, and the engine goes on from its state only (a mixer cannot go back)."""
+    import re
+    import subprocess
+    import sys
+
+    import pytest
+
+    from elastiq.runtime.backends import backend, open_engine
+
+    llama = backend("llama.cpp")
+    before = llama.footprint(ckpt, rate, ctx, baseline=0)
+    engine = open_engine("llama.cpp", ckpt.path, rate, ctx=ctx)
+    after = llama.footprint(ckpt, rate, ctx, baseline=0)
+    assert before.kv_cache == after.kv_cache == kv + states
+    assert abs(before.weights - after.weights) <= 0.02 * after.weights and after.weights >= engine.load_bytes
+    code = (f"import llama_cpp; llama_cpp.Llama({str(engine.export)!r}, n_ctx={ctx}, n_threads=1, n_batch={ctx}, "
+            "verbose=True)")
+    log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder).stderr
+    said = dict(re.findall(r"(llama_kv_cache|llama_memory_recurrent): size = +([\d.]+) MiB", log))
+    assert float(said["llama_kv_cache"]) == pytest.approx(kv / 2**20, abs=0.006), log
+    assert float(said["llama_memory_recurrent"]) == pytest.approx(states / 2**20, abs=0.006), log
+    g = engine.generator
+    assert g.recurrent
+    first = g.generate([5, 6, 7, 8, 9], 4)
+    assert g.generate([5, 6, 7, 8, 9] + first.tokens, 2).reused == 5 + 3  # the state stands after the three tokens
+    assert g.generate([5, 6, 7, 8, 9], 4).reused == 0  # going back starts over

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import compressed, quantized
-from hybrid_checks import (every_rate_is_its_slice, masks_compute_every_slice, planner_counts_what_the_engine_holds,
-                           switches_as_fresh_loads)
+from hybrid_checks import (every_rate_is_its_slice, llama_cpp_plans, masks_compute_every_slice,
+                           planner_counts_what_the_engine_holds, switches_as_fresh_loads)
 from test_ssm import randomize
 
 from elastiq import ElastiqError
@@ -171,36 +171,17 @@ def test_llama_cpp_plans_what_its_granitehybrid_holds(bamba_q4, tmp_path):
     unpruned P (its inner size is twice the hidden size) and the rate's widest N: the footprint says
     so before and after the export (its weights within 2% of the file), llama.cpp's own account of
     its memory agrees, and the engine goes on from its state only."""
-    import re
     import shutil
-    import subprocess
-    import sys
 
     pytest.importorskip("llama_cpp")
-    from elastiq.runtime.backends import backend, open_engine
     from elastiq.runtime.backends.llamacpp import LLAMA_CTX_PAD
 
     ckpt = Checkpoint(shutil.copytree(bamba_q4.path, tmp_path / "b.elastiq"))
-    config, llama, rate, ctx = ckpt.config, backend("llama.cpp"), ckpt.rates[-1], 100
+    config, rate, ctx = ckpt.config, ckpt.rates[-1], 100
     widths = ckpt.rate_entry(rate)["widths"]
     mixers = [i for i in range(config["num_hidden_layers"]) if i not in config["attn_layer_indices"]]
     P, N = config["mamba_d_head"], max(widths[f"layers.{i}.ssm_n"] for i in mixers)
     H, G, K = config["mamba_n_heads"], config["mamba_n_groups"], config["mamba_d_conv"]
     kv = LLAMA_CTX_PAD * len(config["attn_layer_indices"]) * 2 * config["num_key_value_heads"] * 32 * 2
     states = len(mixers) * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
-    before = llama.footprint(ckpt, rate, ctx, baseline=0)
-    engine = open_engine("llama.cpp", ckpt.path, rate, ctx=ctx)
-    after = llama.footprint(ckpt, rate, ctx, baseline=0)
-    assert before.kv_cache == after.kv_cache == kv + states
-    assert abs(before.weights - after.weights) <= 0.02 * after.weights and after.weights >= engine.load_bytes
-    code = (f"import llama_cpp; llama_cpp.Llama({str(engine.export)!r}, n_ctx={ctx}, n_threads=1, n_batch={ctx}, "
-            "verbose=True)")
-    log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stderr
-    said = dict(re.findall(r"(llama_kv_cache|llama_memory_recurrent): size = +([\d.]+) MiB", log))
-    assert float(said["llama_kv_cache"]) == pytest.approx(kv / 2**20, abs=0.006), log
-    assert float(said["llama_memory_recurrent"]) == pytest.approx(states / 2**20, abs=0.006), log
-    g = engine.generator
-    assert g.recurrent
-    first = g.generate([5, 6, 7, 8, 9], 4)
-    assert g.generate([5, 6, 7, 8, 9] + first.tokens, 2).reused == 5 + 3
-    assert g.generate([5, 6, 7, 8, 9], 4).reused == 0  # going back starts over
+    llama_cpp_plans(ckpt, rate, ctx, kv, states, tmp_path)

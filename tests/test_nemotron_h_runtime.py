@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_checks import masks_compute_every_slice
+from hybrid_checks import llama_cpp_plans, masks_compute_every_slice
 from test_nemotron_h import hybrid_checkpoint, hybrid_folder, hybrid_q4  # noqa: F401
 
 from elastiq import ElastiqError
@@ -97,17 +97,13 @@ def test_llama_cpp_plans_what_its_nemotron_h_holds(hybrid_q4, tmp_path):
     rate's widest P and N: the footprint says so before and after the export (its weights within 2%
     of the file it will write), and llama.cpp's own account of its memory agrees; the engine goes on
     from its state only (a hybrid's mixers cannot go back)."""
-    import re
     import shutil
-    import subprocess
-    import sys
 
     pytest.importorskip("llama_cpp")
-    from elastiq.runtime.backends import backend, open_engine
     from elastiq.runtime.backends.llamacpp import LLAMA_CTX_PAD
 
     ckpt = Checkpoint(shutil.copytree(hybrid_q4.path, tmp_path / "h.elastiq"))
-    config, llama, rate, ctx = ckpt.config, backend("llama.cpp"), ckpt.rates[-1], 100
+    config, rate, ctx = ckpt.config, ckpt.rates[-1], 100
     widths = ckpt.rate_entry(rate)["widths"]
     mixers = [i for i, kind in enumerate(config["layers_block_type"]) if kind == "linear_attention"]
     attention = config["layers_block_type"].count("full_attention")
@@ -116,23 +112,7 @@ def test_llama_cpp_plans_what_its_nemotron_h_holds(hybrid_q4, tmp_path):
     H, G, K = config["mamba_num_heads"], config["n_groups"], config["conv_kernel"]
     kv = LLAMA_CTX_PAD * attention * 2 * config["num_key_value_heads"] * config["head_dim"] * 2
     states = len(mixers) * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
-    before = llama.footprint(ckpt, rate, ctx, baseline=0)
-    engine = open_engine("llama.cpp", ckpt.path, rate, ctx=ctx)
-    after = llama.footprint(ckpt, rate, ctx, baseline=0)
-    assert before.kv_cache == after.kv_cache == kv + states
-    assert abs(before.weights - after.weights) <= 0.02 * after.weights and after.weights >= engine.load_bytes
-    code = (f"import llama_cpp; llama_cpp.Llama({str(engine.export)!r}, n_ctx={ctx}, n_threads=1, n_batch={ctx}, "
-            "verbose=True)")
-    log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stderr
-    said = dict(re.findall(r"(llama_kv_cache|llama_memory_recurrent): size = +([\d.]+) MiB", log))
-    assert float(said["llama_kv_cache"]) == pytest.approx(kv / 2**20, abs=0.006), log
-    assert float(said["llama_memory_recurrent"]) == pytest.approx(states / 2**20, abs=0.006), log
-    g = engine.generator
-    assert g.recurrent
-    first = g.generate([5, 6, 7, 8, 9], 4)
-    again = g.generate([5, 6, 7, 8, 9] + first.tokens, 2)
-    assert again.reused == 5 + 3  # the state stands after the three tokens run
-    assert g.generate([5, 6, 7, 8, 9], 4).reused == 0  # going back starts over
+    llama_cpp_plans(ckpt, rate, ctx, kv, states, tmp_path)
 
 
 def test_backend_auto_runs_a_hybrid_on_a_backend_that_can(hybrid_q4, capsys):
