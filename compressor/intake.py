@@ -19,6 +19,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
+from ..families.partial_rope import turn_whole_heads
 from ..machine import return_freed_memory
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
 from .shards import ShardWeights
@@ -146,7 +147,7 @@ def model_skeleton(source: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module,
     if path.is_dir():
         shapes = _check_hf_dir(path)
         config = _loaded(f"{path / 'config.json'}", lambda: AutoConfig.from_pretrained(path), CONFIG_ERRORS)
-        if MODEL_TYPES[config.model_type].convert is None:
+        if _streams(config):
             skeleton = _skeleton(config, torch.float32, shapes)
             if skeleton is not None:
                 return skeleton, True
@@ -194,7 +195,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, stream: bool = False) -> Loaded
     check_weights(config, shapes, str(path))
     with tokenizer_errors(f"cannot build the tokenizer of {path}"):
         tokenizer = _loaded(f"the tokenizer of {path}", lambda: AutoTokenizer.from_pretrained(path))
-    if stream and MODEL_TYPES[config.model_type].convert is None:
+    if stream and _streams(config):
         skeleton = _skeleton(config, dtype, shapes)
         if skeleton is not None:
             files, placed = weight_files(path)
@@ -304,7 +305,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     return LoadedModel(_converted(model.eval()), tokenizer, source, model_type)
 
 
+def _streams(config) -> bool:
+    """Whether a model of ``config`` can be read a block at a time: its family computes it as it
+    is, with no conversion of the whole model first."""
+    family = MODEL_TYPES[config.model_type]
+    return family.convert is None and not family.partial_rope
+
+
 def _converted(model: torch.nn.Module) -> torch.nn.Module:
-    """``model``, or the equivalent model its family converts it to (Phi-3's projections unfused)."""
+    """``model``, or the equivalent model its family converts it to (Phi-3's projections unfused),
+    with heads of partial RoPE laid out for whole-head RoPE (``families.partial_rope``)."""
     convert = MODEL_TYPES[model.config.model_type].convert
-    return convert(model) if convert else model
+    model = convert(model) if convert else model
+    family = MODEL_TYPES[model.config.model_type]
+    return turn_whole_heads(model, family) if family.partial_rope else model

@@ -12,8 +12,9 @@ a rate is written as ``deci`` with a per-layer ``feed_forward_length``; a family
 architecture in llama.cpp (``qwen3``) gets every block's MLP zero-padded to the widest one's.
 Models with Mamba2 blocks are written as llama.cpp's ``mamba2`` (Mamba2 alone), ``nemotron_h``
 (Nemotron-H: per-layer MLP widths kept; V/O rank, SSM channels per head and states per group
-widened with zeros), ``granitehybrid`` (Bamba: MLPs, V/O rank, P and N widened with zeros; q/k
-interleaved within the channels its partial RoPE turns) or ``falcon-h1`` (Falcon-H1: MLPs, V/O
+widened with zeros), ``granitehybrid`` (Bamba: MLPs, q/k pairs, V/O rank, P and N widened with
+zeros; q/k interleaved, which puts the pairs partial RoPE turns in the channels llama.cpp turns
+and those it passes after them, ``families.partial_rope``) or ``falcon-h1`` (Falcon-H1: MLPs, V/O
 rank, P and N widened with zeros; q/k rotate-half), as ``_write_hybrid`` says.
 
 4-bit matrices are copied as GGUF ``Q4_0`` blocks from the checkpoint's codes, bit for bit (a
@@ -76,48 +77,29 @@ def qk_rows(pairs: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.T
     return rows.reshape(-1)
 
 
-def partial_rows(num_heads: int, head_dim: int, rotated: int) -> torch.Tensor:
-    """Interleaved row of each q (or k) row of ``num_heads`` full heads whose first ``rotated``
-    channels turn (partial RoPE, rotate-half within them: channels i and rotated/2 + i are pair i)
-    and whose other channels pass: pair i goes to channels 2i and 2i + 1, as llama.cpp's NORM RoPE
-    turns the first ``rope.dimension_count`` channels of a head; the passing channels stay."""
-    c, half = torch.arange(head_dim), rotated // 2
-    within = torch.where(c < rotated, 2 * (c % max(half, 1)) + c // max(half, 1), c)
-    return (torch.arange(num_heads)[:, None] * head_dim + within).reshape(-1)
-
-
-def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False,
-               rotated: int | None = None) -> dict[str, Weight]:
+def full_heads(weights: Mapping[str, Weight], args: ModelArgs, neox: bool = False) -> dict[str, Weight]:
     """``weights`` (runtime names, one rate) with every attention projection at full head size in
     llama.cpp's layout (rotary pairs interleaved, or halves kept with ``neox``), and the
     ``rope_pairs`` tensors consumed (a Mamba2 block's attention beside its mixer too: Falcon-H1's).
     Blocks without attention (a hybrid's) are left as they are;
     where the family has no RoPE, q and k hold every channel in order and ``neox`` keeps it. With
-    partial RoPE (``rotated`` channels of a head turn, fewer than its size), q and k keep every
-    channel (such families prune none) and only the turning ones are interleaved (``partial_rows``)."""
+    partial RoPE laid out whole (``families.partial_rope``), interleaving puts pair p at channels
+    2p and 2p + 1: inside the channels llama.cpp's RoPE turns exactly for the pairs that turn."""
     rows_of = half_rows if neox else qk_rows
     H, G, d = args.num_heads, args.num_kv_heads, args.head_dim
-    partial = rotated is not None and rotated < d
     out = dict(weights)
     for i, layer in enumerate(args.layers):
         if (layer := attends(layer)) is None:
             continue
         p = f"layers.{i}."
         u, r = layer.rope_pairs, layer.v_rank
-        if partial:
-            if 2 * u != d or p + ROPE_PAIRS in out:
-                raise ExportError(f"layer {i}: q/k keep {2 * u} of {d} channels per head; with partial RoPE the "
-                                  "GGUF export writes heads whose q/k channels are all kept")
-            out.pop(p + ROPE_PAIRS, None)
-            q_rows, k_rows = partial_rows(H, d, rotated), partial_rows(G, d, rotated)
-        else:
-            pairs = out.pop(p + ROPE_PAIRS, None)
-            pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
-            if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
-                    len(set(row.tolist())) != u for row in pairs):
-                raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for "
-                                  f"each of the {G} KV heads, got {pairs.tolist()}")
-            q_rows, k_rows = rows_of(pairs, H // G, d), rows_of(pairs, 1, d)
+        pairs = out.pop(p + ROPE_PAIRS, None)
+        pairs = torch.arange(u).expand(G, u) if pairs is None else pairs.long()
+        if pairs.shape != (G, u) or (pairs < 0).any() or (pairs >= d // 2).any() or any(
+                len(set(row.tolist())) != u for row in pairs):
+            raise ExportError(f"layer {i}: rope_pairs must hold {u} distinct pair indices below {d // 2} for "
+                              f"each of the {G} KV heads, got {pairs.tolist()}")
+        q_rows, k_rows = rows_of(pairs, H // G, d), rows_of(pairs, 1, d)
         rows = {ATTN_Q: (q_rows, H * d), ATTN_K: (k_rows, G * d), ATTN_V: (head_prefix(G, r, d), G * d)}
         for slot, (index, total) in rows.items():
             for kind in ("weight", "bias"):
@@ -441,8 +423,8 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     if granite or falcon:  # one MLP width: the widest
         weights = widest_mlp(weights, widths)
         widths = [max(widths)] * len(widths)
-    # V/O rank at full head size; q, k as they are (no RoPE), or interleaved in their turning channels
-    weights = full_heads(weights, args, neox=True, rotated=rotated)
+    # V/O rank at full head size; q, k as they are (no RoPE), by halves (falcon-h1) or interleaved (granitehybrid)
+    weights = full_heads(weights, args, neox=not granite)
     tensors = {TOP[slot] + ".weight": weights[f"{slot}.weight"] for slot in (EMBED, FINAL_NORM, HEAD)
                if f"{slot}.weight" in weights and not (slot == HEAD and args.tie_word_embeddings)}
     tensors.update(ssm_gguf_tensors(weights, sorted(mixers), ssm.n_groups, arch_name))

@@ -54,6 +54,7 @@ from ..atomic import atomic_path
 from ..checkpoint import Checkpoint
 from ..families import checkpoint_family
 from ..families.base import ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, ROPE_PAIRS
+from ..families.partial_rope import partial_heads_back
 from ..modeling.model import LayerArgs, ModelArgs, SSMLayerArgs, attends, runtime_weights
 from ..quants import Quantized
 from .padding import head_prefix, scatter_rows, ssm_widest, widest_mlp
@@ -106,6 +107,8 @@ def write_hf(checkpoint: Path | str, rate: float, output: Path | str) -> Path:
     state = {family.checkpoint_name(name): family.checkpoint_tensor(name, t) for name, t in state.items()}
     if family.unconvert is not None:
         state = _unconvert(family, state)
+    if family.partial_rope:
+        state = partial_heads_back(state, source, family)
     config = AutoConfig.for_model(**source)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 

@@ -4,7 +4,9 @@ it (grouped-query, RoPE on a part of each head, ``partial_rotary_factor``).
 
 The mixers are Mamba2's, split on intake as Mamba2's are (``mamba2.split_mixers``); they offer
 the channels per SSM head and the states per group, every MLP its channels, the attention blocks
-V/O rank. q/k channels are all kept: pruning rotary pairs is not built for partial RoPE.
+q/k pairs and V/O rank. Intake lays the attention heads out for whole-head RoPE, the channels
+that partial RoPE passes paired up and turning at frequency 0 (``partial_rope``), so q/k prune
+as rotary pairs do: the pairs that turn and the pairs that pass are sorted together.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from ..checkpoint import MLP, SSM_N, SSM_P, VO
+from ..checkpoint import MLP, QK, SSM_N, SSM_P, VO
 from .base import (ATTENTION, ATTN_NORM, EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_UP, FINAL_NORM, HEAD, ROPE_PAIRS,
                    SSM_CONV, SSM_IN, SSM_MLP, SSM_OUT, Family, SSMConfig, check_config)
 from .llama import BIAS_FLAGS as LLAMA_BIASES
@@ -94,8 +96,7 @@ BAMBA = Family("bamba", model_types=("bamba",), gguf_architectures=(), parts=PAR
                top={EMBED: "model.embed_tokens", FINAL_NORM: "model.final_layernorm", HEAD: "lm_head"},
                bias_flags={"mamba_proj_bias": (*SSM_IN, SSM_OUT), "mamba_conv_bias": SSM_CONV,
                            "attention_bias": LLAMA_BIASES["attention_bias"], "mlp_bias": (FFN_GATE, FFN_UP, FFN_DOWN)},
-               offers=(MLP, VO, SSM_P, SSM_N), gguf=("granitehybrid", None),  # llama.cpp's converter writes Bamba so
-               convert=split_mixers, unconvert=fuse_mixers,
-               kept="every q/k channel is kept: pruning rotary pairs is not built for partial RoPE",
+               offers=(MLP, QK, VO, SSM_P, SSM_N), gguf=("granitehybrid", None),  # llama.cpp's converter writes Bamba so
+               convert=split_mixers, unconvert=fuse_mixers, partial_rope=True,
                unrotatable="rotating the residual stream is not built for SSM blocks",
                kinds_of=layer_kinds, ssm_of=ssm_config, returns_pair=True, check_fields=check_bamba_config)

@@ -144,6 +144,9 @@ class Family:
     kinds_of: Callable[[Mapping], list[str]] | None = None
     ssm_of: Callable[[Mapping], SSMConfig] = SSMConfig.from_config  # the mixers' config, where there are any
     rotary: bool = True  # whether attention rotates q and k (RoPE); Nemotron-H's has no position encoding
+    # whether intake lays heads of partial RoPE out for whole-head RoPE (``partial_rope``); a family
+    # without it refuses a config whose RoPE turns part of each head
+    partial_rope: bool = False
     returns_pair: bool = False  # a transformers block returns (hidden states, attention weights) (Bamba)
     eps_key: str = "rms_norm_eps"  # the config key of the norms' epsilon
     check_fields: Callable[[Mapping], None] | None = None  # the config check; None: ``check_config``
@@ -292,6 +295,10 @@ class Family:
         from .. import ElastiqError
 
         (self.check_fields or check_config)(config)
+        if self.rotary and not self.partial_rope and any(kind in ATTENTION_KINDS for kind in self.layer_kinds(config)):
+            if (factor := partial_rotary_factor(config)) != 1:
+                raise ElastiqError(f"this {self.name} model's RoPE turns part of each head (partial_rotary_factor "
+                                   f"{factor}); elastiq runs {self.name} models whose RoPE turns whole heads")
         act = self.activation(config)
         if act not in self.activations:
             raise ElastiqError(f"{self.act_key} {act!r} is not supported for {self.name}; the elastic model runs "
@@ -384,6 +391,14 @@ class Family:
     def top_module(self, model: nn.Module, slot: str) -> nn.Module:
         """The embedding, final norm or head module (``EMBED``, ``FINAL_NORM``, ``HEAD``)."""
         return model.get_submodule(self.top[slot])
+
+
+def partial_rotary_factor(config: Mapping) -> float:
+    """The fraction of each head's channels that RoPE turns (1: the whole head), as transformers
+    reads it: from ``rope_parameters`` (or the older ``rope_scaling``), else the config's own field."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    return float(factor or config.get("partial_rotary_factor") or 1.0)
 
 
 def is_norm(runtime_name: str) -> bool:

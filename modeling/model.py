@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from .. import ElastiqError
 from ..families import config_dict, family_for
+from ..families.partial_rope import whole_head_frequencies
 from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST_NORM, ATTN_Q, ATTN_Q_NORM, ATTN_V,
                               EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, HEAD, ROPE_PAIRS, SSM_A,
                               SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z,
@@ -182,7 +183,7 @@ class ModelArgs:
 @dataclass(frozen=True)
 class LayerAttention:
     """What a block's attention needs beyond its weights: the rotary frequencies of the original
-    head [d/2] (None: a family whose attention has no RoPE), transformers' cos/sin scaling factor (1
+    head's pairs [d/2] (0 for the pairs partial RoPE passes; None: a family whose attention has no RoPE), transformers' cos/sin scaling factor (1
     for default RoPE), and its sliding window (None: full causal attention)."""
 
     inv_freq: torch.Tensor | None
@@ -207,10 +208,11 @@ def layer_attention(config: Mapping, device: torch.device | str = "cpu") -> list
     types = config.get("layer_types") or [None] * config["num_hidden_layers"]
     if not family_for(config).rotary:
         return [LayerAttention(None, 1.0, w) for w in layer_windows(config)]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     rope = {}
-    for t in set(types):
+    for t in set(types):  # partial RoPE's passing pairs turn at frequency 0 (``families.partial_rope``)
         inv_freq, scaling = rotary_frequencies(config, t)
-        rope[t] = inv_freq.to(device), scaling
+        rope[t] = whole_head_frequencies(inv_freq, head_dim).to(device), scaling
     return [LayerAttention(*rope[t], w) for t, w in zip(types, layer_windows(config))]
 
 
@@ -429,12 +431,9 @@ class Attending:
         if layer.attention and attending.inv_freq is not None:
             self.register_buffer("inv_freq", attending.inv_freq)  # rotary frequencies of the original head
             self.register_buffer("rope_pairs", w[ROPE_PAIRS])
-            rotated = self.rope_pairs.shape[1]  # fewer than u: partial RoPE turns the head's first 2 * rotated
-            if self.rope_pairs.shape[0] != G or not (rotated == u or rotated == self.inv_freq.shape[0] < u) or \
-                    self.inv_freq.shape[0] < rotated:
+            if self.rope_pairs.shape != (G, u) or self.inv_freq.shape[0] < u:
                 raise ElastiqError(f"rotary pairs {tuple(self.rope_pairs.shape)} and {self.inv_freq.shape[0]} "
                                    f"frequencies do not fit {G} KV heads of {u} kept pairs")
-            self.rotated = 2 * rotated
             self.rope = rope_for(self.rope_pairs.device)  # shapes checked here, not on every token
             self.rope_index = self.rope.prepare(self.rope_pairs)
         self.kv_cache: KVCache | None = None
@@ -491,9 +490,7 @@ class Attending:
 
     def attention(self, x: torch.Tensor, tables: tuple | None, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        if self.rope is not None and self.rotated < self.qk_dim:  # partial RoPE: the heads' first channels
-            self.rotate(q[..., :self.rotated], k[..., :self.rotated], tables)
-        elif self.rope is not None:
+        if self.rope is not None:
             self.rotate(q, k, tables)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if start is not None:
@@ -954,7 +951,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Transformer":
-        """The elastic model of a transformers causal LM, sharing its tensors."""
+        """The elastic model of a transformers causal LM as intake gives it (converted by its family:
+        Mamba2 mixers split, heads of partial RoPE laid out whole), sharing its tensors."""
         return cls.from_weights(model.state_dict(), config_dict(model.config))
 
     @classmethod
@@ -1009,14 +1007,13 @@ def _resident_weights(weights: Mapping[str, Weight], config: Mapping, dtype: tor
 def _rope_pairs(pairs: torch.Tensor | None, layer: LayerArgs, num_kv_heads: int, index: int,
                 device: torch.device, frequencies: int) -> torch.Tensor:
     """Block ``index``'s rotary pair indices [G, u] as the model holds them (int64): ``pairs``, or
-    pairs 0..u-1 of every KV head when absent; with partial RoPE (fewer ``frequencies`` than the
-    u pairs of a head) pairs 0..frequencies-1, the rotated ones."""
-    rotated = min(layer.rope_pairs, frequencies)
+    pairs 0..u-1 of every KV head when absent (a family or group that keeps every pair)."""
+    u = layer.rope_pairs
     if pairs is None:
-        pairs = torch.arange(rotated, device=device).expand(num_kv_heads, -1)
-    if pairs.shape != (num_kv_heads, rotated):
+        pairs = torch.arange(u, device=device).expand(num_kv_heads, -1)
+    if pairs.shape != (num_kv_heads, u) or u > frequencies:
         raise ElastiqError(f"layer {index}: rope_pairs has shape {tuple(pairs.shape)}, the key projection's "
-                           f"rows say {(num_kv_heads, rotated)}")
+                           f"rows and {frequencies} rotary frequencies say {(num_kv_heads, u)}")
     return pairs.long()
 
 

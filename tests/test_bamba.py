@@ -13,11 +13,12 @@ from hybrid_checks import (every_rate_is_its_slice, llama_cpp_plans, masks_compu
 from test_ssm import randomize
 
 from elastiq import ElastiqError
-from elastiq.checkpoint import MLP, SSM_N, SSM_P, VO, Checkpoint
+from elastiq.checkpoint import MLP, QK, SSM_N, SSM_P, VO, Checkpoint
 from elastiq.families import config_dict, family_for
 from elastiq.families.bamba import BAMBA
 from elastiq.families.base import ATTENTION, SSM_MLP
 from elastiq.families.mamba2 import split_mixers
+from elastiq.families.partial_rope import partial_heads_back, turn_whole_heads, whole_head_order
 
 HIDDEN = 128
 
@@ -79,10 +80,10 @@ def test_the_family_describes_each_kind_of_block(tokenizer):
     family.check(config)
     assert family.layer_kinds(config) == [SSM_MLP, ATTENTION, SSM_MLP]
     assert [[g.kind for g in family.groups(config, i)] for i in range(3)] == [
-        [SSM_P, SSM_N, MLP], [MLP, VO], [SSM_P, SSM_N, MLP]]
+        [SSM_P, SSM_N, MLP], [MLP, QK, VO], [SSM_P, SSM_N, MLP]]
     model = split_mixers(build_bamba(len(tokenizer)))
     described = {name: shape for name, shape in family.shapes(config).items()
-                 if not name.endswith("rope_pairs")}  # written by sorting where q/k pairs are pruned: not here
+                 if not name.endswith("rope_pairs")}  # written by sorting
     assert described == {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -99,16 +100,42 @@ def test_a_bad_bamba_config_names_the_field(tokenizer, change, field):
         family_for(config).check(config)
 
 
+def test_whole_head_order_pairs_the_passing_channels():
+    """A head of 12 channels whose first 4 turn (pairs (0, 2), (1, 3)) and whose 8 others pass:
+    laid out whole, pair j is channels (j, j + 6); pairs 2..5 are the passing channels 4..11."""
+    order = whole_head_order(12, 4)
+    assert order.tolist() == [0, 1, 4, 5, 6, 7, 2, 3, 8, 9, 10, 11]
+    assert [(order[j].item(), order[j + 6].item()) for j in range(6)] == [(0, 2), (1, 3), (4, 8), (5, 9), (6, 10),
+                                                                          (7, 11)]
+    assert whole_head_order(8, 8).tolist() == list(range(8))  # whole-head RoPE: nothing moves
+
+
+@torch.no_grad()
+def test_partial_rope_laid_out_whole_computes_the_same(tokenizer, ids):
+    """Intake's layout moves q/k channels and gives the passing pairs frequency 0: transformers'
+    own model computes the same logits, and the export's inverse gives back the source's tensors."""
+    model = build_bamba(len(tokenizer))
+    want = model(ids).logits
+    before = {k: v.clone() for k, v in split_mixers(model).state_dict().items()}
+    turned = turn_whole_heads(model, BAMBA)
+    assert model.model.rotary_emb.inv_freq.shape == (16,) and (model.model.rotary_emb.inv_freq[8:] == 0).all()
+    moved = {k for k, v in turned.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"}
+    assert torch.allclose(turned(ids).logits, want, atol=1e-5 * want.abs().max(), rtol=0)
+    back = partial_heads_back(turned.state_dict(), config_dict(turned.config), BAMBA)
+    assert all(torch.equal(back[k], v) for k, v in before.items())
+
+
 @torch.no_grad()
 def test_the_elastic_model_computes_what_transformers_computes(tokenizer, ids):
-    """Partial RoPE included: a full pass, and prefill then token by token through the KV caches
-    and recurrent states."""
+    """Partial RoPE included (heads laid out whole, as intake lays them): a full pass, and prefill
+    then token by token through the KV caches and recurrent states."""
     from elastiq.modeling.model import Transformer
 
     model = build_bamba(len(tokenizer))
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
     want = model(ids).logits
-    elastic = Transformer.from_hf(split_mixers(model))
+    elastic = Transformer.from_hf(turn_whole_heads(split_mixers(model), BAMBA))
     assert torch.allclose(elastic(ids), want, atol=1e-5 * want.abs().max(), rtol=0)
     elastic.setup_caches(1, ids.shape[1])
     steps = [elastic(ids[:, :9], start=0)] + [elastic(ids[:, t:t + 1], start=t) for t in range(9, ids.shape[1])]
@@ -118,7 +145,7 @@ def test_the_elastic_model_computes_what_transformers_computes(tokenizer, ids):
 def test_sorting_keeps_the_model_and_every_rate_is_its_slice(bamba_checkpoint, bamba_folder, ids):
     from transformers import BambaForCausalLM
 
-    assert {g.kind for g in bamba_checkpoint.groups} == {SSM_P, SSM_N, MLP, VO}
+    assert {g.kind for g in bamba_checkpoint.groups} == {SSM_P, SSM_N, MLP, QK, VO}
     with torch.no_grad():
         source = BambaForCausalLM.from_pretrained(bamba_folder).eval()(ids).logits
     every_rate_is_its_slice(bamba_checkpoint, source, ids)
