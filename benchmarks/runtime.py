@@ -4,8 +4,9 @@ For each model (SmolLM2-135M-Instruct through the README's default pipeline; a r
 model with the shapes of a ~1B Llama, whose weights are meaningless but whose speed and memory
 are those of a real one; the 4M Mamba2 stand-in that ``ssm_standin.py train`` makes, given by
 --standin; the Nemotron-H hybrid stand-in that ``ssm_standin.py train --family nemotron_h`` makes,
-given by --hybrid-standin; and a random-weight Mamba2 with the shapes of Mamba2-370M), every
-measurement runs in a fresh process so that its peak RSS is its own:
+given by --hybrid-standin; and random-weight models with the shapes of Mamba2-370M, of
+Falcon-H1-0.5B, and of a Bamba scaled down from Bamba-9B), every measurement runs in a fresh
+process so that its peak RSS is its own:
 
 - elastiq at each offered rate: load time and bytes read, prefill and decode tokens/s (medians
   of --repeats), peak RSS (``VmHWM``) against the predicted footprint;
@@ -16,6 +17,7 @@ measurement runs in a fresh process so that its peak RSS is its own:
     python benchmarks/runtime.py            # writes benchmarks/results/runtime.{json,md,png}
     python benchmarks/runtime.py --models mamba2-standin,random-mamba2 --standin DIR --name runtime_mamba2
     python benchmarks/runtime.py --models hybrid-standin --hybrid-standin DIR --name runtime_nemotron_h
+    python benchmarks/runtime.py --models random-bamba,random-falcon-h1 --name runtime_hybrids
 """
 
 from __future__ import annotations
@@ -42,7 +44,22 @@ RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  rope_theta=100000.0)
 RANDOM_MAMBA2 = dict(hidden_size=1024, num_hidden_layers=48, num_heads=32, head_dim=64, expand=2, state_size=128,
                      n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True)  # Mamba2-370M's shapes
-MODELS = ("smollm2", "random-1b", "mamba2-standin", "hybrid-standin", "random-mamba2")
+# Bamba-9B's layout scaled down to hidden 1024 (no smaller Bamba is released): 24 blocks, attention
+# at 5, 11 and 17 with partial RoPE (half of each head), the rest Mamba2 + MLP; 0.46B parameters
+RANDOM_BAMBA = dict(hidden_size=1024, num_hidden_layers=24, attn_layer_indices=[5, 11, 17], num_attention_heads=16,
+                    num_key_value_heads=4, head_dim=64, intermediate_size=3584, mamba_n_heads=32, mamba_d_head=64,
+                    mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_chunk_size=256, mamba_expand=2,
+                    partial_rotary_factor=0.5, tie_word_embeddings=True)
+# Falcon-H1-0.5B's shapes: 36 blocks of attention and a Mamba2 mixer side by side, then an MLP
+RANDOM_FALCON_H1 = dict(hidden_size=1024, num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2,
+                        head_dim=64, intermediate_size=2048, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536,
+                        mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_chunk_size=256,
+                        mamba_rms_norm=False, mamba_norm_before_gate=False, tie_word_embeddings=False)
+RANDOM = {"random-1b": ("LlamaConfig", "LlamaForCausalLM", RANDOM_1B),
+          "random-mamba2": ("Mamba2Config", "Mamba2ForCausalLM", RANDOM_MAMBA2),
+          "random-bamba": ("BambaConfig", "BambaForCausalLM", RANDOM_BAMBA),
+          "random-falcon-h1": ("FalconH1Config", "FalconH1ForCausalLM", RANDOM_FALCON_H1)}
+MODELS = ("smollm2", "mamba2-standin", "hybrid-standin", *RANDOM)
 STANDINS = ("mamba2-standin", "hybrid-standin")  # trained here, read from a folder
 
 
@@ -168,14 +185,13 @@ def smollm2_checkpoint() -> Path:
 
 
 def random_model(name: str, vocab: int) -> torch.nn.Module:
-    """The random-weight model ``name`` (random-1b: a ~1B Llama; random-mamba2: Mamba2-370M's
-    shapes) with ``vocab`` tokens, from seed 0: the same weights in every process."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+    """The random-weight model ``name`` (``RANDOM``: a ~1B Llama, Mamba2-370M's shapes, a Bamba,
+    Falcon-H1-0.5B's shapes) with ``vocab`` tokens, from seed 0: the same weights in every process."""
+    import transformers
 
+    config, model, fields = RANDOM[name]
     torch.manual_seed(0)
-    if name == "random-1b":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **RANDOM_1B))
-    return Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, **RANDOM_MAMBA2))
+    return getattr(transformers, model)(getattr(transformers, config)(vocab_size=vocab, **fields))
 
 
 def random_checkpoint(name: str, tokenizer_dir: Path) -> Path:
@@ -283,6 +299,21 @@ def model_setup(name: str, standin: Path | None) -> tuple[Path, Path, str]:
             "its time. llama.cpp runs elastiq's rate-0 GGUF export (`nemotron_h`); " + slow.replace(
                 "Mamba2ForCausalLM", "NemotronHForCausalLM"))
     ckpt = random_checkpoint(name, smollm2_checkpoint())
+    common = ("meaningful for speed and memory only. Sorted by magnitude, uniform allocation, RTN Q4_0. llama.cpp "
+              "runs elastiq's rate-0 GGUF export")
+    if name == "random-bamba":
+        return ckpt, rate0_gguf(ckpt), (
+            "Random weights of a Bamba scaled down from Bamba-9B (no smaller one is released: hidden 1024, 24 "
+            "blocks, attention + MLP at blocks 5, 11, 17 with 16 query / 4 KV heads of 64 and RoPE on half of each "
+            "head, the others Mamba2 + MLP with 32 SSM heads of P = 64 and 1 group of N = 128 states, MLP 3584, "
+            f"SmolLM2's 49152-token vocabulary, tied embeddings; 0.46B parameters): {common} (`granitehybrid`, "
+            "Q4_0); " + slow.replace("Mamba2ForCausalLM", "BambaForCausalLM"))
+    if name == "random-falcon-h1":
+        return ckpt, rate0_gguf(ckpt), (
+            "Random weights with the shapes of Falcon-H1-0.5B (hidden 1024, 36 blocks of attention with 8 query / "
+            "2 KV heads of 64 beside a Mamba2 mixer of 24 SSM heads of P = 64 and 1 group of N = 128 states, then "
+            f"an MLP of 2048; SmolLM2's 49152-token vocabulary, untied head; 0.55B parameters): {common} "
+            "(`falcon-h1`, Q4_0); " + slow.replace("Mamba2ForCausalLM", "FalconH1ForCausalLM"))
     return ckpt, rate0_gguf(ckpt), (
         "Random weights with the shapes of Mamba2-370M (hidden 1024, 48 Mamba2 blocks, 32 SSM heads of P = 64, "
         "1 group of N = 128 states, SmolLM2's 49152-token vocabulary, tied embeddings; 0.37B parameters): "
