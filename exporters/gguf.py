@@ -46,6 +46,7 @@ from ..modeling.model import (BRANCH_TENSORS, LayerArgs, ModelArgs, SSMLayerArgs
                               rope_parameters, rotary_frequencies, runtime_weights)
 from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
+from .hybrid_archs import HYBRID_ARCHITECTURES, written_ssm
 from .padding import head_prefix, scatter_columns, scatter_rows, ssm_widest, widest_mlp
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -321,11 +322,6 @@ def gguf_name(runtime_name: str, arch: gguf.MODEL_ARCH) -> str:
     return f"{name}.{param}"
 
 
-# llama.cpp's architectures of Mamba2 blocks: alone, or in a hybrid (Nemotron-H's; Bamba's, which
-# llama.cpp's converter writes as granitehybrid; Falcon-H1's parallel blocks)
-HYBRID_ARCHITECTURES = ("mamba2", "nemotron_h", "granitehybrid", "falcon-h1")
-
-
 def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, weights: Mapping[str, Weight],
                   args: ModelArgs, family) -> Path:
     """``write_gguf`` of a model whose blocks are not each attention + MLP: llama.cpp's ``mamba2``
@@ -368,23 +364,24 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     there (less than ``time_step_min`` apart), so the state and the logits that follow differ a little."""
     arch_name = family.gguf[0]
     mixers = {i for i, layer in enumerate(args.layers) if isinstance(layer, SSMLayerArgs)}
-    if arch_name not in HYBRID_ARCHITECTURES or (arch_name == "mamba2" and len(mixers) < len(args.layers)):
+    if arch_name not in HYBRID_ARCHITECTURES or \
+            not set(family.layer_kinds(ckpt.config)) <= HYBRID_ARCHITECTURES[arch_name].kinds:
         raise ExportError(f"a {family.name} model cannot be written to GGUF yet: only models of Mamba2 blocks alone "
                           "(llama.cpp's mamba2), Nemotron-H hybrids (llama.cpp's nemotron_h), Bamba hybrids "
                           "(llama.cpp's granitehybrid) and Falcon-H1 hybrids (llama.cpp's falcon-h1) are")
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
     ssm = args.ssm or family.ssm_of(ckpt.config)  # a hybrid's file states the mixers' shape even without one
-    P, N = ssm.head_dim, ssm.state_size
+    layout = HYBRID_ARCHITECTURES[arch_name]
     granite = arch_name == "granitehybrid"
-    if granite:  # llama.cpp's granitehybrid loads Mamba2 blocks of inner size 2 x hidden only
-        P, rest = divmod(2 * args.hidden_size, ssm.num_heads)
-        widest = max((args.layers[i].head_dim for i in mixers), default=0)
-        if rest or widest > P:
-            raise ExportError(f"llama.cpp's granitehybrid holds Mamba2 blocks of inner size 2 x hidden "
-                              f"({2 * args.hidden_size}) only; this rate's {ssm.num_heads} SSM heads of {widest} "
-                              f"channels cannot be widened to it with zeros")
+    widest = max((args.layers[i].head_dim for i in mixers), default=0)
+    P = written_ssm(arch_name, args.hidden_size, ssm.num_heads, (widest if mixers else ssm.head_dim, 0))[0]
+    if layout.inner_twice_hidden and (2 * args.hidden_size % ssm.num_heads or widest > P):
+        raise ExportError(f"llama.cpp's {arch_name} holds Mamba2 blocks of inner size 2 x hidden "
+                          f"({2 * args.hidden_size}) only; this rate's {ssm.num_heads} SSM heads of {widest} "
+                          f"channels cannot be widened to it with zeros")
+    N = ssm.state_size
     if mixers:
-        weights, P, N = ssm_widest(weights, args, P if granite else None)
+        weights, P, N = ssm_widest(weights, args, P)
     if arch_name != "nemotron_h" and ssm.time_step_limit != (0.0, math.inf):
         raise ExportError(f"this model limits its time steps to {list(ssm.time_step_limit)}; llama.cpp's {arch_name} "
                           "does not, so it would compute another model")
@@ -420,7 +417,7 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
         if factors is not None:
             raise ExportError(f"RoPE parameters {ckpt.config.get('rope_parameters')} change the rotary frequencies; "
                               "llama.cpp's falcon-h1 turns them at the default ones only")
-    if granite or falcon:  # one MLP width: the widest
+    if layout.one_mlp_width:  # one MLP width: the widest
         weights = widest_mlp(weights, widths)
         widths = [max(widths)] * len(widths)
     # V/O rank at full head size; q, k as they are (no RoPE), by halves (falcon-h1) or interleaved (granitehybrid)

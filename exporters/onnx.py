@@ -41,7 +41,7 @@ from ..families.base import (ATTENTION, ATTENTION_ONLY, ATTN_K, ATTN_K_NORM, ATT
                              ROPE_PAIRS, SSM_KINDS)
 from ..modeling.model import ModelArgs, layer_attention, rope_parameters, runtime_weights
 from ..quants import BLOCK, Q8Tensor, Quantized, matmulnbits, matmulnbits_q8
-from .gguf import HYBRID_ARCHITECTURES
+from .hybrid_archs import HYBRID_ARCHITECTURES
 from .hf import SSM_FIELDS
 
 OPSET = 21

@@ -31,30 +31,26 @@ import torch
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
 from ...families import checkpoint_family
-from ...families.base import (ATTENTION, ATTENTION_KINDS, ATTENTION_ONLY, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN,
-                              FFN_GATE, FFN_UP, MLP_ONLY, PARALLEL, ROPE_PAIRS, SSM, SSM_CONV_B, SSM_CONV_C,
-                              SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z, SSM_KINDS, SSM_MLP, SSM_NORM, SSM_OUT)
+from ...exporters.hybrid_archs import HYBRID_ARCHITECTURES, written_ssm
+from ...families.base import (ATTENTION, ATTENTION_KINDS, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP,
+                              ROPE_PAIRS, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z,
+                              SSM_KINDS, SSM_NORM, SSM_OUT)
 from ...quants import BLOCK, BLOCK_BYTES
 from ..generate import PREFILL_CHUNK, CachedGenerator
 from ..memory import Footprint, runtime_shapes, widest_mlp, widest_ssm
 from .base import Backend, block_kinds, unsupported
 from .exported import ExportEngine, export_path
 
-# The kinds of block llama.cpp's architectures of Mamba2 blocks hold (``exporters.gguf._write_hybrid``).
-HYBRID_KINDS = {"mamba2": {SSM}, "nemotron_h": {SSM, ATTENTION_ONLY, MLP_ONLY}, "granitehybrid": {SSM_MLP, ATTENTION},
-                "falcon-h1": {PARALLEL}}
-ONE_MLP_WIDTH = ("granitehybrid", "falcon-h1")  # architectures whose MLPs are all written at the rate's widest
 LLAMA_CTX_PAD = 256  # llama.cpp rounds its KV cache up to a multiple of 256 cells
 GGUF_ALIGNMENT = 32  # gguf-py pads each tensor's data to this
 SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits are kept
 
 
 def _written_ssm(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
-    """The P and N every Mamba2 block is written at (``exporters.gguf._write_hybrid``): the rate's
-    widest, and for ``granitehybrid``, whose inner size is twice the hidden size, the unpruned P."""
-    ssm = checkpoint_family(ckpt).ssm_config(ckpt.config)
-    P, N = widest_ssm(shapes, ssm)
-    return (ssm.head_dim if checkpoint_family(ckpt).gguf[0] == "granitehybrid" else P), N
+    """The P and N every Mamba2 block is written at (``exporters.hybrid_archs.written_ssm``)."""
+    family = checkpoint_family(ckpt)
+    ssm = family.ssm_config(ckpt.config)
+    return written_ssm(family.gguf[0], ckpt.config["hidden_size"], ssm.num_heads, widest_ssm(shapes, ssm))
 
 
 def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
@@ -73,7 +69,7 @@ def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, i
         P, N = _written_ssm(ckpt, shapes)
         full.update({slot: ssm.num_heads * P for slot in (SSM_IN_Z, SSM_IN_X, SSM_CONV_X, SSM_NORM)})
         full.update({slot: ssm.n_groups * N for slot in (SSM_IN_B, SSM_IN_C, SSM_CONV_B, SSM_CONV_C)})
-    if family.gguf[0] in ONE_MLP_WIDTH:
+    if family.gguf[0] in HYBRID_ARCHITECTURES and HYBRID_ARCHITECTURES[family.gguf[0]].one_mlp_width:
         full.update({slot: widest_mlp(shapes, heads, ssm) for slot in (FFN_GATE, FFN_UP)})
     total = matmul = 0
     for name, (shape, _, fmt) in shapes.items():
@@ -204,7 +200,7 @@ class LlamaCppEngine(ExportEngine):
         of Mamba2 blocks alone (``mamba2``), and the hybrids of Nemotron-H (``nemotron_h``), Bamba
         (``granitehybrid``) and Falcon-H1 (``falcon-h1``)."""
         kinds, arch = block_kinds(ckpt), checkpoint_family(ckpt).gguf[0]
-        if kinds <= {ATTENTION} or kinds <= HYBRID_KINDS.get(arch, set()):
+        if kinds <= {ATTENTION} or (arch in HYBRID_ARCHITECTURES and kinds <= HYBRID_ARCHITECTURES[arch].kinds):
             return None
         return unsupported("llama.cpp", ckpt, "models of attention + MLP blocks, of Mamba2 blocks alone, and "
                            "Nemotron-H, Bamba and Falcon-H1 hybrids (llama.cpp's nemotron_h, granitehybrid, falcon-h1)",
