@@ -72,6 +72,33 @@ def _head_rows(rows: int, order: torch.Tensor) -> torch.Tensor:
     return (torch.arange(rows // d)[:, None] * d + order).reshape(-1)
 
 
+def _reordered(tensors: Mapping[str, torch.Tensor], config: Mapping, family: Family,
+               inverse: bool) -> dict[str, torch.Tensor]:
+    """The q/k rows (and biases, and q/k norm weights) of every attention block among ``tensors``
+    (``family``'s names, full heads), each head's channels in the order ``whole_head_order`` lays
+    them out (or, ``inverse``, back); none where RoPE turns whole heads or there is no attention."""
+    kinds = family.layer_kinds(config)
+    if not family.rotary or not any(kind in ATTENTION_KINDS for kind in kinds):
+        return {}
+    rotated, d = rotated_channels(config)
+    if rotated == d:
+        return {}
+    order = whole_head_order(d, rotated)
+    order = torch.argsort(order) if inverse else order
+    out = {}
+    for i, kind in enumerate(kinds):
+        if kind not in ATTENTION_KINDS:
+            continue
+        for slot in SLOTS:
+            for param in ("weight", "bias"):
+                if (name := family.name_of(i, slot, param)) in tensors:
+                    out[name] = tensors[name][_head_rows(tensors[name].shape[0], order)]
+        for slot in (ATTN_Q_NORM, ATTN_K_NORM):
+            if slot in family.parts and (name := family.name_of(i, slot)) in tensors:
+                out[name] = tensors[name][order]
+    return out
+
+
 @torch.no_grad()
 def turn_whole_heads(model: nn.Module, family: Family) -> nn.Module:
     """``model`` (a transformers model of ``family``) with partial-RoPE heads laid out for
@@ -82,27 +109,13 @@ def turn_whole_heads(model: nn.Module, family: Family) -> nn.Module:
     from ..families import config_dict
 
     config = config_dict(model.config)
-    kinds = family.layer_kinds(config)
-    if not family.rotary or not any(kind in ATTENTION_KINDS for kind in kinds):
+    parameters = dict(model.named_parameters())
+    moved = _reordered({name: p.data for name, p in parameters.items()}, config, family, inverse=False)
+    if not moved:
         return model
+    for name, t in moved.items():
+        parameters[name].data = t
     rotated, d = rotated_channels(config)
-    if rotated == d:
-        return model
-    order = whole_head_order(d, rotated)
-    for i, kind in enumerate(kinds):
-        if kind not in ATTENTION_KINDS:
-            continue
-        block = family.blocks(model)[i]
-        for slot in SLOTS:
-            linear = family.part(block, slot)
-            rows = _head_rows(linear.weight.shape[0], order)
-            linear.weight.data = linear.weight.data[rows]
-            if linear.bias is not None:
-                linear.bias.data = linear.bias.data[rows]
-        for slot in (ATTN_Q_NORM, ATTN_K_NORM):
-            if slot in family.parts:
-                norm = family.part(block, slot)
-                norm.weight.data = norm.weight.data[order]
     for module in model.modules():
         for name in ("inv_freq", "original_inv_freq"):
             t = getattr(module, name, None)
@@ -115,22 +128,4 @@ def partial_heads_back(state: Mapping[str, torch.Tensor], config: Mapping, famil
     """The inverse of ``turn_whole_heads`` on a state dict of ``family``'s names at full head
     size: q/k rows (biases, norm weights) of every attention block back in the partial-RoPE
     layout that transformers' model of ``config`` computes with."""
-    out = dict(state)
-    kinds = family.layer_kinds(config)
-    if not family.rotary or not any(kind in ATTENTION_KINDS for kind in kinds):
-        return out
-    rotated, d = rotated_channels(config)
-    if rotated == d:
-        return out
-    back = torch.argsort(whole_head_order(d, rotated))
-    for i, kind in enumerate(kinds):
-        if kind not in ATTENTION_KINDS:
-            continue
-        for slot in SLOTS:
-            for param in ("weight", "bias"):
-                if (name := family.name_of(i, slot, param)) in out:
-                    out[name] = out[name][_head_rows(out[name].shape[0], back)]
-        for slot in (ATTN_Q_NORM, ATTN_K_NORM):
-            if slot in family.parts and (name := family.name_of(i, slot)) in out:
-                out[name] = out[name][back]
-    return out
+    return {**state, **_reordered(state, config, family, inverse=True)}
