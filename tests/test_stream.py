@@ -1,5 +1,5 @@
-"""Streamed compression: a Hugging Face folder is read one block at a time, and the checkpoint is
-the one a whole-model load writes, byte for byte."""
+"""Streamed compression: a Hugging Face folder or a GGUF file is read one block at a time, and the
+checkpoint is the one a whole-model load writes, byte for byte."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from elastiq.compressor import compress as compress_module
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.compressor.intake import load_model
 from elastiq.compressor.shards import ShardWeights
-from conftest import build_tiny
+from conftest import build_tiny, dense_gguf
 
 OPTIONS = dict(rates=(0.15, 0.25, 0.35), calib_samples=4, calib_seqlen=32, quality_windows=0)
 
@@ -34,6 +34,29 @@ def test_streamed_compression_equals_the_whole_model_one(family, models, data_di
     _whole(monkeypatch)
     whole = compress(src, tmp_path / "w.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
     _same_checkpoint(Checkpoint(streamed), Checkpoint(whole))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_gguf_file_streams_what_loading_it_whole_gives(family, tokenizer, data_dir, tmp_path, monkeypatch):
+    """Each module's tensors, dequantized when it is loaded (llama's q/k rows unpermuted as
+    transformers' loader unpermutes them), equal the whole load's; the checkpoint is the same."""
+    from elastiq.compressor.gguf_weights import GGUFWeights
+
+    _, gguf = dense_gguf(build_tiny(family, tokenizer), tokenizer, tmp_path, data_dir)
+    streamed, whole = load_model(gguf, stream=True), load_model(gguf)
+    assert isinstance(streamed.weights, GGUFWeights)
+    assert {p.device.type for p in streamed.model.parameters()} == {"meta"}
+    reference = whole.model.state_dict()
+    for prefix in ("model.embed_tokens.", "model.layers.0.", "model.layers.1.", "model.norm."):
+        module = streamed.model.get_submodule(prefix[:-1])
+        streamed.load(module)
+        for name, p in module.state_dict().items():
+            assert torch.equal(p, reference[prefix + name]), prefix + name
+        streamed.release(module)
+    a = compress(gguf, tmp_path / "s.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    _whole(monkeypatch)
+    b = compress(gguf, tmp_path / "w.elastiq", CompressOptions(**OPTIONS), data=data_dir, progress=False)
+    _same_checkpoint(Checkpoint(a), Checkpoint(b))
 
 
 def test_shards_are_read_one_block_at_a_time(tokenizer, data_dir, tmp_path, monkeypatch):
