@@ -98,16 +98,17 @@ def state_scores(weights: Mapping[str, torch.Tensor], config: SSMConfig, hidden:
 
 def magnitude_scores(weights: Mapping[str, torch.Tensor], config: SSMConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The baseline: L2 norm of each unit's weights, P channels [H, P] (z and x rows, x convolution
-    channel, norm weight, output projection column) and N states [G, N] (B and C rows and their
-    convolution channels)."""
+    channel, gated norm weight where the mixer has one, output projection column) and N states
+    [G, N] (B and C rows and their convolution channels)."""
     mixer = _mixer(weights, config)  # checks the shapes
     H, P, G, N = config.num_heads, mixer.head_dim, config.n_groups, mixer.state_size
 
     def square(slot: str, dims) -> torch.Tensor:  # per unit: the squared norm of its weights
         return weights[f"{slot}.weight"].double().square().sum(dims)
 
-    channels = sum(square(slot, 1) for slot in (SSM_IN_Z, SSM_IN_X)) + square(SSM_CONV_X, (1, 2)) + \
-        weights[f"{SSM_NORM}.weight"].double().square() + square(SSM_OUT, 0)
+    channels = sum(square(slot, 1) for slot in (SSM_IN_Z, SSM_IN_X)) + square(SSM_CONV_X, (1, 2)) + square(SSM_OUT, 0)
+    if f"{SSM_NORM}.weight" in weights:  # Falcon-H1's mixers are gated without a norm
+        channels = channels + weights[f"{SSM_NORM}.weight"].double().square()
     states = sum(square(slot, 1) for slot in (SSM_IN_B, SSM_IN_C)) + \
         sum(square(slot, (1, 2)) for slot in (SSM_CONV_B, SSM_CONV_C))
     return channels.sqrt().view(H, P).float(), states.sqrt().view(G, N).float()

@@ -129,6 +129,21 @@ def test_sorting_keeps_the_model_and_every_rate_is_its_slice(falcon_checkpoint, 
     every_rate_is_its_slice(falcon_checkpoint, source, ids)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "ridge"])
+def test_the_baseline_orders_sort_mixers_without_a_norm(method, falcon_folder, data_dir, tmp_path, ids):
+    """The magnitude and plain ridge orders of a mixer gated without a norm (the benchmark's random
+    Falcon-H1 once failed on magnitude, which read the norm's weight); the model stays the same."""
+    from transformers import FalconH1ForCausalLM
+
+    from elastiq.compressor.compress import CompressOptions, compress
+
+    options = CompressOptions(rates=(0.35,), calib_samples=2, calib_seqlen=32, quality_windows=0, method=method)
+    ckpt = Checkpoint(compress(falcon_folder, tmp_path / "m.elastiq", options, data=data_dir, progress=False))
+    with torch.no_grad():
+        source = FalconH1ForCausalLM.from_pretrained(falcon_folder).eval()(ids).logits
+    every_rate_is_its_slice(ckpt, source, ids)
+
+
 @pytest.mark.parametrize("which", ["float", "q4"])
 def test_the_engine_runs_and_switches_each_rate_as_a_fresh_load(which, falcon_checkpoint, falcon_q4, ids):
     switches_as_fresh_loads(falcon_checkpoint if which == "float" else falcon_q4, ids, float32=which == "float")
