@@ -295,10 +295,14 @@ class Family:
         from .. import ElastiqError
 
         (self.check_fields or check_config)(config)
-        if self.rotary and not self.partial_rope and any(kind in ATTENTION_KINDS for kind in self.layer_kinds(config)):
-            if (factor := partial_rotary_factor(config)) != 1:
+        if self.rotary and any(kind in ATTENTION_KINDS for kind in self.layer_kinds(config)) and \
+                (factor := partial_rotary_factor(config)) != 1:
+            if not self.partial_rope:
                 raise ElastiqError(f"this {self.name} model's RoPE turns part of each head (partial_rotary_factor "
                                    f"{factor}); elastiq runs {self.name} models whose RoPE turns whole heads")
+            from .partial_rope import rotated_channels
+
+            rotated_channels(config)  # refuses RoPE types whose passing channels would not stay as they are
         act = self.activation(config)
         if act not in self.activations:
             raise ElastiqError(f"{self.act_key} {act!r} is not supported for {self.name}; the elastic model runs "

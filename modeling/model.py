@@ -183,8 +183,9 @@ class ModelArgs:
 @dataclass(frozen=True)
 class LayerAttention:
     """What a block's attention needs beyond its weights: the rotary frequencies of the original
-    head's pairs [d/2] (0 for the pairs partial RoPE passes; None: a family whose attention has no RoPE), transformers' cos/sin scaling factor (1
-    for default RoPE), and its sliding window (None: full causal attention)."""
+    head's pairs [d/2] (0 for the pairs partial RoPE passes; None: a family whose attention has no
+    RoPE), transformers' cos/sin scaling factor (1 for default RoPE), and its sliding window (None:
+    full causal attention)."""
 
     inv_freq: torch.Tensor | None
     scaling: float

@@ -212,3 +212,13 @@ def test_llama_cpp_plans_what_its_granitehybrid_holds(bamba_q4, tmp_path):
     kv = LLAMA_CTX_PAD * len(config["attn_layer_indices"]) * 2 * config["num_key_value_heads"] * 32 * 2
     states = len(mixers) * 4 * ((K - 1) * (H * P + 2 * G * N) + H * P * N)
     llama_cpp_plans(ckpt, rate, ctx, kv, states, tmp_path)
+
+
+def test_partial_rope_of_a_scaled_type_is_refused(tokenizer):
+    """A passing pair turns at angle 0 only where cos is 1 and the frequencies stay fixed: a
+    dynamic or yarn RoPE over part of each head is refused, naming the types that run."""
+    config = config_dict(bamba_config(len(tokenizer)))
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(ElastiqError, match=r"turns 16 of each head's 32 channels \(partial RoPE\) with dynamic RoPE; "
+                                           r"elastiq runs partial RoPE of the types default, linear, llama3"):
+        BAMBA.check(config)

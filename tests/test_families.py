@@ -371,3 +371,16 @@ def test_a_longrope_context_stops_where_the_runtime_is_exact():
     with pytest.raises(ElastiqError, match=r"--ctx 8192 is outside .* 2 to 4096 positions \(original_max_position"):
         check_ctx(config, 8192)
     check_ctx({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, 8192)
+
+
+def test_a_family_without_the_partial_rope_layout_refuses_partial_rope(tokenizer):
+    """Only a family whose intake lays heads out for whole-head RoPE (Bamba's) takes partial RoPE;
+    another one says what it runs instead of computing a wrong model."""
+    from elastiq import ElastiqError
+    from elastiq.families import config_dict
+
+    config = config_dict(tiny_config("llama", len(tokenizer)))
+    config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": 0.5}
+    with pytest.raises(ElastiqError, match=r"partial_rotary_factor 0.5\); elastiq runs llama models whose RoPE "
+                                           r"turns whole heads"):
+        family_for(config).check(config)
