@@ -32,7 +32,8 @@ from .. import ElastiqError
 from ..checkpoint import (MANIFEST, MLP, SSM_P, VO, Checkpoint, CheckpointWriter, RateSpec, checkpoint_output,
                           record_quality)
 from ..families import checkpoint_family
-from ..families.base import ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES, Family
+from ..families.base import (ATTN_OUT, ATTN_V, BLOCK_READS, EMBED, HEAD, MATRICES, PRUNED_INPUTS, SSM_MATRICES,
+                             SSM_OUT, Family)
 from ..modeling.model import Transformer, block_from_weights
 from ..quants import BLOCK, Quantized, QuantizedTensor, quantize_q8_0, quantize_rtn
 from .blockwise import BlockReader, block_runner
@@ -234,8 +235,10 @@ def _quantize_block(reader: BlockReader, index: int, family: Family, options: Qu
         linear = block.get_submodule(slot)
         if options.method == "gptq":
             h = hessians[reads]
-            # runs of a pruned input axis: per attention query head (attn_output), or per SSM head (ssm_out)
-            order = _order(slot, h, linear.in_features, block.num_heads, options.order == "least-important-first")
+            # runs of a pruned input axis: per attention query head (attn_output), or per SSM head (ssm_out);
+            # Falcon-H1's block has both, each its own count
+            heads = block.attn_heads if slot == ATTN_OUT else block.num_heads if slot == SSM_OUT else 1
+            order = _order(slot, h, linear.in_features, heads, options.order == "least-important-first")
             t = gptq(linear.weight, h, order, options.damp, fmt=formats[name])
         else:
             t = _round_to_nearest(linear.weight, formats[name])

@@ -419,7 +419,7 @@ class Attending:
         """Attention's modules from ``w`` (None for each where the block has no attention), its
         rotary pair indices and frequencies (none without RoPE), and no KV cache yet."""
         H, G, u, r = args.num_heads, args.num_kv_heads, layer.rope_pairs, layer.v_rank
-        self.num_heads, self.num_kv_heads = H, G
+        self.attn_heads, self.attn_kv_heads = H, G
         self.qk_dim, self.v_dim = 2 * u, r
         self.scale = args.attention_scale  # pruning drops terms of q.k, it does not rescale it
         self.attending = attending
@@ -443,9 +443,9 @@ class Attending:
         """q [B, T, H, 2u], k [B, T, G, 2u], v [B, T, G, r] of hidden states ``x`` [B, T, hidden]
         (q and k normalised per head if the block has their norms)."""
         B, T, _ = x.shape
-        q = self.attn_q(x).view(B, T, self.num_heads, self.qk_dim)
-        k = self.attn_k(x).view(B, T, self.num_kv_heads, self.qk_dim)
-        v = self.attn_v(x).view(B, T, self.num_kv_heads, self.v_dim)
+        q = self.attn_q(x).view(B, T, self.attn_heads, self.qk_dim)
+        k = self.attn_k(x).view(B, T, self.attn_kv_heads, self.qk_dim)
+        v = self.attn_v(x).view(B, T, self.attn_kv_heads, self.v_dim)
         if self.attn_q_norm is not None:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         return q, k, v
@@ -483,11 +483,11 @@ class Attending:
             mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
             causal = False
         if T == 1:  # no causal mask to keep: a window's mask [1, S] holds for every grouped head
-            y = F.scaled_dot_product_attention(q.view(B, self.num_kv_heads, H // self.num_kv_heads, -1), k, v,
+            y = F.scaled_dot_product_attention(q.view(B, self.attn_kv_heads, H // self.attn_kv_heads, -1), k, v,
                                                attn_mask=mask, scale=self.scale)
             return y.view(B, H, 1, -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                              enable_gqa=self.num_heads != self.num_kv_heads)
+                                              enable_gqa=self.attn_heads != self.attn_kv_heads)
 
     def attention(self, x: torch.Tensor, tables: tuple | None, start: int | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
@@ -904,7 +904,7 @@ class Transformer(nn.Module):
             if isinstance(layer, SSMBlock):
                 layer.state = layer.new_state(batch)
             if layer.attn_q is not None:
-                layer.kv_cache = KVCache(batch, max_seq, layer.num_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
+                layer.kv_cache = KVCache(batch, max_seq, layer.attn_kv_heads, layer.qk_dim, layer.v_dim, self.dtype,
                                          self.device)
 
     def clear_caches(self) -> None:
