@@ -47,13 +47,13 @@ def test_the_file_widens_every_branch_to_the_widest(falcon_checkpoint, tmp_path)
     assert all(isinstance(layer, SSMLayerArgs) and layer.attention for layer in args.layers)
     assert len(set(mlp)) > 1 and field("feed_forward_length") == max(mlp)
     assert len({m.head_dim for m in args.layers}) > 1  # some block's P is widened
-    assert field("attention.head_count") == 4 and field("attention.head_count_kv") == 2
+    assert field("attention.head_count") == 2 and field("attention.head_count_kv") == 1  # beside 4 SSM heads
     assert field("attention.key_length") == field("rope.dimension_count") == 32
     assert field("ssm.inner_size") == 4 * P and field("ssm.state_size") == N and field("ssm.group_count") == 2
     assert not [key for key in reader.fields if "multiplier" in key]
     tensors = {t.name: tuple(t.shape) for t in reader.tensors}  # GGUF lists ne: [in, out]
     assert tensors["blk.0.ffn_gate.weight"] == tensors["blk.2.ffn_up.weight"] == (HIDDEN, max(mlp))
-    assert tensors["blk.1.attn_q.weight"] == (HIDDEN, 4 * 32) and tensors["blk.1.attn_v.weight"] == (HIDDEN, 2 * 32)
+    assert tensors["blk.1.attn_q.weight"] == (HIDDEN, 2 * 32) and tensors["blk.1.attn_v.weight"] == (HIDDEN, 1 * 32)
     assert tensors["blk.0.ssm_out.weight"] == (4 * P, HIDDEN) and not [n for n in tensors if "ssm_norm" in n]
     assert "blk.0.ffn_norm" in tensors  # llama.cpp's falcon-h1 names it without .weight
 
