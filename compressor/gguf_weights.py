@@ -19,10 +19,21 @@ from torch import nn
 from .shards import ShardWeights, _tensors
 
 
+def _dequantizable() -> frozenset:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    return frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits})
+
+
+DEQUANTIZABLE = _dequantizable()  # the tensor types gguf-py's ``dequantize`` reads
+
+
 class GGUFWeights:
     """The tensors of the GGUF file ``path`` for the model ``skeleton`` (transformers' module,
     its parameters anywhere), by the model's own names; ``missing`` lists the skeleton's tensors
-    the file does not hold (a skeleton with any cannot be streamed)."""
+    the file does not hold, or holds in a type gguf-py cannot dequantize (a skeleton with any is
+    loaded whole, where transformers says what is wrong before any work is done)."""
 
     def __init__(self, path: Path, skeleton: nn.Module):
         from gguf import GGUFReader
@@ -38,7 +49,8 @@ class GGUFWeights:
         wanted = {name for name, _, _ in _tensors(skeleton)}
         tied = {name for name, p in skeleton.named_parameters(remove_duplicate=False)} - \
             {name for name, _ in skeleton.named_parameters()}
-        self.missing = sorted(wanted - set(self.tensors) - tied)
+        readable = {hf for hf, t in self.tensors.items() if t.tensor_type in DEQUANTIZABLE}
+        self.missing = sorted(wanted - readable - tied)
 
     release = staticmethod(ShardWeights.release)
 

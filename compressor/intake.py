@@ -219,7 +219,7 @@ def _skeleton(config, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]) ->
     buffers = {name: b for name, b in model.state_dict().items() if name not in every}  # persistent ones
     if any(shapes.get(name) != tuple(t.shape) for name, t in {**params, **buffers}.items()):
         return None
-    return model.eval()
+    return model
 
 
 def _meta_model(config, dtype: torch.dtype) -> torch.nn.Module:

@@ -300,8 +300,6 @@ class Family:
             if not self.partial_rope:
                 raise ElastiqError(f"this {self.name} model's RoPE turns part of each head (partial_rotary_factor "
                                    f"{factor}); elastiq runs {self.name} models whose RoPE turns whole heads")
-            from .partial_rope import rotated_channels
-
             rotated_channels(config)  # refuses RoPE types whose passing channels would not stay as they are
         act = self.activation(config)
         if act not in self.activations:
@@ -403,6 +401,29 @@ def partial_rotary_factor(config: Mapping) -> float:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
     return float(factor or config.get("partial_rotary_factor") or 1.0)
+
+
+# RoPE types of fixed frequencies and cos/sin scale 1, where a passing pair turns at angle 0 with cos 1
+FIXED_TYPES = ("default", "linear", "llama3")
+
+
+def rotated_channels(config: Mapping) -> tuple[int, int]:
+    """(R, d): how many channels of a head RoPE turns (as transformers counts them: an even number)
+    and the head's size, for a config dict with RoPE. Refuses partial RoPE of a type that scales
+    cos/sin or varies its frequencies with the length."""
+    from .. import ElastiqError
+
+    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    dim = int(d * partial_rotary_factor(config))
+    rotated = 2 * len(range(0, dim, 2))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if rotated != d and kind not in FIXED_TYPES:
+        raise ElastiqError(f"this model turns {rotated} of each head's {d} channels (partial RoPE) with {kind} RoPE; "
+                           f"elastiq runs partial RoPE of the types {', '.join(FIXED_TYPES)}")
+    if not 0 < rotated <= d or d % 2:
+        raise ElastiqError(f"RoPE turns {rotated} channels of heads of {d}; expected an even number up to the head size")
+    return rotated, d
 
 
 def is_norm(runtime_name: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import ATTENTION_KINDS, ATTN_K, ATTN_K_NORM, ATTN_Q, ATTN_Q_NORM, Family, partial_rotary_factor
+from .base import ATTENTION_KINDS, ATTN_K, ATTN_K_NORM, ATTN_Q, ATTN_Q_NORM, Family, rotated_channels
 
 SLOTS = (ATTN_Q, ATTN_K)  # per-head rows; their norms' weights (per channel of a head) follow the same order
 
@@ -41,29 +41,6 @@ def whole_head_frequencies(inv_freq: torch.Tensor, head_dim: int) -> torch.Tenso
     if 2 * inv_freq.shape[0] == head_dim:
         return inv_freq
     return torch.cat((inv_freq, inv_freq.new_zeros(head_dim // 2 - inv_freq.shape[0])))
-
-
-# RoPE types of fixed frequencies and cos/sin scale 1, where a passing pair turns at angle 0 with cos 1
-FIXED_TYPES = ("default", "linear", "llama3")
-
-
-def rotated_channels(config: Mapping) -> tuple[int, int]:
-    """(R, d): how many channels of a head RoPE turns (as transformers counts them: an even number)
-    and the head's size, for a config dict with RoPE. Refuses partial RoPE of a type that scales
-    cos/sin or varies its frequencies with the length."""
-    from .. import ElastiqError
-
-    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    dim = int(d * partial_rotary_factor(config))
-    rotated = 2 * len(range(0, dim, 2))
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if rotated != d and kind not in FIXED_TYPES:
-        raise ElastiqError(f"this model turns {rotated} of each head's {d} channels (partial RoPE) with {kind} RoPE; "
-                           f"elastiq runs partial RoPE of the types {', '.join(FIXED_TYPES)}")
-    if not 0 < rotated <= d or d % 2:
-        raise ElastiqError(f"RoPE turns {rotated} channels of heads of {d}; expected an even number up to the head size")
-    return rotated, d
 
 
 def _head_rows(rows: int, order: torch.Tensor) -> torch.Tensor:
