@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .shards import ShardWeights, _tensors
+from .shards import ShardWeights, module_tensors
 
 
 def _dequantizable() -> frozenset:
@@ -46,7 +46,7 @@ class GGUFWeights:
         self.mapping = get_gguf_hf_weights_map(skeleton, self.processor)  # GGUF name -> model name
         by_name = {t.name: t for t in self.reader.tensors}
         self.tensors = {hf: by_name[name] for name, hf in self.mapping.items() if name in by_name}
-        wanted = {name for name, _, _ in _tensors(skeleton)}
+        wanted = {name for name, _, _ in module_tensors(skeleton)}
         tied = {name for name, p in skeleton.named_parameters(remove_duplicate=False)} - \
             {name for name, _ in skeleton.named_parameters()}
         readable = {hf for hf, t in self.tensors.items() if t.tensor_type in DEQUANTIZABLE}
@@ -59,7 +59,7 @@ class GGUFWeights:
         name in the model) its dequantized value from the file, in the dtype it was created with."""
         from gguf import dequantize
 
-        for name, owner, attr in _tensors(module):
+        for name, owner, attr in module_tensors(module):
             tensor = self.tensors[prefix + name]
             weights = dequantize(tensor.data, tensor.tensor_type)
             weights = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self.mapping,

@@ -28,7 +28,7 @@ class ShardWeights:
         name in the files) its stored values, in the dtype it was created with."""
         from safetensors import safe_open
 
-        wanted = {f"{prefix}{name}": (owner, attr) for name, owner, attr in _tensors(module)}
+        wanted = {f"{prefix}{name}": (owner, attr) for name, owner, attr in module_tensors(module)}
         by_file: dict[Path, list[str]] = {}
         for name in wanted:
             by_file.setdefault(self.files[name], []).append(name)
@@ -46,7 +46,7 @@ class ShardWeights:
     @staticmethod
     def release(module: nn.Module) -> None:
         """Put ``module``'s parameters and persistent buffers back on the meta device, freeing them."""
-        for _, owner, attr in _tensors(module):
+        for _, owner, attr in module_tensors(module):
             old = getattr(owner, attr)
             meta = torch.empty(old.shape, dtype=old.dtype, device="meta")
             if attr in owner._parameters:
@@ -55,7 +55,7 @@ class ShardWeights:
                 owner._buffers[attr] = meta
 
 
-def _tensors(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def module_tensors(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(name within ``module``, owning submodule, attribute) of each parameter and persistent buffer."""
     found = []
     for path, owner in module.named_modules():
