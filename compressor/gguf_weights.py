@@ -10,6 +10,7 @@ to the whole file, so each tensor gets the values loading the file whole gives i
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,13 @@ from torch import nn
 from .shards import ShardWeights, module_tensors
 
 
-def _dequantizable() -> frozenset:
+@cache
+def dequantizable() -> frozenset:
+    """The tensor types gguf-py's ``dequantize`` reads (gguf-py is imported on first use only)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import _type_traits
 
     return frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits})
-
-
-DEQUANTIZABLE = _dequantizable()  # the tensor types gguf-py's ``dequantize`` reads
 
 
 class GGUFWeights:
@@ -49,7 +49,7 @@ class GGUFWeights:
         wanted = {name for name, _, _ in module_tensors(skeleton)}
         tied = {name for name, p in skeleton.named_parameters(remove_duplicate=False)} - \
             {name for name, _ in skeleton.named_parameters()}
-        readable = {hf for hf, t in self.tensors.items() if t.tensor_type in DEQUANTIZABLE}
+        readable = {hf for hf, t in self.tensors.items() if t.tensor_type in dequantizable()}
         self.missing = sorted(wanted - readable - tied)
 
     release = staticmethod(ShardWeights.release)

@@ -46,7 +46,7 @@ from ..modeling.model import (BRANCH_TENSORS, LayerArgs, ModelArgs, SSMLayerArgs
                               rope_parameters, rotary_frequencies, runtime_weights)
 from ..quants import Q8Tensor, QuantizedTensor, gguf_blocks, gguf_q8_0_blocks
 from .hf import qk_rows as half_rows
-from .hybrid_archs import HYBRID_ARCHITECTURES, written_ssm
+from .hybrid_archs import HYBRID_ARCHITECTURES, written_head_dim
 from .padding import head_prefix, scatter_columns, scatter_rows, ssm_widest, widest_mlp
 
 FLOAT_TYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -374,7 +374,7 @@ def _write_hybrid(ckpt: Checkpoint, rate: float, output: Path, float_type: str, 
     layout = HYBRID_ARCHITECTURES[arch_name]
     granite = arch_name == "granitehybrid"
     widest = max((args.layers[i].head_dim for i in mixers), default=0)
-    P = written_ssm(arch_name, args.hidden_size, ssm.num_heads, (widest if mixers else ssm.head_dim, 0))[0]
+    P = written_head_dim(arch_name, args.hidden_size, ssm.num_heads, widest if mixers else ssm.head_dim)
     if layout.inner_twice_hidden and (2 * args.hidden_size % ssm.num_heads or widest > P):
         raise ExportError(f"llama.cpp's {arch_name} holds Mamba2 blocks of inner size 2 x hidden "
                           f"({2 * args.hidden_size}) only; this rate's {ssm.num_heads} SSM heads of {widest} "

@@ -32,8 +32,7 @@ HYBRID_ARCHITECTURES = {
 }
 
 
-def written_ssm(arch: str, hidden_size: int, num_heads: int, widest: tuple[int, int]) -> tuple[int, int]:
-    """P and N of every Mamba2 block in a file of ``arch``: the rate's ``widest`` (P, N), with P
-    raised to 2 x hidden / heads where the architecture loads that inner size only."""
-    P, N = widest
-    return (2 * hidden_size // num_heads if HYBRID_ARCHITECTURES[arch].inner_twice_hidden else P), N
+def written_head_dim(arch: str, hidden_size: int, num_heads: int, widest: int) -> int:
+    """P of every Mamba2 block in a file of ``arch``: the rate's ``widest``, or 2 x hidden / heads
+    where the architecture loads that inner size only (N is always the rate's widest)."""
+    return 2 * hidden_size // num_heads if HYBRID_ARCHITECTURES[arch].inner_twice_hidden else widest

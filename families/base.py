@@ -398,9 +398,14 @@ class Family:
 def partial_rotary_factor(config: Mapping) -> float:
     """The fraction of each head's channels that RoPE turns (1: the whole head), as transformers
     reads it: from ``rope_parameters`` (or the older ``rope_scaling``), else the config's own field."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    factor = _rope_fields(config).get("partial_rotary_factor")
     return float(factor or config.get("partial_rotary_factor") or 1.0)
+
+
+def _rope_fields(config: Mapping) -> Mapping:
+    """The config's RoPE parameters (``rope_parameters``, or the older ``rope_scaling``); {} when none."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope if isinstance(rope, Mapping) else {}
 
 
 # RoPE types of fixed frequencies and cos/sin scale 1, where a passing pair turns at angle 0 with cos 1
@@ -416,7 +421,7 @@ def rotated_channels(config: Mapping) -> tuple[int, int]:
     d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     dim = int(d * partial_rotary_factor(config))
     rotated = 2 * len(range(0, dim, 2))
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = _rope_fields(config)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if rotated != d and kind not in FIXED_TYPES:
         raise ElastiqError(f"this model turns {rotated} of each head's {d} channels (partial RoPE) with {kind} RoPE; "

@@ -98,8 +98,8 @@ def rotary_bytes(config: Mapping, layers: list[LayerArgs | SSMLayerArgs], shapes
                  heads: Heads | None) -> int:
     """Bytes of what the attention blocks' RoPE holds beside the checkpoint's tensors: each set of
     rotary frequencies once (float32; blocks of one layer type share one, ``layer_attention``), and
-    the rotary pair indices [G, rotated] (int64) of every block whose checkpoint stores none (a
-    family or group that keeps every pair; partial RoPE rotates fewer). Attention without RoPE
+    the rotary pair indices [G, u] (int64) of every block whose checkpoint stores none (a family
+    or group that keeps every pair). Attention without RoPE
     (Nemotron-H) holds neither."""
     attending = [i for i, layer in enumerate(layers) if attends(layer) is not None]
     if not attending:
@@ -109,7 +109,7 @@ def rotary_bytes(config: Mapping, layers: list[LayerArgs | SSMLayerArgs], shapes
     total = sum(f.nbytes for f in frequencies.values())
     for i in attending:
         if rope[i].inv_freq is not None and f"layers.{i}.{ROPE_PAIRS}" not in shapes:
-            total += heads.num_kv_heads * min(attends(layers[i]).rope_pairs, rope[i].inv_freq.shape[0]) * 8
+            total += heads.num_kv_heads * attends(layers[i]).rope_pairs * 8
     return total
 
 

@@ -31,7 +31,7 @@ import torch
 from ... import ElastiqError
 from ...checkpoint import Checkpoint
 from ...families import checkpoint_family
-from ...exporters.hybrid_archs import HYBRID_ARCHITECTURES, written_ssm
+from ...exporters.hybrid_archs import HYBRID_ARCHITECTURES, written_head_dim
 from ...families.base import (ATTENTION, ATTENTION_KINDS, ATTN_K, ATTN_OUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP,
                               ROPE_PAIRS, SSM_CONV_B, SSM_CONV_C, SSM_CONV_X, SSM_IN_B, SSM_IN_C, SSM_IN_X, SSM_IN_Z,
                               SSM_KINDS, SSM_NORM, SSM_OUT)
@@ -47,10 +47,12 @@ SCORING_BATCH = 512  # tokens per llama.cpp batch when every position's logits a
 
 
 def _written_ssm(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
-    """The P and N every Mamba2 block is written at (``exporters.hybrid_archs.written_ssm``)."""
+    """The P and N every Mamba2 block is written at: the rate's widest, P as the architecture
+    writes it (``exporters.hybrid_archs.written_head_dim``)."""
     family = checkpoint_family(ckpt)
     ssm = family.ssm_config(ckpt.config)
-    return written_ssm(family.gguf[0], ckpt.config["hidden_size"], ssm.num_heads, widest_ssm(shapes, ssm))
+    P, N = widest_ssm(shapes, ssm)
+    return written_head_dim(family.gguf[0], ckpt.config["hidden_size"], ssm.num_heads, P), N
 
 
 def _gguf_tensors(ckpt: Checkpoint, shapes: Mapping[str, tuple]) -> tuple[int, int]:
