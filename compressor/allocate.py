@@ -3,12 +3,13 @@
 A rate is the fraction of prunable parameters removed. With ``influence`` allocation, block i is
 pruned in proportion to exp(-z_i / temperature), z_i its block influence 1 - cos(input, output)
 standardized over blocks, so blocks that change their input least lose most; the proportions are
-parameter-weighted so that the total removed is the rate; within a block every group is cut by
-the block's ratio, rounded to its granularity, and the rounding is balanced over each kind of
+parameter-weighted so that the total removed is the rate; within a block each group is cut by
+the block's ratio times its kind's weight (``DEFAULT_KIND_WEIGHTS``: V/O kept whole, rotary pairs
+at half the ratio, all rescaled so that the rate is met), rounded to its granularity, and the rounding is balanced over each kind of
 group (the largest-remainder rule), so that a coarse group (a head dimension of 64 that moves in
 halves) is cut in the most pruned blocks and kept in the others in the proportion the rate asks,
 instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
-nearest the rate, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves in
+nearest its kind's ratio, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves in
 halves), its rounding is balanced as above. What rounding leaves is then taken up one step of
 each block's finest group (a rotary pair, a state) at a time, across blocks in influence order.
 """
@@ -22,10 +23,26 @@ import torch
 
 from .. import ElastiqError
 from ..checkpoint import Checkpoint, Group, RateSpec
+from ..manifest import KINDS, QK, VO
 
 ALLOCATIONS = ("influence", "uniform")
 MAX_RATE = 0.9
 TOLERANCE = 0.01  # achieved rate within one percentage point of the requested one
+# Each kind's share of the pruning, relative to the MLP channels' (kinds not named: 1). Measured on
+# SmolLM2-135M and Qwen2.5-Coder-1.5B (benchmarks/results/allocation.md): per parameter removed, a
+# V/O rank costs several times the KL of an MLP channel or a rotary pair, so V/O is kept whole and
+# the rotary pairs take half their block's ratio.
+DEFAULT_KIND_WEIGHTS = {QK: 0.5, VO: 0.0}
+
+
+def check_kind_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` as a plain dict, each a known kind of group with a finite weight >= 0."""
+    for kind, weight in weights.items():
+        if kind not in KINDS:
+            raise ElastiqError(f"unknown kind of group {kind!r} in the kind weights; known: {', '.join(KINDS)}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ElastiqError(f"the weight of {kind} must be a finite number >= 0 (0: never pruned), got {weight!r}")
+    return {k: float(w) for k, w in weights.items()}
 
 
 def check_rates(rates: Sequence[float]) -> list[float]:
@@ -80,9 +97,38 @@ def layer_ratios(influence: Sequence[float], layer_params: Sequence[int], rate: 
     return ratios.tolist()
 
 
+def group_ratios(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], block_ratios: Sequence[float],
+                 rate: float, kind_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each group's prune ratio: its block's ratio times its kind's weight (1 for a kind not named),
+    all scaled by one factor so that the parameters removed are ``rate`` of the total, each capped
+    at 0.9. A kind of weight 0 is not pruned; without weights every group takes its block's ratio."""
+    weights = {g.name: (kind_weights or {}).get(g.kind, 1.0) * block_ratios[i]
+               for i, layer in enumerate(layers) for g in layer}
+    params = {g.name: g.width * unit[g.name] for layer in layers for g in layer}
+    target = rate * sum(params.values())
+
+    def removed(scale: float) -> float:
+        return sum(min(MAX_RATE, scale * weights[n]) * params[n] for n in params)
+
+    if not kind_weights:
+        return {n: min(MAX_RATE, w) for n, w in weights.items()}
+    if removed(1e6) < target:
+        raise ElastiqError(f"rate {rate} cannot be met with kind weights {dict(kind_weights)}: the kinds they "
+                           f"leave prunable hold too few parameters")
+    low, high = 0.0, 1.0
+    while removed(high) < target:
+        high *= 2
+    for _ in range(60):  # bisection: removed() is continuous and non-decreasing in the scale
+        mid = (low + high) / 2
+        low, high = (mid, high) if removed(mid) < target else (low, mid)
+    return {n: min(MAX_RATE, high * w) for n, w in weights.items()}
+
+
 def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: Sequence[float],
-             influence: Sequence[float] | None = None, temperature: float = 2.0) -> list[RateSpec]:
-    """Widths for every rate (rate 0 included); ``influence`` None means uniform allocation."""
+             influence: Sequence[float] | None = None, temperature: float = 2.0,
+             kind_weights: Mapping[str, float] | None = None) -> list[RateSpec]:
+    """Widths for every rate (rate 0 included); ``influence`` None means uniform allocation;
+    ``kind_weights`` scales each kind of group's share of the pruning (``group_ratios``)."""
     rates = check_rates(rates)
     groups = [g for layer in layers for g in layer]
     total = sum(g.width * unit[g.name] for g in groups)
@@ -94,10 +140,11 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
         if rate == 0:
             specs.append(RateSpec(0.0, {g.name: g.width for g in groups}))
             continue
-        ratios = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
+        blocks = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
+        ratios = group_ratios(layers, unit, blocks, rate, kind_weights)
         candidates = [lambda: _round_by_kind(layers, unit, ratios, rate * total)]
         if influence is None:  # every block alike first: one width per kind (then one llama.cpp width)
-            candidates.insert(0, lambda: {g.name: _nearest(g, (1 - rate) * g.width) for g in groups})
+            candidates.insert(0, lambda: {g.name: _nearest(g, (1 - ratios[g.name]) * g.width) for g in groups})
         for candidate in candidates:
             widths = candidate()
             _take_up_rounding(layers, unit, widths, rate * total, by_influence)
@@ -115,9 +162,11 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
     return specs
 
 
-def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float]) -> list[RateSpec]:
-    """Widths for ``rates`` (rate 0 included) over ``ckpt``'s groups, by the allocation and block
-    influence its compression recorded: what compressing it again with these rates would offer."""
+def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float],
+                        kind_weights: Mapping[str, float] | None = None) -> list[RateSpec]:
+    """Widths for ``rates`` (rate 0 included) over ``ckpt``'s groups, by the allocation, block
+    influence and kind weights its compression recorded (``kind_weights`` given: those instead):
+    what compressing it again with these rates would offer."""
     layers = sorted({g.layer for g in ckpt.groups})
     by_layer = [[g for g in ckpt.groups if g.layer == i] for i in layers]
     shapes = ckpt.full_shapes()
@@ -126,21 +175,22 @@ def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float]) -> list[RateSp
     record = ckpt.source.record
     compression = record.get("compression", {})
     influence = record.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
-    return allocate(by_layer, unit, rates, influence, compression.get("temperature", 2.0))
+    weights = compression.get("kind_weights") if kind_weights is None else check_kind_weights(kind_weights)
+    return allocate(by_layer, unit, rates, influence, compression.get("temperature", 2.0), weights)
 
 
-def _round_by_kind(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], ratios: Sequence[float],
+def _round_by_kind(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], ratios: Mapping[str, float],
                    target: float) -> dict[str, int]:
-    """Each group cut by its block's ratio, rounded to its granularity so that every kind of group
+    """Each group cut by its ratio (``group_ratios``), rounded to its granularity so that every kind of group
     loses, over all blocks, about the parameters its blocks' ratios ask of it: each group is first
     cut to the granule at or above its wanted width, then the groups that fell furthest short (in
     granules; the most pruned blocks, where widths are equal) are cut one granule more while that
     brings the kind's total nearer (the largest-remainder rule), unless the cut would overshoot
     ``target`` (parameters removed in all) by more than the blocks' finest groups can give back."""
     widths, short, by_kind = {}, {}, {}
-    for i, layer in enumerate(layers):
+    for layer in layers:
         for g in layer:
-            wanted = ratios[i] * g.width
+            wanted = ratios[g.name] * g.width
             widths[g.name] = _ceil(g, g.width - wanted)
             short[g.name] = wanted - (g.width - widths[g.name])  # units still wanted removed, >= 0
             by_kind.setdefault(g.kind, []).append(g)

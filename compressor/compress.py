@@ -14,7 +14,7 @@ from .. import ElastiqError
 from ..checkpoint import MANIFEST, QK, SSM_N, SSM_P, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import config_dict, family_for
 from ..families.base import ATTENTION_KINDS, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_KINDS
-from .allocate import ALLOCATIONS, allocate, check_rates, unit_params
+from .allocate import ALLOCATIONS, DEFAULT_KIND_WEIGHTS, allocate, check_kind_weights, check_rates, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .devices import compute_device
 from .distributed import one_process_threads, synchronize, world
@@ -44,6 +44,7 @@ class CompressOptions:
     allocation: str = "influence"
     ridge: float = 1.0
     temperature: float = 2.0
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))  # allocate.py
     rotate: bool = False
     device: str = "auto"  # where calibration and sorting compute (devices.py)
     timings: dict = field(default_factory=dict)
@@ -66,6 +67,7 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
                            f"Mamba2 blocks {', '.join(m for m in SSM_METHODS if m not in METHODS)}")
     if options.allocation not in ALLOCATIONS:
         raise ElastiqError(f"unknown allocation {options.allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    kind_weights = check_kind_weights(options.kind_weights)
     if options.quality_windows < 0:
         raise ElastiqError(f"--quality-windows must be 0 (measure nothing) or more, got {options.quality_windows}")
     rates = check_rates(options.rates)
@@ -102,7 +104,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
         "architectures": model.config.architectures, "config": config_dict(model.config),
         "chat_template": tokenizer.chat_template,
         "compression": {"method": options.method, "allocation": options.allocation, "ridge": options.ridge,
-                        "temperature": options.temperature, "rotation": options.rotate,
+                        "temperature": options.temperature, "kind_weights": kind_weights,
+                        "rotation": options.rotate,
                         "calib_data": describe_calibration(calib_file, data), "calib_samples": options.calib_samples,
                         "calib_seqlen": options.calib_seqlen, "quality_windows": options.quality_windows,
                         "seed": options.seed},
@@ -156,7 +159,8 @@ def compress(source: str | Path, output: str | Path, options: CompressOptions | 
 
                 t = time.perf_counter()
                 specs = allocate(layer_groups, unit, rates,
-                                 influence if options.allocation == "influence" else None, options.temperature)
+                                 influence if options.allocation == "influence" else None, options.temperature,
+                                 kind_weights)
                 options.timings["allocate"] = time.perf_counter() - t
                 t = time.perf_counter()
                 writer.finish(specs, {**source_info, "block_influence": influence}, tokenizer)

@@ -167,6 +167,24 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"rates are comma-separated fractions like 0.15,0.25, got {text!r}") from None
 
 
+def _kind_weights(text: str) -> dict[str, float]:
+    """--kind-weights: comma-separated KIND=WEIGHT; ``none`` for every kind at 1."""
+    if text.strip() == "none":
+        return {}
+    weights = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        kind, eq, value = item.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got "
+                                             f"{item!r}") from None
+        if not eq:
+            raise argparse.ArgumentTypeError(f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got "
+                                             f"{item!r}")
+    return weights
+
+
 def _q8_kinds(text: str) -> tuple[str, ...]:
     """--q8's comma-separated kinds of block matrix; ``none`` for none."""
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
@@ -185,8 +203,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     options = PipelineOptions(
         compress=CompressOptions(rates=args.rates, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                                  calib_data=args.calib_data, quality_windows=args.quality_windows, seed=args.seed,
-                                 method=args.method, allocation=args.allocation, rotate=args.rotate,
-                                 device=args.device),
+                                 method=args.method, allocation=args.allocation,
+                                 kind_weights=args.kind_weights, rotate=args.rotate, device=args.device),
         recover=None if args.no_recover else RecoverOptions(steps=args.recover_steps, shard=args.shard),
         quantize=None if args.no_quantize else QuantizeOptions(method=args.quantize_method,
                                                                embedding_bits=args.embedding_bits, q8=args.q8))
@@ -269,8 +287,11 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print("weights: float (not quantized)")
     full = ckpt.rate_entry(0.0)["weight_bytes"] if 0.0 in ckpt.rates else None
     kinds = sorted({g.kind for g in ckpt.groups})
-    print("pruned: " + ", ".join(GROUP_KINDS[k] for k in kinds)
-          + (f" ({family.kept})" if (family := MODEL_TYPES.get(source.model_type)) and family.kept else ""))
+    cut = {g.kind for g in ckpt.groups for row in ckpt.rate_table if row["widths"][g.name] < g.width}
+    whole = [GROUP_KINDS[k] for k in kinds if k not in cut]  # prunable, but no offered rate cuts them
+    print("pruned: " + (", ".join(GROUP_KINDS[k] for k in kinds if k in cut) or "nothing")
+          + (f" ({family.kept})" if (family := MODEL_TYPES.get(source.model_type)) and family.kept else "")
+          + (f"; kept whole at every rate: {', '.join(whole)}" if whole and cut else ""))
     measured = [row["quality"] for row in ckpt.rate_table if row.get("quality")]
     quality = ["held-out ppl", "KL to dense (mean / p99)", "same top-1 %"] if measured else []
     print("| rate | weights MB | of full | KV bytes/token | " + " | ".join(quality) + (" | " if quality else "")
@@ -453,7 +474,9 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compressor.allocate import DEFAULT_KIND_WEIGHTS
     from .compressor.compress import DEFAULT_RATES
+    from .manifest import KINDS
     from .compressor.quantize import DEFAULT_Q8, Q8_KINDS
     from .compressor.wheel_models import DEFAULT_MODEL
     from .evaluation.suite import ALL_MEASURES
@@ -526,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "the state, a baseline; a hybrid's other blocks are then sorted as by uniql)")
     comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
                       help="per-layer widths from block influence (default) or the same ratio everywhere")
+    comp.add_argument("--kind-weights", type=_kind_weights, default=dict(DEFAULT_KIND_WEIGHTS), metavar="WEIGHTS",
+                      help="each kind of group's share of the pruning against the MLP channels', as comma-separated "
+                           f"KIND=WEIGHT from {', '.join(KINDS)} (kinds not named: 1; 0: never pruned; none: all 1). "
+                           f"Default {','.join(f'{k}={w:g}' for k, w in DEFAULT_KIND_WEIGHTS.items())}: V/O kept whole "
+                           "and rotary pairs pruned at half the rate, measured closest to the dense model "
+                           "(benchmarks/results/allocation.md)")
     comp.add_argument("--rotate", action="store_true",
                       help="rotate the residual stream (orthogonal, fused into the weights; exact in float) "
                            "so that 4-bit quantization meets fewer outliers; unties a tied LM head")

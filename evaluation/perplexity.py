@@ -33,7 +33,8 @@ def wikitext2_tokens(tokenizer, data: Path) -> torch.Tensor:
 def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int = 2048,
                limit: int | None = None, progress: bool = True, reference: LogitsFn | None = None) -> dict:
     """Token-level perplexity of ``tokens`` in non-overlapping windows of ``seqlen``; with a
-    ``reference`` model, also the KL divergence to it on the same tokens (``divergence``)."""
+    ``reference`` model, also the KL divergence to it on the same tokens (``divergence``, and each
+    window's mean in ``window_kl``, for paired comparisons)."""
     available = tokens.numel() // seqlen
     if seqlen < 2 or available == 0:
         raise ElastiqError(f"--seqlen {seqlen} must be at least 2 and at most the {tokens.numel()} tokens available")
@@ -53,4 +54,5 @@ def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int = 2048,
               "window_nll": window_nll}
     if reference is not None:
         result["divergence"] = divergence.summary()
+        result["window_kl"] = [kl.mean().item() for kl in divergence.kl]
     return {**result, "seconds": time.perf_counter() - start}

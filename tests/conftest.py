@@ -41,6 +41,7 @@ _import_triton_language_interpreted()
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from elastiq.checkpoint import Checkpoint  # noqa: E402  (once the hub is offline and Triton interpreted)
+from elastiq.compressor import allocate as _allocate, compress as _compress  # noqa: E402
 
 TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
 
@@ -54,9 +55,31 @@ def _session_cache(tmp_path_factory) -> Path:
 def _private_cache(request, _session_cache, monkeypatch) -> None:
     """elastiq's cache (remembered backend speeds, checkpoints built from models) is a folder of the
     test session, never the user's: except for the realmodel tests, which build the default model
-    once in the user's cache as the README's first command does."""
+    once in the user's cache as the README's first command does, with the shipped defaults."""
     if request.node.get_closest_marker("realmodel") is None:
         monkeypatch.setenv("ELASTIQ_CACHE", str(_session_cache))
+    else:
+        _kind_weights(monkeypatch, SHIPPED_KIND_WEIGHTS)
+
+
+SHIPPED_KIND_WEIGHTS = dict(_allocate.DEFAULT_KIND_WEIGHTS)
+
+
+def _kind_weights(patch: pytest.MonkeyPatch, weights: dict) -> None:
+    """Make ``weights`` the default kind weights of ``compress`` and the command line."""
+    for module in (_allocate, _compress):
+        patch.setattr(module, "DEFAULT_KIND_WEIGHTS", weights)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_kind_pruned():
+    """The shipped allocation keeps V/O whole (``DEFAULT_KIND_WEIGHTS``). In tests every kind of
+    group takes its block's ratio instead, so that each axis, V/O ranks included, is pruned,
+    sliced, exported and run; tests of the default itself pass ``SHIPPED_KIND_WEIGHTS``, and
+    commands run in a subprocess get the shipped default."""
+    with pytest.MonkeyPatch.context() as patch:
+        _kind_weights(patch, {})
+        yield
 
 
 @pytest.fixture(scope="session")

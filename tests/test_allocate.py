@@ -6,7 +6,7 @@ import pytest
 
 from elastiq import ElastiqError
 from elastiq.checkpoint import MLP, QK, SSM_N, SSM_P, VO, Group
-from elastiq.compressor.allocate import allocate, check_rates, layer_ratios
+from elastiq.compressor.allocate import allocate, check_kind_weights, check_rates, layer_ratios
 
 # Four blocks shaped like SmolLM2's (hidden 576, 9 heads, 3 KV heads, head 64, MLP 1536).
 UNIT = {MLP: 3 * 576, QK: 3 * (2 * 3 + 2) * 576, VO: 3 * (1 + 3) * 576}
@@ -112,3 +112,40 @@ def test_uniform_balances_only_where_blocks_alike_cannot_meet_the_rate():
     assert {spec.widths[f"layers.{i}.{SSM_P}"] for i in range(4)} == {32, 64}
     standin = allocate(SSM_LAYERS, SSM_UNITS, [0.15])[1]
     assert {standin.widths[f"layers.{i}.{SSM_P}"] for i in range(4)} == {64}
+
+
+@pytest.mark.parametrize("influence", [None, [0.5, 0.1, 0.05, 0.2]])
+def test_a_kind_of_weight_zero_is_kept_whole_and_the_rate_still_met(influence):
+    for spec in allocate(LAYERS, UNITS, [0.15, 0.25, 0.35], influence, kind_weights={VO: 0.0})[1:]:
+        assert removed(spec) == pytest.approx(spec.rate, abs=0.01)
+        assert all(spec.widths[f"layers.{i}.{VO}"] == 64 for i in range(4))
+
+
+def test_kind_weights_set_each_kinds_share_of_the_pruning():
+    """Uniform allocation with rotary pairs at half weight: the MLP loses about twice their share."""
+    spec = allocate(LAYERS, UNITS, [0.25], kind_weights={QK: 0.5, VO: 0.0})[1]
+    mlp = 1 - spec.widths["layers.0.mlp"] / 1536
+    qk = 1 - sum(spec.widths[f"layers.{i}.{QK}"] for i in range(4)) / (4 * 32)
+    assert removed(spec) == pytest.approx(0.25, abs=0.01)
+    assert qk == pytest.approx(mlp / 2, abs=0.05), (mlp, qk)
+
+
+def test_no_kind_weights_is_every_kind_at_one():
+    rates = [0.15, 0.25, 0.35]
+    assert allocate(LAYERS, UNITS, rates, [0.5, 0.1, 0.05, 0.2]) == \
+        allocate(LAYERS, UNITS, rates, [0.5, 0.1, 0.05, 0.2], kind_weights={MLP: 1.0, QK: 1.0, VO: 1.0})
+
+
+def test_a_rate_the_prunable_kinds_cannot_hold_is_refused():
+    with pytest.raises(ElastiqError, match=r"rate 0.35 cannot be met with kind weights .*too few parameters"):
+        allocate(LAYERS, UNITS, [0.35], kind_weights={MLP: 0.0, VO: 0.0})
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"attn": 1.0}, r"unknown kind of group 'attn' in the kind weights; known: mlp, qk, vo, ssm_p, ssm_n"),
+    ({VO: -1.0}, r"the weight of vo must be a finite number >= 0 \(0: never pruned\), got -1.0"),
+    ({QK: float("nan")}, r"the weight of qk must be a finite number >= 0"),
+])
+def test_bad_kind_weights_are_named(weights, message):
+    with pytest.raises(ElastiqError, match=message):
+        check_kind_weights(weights)

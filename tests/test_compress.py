@@ -10,7 +10,7 @@ from elastiq.cli import main
 from elastiq.compressor import compress as compress_module
 from elastiq.compressor.compress import CompressOptions, compress
 from elastiq.modeling.model import Transformer
-from conftest import TEXT, masked_weights
+from conftest import SHIPPED_KIND_WEIGHTS, TEXT, masked_weights
 
 
 def _compress(src, dest, data_dir, **kwargs):
@@ -42,6 +42,25 @@ def test_influence_and_uniform_allocations_differ(models, data_dir, tmp_path):
     uniform = Checkpoint(_compress(src, tmp_path / "b.elastiq", data_dir, allocation="uniform")).rate_entry(0.35)
     assert uniform["widths"]["layers.0.mlp"] == uniform["widths"]["layers.1.mlp"]
     assert influence != uniform["widths"]
+
+
+def test_shipped_kind_weights_keep_vo_whole_and_are_recorded(models, data_dir, tmp_path, capsys):
+    """The default allocation never cuts a V/O rank, prunes the rotary pairs less than the MLP, and
+    records its weights so that allocate_checkpoint gives the same widths again."""
+    from elastiq.compressor.allocate import allocate_checkpoint
+
+    src, _ = models["llama"]
+    ckpt = Checkpoint(_compress(src, tmp_path / "d.elastiq", data_dir, kind_weights=SHIPPED_KIND_WEIGHTS))
+    assert SHIPPED_KIND_WEIGHTS == {"qk": 0.5, "vo": 0.0}
+    assert ckpt.manifest["source"]["compression"]["kind_weights"] == SHIPPED_KIND_WEIGHTS
+    for spec in allocate_checkpoint(ckpt, [0.15, 0.25, 0.35])[1:]:
+        assert spec.widths == ckpt.rate_entry(spec.rate)["widths"]
+        assert all(spec.widths[f"layers.{i}.vo"] == 64 for i in range(2))
+    every = Checkpoint(_compress(src, tmp_path / "e.elastiq", data_dir, kind_weights={}))
+    assert any(every.rate_entry(0.35)["widths"][f"layers.{i}.vo"] < 64 for i in range(2))
+    assert main(["inspect", str(ckpt.path)]) == 0
+    assert ("pruned: MLP channels, rotary pairs of q/k per KV head; kept whole at every rate: V/O rank per KV head\n"
+            in capsys.readouterr().out)
 
 
 def test_cli_compress_and_inspect(models, tmp_path, capsys):
@@ -88,12 +107,22 @@ def test_cli_compress_calibrates_on_own_text(models, data_dir, tmp_path, capsys)
     (["--rates", "0.95"], "rate 0.95 is outside [0, 0.9)"),
     (["--calib-samples", "20000"], "windows of 512 tokens"),  # more than the C4 sample holds
     (["--calib-seqlen", "100000"], "of memory per process"),  # its causal masks alone: 40 GB
+    (["--kind-weights", "attn=0.5"], "unknown kind of group 'attn' in the kind weights; known: mlp, qk, vo"),
 ])
 def test_cli_bad_input(args, message, models, tmp_path, capsys):
     src, _ = models["llama"]
     assert main(["compress", str(src), "-o", str(tmp_path / "x.elastiq"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.elastiq").exists()
+
+
+@pytest.mark.parametrize("weights", ["vo", "qk=half"])
+def test_cli_kind_weights_not_kind_equals_weight(weights, models, tmp_path, capsys):
+    src, _ = models["llama"]
+    with pytest.raises(SystemExit) as stop:
+        main(["compress", str(src), "-o", str(tmp_path / "x.elastiq"), "--kind-weights", weights])
+    assert stop.value.code == 2
+    assert f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got {weights!r}" in capsys.readouterr().err
 
 
 def test_interrupted_compression_leaves_nothing(models, data_dir, tmp_path, monkeypatch):

@@ -18,10 +18,13 @@ from elastiq.cli import main
 from elastiq.compressor import distributed
 from elastiq.compressor.distributed import one_process_threads
 
+# The ranks run in processes of their own, where the tests' default kind weights (conftest) do not
+# reach: every command compared with an in-process one names them.
+KINDS = ["--kind-weights", "none"]
 # 10 windows in chunks of 4: three chunks, so rank 1 runs a smaller last chunk in round 0's
 # company and sits out round 1.
 ARGS = ["--rates", "0.15,0.25", "--calib-samples", "10", "--calib-seqlen", "32", "--quality-windows", "2",
-        "--no-recover"]
+        "--no-recover", *KINDS]
 
 
 def _torchrun(*args: str, cwd, ranks: int = 2, script: Path | None = None,
@@ -136,7 +139,7 @@ def test_three_ranks_and_a_mamba2_model(tokenizer, tmp_path):
     build_mamba2(len(tokenizer)).save_pretrained(src)
     tokenizer.save_pretrained(src)
     args = ["--rates", "0.25", "--calib-samples", "10", "--calib-seqlen", "40", "--quality-windows", "0",
-            "--no-recover", "--no-quantize"]
+            "--no-recover", "--no-quantize", *KINDS]
     one, three = tmp_path / "one.elastiq", tmp_path / "three.elastiq"
     main(["compress", str(src), "-o", str(one), *args])
     done = _torchrun("compress", str(src), "-o", str(three), *args, cwd=tmp_path, ranks=3)
@@ -151,7 +154,7 @@ def test_recovery_on_two_ranks_trains_and_merges(shard, models, tmp_path):
     gradients (each rank with a copy of the model, or half of it under --shard: FSDP), merge the
     weights one process merges from the whole batch (up to float sums)."""
     src, _ = models["llama"]
-    args = ["--rates", "0.35", "--calib-samples", "4", "--calib-seqlen", "32", "--quality-windows", "0",
+    args = [*KINDS, "--rates", "0.35", "--calib-samples", "4", "--calib-seqlen", "32", "--quality-windows", "0",
             "--recover-steps", "3", "--no-quantize"]
     one, two, plain = (tmp_path / f"{n}.elastiq" for n in ("one", "two", "plain"))
     main(["compress", str(src), "-o", str(one), *args])

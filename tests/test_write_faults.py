@@ -30,7 +30,9 @@ KIB = 1024
 LIMIT = 64 * KIB  # below every output's largest file (the tiny model's weights: 100-680 kB)
 RECOVER_LIMIT = 128 * KIB  # above the LoRA state (96 kB), below the optimizer state (215 kB)
 CALIB = ["--calib-samples", "4", "--calib-seqlen", "32"]
-FLOAT = ["--no-recover", "--no-quantize"]  # compress: the float checkpoint the other commands read
+# compress: the float checkpoint the other commands read (kind weights named: the children, whose
+# runs a run in this process resumes, do not get the tests' default of conftest)
+FLOAT = ["--no-recover", "--no-quantize", "--kind-weights", "none"]
 RECOVER = ["--steps", "3", "--save-every", "1", "--batch", "1", "--seqlen", "16", "--samples", "2", "--bf16", "off"]
 
 DRIVER = r"""
