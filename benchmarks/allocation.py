@@ -1,13 +1,16 @@
 """Allocation: one sorted checkpoint at each of its rates, with the widths it was written with
-against the widths today's ``allocate`` gives it (same block influence, same temperature), side by side.
+against the widths today's ``allocate`` gives it (same block influence, same temperature), with
+the kind weights it recorded or with each of ``--kind-weights``, side by side.
 
-The sorted weights are the same for both: only the kept width of each group differs. The
-re-allocated checkpoint is written with the checkpoint writer (``WORK/reallocated.elastiq``), so it
-is what compressing again would offer. Each rate of both is measured on the same windows of
+The sorted weights are the same for all: only the kept width of each group differs. Each
+re-allocated checkpoint is written with the checkpoint writer (``WORK/reallocated-K.elastiq``), so
+it is what compressing again would offer. Each rate of each is measured on the same windows of
 held-out C4 (documents calibration never draws) and of WikiText-2: perplexity, KL(dense || rate),
-and the paired difference of mean NLL per window (re-allocated minus as written, ± one standard error).
+and the paired difference of mean NLL and of mean KL per window (re-allocated minus as written, ±
+one standard error).
 
     python benchmarks/allocation.py --checkpoint CKPT --windows 32     # writes benchmarks/results/allocation.{json,md}
+    python benchmarks/allocation.py --checkpoint CKPT --kind-weights none qk=0.5,vo=0 --name allocation_kinds
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from elastiq.checkpoint import Checkpoint, write_checkpoint
+from elastiq.cli import _kind_weights
 from elastiq.compressor.allocate import allocate_checkpoint
 from elastiq.compressor.calibrate import C4_SAMPLE, heldout_windows
 from elastiq.evaluation.perplexity import perplexity, wikitext2_tokens
@@ -28,7 +32,7 @@ from elastiq.modeling.model import Transformer
 from elastiq.paths import data_dir
 
 RESULTS = Path(__file__).parent / "results"
-ALLOCATIONS = ("as written", "re-allocated")
+WRITTEN = "as written"
 CORPORA = ("c4_heldout", "wikitext2")
 
 
@@ -39,15 +43,18 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
-def run(path: Path, windows: int, seqlen: int, threads: int, work: Path) -> dict:
+def run(path: Path, windows: int, seqlen: int, threads: int, work: Path, kinds: list[str]) -> dict:
     torch.set_num_threads(threads)
     ckpt = Checkpoint(path)
     rates = [r for r in ckpt.rates if r > 0]
-    specs = allocate_checkpoint(ckpt, rates)
     tokenizer = ckpt.tokenizer()
-    realloc = Checkpoint(write_checkpoint(work / "reallocated.elastiq", ckpt.read_rate(0.0), ckpt.groups, specs,
-                                          ckpt.heads, ckpt.source.record, tokenizer,
-                                          quantization=ckpt.quantization, overwrite=True))
+    variants = {WRITTEN: ckpt}
+    for k, text in enumerate(kinds or [None]):
+        specs = allocate_checkpoint(ckpt, rates, None if text is None else _kind_weights(text))
+        name = "re-allocated" if text is None else f"kinds {text}"
+        variants[name] = Checkpoint(write_checkpoint(work / f"reallocated-{k}.elastiq", ckpt.read_rate(0.0),
+                                                     ckpt.groups, specs, ckpt.heads, ckpt.source.record, tokenizer,
+                                                     quantization=ckpt.quantization, overwrite=True))
     corpora = {"c4_heldout": heldout_windows(tokenizer, data_dir() / C4_SAMPLE, windows, seqlen).flatten(),
                "wikitext2": wikitext2_tokens(tokenizer, data_dir())}
     dense = Transformer.from_weights(ckpt.read_rate(0.0), ckpt.config)
@@ -55,7 +62,7 @@ def run(path: Path, windows: int, seqlen: int, threads: int, work: Path) -> dict
            else ckpt.quantization["format"], "windows": windows, "seqlen": seqlen, "rates": {}}
     for rate in rates:
         row = {}
-        for name, c in zip(ALLOCATIONS, (ckpt, realloc)):
+        for name, c in variants.items():
             entry = c.rate_entry(rate)
             model = Transformer.from_weights(c.read_rate(rate), c.config)
             row[name] = {"weight_bytes": entry["weight_bytes"], "widths": entry["widths"],
@@ -73,24 +80,35 @@ def coarse_cut(widths: dict, groups: list[dict]) -> str:
                      f"{sum(g['kind'] == k for g in groups)}" for k in kinds)
 
 
-def table(result: dict, groups: list[dict], command: str) -> str:
+def pruned_share(widths: dict, groups: list[dict], shapes: dict) -> str:
+    """The share of each kind's parameters a rate removes, e.g. 'mlp 18%, qk 9%, vo 0%'."""
+    removed, total = {}, {}
+    for g in groups:
+        unit = sum(math.prod(shapes[n]) for n, role in g["members"] if role != "pairs") // g["width"]
+        removed[g["kind"]] = removed.get(g["kind"], 0) + (g["width"] - widths[g["name"]]) * unit
+        total[g["kind"]] = total.get(g["kind"], 0) + g["width"] * unit
+    return ", ".join(f"{k} {100 * removed[k] / total[k]:.0f}%" for k in total)
+
+
+def table(result: dict, groups: list[dict], shapes: dict, command: str) -> str:
     lines = [f"# Allocation: {result['model']} ({result['weights']}), as written against re-allocated", "",
              f"`{command}`", "",
              f"Same sorted weights; only the widths differ. {result['windows']} windows of {result['seqlen']} tokens "
-             "of held-out C4 and of WikiText-2. KL: mean over tokens of KL(dense || rate), nats. Δ NLL: "
-             "re-allocated minus as written, mean NLL per window, ± one standard error (paired). Blocks cut: "
-             "how many blocks cut each coarse group kind below its full width.", "",
-             "| rate | allocation | MB | blocks cut | C4 ppl | C4 KL | Δ NLL, C4 | WikiText-2 ppl | WikiText-2 KL | Δ NLL, WikiText-2 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "of held-out C4 and of WikiText-2. KL: mean over tokens of KL(dense || rate), nats. Δ: re-allocated "
+             "minus as written, mean NLL or KL per window, ± one standard error (paired). Pruned: the share of "
+             "each kind's parameters the rate removes.", "",
+             "| rate | allocation | MB | pruned | C4 ppl | C4 KL | Δ KL, C4 | Δ NLL, C4 | WikiText-2 ppl | "
+             "WikiText-2 KL | Δ KL, WikiText-2 | Δ NLL, WikiText-2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate, row in result["rates"].items():
-        for name in ALLOCATIONS:
-            r = row[name]
-            cells = [f"{r['weight_bytes'] / 1e6:.1f}", coarse_cut(r["widths"], groups)]
+        for name, r in row.items():
+            cells = [f"{r['weight_bytes'] / 1e6:.1f}", pruned_share(r["widths"], groups, shapes)]
             for corpus in CORPORA:
-                c = r[corpus]
-                delta = "—" if name == ALLOCATIONS[0] else "{:+.4f} ± {:.4f}".format(
-                    *paired(c["window_nll"], row[ALLOCATIONS[0]][corpus]["window_nll"]))
-                cells += [f"{c['ppl']:.2f}", f"{c['divergence']['kl_mean']:.4f}", delta]
+                c, base = r[corpus], row[WRITTEN][corpus]
+                deltas = ["—", "—"] if name == WRITTEN else [
+                    "{:+.4f} ± {:.4f}".format(*paired(c["window_kl"], base["window_kl"])),
+                    "{:+.4f} ± {:.4f}".format(*paired(c["window_nll"], base["window_nll"]))]
+                cells += [f"{c['ppl']:.2f}", f"{c['divergence']['kl_mean']:.4f}", *deltas]
             lines.append(f"| {rate} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -103,16 +121,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/elastiq-allocation"),
                         help="where the re-allocated checkpoint goes")
+    parser.add_argument("--kind-weights", nargs="*", default=[], metavar="WEIGHTS",
+                        help="re-allocate with each of these kind weights (compress --kind-weights's form; none: "
+                             "every kind at 1) instead of those the checkpoint recorded")
     parser.add_argument("--name", default="allocation", help="results file name (default allocation)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.checkpoint, args.windows, args.seqlen, args.threads, args.work)
-    groups = Checkpoint(args.checkpoint).manifest["groups"]
+    result = run(args.checkpoint, args.windows, args.seqlen, args.threads, args.work, args.kind_weights)
+    ckpt = Checkpoint(args.checkpoint)
+    groups, shapes = ckpt.manifest["groups"], ckpt.full_shapes()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     command = "python benchmarks/allocation.py " + " ".join(sys.argv[1:])
-    (RESULTS / f"{args.name}.md").write_text(table(result, groups, command))
-    print(table(result, groups, command))
+    (RESULTS / f"{args.name}.md").write_text(table(result, groups, shapes, command))
+    print(table(result, groups, shapes, command))
 
 
 if __name__ == "__main__":
