@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from elastiq.checkpoint import Checkpoint, write_checkpoint
-from elastiq.cli import _kind_weights
-from elastiq.compressor.allocate import allocate_checkpoint
+from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights
 from elastiq.compressor.calibrate import C4_SAMPLE, heldout_windows
 from elastiq.evaluation.perplexity import perplexity, wikitext2_tokens
 from elastiq.modeling.model import Transformer
@@ -50,7 +49,7 @@ def run(path: Path, windows: int, seqlen: int, threads: int, work: Path, kinds: 
     tokenizer = ckpt.tokenizer()
     variants = {WRITTEN: ckpt}
     for k, text in enumerate(kinds or [None]):
-        specs = allocate_checkpoint(ckpt, rates, None if text is None else _kind_weights(text))
+        specs = allocate_checkpoint(ckpt, rates, None if text is None else parse_kind_weights(text))
         name = "re-allocated" if text is None else f"kinds {text}"
         variants[name] = Checkpoint(write_checkpoint(work / f"reallocated-{k}.elastiq", ckpt.read_rate(0.0),
                                                      ckpt.groups, specs, ckpt.heads, ckpt.source.record, tokenizer,

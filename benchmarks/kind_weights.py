@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from elastiq.checkpoint import Checkpoint
-from elastiq.cli import _kind_weights
-from elastiq.compressor.allocate import allocate_checkpoint
+from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights
 from elastiq.compressor.calibrate import C4_SAMPLE, heldout_windows
 from elastiq.compressor.quality import rate_quality
 from elastiq.paths import data_dir
@@ -67,9 +66,10 @@ def run(path: Path, kinds: list[str], windows: int, seqlen: int, threads: int) -
     rates = [r for r in ckpt.rates if r > 0]
     held = heldout_windows(ckpt.tokenizer(), data_dir() / C4_SAMPLE, windows, seqlen)
     out = {"checkpoint": str(path), "model": ckpt.source.name, "windows": windows, "seqlen": seqlen,
-           "threads": threads, "recorded_kind_weights": ckpt.source.record.get("compression", {}).get("kind_weights"),
+           "threads": threads,
+           "recorded_kind_weights": ckpt.source.record.get("compression", {}).get("kind_weights"),
            "variants": {}}
-    variants = {"as written": None, **{f"kinds {k}": _kind_weights(k) for k in kinds}}
+    variants = {"as written": None, **{f"kinds {k}": parse_kind_weights(k) for k in kinds}}
     for name, weights in variants.items():
         widths = {r: ckpt.rate_entry(r)["widths"] for r in rates} if weights is None else \
             {s.rate: s.widths for s in allocate_checkpoint(ckpt, rates, weights) if s.rate > 0}
@@ -88,7 +88,8 @@ def table(result: dict, command: str) -> str:
              f"{result['seqlen']} tokens, each rate against the dense model (rate 0) block by block; KL: "
              "KL(dense || rate) in nats, mean and 99th percentile over tokens. Pruned: the "
              "share of each kind's parameters the rate removes.", "",
-             "| rate | allocation | pruned | KL mean | KL p99 | same top-1 % | held-out ppl |", "|---|---|---|---|---|---|---|"]
+             "| rate | allocation | pruned | KL mean | KL p99 | same top-1 % | held-out ppl |",
+             "|---|---|---|---|---|---|---|"]
     rates = next(iter(result["variants"].values())).keys()
     for rate in rates:
         for name, variant in result["variants"].items():

@@ -5,12 +5,12 @@ pruned in proportion to exp(-z_i / temperature), z_i its block influence 1 - cos
 standardized over blocks, so blocks that change their input least lose most; the proportions are
 parameter-weighted so that the total removed is the rate; within a block each group is cut by
 the block's ratio times its kind's weight (``DEFAULT_KIND_WEIGHTS``: V/O kept whole, rotary pairs
-at half the ratio, all rescaled so that the rate is met), rounded to its granularity, and the rounding is balanced over each kind of
-group (the largest-remainder rule), so that a coarse group (a head dimension of 64 that moves in
-halves) is cut in the most pruned blocks and kept in the others in the proportion the rate asks,
-instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
-nearest its kind's ratio, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves in
-halves), its rounding is balanced as above. What rounding leaves is then taken up one step of
+at half the ratio, all rescaled so that the rate is met), rounded to its granularity, and the
+rounding is balanced over each kind of group (the largest-remainder rule), so that a coarse group
+(a head dimension of 64 that moves in halves) is cut in the most pruned blocks and kept in the
+others in the proportion the rate asks, instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
+nearest its kind's ratio, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves
+in halves), its rounding is balanced as above. What rounding leaves is then taken up one step of
 each block's finest group (a rotary pair, a state) at a time, across blocks in influence order.
 """
 
@@ -29,10 +29,25 @@ ALLOCATIONS = ("influence", "uniform")
 MAX_RATE = 0.9
 TOLERANCE = 0.01  # achieved rate within one percentage point of the requested one
 # Each kind's share of the pruning, relative to the MLP channels' (kinds not named: 1). Measured on
-# SmolLM2-135M and Qwen2.5-Coder-1.5B (benchmarks/results/allocation.md): per parameter removed, a
-# V/O rank costs several times the KL of an MLP channel or a rotary pair, so V/O is kept whole and
-# the rotary pairs take half their block's ratio.
+# SmolLM2-135M and Qwen2.5-Coder-1.5B (benchmarks/results/allocation_kinds.md,
+# kind_weights_qwen2.5-coder-1.5b.md): per parameter removed, a V/O rank costs several times the KL
+# of an MLP channel or a rotary pair, so V/O is kept whole and the rotary pairs take half their
+# block's ratio.
 DEFAULT_KIND_WEIGHTS = {QK: 0.5, VO: 0.0}
+
+
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """``--kind-weights``' form: comma-separated KIND=WEIGHT, or ``none`` for every kind at 1."""
+    if text.strip() == "none":
+        return {}
+    weights = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        kind, _, value = item.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            raise ElastiqError(f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got {item!r}") from None
+    return weights
 
 
 def check_kind_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -140,7 +155,8 @@ def allocate(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], rates: 
         if rate == 0:
             specs.append(RateSpec(0.0, {g.name: g.width for g in groups}))
             continue
-        blocks = layer_ratios(scores, layer_params, rate, temperature) if influence is not None else [rate] * len(layers)
+        blocks = layer_ratios(scores, layer_params, rate, temperature) if influence is not None \
+            else [rate] * len(layers)
         ratios = group_ratios(layers, unit, blocks, rate, kind_weights)
         candidates = [lambda: _round_by_kind(layers, unit, ratios, rate * total)]
         if influence is None:  # every block alike first: one width per kind (then one llama.cpp width)
@@ -181,8 +197,8 @@ def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float],
 
 def _round_by_kind(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], ratios: Mapping[str, float],
                    target: float) -> dict[str, int]:
-    """Each group cut by its ratio (``group_ratios``), rounded to its granularity so that every kind of group
-    loses, over all blocks, about the parameters its blocks' ratios ask of it: each group is first
+    """Each group cut by its ratio (``group_ratios``), rounded to its granularity so that every kind
+    of group loses, over all blocks, about the parameters its ratios ask of it: each group is first
     cut to the granule at or above its wanted width, then the groups that fell furthest short (in
     granules; the most pruned blocks, where widths are equal) are cut one granule more while that
     brings the kind's total nearer (the largest-remainder rule), unless the cut would overshoot

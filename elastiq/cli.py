@@ -169,20 +169,12 @@ def _rates(text: str) -> list[float]:
 
 def _kind_weights(text: str) -> dict[str, float]:
     """--kind-weights: comma-separated KIND=WEIGHT; ``none`` for every kind at 1."""
-    if text.strip() == "none":
-        return {}
-    weights = {}
-    for item in (i.strip() for i in text.split(",") if i.strip()):
-        kind, eq, value = item.partition("=")
-        try:
-            weights[kind.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got "
-                                             f"{item!r}") from None
-        if not eq:
-            raise argparse.ArgumentTypeError(f"kind weights are comma-separated KIND=WEIGHT like qk=0.5,vo=0, got "
-                                             f"{item!r}")
-    return weights
+    from .compressor.allocate import parse_kind_weights
+
+    try:
+        return parse_kind_weights(text)
+    except ElastiqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _q8_kinds(text: str) -> tuple[str, ...]:
