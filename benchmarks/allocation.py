@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from elastiq.checkpoint import Checkpoint, write_checkpoint
-from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights
+from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights, pruned_shares
 from elastiq.compressor.calibrate import C4_SAMPLE, heldout_windows
 from elastiq.evaluation.perplexity import perplexity, wikitext2_tokens
 from elastiq.modeling.model import Transformer
@@ -65,6 +65,7 @@ def run(path: Path, windows: int, seqlen: int, threads: int, work: Path, kinds: 
             entry = c.rate_entry(rate)
             model = Transformer.from_weights(c.read_rate(rate), c.config)
             row[name] = {"weight_bytes": entry["weight_bytes"], "widths": entry["widths"],
+                         "pruned": pruned_shares(c, entry["widths"]),
                          **{corpus: perplexity(model, tokens, seqlen, windows, progress=False, reference=dense)
                             for corpus, tokens in corpora.items()}}
             print(rate, name, {k: round(row[name][k]["ppl"], 2) for k in CORPORA}, flush=True)
@@ -72,24 +73,7 @@ def run(path: Path, windows: int, seqlen: int, threads: int, work: Path, kinds: 
     return out
 
 
-def coarse_cut(widths: dict, groups: list[dict]) -> str:
-    """How many blocks cut each coarse kind of group (granularity above 1), e.g. 'vo 9/30'."""
-    kinds = sorted({g["kind"] for g in groups if g["granularity"] > 1 and g["width"] > g["granularity"]})
-    return ", ".join(f"{k} {sum(widths[g['name']] < g['width'] for g in groups if g['kind'] == k)}/"
-                     f"{sum(g['kind'] == k for g in groups)}" for k in kinds)
-
-
-def pruned_share(widths: dict, groups: list[dict], shapes: dict) -> str:
-    """The share of each kind's parameters a rate removes, e.g. 'mlp 18%, qk 9%, vo 0%'."""
-    removed, total = {}, {}
-    for g in groups:
-        unit = sum(math.prod(shapes[n]) for n, role in g["members"] if role != "pairs") // g["width"]
-        removed[g["kind"]] = removed.get(g["kind"], 0) + (g["width"] - widths[g["name"]]) * unit
-        total[g["kind"]] = total.get(g["kind"], 0) + g["width"] * unit
-    return ", ".join(f"{k} {100 * removed[k] / total[k]:.0f}%" for k in total)
-
-
-def table(result: dict, groups: list[dict], shapes: dict, command: str) -> str:
+def table(result: dict, command: str) -> str:
     lines = [f"# Allocation: {result['model']} ({result['weights']}), as written against re-allocated", "",
              f"`{command}`", "",
              f"Same sorted weights; only the widths differ. {result['windows']} windows of {result['seqlen']} tokens "
@@ -101,7 +85,7 @@ def table(result: dict, groups: list[dict], shapes: dict, command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate, row in result["rates"].items():
         for name, r in row.items():
-            cells = [f"{r['weight_bytes'] / 1e6:.1f}", pruned_share(r["widths"], groups, shapes)]
+            cells = [f"{r['weight_bytes'] / 1e6:.1f}", ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["pruned"].items())]
             for corpus in CORPORA:
                 c, base = r[corpus], row[WRITTEN][corpus]
                 deltas = ["—", "—"] if name == WRITTEN else [
@@ -127,13 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     result = run(args.checkpoint, args.windows, args.seqlen, args.threads, args.work, args.kind_weights)
-    ckpt = Checkpoint(args.checkpoint)
-    groups, shapes = ckpt.manifest["groups"], ckpt.full_shapes()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     command = "python benchmarks/allocation.py " + " ".join(sys.argv[1:])
-    (RESULTS / f"{args.name}.md").write_text(table(result, groups, shapes, command))
-    print(table(result, groups, shapes, command))
+    (RESULTS / f"{args.name}.md").write_text(table(result, command))
+    print(table(result, command))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from elastiq.checkpoint import Checkpoint
-from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights
+from elastiq.compressor.allocate import allocate_checkpoint, parse_kind_weights, pruned_shares
 from elastiq.compressor.calibrate import C4_SAMPLE, heldout_windows
 from elastiq.compressor.quality import rate_quality
 from elastiq.paths import data_dir
@@ -50,16 +50,6 @@ class Reallocated(Checkpoint):
         return super().read_tensor(name, rate, False, unit_order)  # other widths end off the hashed segments
 
 
-def pruned_share(ckpt: Checkpoint, widths: dict[str, int]) -> dict[str, float]:
-    """The share of each kind's parameters that ``widths`` removes."""
-    shapes, removed, total = ckpt.full_shapes(), {}, {}
-    for g in ckpt.groups:
-        unit = sum(torch.Size(shapes[n]).numel() for n, role in g.members if role != "pairs") // g.width
-        removed[g.kind] = removed.get(g.kind, 0) + (g.width - widths[g.name]) * unit
-        total[g.kind] = total.get(g.kind, 0) + g.width * unit
-    return {k: removed[k] / total[k] for k in total}
-
-
 def run(path: Path, kinds: list[str], windows: int, seqlen: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     ckpt = Checkpoint(path)
@@ -75,7 +65,7 @@ def run(path: Path, kinds: list[str], windows: int, seqlen: int, threads: int) -
             {s.rate: s.widths for s in allocate_checkpoint(ckpt, rates, weights) if s.rate > 0}
         start = time.perf_counter()
         measured = rate_quality(Reallocated(path, widths), ckpt, held, progress=False)
-        out["variants"][name] = {str(r): {**measured[r], "pruned": pruned_share(ckpt, widths[r]), "widths": widths[r]}
+        out["variants"][name] = {str(r): {**measured[r], "pruned": pruned_shares(ckpt, widths[r]), "widths": widths[r]}
                                  for r in rates}
         print(name, {r: round(measured[r]["kl_mean"], 4) for r in rates},
               f"{time.perf_counter() - start:.0f} s", flush=True)

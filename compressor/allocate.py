@@ -8,10 +8,11 @@ the block's ratio times its kind's weight (``DEFAULT_KIND_WEIGHTS``: V/O kept wh
 at half the ratio, all rescaled so that the rate is met), rounded to its granularity, and the
 rounding is balanced over each kind of group (the largest-remainder rule), so that a coarse group
 (a head dimension of 64 that moves in halves) is cut in the most pruned blocks and kept in the
-others in the proportion the rate asks, instead of in all blocks or in none. ``uniform`` cuts every block alike, each group to the width
-nearest its kind's ratio, where the rate can be met so; where it cannot (a Mamba2's P of 64 moves
-in halves), its rounding is balanced as above. What rounding leaves is then taken up one step of
-each block's finest group (a rotary pair, a state) at a time, across blocks in influence order.
+others in the proportion the rate asks, instead of in all blocks or in none. ``uniform`` cuts
+every block alike, each group to the width nearest its kind's ratio, where the rate can be met
+so; where it cannot (a Mamba2's P of 64 moves in halves), its rounding is balanced as above.
+What rounding leaves is then taken up one step of each block's finest group (a rotary pair, a
+state) at a time, across blocks in influence order.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ TOLERANCE = 0.01  # achieved rate within one percentage point of the requested o
 # of an MLP channel or a rotary pair, so V/O is kept whole and the rotary pairs take half their
 # block's ratio.
 DEFAULT_KIND_WEIGHTS = {QK: 0.5, VO: 0.0}
+
+
+def default_kind_weights() -> dict[str, float]:
+    """A fresh copy of ``DEFAULT_KIND_WEIGHTS`` (read when called, so that one name sets the default)."""
+    return dict(DEFAULT_KIND_WEIGHTS)
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:
@@ -185,14 +191,28 @@ def allocate_checkpoint(ckpt: Checkpoint, rates: Sequence[float],
     what compressing it again with these rates would offer."""
     layers = sorted({g.layer for g in ckpt.groups})
     by_layer = [[g for g in ckpt.groups if g.layer == i] for i in layers]
-    shapes = ckpt.full_shapes()
-    unit = {g.name: sum(math.prod(shapes[n]) for n, role in g.members if role != "pairs") // g.width
-            for g in ckpt.groups}
+    unit = checkpoint_units(ckpt)
     record = ckpt.source.record
     compression = record.get("compression", {})
     influence = record.get("block_influence") if compression.get("allocation", "influence") == "influence" else None
     weights = compression.get("kind_weights") if kind_weights is None else check_kind_weights(kind_weights)
     return allocate(by_layer, unit, rates, influence, compression.get("temperature", 2.0), weights)
+
+
+def checkpoint_units(ckpt: Checkpoint) -> dict[str, int]:
+    """Parameters one unit of each of ``ckpt``'s groups holds (``unit_params`` from its shapes)."""
+    shapes = ckpt.full_shapes()
+    return {g.name: sum(math.prod(shapes[n]) for n, role in g.members if role != "pairs") // g.width
+            for g in ckpt.groups}
+
+
+def pruned_shares(ckpt: Checkpoint, widths: Mapping[str, int]) -> dict[str, float]:
+    """The share of each kind's parameters that ``widths`` (a rate's) removes from ``ckpt``'s groups."""
+    unit, removed, total = checkpoint_units(ckpt), {}, {}
+    for g in ckpt.groups:
+        removed[g.kind] = removed.get(g.kind, 0) + (g.width - widths[g.name]) * unit[g.name]
+        total[g.kind] = total.get(g.kind, 0) + g.width * unit[g.name]
+    return {k: removed[k] / total[k] for k in total}
 
 
 def _round_by_kind(layers: Sequence[Sequence[Group]], unit: Mapping[str, int], ratios: Mapping[str, float],

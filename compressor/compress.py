@@ -14,7 +14,7 @@ from .. import ElastiqError
 from ..checkpoint import MANIFEST, QK, SSM_N, SSM_P, CheckpointWriter, checkpoint_output, Checkpoint, record_quality
 from ..families import config_dict, family_for
 from ..families.base import ATTENTION_KINDS, EMBED, FINAL_NORM, HEAD, ROPE_PAIRS, SSM_KINDS
-from .allocate import ALLOCATIONS, DEFAULT_KIND_WEIGHTS, allocate, check_kind_weights, check_rates, unit_params
+from .allocate import ALLOCATIONS, allocate, check_kind_weights, check_rates, default_kind_weights, unit_params
 from .calibrate import calibrate, calibration_file, calibration_samples, describe_calibration
 from .devices import compute_device
 from .distributed import one_process_threads, synchronize, world
@@ -44,7 +44,7 @@ class CompressOptions:
     allocation: str = "influence"
     ridge: float = 1.0
     temperature: float = 2.0
-    kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))  # allocate.py
+    kind_weights: dict[str, float] = field(default_factory=default_kind_weights)  # allocate.py
     rotate: bool = False
     device: str = "auto"  # where calibration and sorting compute (devices.py)
     timings: dict = field(default_factory=dict)

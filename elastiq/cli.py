@@ -466,7 +466,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compressor.allocate import DEFAULT_KIND_WEIGHTS
+    from .compressor.allocate import DEFAULT_KIND_WEIGHTS, default_kind_weights
     from .compressor.compress import DEFAULT_RATES
     from .manifest import KINDS
     from .compressor.quantize import DEFAULT_Q8, Q8_KINDS
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the state, a baseline; a hybrid's other blocks are then sorted as by uniql)")
     comp.add_argument("--allocation", choices=["influence", "uniform"], default="influence",
                       help="per-layer widths from block influence (default) or the same ratio everywhere")
-    comp.add_argument("--kind-weights", type=_kind_weights, default=dict(DEFAULT_KIND_WEIGHTS), metavar="WEIGHTS",
+    comp.add_argument("--kind-weights", type=_kind_weights, default=default_kind_weights(), metavar="WEIGHTS",
                       help="each kind of group's share of the pruning against the MLP channels', as comma-separated "
                            f"KIND=WEIGHT from {', '.join(KINDS)} (kinds not named: 1; 0: never pruned; none: all 1). "
                            f"Default {','.join(f'{k}={w:g}' for k, w in DEFAULT_KIND_WEIGHTS.items())}: V/O kept whole "

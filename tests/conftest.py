@@ -41,7 +41,7 @@ _import_triton_language_interpreted()
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from elastiq.checkpoint import Checkpoint  # noqa: E402  (once the hub is offline and Triton interpreted)
-from elastiq.compressor import allocate as _allocate, compress as _compress  # noqa: E402
+from elastiq.compressor import allocate as _allocate  # noqa: E402
 
 TEXT = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
 
@@ -67,8 +67,7 @@ SHIPPED_KIND_WEIGHTS = dict(_allocate.DEFAULT_KIND_WEIGHTS)
 
 def _kind_weights(patch: pytest.MonkeyPatch, weights: dict) -> None:
     """Make ``weights`` the default kind weights of ``compress`` and the command line."""
-    for module in (_allocate, _compress):
-        patch.setattr(module, "DEFAULT_KIND_WEIGHTS", weights)
+    patch.setattr(_allocate, "DEFAULT_KIND_WEIGHTS", weights)
 
 
 @pytest.fixture(scope="session", autouse=True)
