@@ -6,7 +6,8 @@ The runtime predicts its memory from the checkpoint's shapes before it loads any
 appends only the rows or input channels it lacks, read from the checkpoint. The held matrix keeps
 its pruned axis in the checkpoint's unit order, so every rate's part of it is a prefix.
 
-The Triton path holds the checkpoint's own bytes block-major, so a prefix is a slice. torch's
+The Triton path holds the checkpoint's own bytes block-major, and elastiq's CPU kernel ("cpu")
+holds them row-major, so a prefix is a slice in both. torch's
 int4pack layout is private to torch and never decoded here: the torch path relies only on the
 three facts ``q4.int4pack_tile`` checks against torch's own repack (whole tiles concatenate, each
 tile is input-channel-major, codes that lie apart combine by OR). A matrix of n rows holds whole
@@ -32,11 +33,11 @@ ReadCodes = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def q4_nbytes(out_features: int, in_features: int, path: str) -> int:
-    """Bytes a weight [out_features, in_features] prepared for ``path`` holds: "triton" keeps the
-    codes and fp16 scales as stored; "torch" pads N to whole tiles and keeps bf16 scales with a
-    zero beside each."""
+    """Bytes a weight [out_features, in_features] prepared for ``path`` holds: "triton" and "cpu"
+    keep the codes and fp16 scales as stored; "torch" pads N to whole tiles and keeps bf16 scales
+    with a zero beside each."""
     blocks = in_features // BLOCK
-    if path == "triton":
+    if path in ("triton", "cpu"):
         return out_features * blocks * (PACKED + 2)
     return int4pack_rows(out_features) * blocks * (PACKED + 2 * 2)
 
@@ -58,6 +59,12 @@ def q4_resize(weight: Q4Weight, size: int, axis: int, read: ReadCodes) -> Q4Weig
 
 def _cut(weight: Q4Weight, size: int, axis: int) -> Q4Weight:
     packed, scales = weight.packed, weight.scales
+    if weight.path == "cpu":  # codes [N, K/32, 16], scales [N, K/32]
+        if axis == 0:
+            return Q4Weight(size, weight.in_features, "cpu", packed[:size].clone(), scales[:size].clone(), weight.zero)
+        blocks = size // BLOCK
+        return Q4Weight(weight.out_features, size, "cpu", packed[:, :blocks].contiguous(),
+                        scales[:, :blocks].contiguous(), weight.zero)
     if weight.path == "triton":  # codes [K/32, N, 16], scales [K/32, N]
         if axis == 0:
             return Q4Weight(size, weight.in_features, "triton", packed[:, :size].contiguous(),
@@ -78,6 +85,10 @@ def _grow(weight: Q4Weight, codes: torch.Tensor, scales: torch.Tensor, axis: int
     """``weight`` with rows (axis 0) or input channels (axis 1) appended: GGUF-packed ``codes``
     and fp16 ``scales`` of the new part, [new rows, K/32, 16] or [N, new channels / 32, 16]."""
     codes, scales = codes.to(weight.packed.device), scales.to(weight.packed.device)
+    if weight.path == "cpu":
+        packed, held_scales = torch.cat((weight.packed, codes), dim=axis), torch.cat((weight.scales, scales), dim=axis)
+        n, k = packed.shape[0], packed.shape[1] * BLOCK
+        return Q4Weight(n, k, "cpu", packed, held_scales, weight.zero)
     if weight.path == "triton":
         dim = 1 if axis == 0 else 0
         packed = torch.cat((weight.packed, codes.transpose(0, 1)), dim=dim)

@@ -25,12 +25,14 @@ on that version; the torch profiler put oneDNN's bf16 matmul of [1, 576] x [576,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..quants import BLOCK, q8_0_halves
 from .q4 import Q4Weight, int4pack_matmul, prepare_int4pack
+from .q4_cpu import cpu_blocks_matmul
 
 INT8PACK_ROWS = 8  # activation rows up to which the blockwise int8 matmul beats dequantizing
 DEQUANT_ROWS = 8192  # output rows dequantized at a time otherwise
@@ -117,13 +119,17 @@ class Q8Pair:
         return self.high.nbytes + self.low.nbytes
 
 
-def prepare_q8_pair(codes: torch.Tensor, scales: torch.Tensor) -> Q8Pair:
-    """The ``Q8Pair`` (CPU) of Q8_0 ``codes`` [N, K/32, 32] (int8) and ``scales`` [N, K/32] (float16)."""
+def prepare_q8_pair(codes: torch.Tensor, scales: torch.Tensor,
+                    prepare: Callable[[torch.Tensor, torch.Tensor, int], Q4Weight] = prepare_int4pack) -> Q8Pair:
+    """The ``Q8Pair`` (CPU) of Q8_0 ``codes`` [N, K/32, 32] (int8) and ``scales`` [N, K/32] (float16),
+    each half held by ``prepare(codes, scales, zero)`` (a CPU path's, torch's int4pack by default)."""
     (high_codes, high_scales), (low_codes, low_scales) = q8_0_halves(codes.cpu(), scales.cpu())
-    return Q8Pair(prepare_int4pack(high_codes, high_scales), prepare_int4pack(low_codes, low_scales, zero=8))
+    return Q8Pair(prepare(high_codes, high_scales, 0), prepare(low_codes, low_scales, 8))
 
 
 def q8_pair_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q8Pair) -> torch.Tensor:
     """``x`` [..., K] (bfloat16, CPU) times ``weight`` transposed, plus ``bias``: [..., N] bfloat16,
-    the halves' products (fp32 accumulation, each rounded to bf16) added in bf16."""
-    return int4pack_matmul(x, None, weight=weight.high) + int4pack_matmul(x, bias, weight=weight.low)
+    the halves' products (fp32 accumulation, each rounded to bf16) added in bf16, by the CPU path
+    the halves were prepared for."""
+    matmul = cpu_blocks_matmul if weight.high.path == "cpu" else int4pack_matmul
+    return matmul(x, None, weight=weight.high) + matmul(x, bias, weight=weight.low)

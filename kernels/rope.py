@@ -3,7 +3,8 @@
 Sorting permutes the rotary pairs of every KV group, and pruning keeps a prefix of them, so kept
 pair ``i`` of group ``g`` rotates at the frequency of original pair ``pairs[g, i]``. A head with
 ``u`` kept pairs has ``2u`` channels in the rotate-half layout: channel ``i`` pairs with ``i + u``.
-This is the torch path of the fused gather (``TorchRope``, as the elastic model runs it): cos/sin
+This is the torch path of the fused gather (``TorchRope``, as the elastic model runs it; ``CpuRope``
+does its rotation in one op of elastiq's CPU ops): cos/sin
 of every original pair are computed once per forward pass for all the blocks that share the
 frequencies (``position_tables``), and each block gathers its own pairs' columns from them
 (``rotate_gathered_``), rotating q and k in float32 where they lie, [B, T, heads, 2u].
@@ -45,6 +46,24 @@ def rotate_gathered_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
         xf = x.float().unflatten(2, (G, per_group))
         x1, x2 = xf.chunk(2, dim=-1)
         x.copy_((xf * cos + torch.cat((-x2, x1), dim=-1) * sin).flatten(2, 3))
+
+
+class CpuRope:
+    """``TorchRope``'s three calls with the rotation in one op of elastiq's CPU ops
+    (``cpu_ops.cpp``'s ``rope_gather_``: the same float32 arithmetic, one rounding), where no
+    gradient has to flow through it (recovery fine-tuning trains through the torch path)."""
+
+    tables = staticmethod(position_tables)
+    prepare = staticmethod(pair_channels)
+
+    @staticmethod
+    def rotate_(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                channels: torch.Tensor) -> None:
+        cos, sin = tables
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            rotate_gathered_(q, k, cos, sin, channels)
+        else:
+            torch.ops.elastiq.rope_gather_(q, k, cos, sin, channels)
 
 
 class TorchRope:

@@ -31,6 +31,7 @@ import torch
 from .. import ElastiqError, __version__
 from ..atomic import write_text
 from ..checkpoint import Checkpoint
+from ..kernels import q4_path
 from ..paths import cache_dir, cache_lock
 from .backends import BACKENDS, backend, open_engine
 from .backends.exported import export_key
@@ -94,9 +95,10 @@ def _version(name: str) -> str:
 
 def speed_key(ckpt: Checkpoint, rate: float, name: str, threads: int, dtype: torch.dtype) -> str:
     """What a measured speed depends on: the checkpoint's weights, the rate, the backend and its
-    version, the CPU, the thread count and (for torch) the activation dtype."""
+    version, the CPU, the thread count and (for torch) the activation dtype and the 4-bit kernel."""
     parts = {"checkpoint": export_key(ckpt), "rate": rate, "backend": name, "version": _version(name),
-             "cpu": cpu_signature(), "threads": threads, "dtype": str(dtype) if name == "torch" else None}
+             "cpu": cpu_signature(), "threads": threads, "dtype": str(dtype) if name == "torch" else None,
+             "kernel": q4_path("cpu") if name == "torch" and ckpt.quantization is not None else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -27,6 +27,7 @@ from .. import ElastiqError
 from ..checkpoint import Checkpoint, Heads
 from ..families import checkpoint_family
 from ..families.base import EMBED, HEAD, ROPE_PAIRS, SSM_IN_B, SSM_OUT, SSMConfig, is_norm
+from ..kernels import q4_path
 from ..kernels.q4 import REPACK_BYTES
 from ..kernels.q4_layout import q4_nbytes
 from ..modeling.model import (SSM_SCALARS, LayerArgs, SSMLayerArgs, attends, block_weights, layer_args,
@@ -143,10 +144,11 @@ def block_workspace(layer: LayerArgs | SSMLayerArgs, heads: Heads | None, ssm: S
 
 
 def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtype, int4: bool,
-                      baseline: int, path: str = "torch") -> Footprint:
+                      baseline: int, path: str | None = None) -> Footprint:
     """The footprint of ``rate`` run with ``ctx`` positions of KV cache, activations in ``dtype``,
-    4-bit matrices kept packed for the kernel ``path`` ("torch" or "triton") when ``int4``, on top of
-    a process that already holds ``baseline`` bytes."""
+    4-bit matrices kept packed for the kernel ``path`` ("cpu", "torch" or "triton") when ``int4``, on top of
+    a process that already holds ``baseline`` bytes. Without ``path``, the CPU's (``kernels.q4_path``)."""
+    path = path or q4_path("cpu")
     itemsize = torch.empty((), dtype=dtype).element_size()
     config = ckpt.config
     tied = bool(config.get("tie_word_embeddings"))
@@ -158,17 +160,18 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
             continue  # the pair indices of q/k cut without RoPE: nothing to turn, the model holds none
         numel = math.prod(shape)
         quantized = fmt is not None
+        repack = min(4 * numel, REPACK_BYTES) if path == "torch" else 0  # torch's int4pack repacks int32 codes
         stored = numel // BLOCK * BLOCK_BYTES[fmt] if quantized else numel * stored_dtype.itemsize
         # held: the form the model keeps; load: what loading it holds at once
         if fmt == "q8_0" and int4 and name in (f"{EMBED}.weight", f"{HEAD}.weight"):
             held = numel + numel // BLOCK * itemsize  # int8 codes and scales in the activations' dtype
             load = stored + held
-        elif fmt == "q8_0" and int4:  # a block matrix: two 4-bit halves (torch), or dequantized (Triton)
-            held = 2 * q4_nbytes(*shape, path) if path == "torch" else numel * itemsize
-            load = min(4 * numel, REPACK_BYTES) + stored + 2 * held
+        elif fmt == "q8_0" and int4:  # a block matrix: two 4-bit halves (CPU), or dequantized (Triton)
+            held = 2 * q4_nbytes(*shape, path) if path in ("cpu", "torch") else numel * itemsize
+            load = repack + stored + 2 * held
         elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
             held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
-            load = min(4 * numel, REPACK_BYTES) + 2 * held
+            load = repack + 2 * held
         else:  # floats in the activations' dtype (norms and a mixer's dt_bias, A_log, D in float32),
             # integers (rope pair indices) as int64 (``modeling.model.resident``)
             wide = is_norm(name) or name.rpartition(".")[2] in SSM_SCALARS
@@ -182,8 +185,9 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
     weights += rotary_bytes(config, layers, shapes, ckpt.heads)
     weights += sum(order.numel() * 8 for _, order in held_orders(ckpt, rate, "meta").values())
     embed_shape, _, embed_format = shapes["embed_tokens.weight"]
-    if tied and embed_format == "q4_0" and int4:
-        weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0 shares one)
+    if tied and embed_format == "q4_0" and int4 and path != "cpu":
+        weights += q4_nbytes(*embed_shape, path)  # the head multiplies by its own packed copy (Q8_0, and
+        # elastiq's CPU kernel, which multiplies by the checkpoint's blocks as stored, share the embedding's)
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     chunk = min(PREFILL_CHUNK, ctx)
     # each block kind holds its own: a KV cache (attention), a recurrent state (Mamba2) or nothing (an MLP alone)

@@ -267,7 +267,8 @@ def test_rope_gather(rope):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_rope_path_gives_the_torch_paths_logits(model, ids, monkeypatch):
     """The blocks rotate through the RoPE path ``kernels.rope_for`` picks: the Triton kernel (here
-    under its CPU interpreter, conftest) gives the torch path's logits, in a full pass and decoding."""
+    under its CPU interpreter, conftest) and elastiq's CPU op give the torch path's logits, in a
+    full pass and decoding."""
     def run(elastic: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
         elastic.setup_caches(ids.shape[0], ids.shape[1])
         with torch.no_grad():
@@ -275,12 +276,19 @@ def test_triton_rope_path_gives_the_torch_paths_logits(model, ids, monkeypatch):
             steps = torch.cat([elastic(ids[:, t:t + 1], start=t) for t in range(5, 12)], 1)
             return elastic(ids), steps
 
+    from elastiq.kernels.rope import CpuRope, TorchRope
+
+    cpu_op = Transformer.from_hf(model)
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")
     torch_path = Transformer.from_hf(model)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the kernel's module is first imported
-    from elastiq.kernels.rope import TorchRope
     from elastiq.kernels.rope_triton import TritonRope
 
     triton_path = Transformer.from_hf(model)
     assert isinstance(torch_path.layers[0].rope, TorchRope) and isinstance(triton_path.layers[0].rope, TritonRope)
-    for got, expected in zip(run(triton_path), run(torch_path)):
-        assert_close(got, expected, 1e-4)
+    assert isinstance(cpu_op.layers[0].rope, CpuRope)
+    expected = run(torch_path)
+    for got, want in zip(run(triton_path), expected):
+        assert_close(got, want, 1e-4)
+    for got, want in zip(run(cpu_op), expected):
+        assert_close(got, want, 1e-4)

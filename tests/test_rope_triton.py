@@ -125,15 +125,19 @@ def test_torch_path_takes_the_triton_kernels_arguments(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    """CPU tensors take the Triton kernel only under TRITON_INTERPRET=1."""
+    """CPU tensors take the Triton kernel only under TRITON_INTERPRET=1; else elastiq's CPU op, or
+    the torch path under ELASTIQ_CPU_KERNEL=torch."""
     calls = []
     monkeypatch.setattr(rope_triton, "launch_rope_gather", lambda *args: calls.append("triton"))
     monkeypatch.setattr(kernels.rope, "rotate_gathered_", lambda *args: calls.append("torch"))
+    monkeypatch.setattr(kernels.rope.CpuRope, "rotate_", staticmethod(lambda *args: calls.append("cpu")))
     q, k, pairs = make(1, 2, 1, 1, 4)
     apply_rope_gather(q, k, torch.arange(2), inv_freq(), pairs)
     monkeypatch.delenv("TRITON_INTERPRET")
     apply_rope_gather(q, k, torch.arange(2), inv_freq(), pairs)
-    assert calls == ["triton", "torch"]
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")
+    apply_rope_gather(q, k, torch.arange(2), inv_freq(), pairs)
+    assert calls == ["triton", "cpu", "torch"]
 
 
 def _bad_arguments():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from elastiq import ElastiqError
 from elastiq.checkpoint import Checkpoint, CheckpointError
 from elastiq.cli import main
-from elastiq.kernels import prepare_q4
+from elastiq.kernels import prepare_q4, q4_path
 from elastiq.kernels import q4 as q4_kernels, q4_layout, q4_linear
 from elastiq.kernels.q4 import int4pack_rows, int4pack_tile
 from elastiq.kernels.q4_layout import q4_nbytes, q4_resize
@@ -79,15 +79,15 @@ def test_the_4bit_model_matches_its_dequantized_reference(nested_checkpoints, to
 
 def test_8bit_block_matrices_refuse_activations_their_kernel_does_not_take(nested_checkpoints):
     """A model whose every block matrix is Q8_0 (two 4-bit halves, no Q4Linear) still says at build
-    time that the int4 CPU kernel multiplies bfloat16 only, not at its first matmul."""
+    time that the CPU's 4-bit kernel multiplies bfloat16 only, not at its first matmul."""
     ckpt = nested_checkpoints["qwen2-q4"]
     weights = {name: quantize_q8_0(t.dequantize()) if hasattr(t, "codes") else t  # embedding and head too
                for name, t in ckpt.read_rate(0.0).items()}
     model = Transformer.from_weights(weights, ckpt.config, dtype=torch.bfloat16, int4=True)
     assert sum(type(m).__name__ == "Q8PairLinear" for m in model.modules()) == 7 * 2
     assert not any(type(m).__name__ == "Q4Linear" for m in model.modules())
-    with pytest.raises(ElastiqError, match="4-bit matrices prepared for the torch kernel multiply bfloat16 "
-                                          "activations; the model was asked for float32"):
+    with pytest.raises(ElastiqError, match=f"4-bit matrices prepared for the {q4_path('cpu')} kernel multiply "
+                                          "bfloat16 activations; the model was asked for float32"):
         Transformer.from_weights(weights, ckpt.config, dtype=torch.float32, int4=True)
 
 
@@ -130,7 +130,8 @@ def test_q8_matmul_and_lookup_equal_the_dequantized_matrix(rows):
 
 
 @pytest.mark.parametrize("shape", [(486, 576), (96, 480), (112, 64), (48, 64), (7300, 576)])
-def test_prepared_weights_predict_their_size(shape):
+def test_prepared_weights_predict_their_size(shape, monkeypatch):
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")  # torch's int4pack layout (elastiq's own: test_cpu_ops)
     codes, scales = quantize_rtn(torch.randn(*shape))
     weight = prepare_q4(codes, scales)
     assert weight.nbytes == q4_nbytes(*shape, weight.path)
@@ -167,15 +168,18 @@ def _resize_walk(codes, scales, axis, sizes, x):
         yield old, new, reads, weight, fresh
 
 
+@pytest.mark.parametrize("kernel", ["elastiq", "torch"])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_held_weights_are_cut_without_reading_and_grown_by_what_they_lack(axis):
+def test_held_weights_are_cut_without_reading_and_grown_by_what_they_lack(axis, kernel, monkeypatch):
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", kernel)
     torch.manual_seed(0)
     codes, scales = quantize_rtn(torch.randn(200, 320))
     x = torch.randn(3, 320).bfloat16()
     sizes = [100, 150, 37, 64, 200, 5, 96, 200, 1, 133] if axis == 0 else [96, 160, 32, 320, 64, 288, 32]
     for old, new, reads, weight, fresh in _resize_walk(codes, scales, axis, sizes, x):
-        assert reads == ([] if new < old else [(old, new)])
-        if axis == 1 or new % int4pack_tile() == 0:  # else the last tile's spare rows may keep a wider rate's codes
+        assert weight.path == q4_path("cpu") and reads == ([] if new < old else [(old, new)])
+        if kernel == "elastiq" or axis == 1 or new % int4pack_tile() == 0:  # else the last int4pack tile's
+            # spare rows may keep a wider rate's codes
             assert torch.equal(weight.packed, fresh.packed) and torch.equal(weight.scales, fresh.scales)
 
 
@@ -192,6 +196,7 @@ def test_triton_held_weights_resize_as_slices(axis, monkeypatch):
 
 
 def test_without_a_known_tile_a_resize_repacks_the_new_width_from_the_file(monkeypatch):
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")
     codes, scales = quantize_rtn(torch.randn(120, 64))
     monkeypatch.setattr(q4_kernels, "int4pack_tile", lambda: None)  # a torch whose int4 layout elastiq does not know
     monkeypatch.setattr(q4_layout, "int4pack_tile", lambda: None)

@@ -1,5 +1,5 @@
 """The 4-bit matmul (W4A16): torch's int4 CPU path and the Triton kernel under Triton's
-interpreter, each against a float reference: dequantize the Q4_0 codes, then matmul in float32.
+interpreter (elastiq's own CPU kernel: ``test_cpu_ops.py``), each against a float reference: dequantize the Q4_0 codes, then matmul in float32.
 
 Tolerance, per output element, derived from the rounding each path may do (eps = one ulp
 relative: 2^-7 in bfloat16, 2^-10 in float16; S = |x| @ |W|^T; y = x @ W^T):
@@ -56,8 +56,10 @@ EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
-    """CPU tensors take the torch path unless a test asks for the interpreter."""
+    """CPU tensors take the torch path (torch's int4 op, not elastiq's own CPU kernel, which
+    ``test_cpu_ops.py`` tests) unless a test asks for the interpreter."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")
 
 
 @pytest.fixture

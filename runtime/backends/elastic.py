@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...checkpoint import Checkpoint
+from ...kernels import q4_path
 from ..engine import Engine
 from ..memory import Footprint, predict_footprint
 from .base import Backend
@@ -13,8 +14,7 @@ from .base import Backend
 
 def footprint(ckpt: Checkpoint, rate: float, ctx: int, baseline: int, dtype: torch.dtype = torch.bfloat16,
               int4: bool = True, device: str | torch.device = "cpu", **_) -> Footprint:
-    path = "triton" if torch.device(device).type == "cuda" else "torch"
-    return predict_footprint(ckpt, rate, ctx, dtype, int4, baseline, path)
+    return predict_footprint(ckpt, rate, ctx, dtype, int4, baseline, q4_path(device))
 
 
 def _open(checkpoint, rate: float, ctx: int, dtype: torch.dtype | None = None, verify: bool = True,
