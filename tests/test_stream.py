@@ -145,6 +145,18 @@ def test_a_stopped_compression_resumes_at_its_last_finished_block(tokenizer, dat
     assert a.manifest["source"]["block_influence"] == b.manifest["source"]["block_influence"]
 
 
+def test_the_plan_counts_a_streamed_gguf_file_as_resident(tokenizer, data_dir, tmp_path):
+    """A GGUF source stays memory-mapped while its blocks stream, so the pages read stay resident:
+    the plan adds the file's bytes to the stage that reads it, and nothing for a folder of shards."""
+    from elastiq.compressor.needs import plan
+
+    _, gguf = dense_gguf(build_tiny("llama", tokenizer), tokenizer, tmp_path, data_dir)
+    from_gguf, from_folder = plan(gguf, 4, 64, 0), plan(tmp_path / "hf", 4, 64, 0)
+    assert from_gguf.parts["mapped source"] == gguf.stat().st_size
+    assert "mapped source" not in from_folder.parts
+    assert from_gguf.memory == sum(from_gguf.parts.values())  # calibration and sorting is the largest stage here
+
+
 def test_streamed_peak_memory_stays_within_the_plan_far_below_the_model(tokenizer, tmp_path):
     """A random model of 1.41 GB of float32 weights (32 blocks, bf16 shards) compressed in its own
     process: the peak RSS stays within 10% of the planner's figure, and that bound is below the
