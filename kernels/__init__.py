@@ -5,7 +5,7 @@ picks between them.
 stored pair indices. It runs the fused Triton kernel (``rope_triton``) on CUDA tensors when Triton
 is importable, or on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests),
 elastiq's CPU op (``cpu_ops``) on other CPU tensors where it is built, and the torch path built
-from ``rope.py`` otherwise; ``rms_norm`` likewise. Triton is imported only when it is used.
+from ``rope.py`` otherwise; ``rms_norm_for`` likewise. Triton is imported only when it is used.
 
 ``prepare_q4`` repacks a checkpoint's Q4_0 matrix once for the device that will multiply by it,
 and ``q4_linear`` multiplies activations by it: with the Triton kernel (``w4a16_triton``) where
@@ -77,17 +77,27 @@ def _rotate(rope: "TorchRope | CpuRope | TritonRope", q: torch.Tensor, k: torch.
     rope.rotate_(q, k, rope.tables(positions, inv_freq, attention_scaling), rope.prepare(pairs))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of ``x`` [..., D] in float32 with the float32 ``weight`` [D], rounded once to x's
-    dtype (transformers' arithmetic): one op of elastiq's CPU ops for a contiguous CPU tensor that
-    needs no gradient, where they are built; the torch ops otherwise."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)
-            and weight.dtype == torch.float32 and not grad and cpu_ops_built()):
-        return torch.ops.elastiq.rms_norm(x, weight, eps)
+def rms_norm_for(device: torch.device | str) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """How an RMSNorm on ``device`` computes, chosen once (a module holds the choice, so that
+    ``torch.compile`` traces no environment or build check): elastiq's CPU op where it is built,
+    the torch ops otherwise. Both take ``(x [..., D], weight [D] float32, eps)`` and compute in
+    float32 with one rounding to x's dtype (transformers' arithmetic)."""
+    return _rms_norm_op if torch.device(device).type == "cpu" and cpu_ops_built() else rms_norm_torch
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * h).to(x.dtype)
+
+
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The CPU op for a contiguous CPU tensor that needs no gradient; the torch ops for any other."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if (x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)
+            and weight.dtype == torch.float32 and not grad):
+        return torch.ops.elastiq.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
 
 
 def prepare_q4(codes: torch.Tensor, scales: torch.Tensor, device: torch.device | str = "cpu") -> Q4Weight:

@@ -183,7 +183,8 @@ template <typename T> inline float load(const T* p) { return static_cast<float>(
 // the float32 weight [D], rounded once to x's dtype: transformers' RMSNorm, in one op a row.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
-              x.dim() >= 1, "rms_norm: x must be contiguous bfloat16 or float32 [..., D]; got ", x.sizes());
+              x.dim() >= 1 && x.device().is_cpu() && weight.device().is_cpu(),
+              "rms_norm: x must be contiguous bfloat16 or float32 [..., D] on the CPU; got ", x.sizes());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == at::kFloat &&
               weight.is_contiguous(), "rms_norm: weight must be float32 [", x.size(-1), "]; got ", weight.sizes());
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;

@@ -16,6 +16,7 @@ import torch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDICES = (torch.int32, torch.int64)
+_OP_FLOATS = (torch.float32, torch.bfloat16)  # what elastiq's CPU op rotates
 
 
 def position_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -50,8 +51,9 @@ def rotate_gathered_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 class CpuRope:
     """``TorchRope``'s three calls with the rotation in one op of elastiq's CPU ops
-    (``cpu_ops.cpp``'s ``rope_gather_``: the same float32 arithmetic, one rounding), where no
-    gradient has to flow through it (recovery fine-tuning trains through the torch path)."""
+    (``cpu_ops.cpp``'s ``rope_gather_``: the same float32 arithmetic, one rounding) for bfloat16
+    or float32 heads that no gradient has to flow through (recovery fine-tuning trains through the
+    torch path)."""
 
     tables = staticmethod(position_tables)
     prepare = staticmethod(pair_channels)
@@ -60,10 +62,10 @@ class CpuRope:
     def rotate_(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
                 channels: torch.Tensor) -> None:
         cos, sin = tables
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            rotate_gathered_(q, k, cos, sin, channels)
-        else:
+        if q.dtype in _OP_FLOATS and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             torch.ops.elastiq.rope_gather_(q, k, cos, sin, channels)
+        else:
+            rotate_gathered_(q, k, cos, sin, channels)
 
 
 class TorchRope:

@@ -37,7 +37,7 @@ from ..families.base import (ATTN_K, ATTN_K_NORM, ATTN_NORM, ATTN_OUT, ATTN_POST
                               EMBED, FFN_DOWN, FFN_GATE, FFN_NORM, FFN_POST_NORM, FFN_UP, HEAD, ROPE_PAIRS, SSM_A,
                               SSM_CONV, SSM_D, SSM_DT, SSM_IN_B, SSM_IN_C, SSM_IN_DT, SSM_IN_X, SSM_IN_Z,
                               SSM_MATRICES, SSM_NORM, SSM_OUT, SSMConfig, is_norm)
-from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rms_norm, rope_for
+from ..kernels import Q4Weight, prepare_q4, prepare_q8_matrix, q4_activation_dtypes, q4_matmul, rms_norm_for, rope_for
 from ..kernels.q8 import Q8Pair, Q8Weight, prepare_q8, q8_embedding, q8_linear, q8_pair_matmul
 from ..quants import Q8Tensor, QuantizedTensor, dequantize
 from .ssm import GatedRMSNorm, ScanInputs, SiLUGate, SSMState, SSMWidths, ssd_scan, ssm_step_
@@ -231,13 +231,14 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as transformers does, with a float32 weight (a
     scale such as Gemma's 1 + w keeps its low bits) and one rounding to the activations' dtype."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device: torch.device | str = "cpu"):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.compute = rms_norm_for(device)  # elastiq's CPU op or the torch ops, chosen once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.compute(x, self.weight, self.eps)
 
 
 class Q4Linear(nn.Module):
@@ -403,7 +404,7 @@ def _linear(weight: torch.Tensor | Q4Weight | Q8Weight, bias: torch.Tensor | Non
 
 def _norm(weight: torch.Tensor, eps: float) -> RMSNorm:
     with torch.device("meta"):
-        norm = RMSNorm(weight.shape[0], eps)
+        norm = RMSNorm(weight.shape[0], eps, weight.device)
     norm.weight = nn.Parameter(weight, requires_grad=False)
     return norm
 

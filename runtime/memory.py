@@ -169,9 +169,10 @@ def predict_footprint(ckpt: Checkpoint, rate: float, ctx: int, dtype: torch.dtyp
         elif fmt == "q8_0" and int4:  # a block matrix: two 4-bit halves (CPU), or dequantized (Triton)
             held = 2 * q4_nbytes(*shape, path) if path in ("cpu", "torch") else numel * itemsize
             load = repack + stored + 2 * held
-        elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their concatenation
+        elif quantized and int4:  # torch's repack of a row block as int32, the packed blocks and their
+            # concatenation; elastiq's CPU kernel holds the blocks as read
             held = stored if name == "embed_tokens.weight" else q4_nbytes(*shape, path)
-            load = repack + 2 * held
+            load = stored if path == "cpu" else repack + 2 * held
         else:  # floats in the activations' dtype (norms and a mixer's dt_bias, A_log, D in float32),
             # integers (rope pair indices) as int64 (``modeling.model.resident``)
             wide = is_norm(name) or name.rpartition(".")[2] in SSM_SCALARS

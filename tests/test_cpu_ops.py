@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from elastiq import kernels
-from elastiq.kernels import apply_rope_gather, prepare_q4, q4_linear, q4_path, rms_norm, rope_for
+from elastiq.kernels import apply_rope_gather, prepare_q4, q4_linear, q4_path, rms_norm_for, rms_norm_torch, rope_for
 from elastiq.kernels.cpu_ops import cpu_ops_built
 from elastiq.kernels.rope import CpuRope, TorchRope, pair_channels, position_tables, rotate_gathered_
 from elastiq.kernels.q4_layout import q4_nbytes, q4_resize
@@ -165,14 +165,18 @@ def test_rms_norm_matches_the_torch_path(shape, dtype):
     eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -20
     assert out.dtype == dtype and out.shape == x.shape
     assert ((out.float() - want).abs() <= eps * want.abs() + 1e-30).all()
-    assert torch.equal(rms_norm(x, weight, 1e-5), out)  # kernels.rms_norm takes the op here
+    assert torch.equal(rms_norm_for("cpu")(x, weight, 1e-5), out)  # the op is what the CPU's norms use
 
 
-def test_rms_norm_keeps_the_torch_path_for_gradients():
+def test_rms_norm_keeps_the_torch_path_for_gradients_and_other_layouts(monkeypatch):
     x = torch.randn(2, 64, requires_grad=True)
     weight = torch.rand(64)
-    rms_norm(x, weight, 1e-6).sum().backward()
+    rms_norm_for("cpu")(x, weight, 1e-6).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    strided = torch.randn(64, 2).T  # not contiguous: the torch ops
+    assert torch.equal(rms_norm_for("cpu")(strided, weight, 1e-6), rms_norm_torch(strided, weight, 1e-6))
+    monkeypatch.setenv("ELASTIQ_CPU_KERNEL", "torch")
+    assert rms_norm_for("cpu") is rms_norm_torch
 
 
 def _rope_case(dtype: torch.dtype, batch_positions: bool):
