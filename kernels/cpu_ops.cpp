@@ -64,8 +64,10 @@ void tile_generic(const Weights& w, const Acts& a, int64_t n, int64_t m, float o
       float acc = 0.f;
       for (int64_t b = 0; b < a.blocks; ++b) {
         int s = 0;
-        for (int j = 0; j < kPacked; ++j)
-          s += ((codes[b * kPacked + j] & 0x0F) - w.off) * q[b * kBlock + j] + ((codes[b * kPacked + j] >> 4) - w.off) * q[b * kBlock + j + kPacked];
+        for (int j = 0; j < kPacked; ++j) {
+          const int byte = codes[b * kPacked + j];
+          s += ((byte & 0x0F) - w.off) * q[b * kBlock + j] + ((byte >> 4) - w.off) * q[b * kBlock + j + kPacked];
+        }
         acc += static_cast<float>(ws[b]) * d[b] * s;
       }
       out[r][c] = acc;
@@ -94,7 +96,8 @@ void tile_avx2(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[
       dx[c] = _mm256_set1_ps(a.d[(m + c) * a.blocks + b]);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + (n + r) * w.cstride + b * kPacked));
+      const uint8_t* row = w.codes + (n + r) * w.cstride + b * kPacked;
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(raw, low), off));  // codes 0..15
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low), off));
       const __m256 dw = _mm256_set1_ps(_cvtsh_ss(w.scales[(n + r) * w.sstride + b].x));
@@ -112,7 +115,8 @@ void tile_avx2(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[
 bool has_avx2(bool portable) {
   if (portable) return false;
 #ifdef ELASTIQ_X86
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;
@@ -150,7 +154,8 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == codes.size(0) && scales.size(1) >= x.size(1) / kBlock &&
               scales.scalar_type() == at::kHalf && scales.stride(1) == 1,
               "q4_matmul: scales must be float16 [N, >=K/32]; got ", scales.sizes());
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales.device().is_cpu(), "q4_matmul runs on CPU tensors");
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales.device().is_cpu(),
+              "q4_matmul runs on CPU tensors");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), blocks = K / kBlock;
   std::vector<int16_t> q(M * K);
   std::vector<float> d(M * blocks);
@@ -247,7 +252,8 @@ void rope_gather_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& co
   const int64_t half = cos.size(-1);
   const int64_t* ch = channels.data_ptr<int64_t>();
   for (int64_t i = 0; i < channels.numel(); ++i)
-    TORCH_CHECK(ch[i] >= 0 && ch[i] < half, "rope_gather_: channels must index the tables' ", half, " columns; got ", ch[i]);
+    TORCH_CHECK(ch[i] >= 0 && ch[i] < half, "rope_gather_: channels must index the tables' ", half,
+                " columns; got ", ch[i]);
   const int64_t table_t = half, table_b = cos.dim() == 3 ? cos.size(1) * half : 0;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "rope_gather_", [&] {
     rotate<scalar_t>(q, cos.data_ptr<float>(), sin.data_ptr<float>(), table_b, table_t, ch, q.size(2) / k.size(2));
