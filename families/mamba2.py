@@ -53,6 +53,12 @@ class SplitRows(nn.Module):
         biases = [part.bias for part in self.children()]
         return None if biases[0] is None else torch.cat(biases)
 
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        """A split convolution's kernel size, its parts' (transformers' Bamba reads ``conv1d.kernel_size``
+        since 5.25)."""
+        return next(self.children()).kernel_size
+
 
 def _split_linear(linear: nn.Linear, sizes: list[int]) -> SplitRows:
     parts = {}
