@@ -350,9 +350,9 @@ def main() -> None:
         results["switch"] = {b: run_child(__file__, "switch", {**common, "backend": b}) for b in backends}
         print("switch", results["switch"], file=sys.stderr)
     results["load_average"]["after"] = os.getloadavg()[0]
-    plot(results, RESULTS / f"{args.name}.png")
-    write_text(RESULTS / f"{args.name}.json", json.dumps(results, indent=1))
+    write_text(RESULTS / f"{args.name}.json", json.dumps(results, indent=1))  # before the plot: kept if it fails
     write_text(RESULTS / f"{args.name}.md", to_markdown(results))
+    plot(results, RESULTS / f"{args.name}.png")
     print(to_markdown(results))
 
 
