@@ -1,9 +1,10 @@
 """elastiq's 4-bit CPU matmul (``kernels/cpu_ops.cpp``) against torch's int4 op, per shape and row count.
 
 Random Q4_0 matrices of SmolLM2's and Qwen2.5-Coder-1.5B's shapes, bfloat16 activations of 1
-(decoding), 8 and 64 rows (prompts); each op timed on the same weights, alternating, medians of
---repeats calls after a warm-up (hot caches for the small matrices, memory-bound for the large);
-the relative error of each against float64 arithmetic on the same codes.
+(decoding), 8 and 64 rows (prompts); each of elastiq's SIMD loops that this CPU runs (AVX-512
+VNNI, AVX2) and torch's op timed on the same weights, one after another, medians of --repeats
+calls after a warm-up (hot caches for the small matrices, memory-bound for the large); the
+relative error of each against float64 arithmetic on the same codes.
 
     python benchmarks/cpu_kernel.py      # writes benchmarks/results/cpu_kernel.{json,md}
 """
@@ -22,7 +23,7 @@ import torch
 from elastiq.atomic import write_text
 from elastiq.kernels.cpu_ops import cpu_ops_built
 from elastiq.kernels.q4 import int4pack_matmul, prepare_int4pack
-from elastiq.kernels.q4_cpu import cpu_blocks_matmul, prepare_cpu_blocks
+from elastiq.kernels.q4_cpu import prepare_cpu_blocks
 from elastiq.quants import dequantize, quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,35 +52,43 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from elastiq.runtime.fastest import cpu_signature
 
+    isas = [isa for isa in torch.ops.elastiq.cpu_isas() if isa != "portable"]
+
     gen = torch.Generator().manual_seed(0)
     rows = []
     for label, (N, K) in SHAPES.items():
         codes, scales = quantize_rtn(torch.randn(N, K, generator=gen))
         exact = dequantize(codes, scales).double()
         ours, theirs = prepare_cpu_blocks(codes, scales), prepare_int4pack(codes, scales)
+        ops = {isa: (lambda x, isa=isa: torch.ops.elastiq.q4_matmul(x, ours.packed, ours.scales, 0, isa=isa))
+               for isa in isas}
+        ops["torch"] = lambda x: int4pack_matmul(x, None, weight=theirs)
         for M in (1, 8, 64):
             x = torch.randn(M, K, generator=gen).bfloat16()
             y = x.double() @ exact.T
-            err = {name: float((f(x, None, weight=w).double() - y).norm() / y.norm())
-                   for name, f, w in (("elastiq", cpu_blocks_matmul, ours), ("torch", int4pack_matmul, theirs))}
-            t_ours = timed(lambda: cpu_blocks_matmul(x, None, weight=ours), args.repeats)
-            t_theirs = timed(lambda: int4pack_matmul(x, None, weight=theirs), args.repeats)
-            rows.append({"shape": label, "N": N, "K": K, "M": M, "elastiq_us": t_ours * 1e6, "torch_us": t_theirs * 1e6,
-                         "elastiq_gb_s": N * K // 32 * 18 / t_ours / 1e9, "rel_err": err})
+            err = {name: float((op(x).double() - y).norm() / y.norm()) for name, op in ops.items()}
+            us = {name: timed(lambda: op(x), args.repeats) * 1e6 for name, op in ops.items()}
+            rows.append({"shape": label, "N": N, "K": K, "M": M, "us": us, "rel_err": err,
+                         "weight_gb_s": {isa: N * K // 32 * 18 / us[isa] / 1e3 for isa in isas}})
             print(rows[-1], file=sys.stderr, flush=True)
     results = {"command": "python benchmarks/cpu_kernel.py " + " ".join(sys.argv[1:]), "threads": args.threads,
-               "repeats": args.repeats, "cpu": cpu_signature(), "torch": torch.__version__, "rows": rows}
+               "repeats": args.repeats, "cpu": cpu_signature(), "torch": torch.__version__, "isas": isas, "rows": rows}
+    names = [*isas, "torch"]
     lines = [f"# elastiq's 4-bit CPU matmul against torch's int4 op", "", f"Command: `{results['command']}`", "",
              f"CPU: {results['cpu']}; torch {results['torch']}, {args.threads} threads; medians of {args.repeats} "
-             "calls after 5 warm-up calls, the two ops alternating per shape. Weight GB/s: the Q4_0 bytes "
-             "(18 per 32 weights) over elastiq's time. Error: relative Frobenius error against float64 "
-             "arithmetic on the same codes and bf16 activations.", "",
-             "| shape | N x K | rows | elastiq us | torch us | speed-up | elastiq weight GB/s | error elastiq / torch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "calls after 5 warm-up calls, the ops one after another per shape. Speed-up: torch's time over "
+             f"elastiq's {isas[0]} loop's. Weight GB/s: the Q4_0 bytes (18 per 32 weights) over that loop's "
+             "time. Error: relative Frobenius error against float64 arithmetic on the same codes and bf16 "
+             "activations.", "",
+             "| shape | N x K | rows | " + " | ".join(f"{n} us" for n in names) + " | speed-up | weight GB/s | "
+             "error " + " / ".join(names) + " |",
+             "|---|---|---|" + "---|" * (len(names) + 3)]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['N']} x {r['K']} | {r['M']} | {r['elastiq_us']:.0f} | {r['torch_us']:.0f} | "
-                     f"{r['torch_us'] / r['elastiq_us']:.2f} | {r['elastiq_gb_s']:.1f} | "
-                     f"{r['rel_err']['elastiq']:.4f} / {r['rel_err']['torch']:.4f} |")
+        best = isas[0]
+        lines.append(f"| {r['shape']} | {r['N']} x {r['K']} | {r['M']} | "
+                     + " | ".join(f"{r['us'][n]:.0f}" for n in names)
+                     + f" | {r['us']['torch'] / r['us'][best]:.2f} | {r['weight_gb_s'][best]:.1f} | "
+                     + " / ".join(f"{r['rel_err'][n]:.4f}" for n in names) + " |")
     write_text(RESULTS / "cpu_kernel.json", json.dumps(results, indent=1))
     write_text(RESULTS / "cpu_kernel.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -27,9 +27,9 @@ import torch
 
 from ..quants import dequantize_q8_0
 from .cpu_ops import cpu_ops_built
-from .q4 import Q4Weight, check_q4_args, check_q4_linear_args, int4pack_matmul, prepare_int4pack
+from .q4 import Q4Weight, check_q4_args, check_q4_linear_args, gathered_matmul, int4pack_matmul, prepare_int4pack
 from .q4_cpu import cpu_blocks_matmul, prepare_cpu_blocks
-from .q8 import Q8Pair, prepare_q8_pair
+from .q8 import Q8Pair, prepare_q8_pair, q8_pair_matmul
 from .rope import CpuRope, TorchRope, check_rope_gather_args
 
 if TYPE_CHECKING:
@@ -153,14 +153,26 @@ def q4_activation_dtypes(weight: Q4Weight) -> tuple[torch.dtype, ...]:
     return (torch.float16, torch.bfloat16) if weight.path == "triton" else (torch.bfloat16,)
 
 
-def q4_matmul(weight: Q4Weight) -> Q4Matmul:
-    """``(x, bias) -> x weight^T + bias`` by the path ``weight`` was prepared for, without argument
-    checks (a ``Q4Linear`` checks its activations' dtype once, when its model is built)."""
+def q4_matmul(weight: Q4Weight | Q8Pair, in_index: torch.Tensor | None = None,
+              out_index: torch.Tensor | None = None) -> Q4Matmul:
+    """``(x, bias) -> x weight^T + bias`` by the path ``weight`` (4-bit, or an 8-bit pair) was
+    prepared for, without argument checks (a ``Q4Linear`` checks its activations' dtype once, when
+    its model is built). A matrix held in unit order (``modeling.model.UnitOrdered``) multiplies
+    ``x[..., in_index]``, or returns the output's columns ``out_index``: elastiq's CPU op gathers
+    in the same call, the other paths around their kernel."""
+    if isinstance(weight, Q8Pair):
+        return functools.partial(q8_pair_matmul, weight=weight, in_index=in_index, out_index=out_index)
+    if weight.path == "cpu":
+        return functools.partial(cpu_blocks_matmul, weight=weight, in_index=in_index, out_index=out_index)
     if weight.path == "triton":
         from .w4a16_triton import launch_w4a16
 
-        return functools.partial(launch_w4a16, weight=weight)
-    return functools.partial(cpu_blocks_matmul if weight.path == "cpu" else int4pack_matmul, weight=weight)
+        matmul = functools.partial(launch_w4a16, weight=weight)
+    else:
+        matmul = functools.partial(int4pack_matmul, weight=weight)
+    if in_index is None and out_index is None:
+        return matmul
+    return functools.partial(gathered_matmul, matmul=matmul, in_index=in_index, out_index=out_index)
 
 
 def _use_triton_on(device: torch.device) -> bool:

@@ -4,10 +4,13 @@
 // row-major: codes [N, K/32, 16] (byte j of a block holds codes j and j + 16) and fp16 scales
 // [N, K/32], w = (code - 8 + zero) * d. A row's stride may exceed K/32 blocks, so a matrix held at a
 // wider rate multiplies as its first K/32 blocks. Each activation row is quantized per block of 32 to
-// int16 codes and a float scale (an error far below bfloat16's rounding; llama.cpp's 8-bit codes cost
-// a measurable KL), each block's dot product is summed exactly in int32 (AVX2: madd of int16 weights
-// by int16 activations), then scaled and accumulated in float32; the output is rounded to bfloat16
-// once. Without AVX2 a portable loop computes the same sums. Output rows are split among ATen's threads.
+// 15-bit codes and a float scale (an error far below bfloat16's rounding; llama.cpp's 8-bit codes
+// cost a measurable KL), each code split into a signed high byte and a 7-bit low byte, x = 128 h + l,
+// so that the weights' unsigned codes multiply both with byte dot products: AVX-512 VNNI's dpbusd
+// (two blocks an instruction), or AVX2's maddubs. Each lane of 4 codes is summed exactly in int32,
+// the zero point subtracted as the activations' lane sums times (8 - zero), then scaled and
+// accumulated in float32; the output is rounded to bfloat16 once. A portable loop computes the same
+// sums without SIMD. Output rows are split among ATen's threads.
 //
 // rms_norm and rope_gather_: the decode step's small per-block ops, one call each instead of the
 // dozen torch ops (and their dispatch, a few microseconds each) that the torch paths take.
@@ -22,6 +25,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -32,12 +38,54 @@ namespace {
 
 constexpr int kBlock = 32;
 constexpr int kPacked = 16;
-constexpr float kMaxCode = 32767.f;  // activations: int16 codes a block, well below bf16's rounding
+constexpr int kLane = 4;                // codes summed into one int32 lane
+constexpr float kMaxCode = 16383.f;     // activations: 15-bit codes a block, well below bf16's rounding
+// The SIMD loops ask for the weight rows this many tiles ahead (into L2) as they read a tile's: the
+// hardware prefetcher alone kept a decode step's cold matrices at 20-33 GB/s of a 44 GB/s machine.
+constexpr int kPrefetchTiles = 4;
+
+// The instruction sets q4_matmul has loops for, best first.
+enum class Isa { Avx512, Avx2, Portable };
+const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
+
+bool cpu_has(Isa isa) {
+  if (isa == Isa::Portable) return true;
+#ifdef ELASTIQ_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return isa == Isa::Avx2 ? avx2 : avx512;
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Portable})
+    if (cpu_has(isa)) names.emplace_back(isa_name(isa));
+  return names;
+}
+
+Isa pick_isa(const std::string& name) {
+  for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Portable})
+    if (name == "auto" ? cpu_has(isa) : name == isa_name(isa)) {
+      TORCH_CHECK(cpu_has(isa), "q4_matmul: this CPU cannot run isa '", name, "'; it runs ",
+                  c10::Join(", ", cpu_isas()));
+      return isa;
+    }
+  TORCH_CHECK(false, "q4_matmul: isa must be 'auto', 'avx512', 'avx2' or 'portable'; got '", name, "'");
+}
 
 struct Weights { const uint8_t* codes; const c10::Half* scales; int64_t cstride, sstride; int off; };
-struct Acts { const int16_t* q; const float* d; int64_t K, blocks; bool portable; };
 
-void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int16_t* q, float* d) {
+// Activation row c, block b: codes x = 128 * hi + lo (hi signed, lo in 0..127) at hi/lo [c * K + 32 b + j];
+// for lane i (codes 4i..4i+3), its block's scale d [c * K/4 + i] and off * (sum of its 4 codes) at lane_off.
+struct Acts { const int8_t* hi; const int8_t* lo; const float* d; const int32_t* lane_off; int64_t K, blocks; };
+
+void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int off, int8_t* hi, int8_t* lo, float* d,
+                   int32_t* lane_off) {
   const int64_t blocks = K / kBlock;
   at::parallel_for(0, M * blocks, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -45,126 +93,223 @@ void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int16_t* q, flo
       float f[kBlock], amax = 0.f;
       for (int j = 0; j < kBlock; ++j) { f[j] = static_cast<float>(v[j]); amax = std::max(amax, std::fabs(f[j])); }
       const float scale = amax / kMaxCode, inv = scale != 0.f ? 1.f / scale : 0.f;
-      for (int j = 0; j < kBlock; ++j) q[i * kBlock + j] = static_cast<int16_t>(std::nearbyint(f[j] * inv));
-      d[i] = scale;
+      for (int lane = 0; lane < kBlock / kLane; ++lane) {
+        int sum = 0;
+        for (int j = lane * kLane; j < (lane + 1) * kLane; ++j) {
+          const int q = static_cast<int>(std::nearbyint(f[j] * inv));
+          hi[i * kBlock + j] = static_cast<int8_t>(q >> 7);  // arithmetic shift: floor(q / 128)
+          lo[i * kBlock + j] = static_cast<int8_t>(q & 127);
+          sum += q;
+        }
+        d[i * (kBlock / kLane) + lane] = scale;
+        lane_off[i * (kBlock / kLane) + lane] = off * sum;
+      }
     }
   });
 }
 
 // Rows n..n+R of the weight by activation rows m..m+C:
-// out[r][c] = sum_b dw[r,b] * dx[c,b] * sum_j (code[r,b,j] - off) * xq[c,b,j]
+// out[r][c] = sum_b dw[r,b] * dx[c,b] * sum_j (code[r,b,j] - off) * x[c,b,j]
 template <int R, int C>
-void tile_generic(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[R][C]) {
+void tile_portable(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[R][C]) {
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       const uint8_t* codes = w.codes + (n + r) * w.cstride;
       const c10::Half* ws = w.scales + (n + r) * w.sstride;
-      const int16_t* q = a.q + (m + c) * a.K;
-      const float* d = a.d + (m + c) * a.blocks;
+      const int8_t* hi = a.hi + (m + c) * a.K;
+      const int8_t* lo = a.lo + (m + c) * a.K;
       float acc = 0.f;
       for (int64_t b = 0; b < a.blocks; ++b) {
+        auto x = [&](int j) { return 128 * hi[b * kBlock + j] + lo[b * kBlock + j]; };
         int s = 0;
         for (int j = 0; j < kPacked; ++j) {
           const int byte = codes[b * kPacked + j];
-          s += ((byte & 0x0F) - w.off) * q[b * kBlock + j] + ((byte >> 4) - w.off) * q[b * kBlock + j + kPacked];
+          s += ((byte & 0x0F) - w.off) * x(j) + ((byte >> 4) - w.off) * x(j + kPacked);
         }
-        acc += static_cast<float>(ws[b]) * d[b] * s;
+        acc += static_cast<float>(ws[b]) * a.d[(m + c) * (a.K / kLane) + b * (kBlock / kLane)] * s;
       }
       out[r][c] = acc;
     }
 }
 
 #ifdef ELASTIQ_X86
-__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
+#define ELASTIQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ELASTIQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+ELASTIQ_AVX2 inline float hsum(__m256 v) {
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
+// Block b of row ``row``'s codes kPrefetchTiles tiles of R rows ahead, into L2 (past the matrix's
+// end it asks for nothing that matters: a prefetch never faults).
+template <int R>
+inline void prefetch_ahead(const Weights& w, int64_t row, int64_t b) {
+  _mm_prefetch(reinterpret_cast<const char*>(w.codes + (row + kPrefetchTiles * R) * w.cstride + b * kPacked),
+               _MM_HINT_T1);
+}
+
+// One block's 32 codes as unsigned bytes in order (codes 0..15 from the low nibbles, 16..31 from the high).
+ELASTIQ_AVX2 inline __m256i codes_of(const uint8_t* block) {
+  const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  return _mm256_and_si256(_mm256_srlv_epi64(raw, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+
+// The exact int32 lane sums of one block: sum over each lane's 4 codes of code * x, less lane_off.
+ELASTIQ_AVX2 inline __m256i lanes_avx2(__m256i codes, const Acts& a, int64_t c, int64_t b) {
+  const int64_t at = c * a.K + b * kBlock;
+  const __m256i h = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.hi + at)));
+  const __m256i l = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lo + at)));
+  const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(128)),
+                                        _mm256_madd_epi16(l, _mm256_set1_epi16(1)));
+  return _mm256_sub_epi32(sums, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lane_off + at / kLane)));
+}
+
 template <int R, int C>
-__attribute__((target("avx2,fma,f16c")))
-void tile_avx2(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[R][C]) {
-  const __m128i low = _mm_set1_epi8(0x0F), off = _mm_set1_epi8(static_cast<char>(w.off));
+ELASTIQ_AVX2 void tile_avx2(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[R][C]) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.blocks; ++b) {
-    __m256i x0[C], x1[C]; __m256 dx[C];
-    _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {
-      const int16_t* xq = a.q + (m + c) * a.K + b * kBlock;
-      x0[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-      x1[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kPacked));
-      dx[c] = _mm256_set1_ps(a.d[(m + c) * a.blocks + b]);
-    }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
-      const uint8_t* row = w.codes + (n + r) * w.cstride + b * kPacked;
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(raw, low), off));  // codes 0..15
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low), off));
+      prefetch_ahead<R>(w, n + r, b);
+      const __m256i codes = codes_of(w.codes + (n + r) * w.cstride + b * kPacked);
       const __m256 dw = _mm256_set1_ps(_cvtsh_ss(w.scales[(n + r) * w.sstride + b].x));
       _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {
-        const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[c]), _mm256_madd_epi16(w1, x1[c]));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx[c]), acc[r][c]);
+        const __m256 dx = _mm256_loadu_ps(a.d + (m + c) * (a.K / kLane) + b * (kBlock / kLane));
+        const __m256i sums = lanes_avx2(codes, a, m + c, b);
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r][c]);
       }
     }
   }
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) out[r][c] = hsum(acc[r][c]);
 }
 
-#endif
-
-bool has_avx2(bool portable) {
-  if (portable) return false;
-#ifdef ELASTIQ_X86
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  return yes;
-#else
-  return false;
-#endif
+// Two blocks at once: 64 codes in a 512-bit register (lanes 0-7 block b, 8-15 block b + 1), multiplied
+// with dpbusd; an odd last block takes the AVX2 step.
+template <int R, int C>
+ELASTIQ_AVX512 void tile_avx512(const Weights& w, const Acts& a, int64_t n, int64_t m, float out[R][C]) {
+  const __m512i shift = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4), low = _mm512_set1_epi8(0x0F);
+  const __m512i pairs = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= a.blocks; b += 2) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      prefetch_ahead<R>(w, n + r, b);
+      const __m512i raw = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + (n + r) * w.cstride + b * kPacked)));
+      const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(raw, raw, 0x50), shift), low);
+      uint32_t two;
+      std::memcpy(&two, w.scales + (n + r) * w.sstride + b, sizeof two);
+      const __m512 dw = _mm512_permutexvar_ps(pairs, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
+      _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {
+        const int64_t at = (m + c) * a.K + b * kBlock;
+        const __m512 dx = _mm512_loadu_ps(a.d + at / kLane);
+        const __m512i off = _mm512_loadu_si512(a.lane_off + at / kLane);
+        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(a.hi + at));
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_sub_epi32(_mm512_slli_epi32(h, 7), off), codes,
+                                                 _mm512_loadu_si512(a.lo + at));
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, dx), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float tail = 0.f;
+      if (b < a.blocks) {  // an odd block count: the last block
+        const __m256i sums = lanes_avx2(codes_of(w.codes + (n + r) * w.cstride + b * kPacked), a, m + c, b);
+        const __m256 dx = _mm256_loadu_ps(a.d + (m + c) * (a.K / kLane) + b * (kBlock / kLane));
+        tail = _cvtsh_ss(w.scales[(n + r) * w.sstride + b].x) * hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), dx));
+      }
+      out[r][c] = _mm512_reduce_add_ps(acc[r][c]) + tail;
+    }
 }
 
+#endif
+
 template <int R, int C>
-void tile(const Weights& w, const Acts& a, int64_t n, int64_t m, int64_t N, c10::BFloat16* out) {
+void tile(const Weights& w, const Acts& a, Isa isa, int64_t n, int64_t m, int64_t N, c10::BFloat16* out) {
   float v[R][C];
 #ifdef ELASTIQ_X86
-  if (has_avx2(a.portable)) tile_avx2<R, C>(w, a, n, m, v); else
+  if (isa == Isa::Avx512) tile_avx512<R, C>(w, a, n, m, v); else if (isa == Isa::Avx2) tile_avx2<R, C>(w, a, n, m, v); else
 #endif
-  tile_generic<R, C>(w, a, n, m, v);
+  tile_portable<R, C>(w, a, n, m, v);
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) out[(m + c) * N + n + r] = c10::BFloat16(v[r][c]);
 }
 
 // Rows n..n+R of the weight times activation rows m..m+cols (cols <= C), for any cols.
 template <int R, int C>
-void tiles(const Weights& w, const Acts& a, int64_t n, int64_t M, int64_t N, c10::BFloat16* out) {
+void tiles(const Weights& w, const Acts& a, Isa isa, int64_t n, int64_t M, int64_t N, c10::BFloat16* out) {
   int64_t m = 0;
-  for (; m + C <= M; m += C) tile<R, C>(w, a, n, m, N, out);
-  for (; m < M; ++m) tile<R, 1>(w, a, n, m, N, out);
+  for (; m + C <= M; m += C) tile<R, C>(w, a, isa, n, m, N, out);
+  for (; m < M; ++m) tile<R, 1>(w, a, isa, n, m, N, out);
 }
 
-// x [M, K] bf16 (contiguous) times the Q4_0 matrix of codes [N, >=K/32, 16] uint8 and scales
-// [N, >=K/32] fp16 (rows may be strided: a held matrix's first K/32 blocks), w = (code - 8 + zero) * d.
-// ``portable`` takes the portable loop even where AVX2 runs (its tests).
-at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t zero,
-                     bool portable) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % kBlock == 0,
-              "q4_matmul: x must be contiguous bfloat16 [M, K], K a multiple of 32; got ", x.sizes());
+// An index's values, checked to lie in 0..size-1 (``what`` names it in the error).
+const int64_t* checked_index(const std::optional<at::Tensor>& index, int64_t size, const char* what) {
+  if (!index) return nullptr;
+  TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong && index->is_contiguous() &&
+              index->device().is_cpu(), "q4_matmul: ", what, " must be a contiguous int64 vector on the CPU");
+  const int64_t* v = index->data_ptr<int64_t>();
+  for (int64_t i = 0; i < index->numel(); ++i)
+    TORCH_CHECK(v[i] >= 0 && v[i] < size, "q4_matmul: ", what, " must index 0..", size - 1, "; got ", v[i]);
+  return v;
+}
+
+// x [..., K] bf16 times the Q4_0 matrix of codes [N, >=K/32, 16] uint8 and scales [N, >=K/32] fp16
+// (rows may be strided: a held matrix's first K/32 blocks), w = (code - 8 + zero) * d, plus bias [N]
+// (bf16, added to the bf16-rounded product as torch adds bf16 tensors): [..., N] bf16. A matrix held
+// in its checkpoint's unit order multiplies in the same call the model would otherwise make three:
+// ``in_index`` [K] takes x[..., in_index] as the input (x's last dimension may then be any size),
+// ``out_index`` [N'] returns the output's columns out_index (each in 0..N-1). ``isa`` picks the loop:
+// "auto" (the best this CPU runs), or one of ``cpu_isas`` (the tests run each).
+at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales, int64_t zero,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_index,
+                     const std::optional<at::Tensor>& out_index, c10::string_view isa_name) {
+  const int64_t K = in_index ? in_index->numel() : x_in.size(-1);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kBFloat16 && K % kBlock == 0,
+              "q4_matmul: x must be bfloat16 [..., K], K a multiple of 32; got ", x_in.sizes(),
+              in_index ? " gathered to K = " + std::to_string(K) : std::string());
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kPacked && codes.scalar_type() == at::kByte &&
-              codes.stride(2) == 1 && codes.stride(1) == kPacked && codes.size(1) >= x.size(1) / kBlock,
+              codes.stride(2) == 1 && codes.stride(1) == kPacked && codes.size(1) >= K / kBlock,
               "q4_matmul: codes must be uint8 [N, >=K/32, 16] with contiguous rows; got ", codes.sizes());
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == codes.size(0) && scales.size(1) >= x.size(1) / kBlock &&
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == codes.size(0) && scales.size(1) >= K / kBlock &&
               scales.scalar_type() == at::kHalf && scales.stride(1) == 1,
               "q4_matmul: scales must be float16 [N, >=K/32]; got ", scales.sizes());
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales.device().is_cpu(),
+  TORCH_CHECK(x_in.device().is_cpu() && codes.device().is_cpu() && scales.device().is_cpu(),
               "q4_matmul runs on CPU tensors");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), blocks = K / kBlock;
-  std::vector<int16_t> q(M * K);
-  std::vector<float> d(M * blocks);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, q.data(), d.data());
-  const Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), codes.stride(0), scales.stride(0),
-                  static_cast<int>(8 - zero)};
-  const Acts a{q.data(), d.data(), K, blocks, portable};
-  at::Tensor out = at::empty({M, N}, x.options());
-  auto* o = out.data_ptr<c10::BFloat16>();
+  TORCH_CHECK(zero == 0 || zero == 8, "q4_matmul: zero must be 0 or 8; got ", zero);
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == codes.size(0) && bias->scalar_type() == at::kBFloat16 &&
+                        bias->is_contiguous() && bias->device().is_cpu()),
+              "q4_matmul: bias must be contiguous bfloat16 [", codes.size(0), "] on the CPU");
+  const Isa isa = pick_isa(std::string(isa_name));
+  const int64_t N = codes.size(0), blocks = K / kBlock;
+  const int64_t* gather = checked_index(in_index, x_in.size(-1), "in_index");
+  const int64_t* pick = checked_index(out_index, N, "out_index");
+  at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(-1) ? x.numel() / x.size(-1) : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = pick ? out_index->numel() : N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0 || shape.back() == 0) return out;
+  if (gather) {  // the input in the matrix's order
+    at::Tensor taken = at::empty({M, K}, x.options());
+    const c10::BFloat16* from = x.data_ptr<c10::BFloat16>();
+    c10::BFloat16* to = taken.data_ptr<c10::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) to[m * K + k] = from[m * x.size(-1) + gather[k]];
+    x = taken;
+  }
+  const int off = static_cast<int>(8 - zero);
+  std::vector<int8_t> hi(M * K), lo(M * K);
+  std::vector<float> d(M * K / kLane);
+  std::vector<int32_t> lane_off(M * K / kLane);
+  quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, off, hi.data(), lo.data(), d.data(), lane_off.data());
+  const Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), codes.stride(0), scales.stride(0), off};
+  const Acts a{hi.data(), lo.data(), d.data(), lane_off.data(), K, blocks};
+  at::Tensor full = pick ? at::empty({M, N}, x.options()) : out;  // the output before out_index picks
+  auto* o = full.data_ptr<c10::BFloat16>();
   constexpr int kRows = 4;
   const int64_t tiles_n = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, blocks * M * kRows));
@@ -172,12 +317,23 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t * kRows;
       if (n + kRows <= N) {
-        if (M == 1) tile<4, 1>(w, a, n, 0, N, o); else tiles<2, 4>(w, a, n, M, N, o), tiles<2, 4>(w, a, n + 2, M, N, o);
+        if (M == 1) tile<4, 1>(w, a, isa, n, 0, N, o);
+        else tiles<2, 4>(w, a, isa, n, M, N, o), tiles<2, 4>(w, a, isa, n + 2, M, N, o);
       } else {
-        for (int64_t r = n; r < N; ++r) tiles<1, 4>(w, a, r, M, N, o);
+        for (int64_t r = n; r < N; ++r) tiles<1, 4>(w, a, isa, r, M, N, o);
       }
     }
   });
+  if (bias) {
+    const c10::BFloat16* b = bias->data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) o[i] = c10::BFloat16(static_cast<float>(o[i]) + static_cast<float>(b[i % N]));
+  }
+  if (pick) {
+    const int64_t picked = out_index->numel();
+    c10::BFloat16* to = out.data_ptr<c10::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t p = 0; p < picked; ++p) to[m * picked + p] = o[m * N + pick[p]];
+  }
   return out;
 }
 
@@ -264,7 +420,9 @@ void rope_gather_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& co
 }  // namespace
 
 TORCH_LIBRARY(elastiq, m) {
-  m.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, int zero, bool portable=False) -> Tensor");
+  m.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, int zero, Tensor? bias=None, Tensor? in_index=None, "
+        "Tensor? out_index=None, str isa=\"auto\") -> Tensor");
+  m.def("cpu_isas() -> str[]", cpu_isas);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_gather_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor channels) -> ()");
 }

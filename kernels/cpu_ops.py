@@ -1,10 +1,11 @@
 """elastiq's own CPU ops (``cpu_ops.cpp``), compiled once per machine and registered as ``torch.ops.elastiq``.
 
 ``q4_matmul`` multiplies bfloat16 activations by a Q4_0 matrix held as the checkpoint's own blocks
-(``q4_cpu``), the way llama.cpp does (integer dot products of each block, activations quantized per
-block, here to int16): torch's int4 CPU op dequantizes its tiles to bfloat16 first, and on a CPU
-without AVX-512 that made SmolLM2's decode step compute-bound (17 ms of a 27 ms step on a 2-core
-AVX2 EPYC; 2x faster with this op). ``rms_norm`` and ``rope_gather_`` do in one call what the
+(``q4_cpu``), the way llama.cpp does (byte dot products of each block, activations quantized per
+block, here to 15 bits split into two bytes; AVX-512 VNNI, AVX2 or a portable loop, whichever is
+best on this CPU, ``torch.ops.elastiq.cpu_isas()`` lists them): torch's int4 CPU op dequantizes its
+tiles to bfloat16 first, and on a CPU without AVX-512 that made SmolLM2's decode step compute-bound
+(17 ms of a 27 ms step on a 2-core AVX2 EPYC). ``rms_norm`` and ``rope_gather_`` do in one call what the
 torch paths do in a dozen ops each, whose dispatch costs more than their arithmetic for one token.
 
 The source is compiled with torch's extension builder (a C++ compiler and ninja; ~10 s on 2
@@ -51,14 +52,21 @@ def _built() -> bool:
     return True
 
 
+@functools.cache
+def build_name() -> str:
+    """The ops' build, named by their source, torch's version and the machine's architecture: what
+    a remembered decode speed of the torch backend depends on (``runtime.fastest``)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode())
+    return f"elastiq_cpu_ops_{key.hexdigest()[:12]}"
+
+
 def _build() -> None:
     """Compile (once per source, torch and machine) and load ``cpu_ops.cpp``."""
     from torch.utils import cpp_extension
 
     from ..paths import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode())
-    name = f"elastiq_cpu_ops_{key.hexdigest()[:12]}"
+    name = build_name()
     build = cache_dir() / "kernels" / name
     openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
     if not (build / f"{name}.so").exists():
@@ -72,6 +80,8 @@ def _build() -> None:
 
 
 def _q4_matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero: int,
-                     portable: bool = False) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, in_index: torch.Tensor | None = None,
+                     out_index: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
     """The output ``q4_matmul`` gives, without computing it: what ``torch.compile`` traces."""
-    return x.new_empty((x.shape[0], codes.shape[0]))
+    n = codes.shape[0] if out_index is None else out_index.shape[0]
+    return x.new_empty((*x.shape[:-1], n))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,14 @@ def q4_linear_torch(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None
     the bias is added to that in bf16."""
     check_q4_linear_args(x, weight, bias, (torch.bfloat16,))
     return int4pack_matmul(x, bias, weight=weight)
+
+
+def gathered_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, matmul: Callable[..., torch.Tensor],
+                    in_index: torch.Tensor | None, out_index: torch.Tensor | None) -> torch.Tensor:
+    """``matmul(x[..., in_index], bias)[..., out_index]`` (either index None: not taken), for the
+    paths whose kernel does not gather itself."""
+    y = matmul(x if in_index is None else x.index_select(-1, in_index), bias)
+    return y if out_index is None else y.index_select(-1, out_index)
 
 
 def int4pack_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q4Weight) -> torch.Tensor:

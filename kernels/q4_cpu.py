@@ -21,10 +21,10 @@ def prepare_cpu_blocks(codes: torch.Tensor, scales: torch.Tensor, zero: int = 0)
     return Q4Weight(N, blocks * BLOCK, "cpu", codes.cpu().contiguous(), scales.cpu().contiguous(), zero)
 
 
-def cpu_blocks_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q4Weight) -> torch.Tensor:
-    """``x`` [..., K] (bfloat16, CPU) times the "cpu" path's ``weight`` transposed, plus ``bias``
-    (added in bf16): [..., N] bfloat16, without argument checks."""
-    rows = x.reshape(-1, weight.in_features).contiguous()
-    out = torch.ops.elastiq.q4_matmul(rows, weight.packed, weight.scales, weight.zero)
-    out = out.unflatten(0, x.shape[:-1])
-    return out if bias is None else out + bias
+def cpu_blocks_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q4Weight,
+                      in_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] (bfloat16, CPU; with ``in_index``, its columns ``in_index``) times the "cpu"
+    path's ``weight`` transposed, plus ``bias`` (bf16, added in bf16), then with ``out_index`` the
+    output's columns ``out_index``: [..., N] bfloat16, in one call of the op, without argument
+    checks here."""
+    return torch.ops.elastiq.q4_matmul(x, weight.packed, weight.scales, weight.zero, bias, in_index, out_index)

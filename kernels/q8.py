@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quants import BLOCK, q8_0_halves
-from .q4 import Q4Weight, int4pack_matmul, prepare_int4pack
+from .q4 import Q4Weight, gathered_matmul, int4pack_matmul, prepare_int4pack
 from .q4_cpu import cpu_blocks_matmul
 
 INT8PACK_ROWS = 8  # activation rows up to which the blockwise int8 matmul beats dequantizing
@@ -127,9 +127,15 @@ def prepare_q8_pair(codes: torch.Tensor, scales: torch.Tensor,
     return Q8Pair(prepare(high_codes, high_scales, 0), prepare(low_codes, low_scales, 8))
 
 
-def q8_pair_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q8Pair) -> torch.Tensor:
+def q8_pair_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q8Pair,
+                   in_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., K] (bfloat16, CPU) times ``weight`` transposed, plus ``bias``: [..., N] bfloat16,
     the halves' products (fp32 accumulation, each rounded to bf16) added in bf16, by the CPU path
-    the halves were prepared for."""
-    matmul = cpu_blocks_matmul if weight.high.path == "cpu" else int4pack_matmul
-    return matmul(x, None, weight=weight.high) + matmul(x, bias, weight=weight.low)
+    the halves were prepared for; ``in_index`` / ``out_index`` gather as ``kernels.q4_matmul`` does."""
+    if weight.high.path == "cpu":
+        def half(w: Q4Weight, b: torch.Tensor | None) -> torch.Tensor:
+            return cpu_blocks_matmul(x, b, weight=w, in_index=in_index, out_index=out_index)
+
+        return half(weight.high, None) + half(weight.low, bias)
+    pair = lambda x, bias: int4pack_matmul(x, None, weight=weight.high) + int4pack_matmul(x, bias, weight=weight.low)  # noqa: E731
+    return gathered_matmul(x, bias, matmul=pair, in_index=in_index, out_index=out_index)

@@ -340,8 +340,13 @@ class UnitOrdered(nn.Module):
         super().__init__()
         self.inner, self.axis = inner, axis
         self.register_buffer("index", order if axis == 1 else torch.argsort(order))
+        # a packed matrix's kernel gathers itself (elastiq's CPU op in the same call), chosen once
+        self.matmul = (q4_matmul(inner.weight, **{"in_index" if axis == 1 else "out_index": self.index})
+                       if isinstance(inner, (Q4Linear, Q8PairLinear)) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul is not None:
+            return self.matmul(x, self.inner.bias)
         if self.axis == 1:
             return self.inner(x.index_select(-1, self.index))
         return self.inner(x).index_select(-1, self.index)
