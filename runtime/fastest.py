@@ -32,6 +32,7 @@ from .. import ElastiqError, __version__
 from ..atomic import write_text
 from ..checkpoint import Checkpoint
 from ..kernels import q4_path
+from ..kernels.cpu_ops import build_name
 from ..paths import cache_dir, cache_lock
 from .backends import BACKENDS, backend, open_engine
 from .backends.exported import export_key
@@ -98,8 +99,15 @@ def speed_key(ckpt: Checkpoint, rate: float, name: str, threads: int, dtype: tor
     version, the CPU, the thread count and (for torch) the activation dtype and the 4-bit kernel."""
     parts = {"checkpoint": export_key(ckpt), "rate": rate, "backend": name, "version": _version(name),
              "cpu": cpu_signature(), "threads": threads, "dtype": str(dtype) if name == "torch" else None,
-             "kernel": q4_path("cpu") if name == "torch" and ckpt.quantization is not None else None}
+             "kernel": _kernel() if name == "torch" and ckpt.quantization is not None else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _kernel() -> str:
+    """The torch backend's 4-bit CPU path, and for elastiq's own ops their build (an update that
+    changes their source is measured again)."""
+    path = q4_path("cpu")
+    return f"{path} {build_name()}" if path == "cpu" else path
 
 
 def _read_speeds(path: Path) -> dict:

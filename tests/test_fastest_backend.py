@@ -128,3 +128,15 @@ def test_when_no_backend_can_run_the_reason_is_said_once(ckpt, own_cache):
     else:
         assert re.match(r"no backend can run this checkpoint here: torch: no offered rate fits the budget of 1 MiB "
                         r".*; llama\.cpp: no offered rate fits .*; onnxruntime: no offered rate fits ", message)
+
+
+def test_an_update_of_the_cpu_kernels_measures_torch_again(ckpt, monkeypatch):
+    """The torch backend's remembered speed is keyed by the build of elastiq's CPU ops (their
+    source): an update that changes them is measured again; the other backends' keys stay."""
+    assert fastest.q4_path("cpu") == "cpu", "elastiq's CPU ops did not build here"
+    threads = torch.get_num_threads()
+    before = {name: speed_key(ckpt, 0.0, name, threads, torch.bfloat16) for name in BACKENDS}
+    monkeypatch.setattr(fastest, "build_name", lambda: "elastiq_cpu_ops_updated")
+    after = {name: speed_key(ckpt, 0.0, name, threads, torch.bfloat16) for name in BACKENDS}
+    assert after["torch"] != before["torch"]
+    assert all(after[name] == before[name] for name in BACKENDS if name != "torch")
