@@ -4,12 +4,14 @@
 // row-major: codes [N, K/32, 16] (byte j of a block holds codes j and j + 16) and fp16 scales
 // [N, K/32], w = (code - 8 + zero) * d. A row's stride may exceed K/32 blocks, so a matrix held at a
 // wider rate multiplies as its first K/32 blocks. Each activation row is quantized per block of 32 to
-// 15-bit codes and a float scale (an error far below bfloat16's rounding; llama.cpp's 8-bit codes
-// cost a measurable KL), each code split into a signed high byte and a 7-bit low byte, x = 128 h + l,
-// so that the weights' unsigned codes multiply both with byte dot products: AVX-512 VNNI's dpbusd
-// (two blocks an instruction), or AVX2's maddubs. Each lane of 4 codes is summed exactly in int32,
-// the zero point subtracted as the activations' lane sums times (8 - zero), then scaled and
-// accumulated in float32; the output is rounded to bfloat16 once. A portable loop computes the same
+// 12-bit codes and a float scale (16x finer than llama.cpp's 8-bit codes, which cost a measurable
+// KL; the output's error stays that of its bf16 rounding), each code split into a signed high byte
+// and a 4-bit low one, x = 16 h + l, so that the weights' unsigned codes multiply both with byte dot
+// products: AVX-512 VNNI's dpbusd (two blocks an instruction; the high bytes meet the codes times
+// 16, which still fit a byte, so the two products add with no shift), or AVX2's maddubs. Each lane
+// of 4 codes is summed exactly in int32, starting from minus the activations' lane sum times
+// (8 - zero) (the zero point), then scaled and accumulated in float32; the output is rounded to
+// bfloat16 once. A portable loop computes the same
 // sums without SIMD. Output rows are split among ATen's threads.
 //
 // rms_norm and rope_gather_: the decode step's small per-block ops, one call each instead of the
@@ -28,6 +30,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -39,7 +42,8 @@ namespace {
 constexpr int kBlock = 32;
 constexpr int kPacked = 16;
 constexpr int kLane = 4;                // codes summed into one int32 lane
-constexpr float kMaxCode = 16383.f;     // activations: 15-bit codes a block, well below bf16's rounding
+constexpr float kMaxCode = 2047.f;      // activations: 12-bit codes a block
+constexpr int kLowBits = 4;             // x = 16 * hi + lo, lo in 0..15
 // The SIMD loops ask for the weight rows this many tiles ahead (into L2) as they read a tile's: the
 // hardware prefetcher alone kept a decode step's cold matrices at 20-33 GB/s of a 44 GB/s machine.
 constexpr int kPrefetchTiles = 4;
@@ -80,12 +84,13 @@ Isa pick_isa(const std::string& name) {
 
 struct Weights { const uint8_t* codes; const c10::Half* scales; int64_t cstride, sstride; int off; };
 
-// Activation row c, block b: codes x = 128 * hi + lo (hi signed, lo in 0..127) at hi/lo [c * K + 32 b + j];
-// for lane i (codes 4i..4i+3), its block's scale d [c * K/4 + i] and off * (sum of its 4 codes) at lane_off.
-struct Acts { const int8_t* hi; const int8_t* lo; const float* d; const int32_t* lane_off; int64_t K, blocks; };
+// Activation row c, block b: codes x = 16 * hi + lo (hi signed, lo in 0..15) at hi/lo [c * K + 32 b + j];
+// for lane i (codes 4i..4i+3), its block's scale d [c * K/4 + i] and -off * (sum of its 4 codes) at
+// lane_init, where a lane's sum starts.
+struct Acts { const int8_t* hi; const int8_t* lo; const float* d; const int32_t* lane_init; int64_t K, blocks; };
 
 void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int off, int8_t* hi, int8_t* lo, float* d,
-                   int32_t* lane_off) {
+                   int32_t* lane_init) {
   const int64_t blocks = K / kBlock;
   at::parallel_for(0, M * blocks, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -97,12 +102,12 @@ void quantize_rows(const c10::BFloat16* x, int64_t M, int64_t K, int off, int8_t
         int sum = 0;
         for (int j = lane * kLane; j < (lane + 1) * kLane; ++j) {
           const int q = static_cast<int>(std::nearbyint(f[j] * inv));
-          hi[i * kBlock + j] = static_cast<int8_t>(q >> 7);  // arithmetic shift: floor(q / 128)
-          lo[i * kBlock + j] = static_cast<int8_t>(q & 127);
+          hi[i * kBlock + j] = static_cast<int8_t>(q >> kLowBits);  // arithmetic shift: floor(q / 16)
+          lo[i * kBlock + j] = static_cast<int8_t>(q & ((1 << kLowBits) - 1));
           sum += q;
         }
         d[i * (kBlock / kLane) + lane] = scale;
-        lane_off[i * (kBlock / kLane) + lane] = off * sum;
+        lane_init[i * (kBlock / kLane) + lane] = -off * sum;
       }
     }
   });
@@ -120,7 +125,7 @@ void tile_portable(const Weights& w, const Acts& a, int64_t n, int64_t m, float 
       const int8_t* lo = a.lo + (m + c) * a.K;
       float acc = 0.f;
       for (int64_t b = 0; b < a.blocks; ++b) {
-        auto x = [&](int j) { return 128 * hi[b * kBlock + j] + lo[b * kBlock + j]; };
+        auto x = [&](int j) { return hi[b * kBlock + j] * (1 << kLowBits) + lo[b * kBlock + j]; };
         int s = 0;
         for (int j = 0; j < kPacked; ++j) {
           const int byte = codes[b * kPacked + j];
@@ -156,14 +161,14 @@ ELASTIQ_AVX2 inline __m256i codes_of(const uint8_t* block) {
   return _mm256_and_si256(_mm256_srlv_epi64(raw, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
 }
 
-// The exact int32 lane sums of one block: sum over each lane's 4 codes of code * x, less lane_off.
+// The exact int32 lane sums of one block: sum over each lane's 4 codes of (code - off) * x.
 ELASTIQ_AVX2 inline __m256i lanes_avx2(__m256i codes, const Acts& a, int64_t c, int64_t b) {
   const int64_t at = c * a.K + b * kBlock;
   const __m256i h = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.hi + at)));
   const __m256i l = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lo + at)));
-  const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(128)),
+  const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(1 << kLowBits)),
                                         _mm256_madd_epi16(l, _mm256_set1_epi16(1)));
-  return _mm256_sub_epi32(sums, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lane_off + at / kLane)));
+  return _mm256_add_epi32(sums, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lane_init + at / kLane)));
 }
 
 template <int R, int C>
@@ -200,16 +205,16 @@ ELASTIQ_AVX512 void tile_avx512(const Weights& w, const Acts& a, int64_t n, int6
       const __m512i raw = _mm512_castsi256_si512(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + (n + r) * w.cstride + b * kPacked)));
       const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(raw, raw, 0x50), shift), low);
+      const __m512i codes16 = _mm512_slli_epi16(codes, kLowBits);  // at most 240: still an unsigned byte
       uint32_t two;
       std::memcpy(&two, w.scales + (n + r) * w.sstride + b, sizeof two);
       const __m512 dw = _mm512_permutexvar_ps(pairs, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
       _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {
         const int64_t at = (m + c) * a.K + b * kBlock;
         const __m512 dx = _mm512_loadu_ps(a.d + at / kLane);
-        const __m512i off = _mm512_loadu_si512(a.lane_off + at / kLane);
-        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(a.hi + at));
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_sub_epi32(_mm512_slli_epi32(h, 7), off), codes,
-                                                 _mm512_loadu_si512(a.lo + at));
+        const __m512i h = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.lane_init + at / kLane), codes16,
+                                              _mm512_loadu_si512(a.hi + at));
+        const __m512i sums = _mm512_dpbusd_epi32(h, codes, _mm512_loadu_si512(a.lo + at));
         acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, dx), acc[r][c]);
       }
     }
@@ -238,12 +243,21 @@ void tile(const Weights& w, const Acts& a, Isa isa, int64_t n, int64_t m, int64_
   for (int r = 0; r < R; ++r) for (int c = 0; c < C; ++c) out[(m + c) * N + n + r] = c10::BFloat16(v[r][c]);
 }
 
-// Rows n..n+R of the weight times activation rows m..m+cols (cols <= C), for any cols.
-template <int R, int C>
-void tiles(const Weights& w, const Acts& a, Isa isa, int64_t n, int64_t M, int64_t N, c10::BFloat16* out) {
+// Rows n0..n1 of the weight (a panel, whose weights stay in cache) times every activation row: each
+// group of C activation rows passes the whole panel, two weight rows at a time, so that the
+// activations (several bytes a weight row's worth) are read once a panel rather than once a tile.
+template <int C>
+void panel(const Weights& w, const Acts& a, Isa isa, int64_t n0, int64_t n1, int64_t M, int64_t N,
+           c10::BFloat16* out) {
+  auto rows = [&](auto cols, int64_t m) {
+    constexpr int kCols = decltype(cols)::value;
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) tile<2, kCols>(w, a, isa, n, m, N, out);
+    for (; n < n1; ++n) tile<1, kCols>(w, a, isa, n, m, N, out);
+  };
   int64_t m = 0;
-  for (; m + C <= M; m += C) tile<R, C>(w, a, isa, n, m, N, out);
-  for (; m < M; ++m) tile<R, 1>(w, a, isa, n, m, N, out);
+  for (; m + C <= M; m += C) rows(std::integral_constant<int, C>{}, m);
+  for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
 }
 
 // An index's values, checked to lie in 0..size-1 (``what`` names it in the error).
@@ -304,26 +318,28 @@ at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& codes, const at::
   const int off = static_cast<int>(8 - zero);
   std::vector<int8_t> hi(M * K), lo(M * K);
   std::vector<float> d(M * K / kLane);
-  std::vector<int32_t> lane_off(M * K / kLane);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, off, hi.data(), lo.data(), d.data(), lane_off.data());
+  std::vector<int32_t> lane_init(M * K / kLane);
+  quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, off, hi.data(), lo.data(), d.data(), lane_init.data());
   const Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), codes.stride(0), scales.stride(0), off};
-  const Acts a{hi.data(), lo.data(), d.data(), lane_off.data(), K, blocks};
+  const Acts a{hi.data(), lo.data(), d.data(), lane_init.data(), K, blocks};
   at::Tensor full = pick ? at::empty({M, N}, x.options()) : out;  // the output before out_index picks
   auto* o = full.data_ptr<c10::BFloat16>();
-  constexpr int kRows = 4;
-  const int64_t tiles_n = (N + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, blocks * M * kRows));
-  at::parallel_for(0, tiles_n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t * kRows;
-      if (n + kRows <= N) {
-        if (M == 1) tile<4, 1>(w, a, isa, n, 0, N, o);
-        else tiles<2, 4>(w, a, isa, n, M, N, o), tiles<2, 4>(w, a, isa, n + 2, M, N, o);
-      } else {
-        for (int64_t r = n; r < N; ++r) tiles<1, 4>(w, a, isa, r, M, N, o);
+  constexpr int kRows = 4;     // weight rows a one-row (decoding) tile multiplies
+  constexpr int kPanel = 32;   // weight rows that every activation row passes in turn (prompts)
+  if (M == 1) {
+    const int64_t tiles_n = (N + kRows - 1) / kRows;
+    at::parallel_for(0, tiles_n, std::max<int64_t>(1, 512 / std::max<int64_t>(1, blocks)), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t * kRows;
+        if (n + kRows <= N) tile<kRows, 1>(w, a, isa, n, 0, N, o);
+        else for (int64_t r = n; r < N; ++r) tile<1, 1>(w, a, isa, r, 0, N, o);
       }
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) panel<4>(w, a, isa, p * kPanel, std::min<int64_t>(N, (p + 1) * kPanel), M, N, o);
+    });
+  }
   if (bias) {
     const c10::BFloat16* b = bias->data_ptr<c10::BFloat16>();
     for (int64_t i = 0; i < M * N; ++i) o[i] = c10::BFloat16(static_cast<float>(o[i]) + static_cast<float>(b[i % N]));
