@@ -2,7 +2,7 @@
 
 ``q4_matmul`` multiplies bfloat16 activations by a Q4_0 matrix held as the checkpoint's own blocks
 (``q4_cpu``), the way llama.cpp does (byte dot products of each block, activations quantized per
-block, here to 15 bits split into two bytes; AVX-512 VNNI, AVX2 or a portable loop, whichever is
+block, here to 12 bits split into two bytes; AVX-512 VNNI, AVX2 or a portable loop, whichever is
 best on this CPU, ``torch.ops.elastiq.cpu_isas()`` lists them): torch's int4 CPU op dequantizes its
 tiles to bfloat16 first, and on a CPU without AVX-512 that made SmolLM2's decode step compute-bound
 (17 ms of a 27 ms step on a 2-core AVX2 EPYC). ``rms_norm`` and ``rope_gather_`` do in one call what the

@@ -137,5 +137,7 @@ def q8_pair_matmul(x: torch.Tensor, bias: torch.Tensor | None, *, weight: Q8Pair
             return cpu_blocks_matmul(x, b, weight=w, in_index=in_index, out_index=out_index)
 
         return half(weight.high, None) + half(weight.low, bias)
-    pair = lambda x, bias: int4pack_matmul(x, None, weight=weight.high) + int4pack_matmul(x, bias, weight=weight.low)  # noqa: E731
+    def pair(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4pack_matmul(x, None, weight=weight.high) + int4pack_matmul(x, bias, weight=weight.low)
+
     return gathered_matmul(x, bias, matmul=pair, in_index=in_index, out_index=out_index)
