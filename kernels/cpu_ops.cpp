@@ -11,8 +11,8 @@
 // 16, which still fit a byte, so the two products add with no shift), or AVX2's maddubs. Each lane
 // of 4 codes is summed exactly in int32, starting from minus the activations' lane sum times
 // (8 - zero) (the zero point), then scaled and accumulated in float32; the output is rounded to
-// bfloat16 once. A portable loop computes the same
-// sums without SIMD. Output rows are split among ATen's threads.
+// bfloat16 once. A portable loop computes the same sums without SIMD. Output rows are split among
+// ATen's threads; the SIMD loops prefetch rows ahead, and prompts pass the weight in panels.
 //
 // rms_norm and rope_gather_: the decode step's small per-block ops, one call each instead of the
 // dozen torch ops (and their dispatch, a few microseconds each) that the torch paths take.
